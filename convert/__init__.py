@@ -1,0 +1,1 @@
+"""Checkpoint converters between Hugging Face safetensors and seer-jax (Flax NNX / Orbax)."""

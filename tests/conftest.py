@@ -1,0 +1,56 @@
+"""Shared pytest fixtures and markers.
+
+`gpu` tests run only where a Hopper GPU is visible; `testbed` tests need the shared pretrained tiny Llama
+(`../shared/testbed`, or `shared/testbed` / `.testbed` inside the checkout on the GPU machine).
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _find_testbed() -> Path | None:
+    candidates = [REPO_ROOT.parent / "shared" / "testbed", REPO_ROOT / "shared" / "testbed", REPO_ROOT / ".testbed"]
+    if os.environ.get("SEER_TESTBED"):
+        candidates.insert(0, Path(os.environ["SEER_TESTBED"]))
+    for path in candidates:
+        if (path / "seer-tiny-llama" / "config.json").is_file():
+            return path
+    return None
+
+
+def _hopper_available() -> bool:
+    try:
+        import jax
+
+        return any(
+            d.platform == "gpu" and getattr(d, "compute_capability", "") in ("9.0", "9.0a")
+            for d in jax.devices()
+        )
+    except RuntimeError:
+        return False
+
+
+TESTBED = _find_testbed()
+HOPPER = _hopper_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a Hopper (sm_90) GPU: run on the H200 via the device tool")
+    skip_testbed = pytest.mark.skip(
+        reason="needs ../shared/testbed (seer-tiny-llama + data); not present in this checkout"
+    )
+    for item in items:
+        if "gpu" in item.keywords and not HOPPER:
+            item.add_marker(skip_gpu)
+        if "testbed" in item.keywords and TESTBED is None:
+            item.add_marker(skip_testbed)
+
+
+@pytest.fixture(scope="session")
+def testbed_dir() -> Path:
+    assert TESTBED is not None  # the `testbed` marker skips otherwise
+    return TESTBED

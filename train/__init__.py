@@ -1,0 +1,1 @@
+"""Training and evaluation entry points: gate distillation, fine-tuning, perplexity evaluation."""
