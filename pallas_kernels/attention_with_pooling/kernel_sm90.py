@@ -141,16 +141,14 @@ def _pooling_kernel(
 
         lax.fori_loop(0, num_steps, step, None)
         plgpu.commit_smem()
+
+        def write_chunk(start, size):
+            plgpu.copy_smem_to_gmem(
+                pooled_smem.at[pl.ds(start, size)], pooled_ref.at[batch, head, q_block, pl.ds(start, size)]
+            )
+
         for start in range(0, num_cols, _TMA_CHUNK):
-            size = min(_TMA_CHUNK, num_cols - start)
-
-            @pl.when(start <= q_block)
-            def _write_chunk():
-                plgpu.copy_smem_to_gmem(
-                    pooled_smem.at[pl.ds(start, size)],
-                    pooled_ref.at[batch, head, q_block, pl.ds(start, size)],
-                )
-
+            pl.when(start <= q_block)(functools.partial(write_chunk, start, min(_TMA_CHUNK, num_cols - start)))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
