@@ -1,0 +1,114 @@
+"""Block selection: from block scores [B, N, I, J] to the boolean block mask that sparse attention computes.
+
+SeerAttention (SEER_SPEC §4.1) scores every 64×64 (query block i, key block j) pair, per query head, and keeps
+  * `nz_ratio` (TopK): the same k = max(1, int((1 − sqrt(1 − nz)) · J)) blocks in every row, chosen on the raw
+    masked scores; with causal truncation the kept fraction of the causal triangle ≈ 2r − r² = nz for r = k/J;
+  * `threshold`: the blocks whose softmax probability over the row's causal key blocks exceeds the threshold.
+Both optionally keep the last two query-block rows dense (`last_block_dense`) and drop blocks above the diagonal.
+
+Unlike the reference implementation, the diagonal block is always kept, so no row is ever empty: the official
+code can select nothing in a row under `threshold` and its kernel then divides 0 by 0 (SEER_SPEC §10.11).
+
+The scores can come from a learned AttnGate (logits), from the true pooled attention map (the oracle upper
+bound), or from training-free heuristics (`seer_jax.baselines`): selection does not care.
+"""
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+SparsityMethod = Literal["nz_ratio", "threshold"]
+NUM_DENSE_LAST_ROWS = 2  # `last_block_dense` keeps this many final query-block rows dense (SEER_SPEC §4.1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Selection:
+    """How block scores become a block mask.
+
+    Attributes:
+      method: "nz_ratio" (TopK per row) or "threshold" (on the row softmax of the scores).
+      nz_ratio: target causal block density for "nz_ratio", in (0, 1]; 1 keeps every causal block.
+      threshold: probability threshold for "threshold", in [0, 1); 0 keeps every causal block.
+      last_block_dense: keep the last two query-block rows fully dense.
+    """
+
+    method: SparsityMethod = "nz_ratio"
+    nz_ratio: float = 1.0
+    threshold: float = 0.0
+    last_block_dense: bool = False
+
+    def __post_init__(self):
+        if self.method not in ("nz_ratio", "threshold"):
+            raise ValueError(f"method must be 'nz_ratio' or 'threshold', got {self.method!r}")
+        if not 0.0 < self.nz_ratio <= 1.0:
+            raise ValueError(f"nz_ratio must be in (0, 1], got {self.nz_ratio}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+
+    @property
+    def is_dense(self) -> bool:
+        """True when this selection keeps every causal block (so sparse attention equals dense)."""
+        if self.method == "nz_ratio":
+            return self.nz_ratio >= 1.0
+        return self.threshold <= 0.0
+
+
+def causal_block_mask(num_q_blocks: int, num_kv_blocks: int) -> jax.Array:
+    """bool [I, J]: key block j is visible to query block i iff j <= i."""
+    return jnp.arange(num_kv_blocks)[None, :] <= jnp.arange(num_q_blocks)[:, None]
+
+
+def topk_per_row(nz_ratio: float, num_kv_blocks: int) -> int:
+    """Blocks kept per query-block row for a target causal density (SEER_SPEC §4.1)."""
+    return max(1, int((1.0 - (1.0 - nz_ratio) ** 0.5) * num_kv_blocks))
+
+
+def masked_softmax(scores: jax.Array) -> jax.Array:
+    """Softmax over key blocks restricted to the causal triangle: f32 [B, N, I, J], zero above the diagonal."""
+    causal = causal_block_mask(*scores.shape[-2:])
+    return jax.nn.softmax(jnp.where(causal, scores.astype(jnp.float32), -jnp.inf), axis=-1)
+
+
+def _topk_mask(scores: jax.Array, k: int) -> jax.Array:
+    """bool mask of the k largest causal scores of every row (ties broken towards lower j)."""
+    causal = causal_block_mask(*scores.shape[-2:])
+    masked = jnp.where(causal, scores.astype(jnp.float32), -jnp.inf)
+    _, top = jax.lax.top_k(masked, k)  # [B, N, I, k]
+    leading = jnp.indices(top.shape[:-1], sparse=True)  # broadcastable b, n, i indices
+    chosen = jnp.zeros(scores.shape, jnp.bool_).at[(*(ix[..., None] for ix in leading), top)].set(True)
+    return chosen & causal
+
+
+@functools.partial(jax.jit, static_argnames="selection")
+def select_blocks(scores: jax.Array, selection: Selection) -> jax.Array:
+    """Block scores [B, N, I, J] (gate logits, or any score where larger = more important) → bool block mask.
+
+    The result is causal, always contains the diagonal, and has the last two rows dense if asked.
+    """
+    num_q_blocks, num_kv_blocks = scores.shape[-2:]
+    causal = causal_block_mask(num_q_blocks, num_kv_blocks)
+    if selection.is_dense:
+        return jnp.broadcast_to(causal, scores.shape)
+    if selection.method == "nz_ratio":
+        mask = _topk_mask(scores, topk_per_row(selection.nz_ratio, num_kv_blocks))
+    else:
+        mask = masked_softmax(scores) > selection.threshold
+    rows = jnp.arange(num_q_blocks)[:, None]
+    forced = rows == jnp.arange(num_kv_blocks)[None, :]  # the diagonal: never an empty row
+    if selection.last_block_dense:
+        forced = forced | (rows >= num_q_blocks - NUM_DENSE_LAST_ROWS)
+    return (mask | forced) & causal
+
+
+def causal_density(block_mask: jax.Array) -> jax.Array:
+    """Fraction of causal blocks selected, f32 [..., N] (averaged over batch and rows; leading axes kept).
+
+    block_mask: bool [..., B, N, I, J]; e.g. stack layers first to get a [L, N] table.
+    """
+    num_q_blocks, num_kv_blocks = block_mask.shape[-2:]
+    causal = causal_block_mask(num_q_blocks, num_kv_blocks)
+    selected = jnp.sum(block_mask & causal, axis=(-2, -1), dtype=jnp.float32)  # [..., B, N]
+    return jnp.mean(selected, axis=-2) / jnp.sum(causal)

@@ -1,0 +1,88 @@
+"""Block selection: TopK density, threshold monotonicity, no empty rows, dense limits."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seer_jax.sparsity import Selection, causal_density, masked_softmax, select_blocks, topk_per_row
+
+
+def _random_scores(seed: int, shape) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32) * 3.0
+
+
+@pytest.mark.parametrize("num_blocks", [64, 128, 200])
+@pytest.mark.parametrize("nz_ratio", [0.1, 0.3, 0.5, 0.8])
+def test_topk_density_matches_target(num_blocks, nz_ratio):
+    scores = _random_scores(num_blocks, (2, 3, num_blocks, num_blocks))
+    mask = select_blocks(scores, Selection(method="nz_ratio", nz_ratio=nz_ratio))
+    density = np.asarray(causal_density(mask))
+    assert density.shape == (3,)
+    np.testing.assert_allclose(density, nz_ratio, atol=0.02)
+
+
+def test_topk_keeps_the_largest_scores_per_row():
+    scores = _random_scores(1, (1, 2, 40, 40))
+    mask = np.asarray(select_blocks(scores, Selection(method="nz_ratio", nz_ratio=0.3)))
+    s = np.asarray(scores)
+    k = topk_per_row(0.3, 40)
+    for i in range(40):
+        row = np.where(np.arange(40) <= i, s[0, 0, i], -np.inf)
+        expected = set(np.argsort(-row, kind="stable")[: min(k, i + 1)]) | {i}
+        assert set(np.flatnonzero(mask[0, 0, i])) == expected
+
+
+@pytest.mark.parametrize("method,kwargs", [("nz_ratio", {"nz_ratio": 0.05}), ("threshold", {"threshold": 0.9})])
+@pytest.mark.parametrize("last_block_dense", [False, True])
+def test_no_row_is_ever_empty_and_mask_is_causal(method, kwargs, last_block_dense):
+    scores = _random_scores(3, (2, 4, 33, 33))
+    mask = np.asarray(select_blocks(scores, Selection(method=method, last_block_dense=last_block_dense, **kwargs)))
+    assert mask.any(axis=-1).all()
+    assert np.diagonal(mask, axis1=-2, axis2=-1).all()
+    assert not np.triu(mask, k=1).any()
+    if last_block_dense:
+        assert np.tril(np.ones((33, 33), bool))[-2:].sum() == mask[0, 0, -2:].sum()
+
+
+def test_threshold_is_monotone():
+    scores = _random_scores(4, (1, 4, 48, 48))
+    densities = [
+        float(np.mean(causal_density(select_blocks(scores, Selection(method="threshold", threshold=t)))))
+        for t in (0.0, 1e-3, 1e-2, 5e-2, 0.2)
+    ]
+    assert densities[0] == 1.0
+    assert all(a >= b for a, b in itertools.pairwise(densities))
+    assert densities[-1] < 0.2
+
+
+def test_threshold_selects_on_softmax_probabilities():
+    scores = _random_scores(5, (1, 1, 16, 16))
+    probs = np.asarray(masked_softmax(scores))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    mask = np.asarray(select_blocks(scores, Selection(method="threshold", threshold=0.1)))
+    expected = (probs > 0.1) | np.eye(16, dtype=bool)
+    np.testing.assert_array_equal(mask, expected & np.tril(np.ones((16, 16), bool)))
+
+
+@pytest.mark.parametrize("selection", [Selection(method="nz_ratio", nz_ratio=1.0), Selection(method="threshold")])
+def test_dense_settings_keep_every_causal_block(selection):
+    mask = np.asarray(select_blocks(_random_scores(6, (1, 2, 9, 9)), selection))
+    np.testing.assert_array_equal(mask[0, 0], np.tril(np.ones((9, 9), bool)))
+
+
+def test_selection_validates_fields():
+    with pytest.raises(ValueError, match="nz_ratio"):
+        Selection(nz_ratio=0.0)
+    with pytest.raises(ValueError, match="threshold"):
+        Selection(method="threshold", threshold=1.5)
+    with pytest.raises(ValueError, match="method"):
+        Selection(method="topk")
+
+
+def test_select_blocks_under_jit():
+    scores = _random_scores(7, (1, 2, 20, 20))
+    sel = Selection(method="nz_ratio", nz_ratio=0.4, last_block_dense=True)
+    np.testing.assert_array_equal(jax.jit(lambda s: select_blocks(s, sel))(scores), select_blocks(scores, sel))
