@@ -99,9 +99,7 @@ def open_documents(paths: Sequence[str | os.PathLike], *, text_field: str = "tex
     if first is None:
         raise ValueError(f"no documents in {_describe(files)}")
     if text_field not in first:
-        raise ValueError(
-            f"text_field: no column {text_field!r} in {_describe(files)}; columns are {sorted(first)}"
-        )
+        raise ValueError(f"text_field: no column {text_field!r} in {_describe(files)}; columns are {sorted(first)}")
     return Documents(files=tuple(files), text_field=text_field, dataset=dataset)
 
 

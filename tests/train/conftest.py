@@ -22,4 +22,3 @@ def tokenizer_dir(tmp_path_factory, stdlib_texts) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     train_bpe_tokenizer((text for _, text in stdlib_texts), vocab_size=512, out_dir=out)
     return out
-

@@ -110,13 +110,13 @@ def test_missing_text_field_names_the_columns(tmp_path, tokenizer_dir, texts):
 def test_empty_file(tmp_path, tokenizer_dir):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
-    with pytest.raises(ValueError, match="no documents in .*empty.jsonl"):
+    with pytest.raises(ValueError, match=r"no documents in .*empty\.jsonl"):
         _corpus([path], tokenizer_dir)
 
 
 def test_only_empty_texts(tmp_path, tokenizer_dir):
     path = _write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": ""}])
-    with pytest.raises(ValueError, match="no non-empty documents in .*blank.jsonl"):
+    with pytest.raises(ValueError, match=r"no non-empty documents in .*blank\.jsonl"):
         _corpus([path], tokenizer_dir)
 
 
@@ -129,7 +129,7 @@ def test_non_text_field(tmp_path, tokenizer_dir):
 def test_unsupported_and_mixed_formats(tmp_path, tokenizer_dir, texts):
     csv = tmp_path / "docs.csv"
     csv.write_text("text\nhello\n")
-    with pytest.raises(ValueError, match="unsupported data file .*docs.csv: expected one of .txt, .json"):
+    with pytest.raises(ValueError, match=r"unsupported data file .*docs\.csv: expected one of \.txt, \.json"):
         _corpus([csv], tokenizer_dir)
     jsonl = _write_format("jsonl", tmp_path, texts)
     txt = tmp_path / "one.txt"
@@ -140,7 +140,7 @@ def test_unsupported_and_mixed_formats(tmp_path, tokenizer_dir, texts):
 
 def test_directory_without_data_files(tmp_path, tokenizer_dir):
     (tmp_path / "notes.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="no data files .* under"):
+    with pytest.raises(ValueError, match=r"no data files .* under"):
         _corpus([tmp_path], tokenizer_dir)
 
 
@@ -150,7 +150,7 @@ def test_config_and_tokenizer_errors(tmp_path, tokenizer_dir, texts):
     with pytest.raises(ValueError, match="text_field: must be a non-empty column name"):
         CorpusConfig(paths=(tmp_path,), tokenizer_dir=tokenizer_dir, text_field="")
     path = _write_format("jsonl", tmp_path, texts)
-    with pytest.raises(FileNotFoundError, match="tokenizer directory does not exist: .*no-model"):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer directory does not exist: .*no-model"):
         _corpus([path], tmp_path / "no-model")
 
 
