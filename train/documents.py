@@ -12,12 +12,13 @@ and books, where a line is far too short to be a document. A directory of files 
 (hidden entries skipped) and read in sorted path order. All files of one source must share one format. A
 `save_to_disk` directory holding a `DatasetDict` is read from its `train` split.
 
-Files are streamed (`streaming=True`), so nothing is copied into the Hugging Face datasets cache: the only
-reader is one tokenization pass, whose result `train.token_corpus` caches itself.
+Files are streamed (`streaming=True`), so nothing is copied into (or left in) the Hugging Face datasets cache:
+the only reader is one tokenization pass, whose result `train.token_corpus` caches itself.
 """
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -91,9 +92,16 @@ def open_documents(paths: Sequence[str | os.PathLike], *, text_field: str = "tex
         if not nonempty:
             raise ValueError(f"no documents in {_describe(files)}: every file is empty")
         options = {"sample_by": "document"} if builder == "text" else {}
-        dataset = datasets.load_dataset(
-            builder, data_files=[str(f) for f in nonempty], split="train", streaming=True, **options
-        )
+        # A streaming builder only leaves a lock file in its cache dir, and reading never touches it again.
+        with tempfile.TemporaryDirectory() as builder_cache:
+            dataset = datasets.load_dataset(
+                builder,
+                data_files=[str(f) for f in nonempty],
+                split="train",
+                streaming=True,
+                cache_dir=builder_cache,
+                **options,
+            )
 
     first = next(iter(dataset), None)
     if first is None:

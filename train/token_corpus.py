@@ -108,8 +108,8 @@ def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
 def load_corpus(config: CorpusConfig, *, on_batch: Callable[[int], None] | None = None) -> TokenizedCorpus:
     """Opens, tokenizes (or loads from the cache) and validates a corpus.
 
-    on_batch: called with the number of documents after each tokenized batch (for a progress bar); not called
-      on a cache hit.
+    on_batch: called after each tokenized batch with the number of documents read in it, empty ones included
+      (for a progress bar); not called on a cache hit.
     Raises FileNotFoundError / ValueError for a missing path, unreadable format, missing text field, missing
     tokenizer, or a source without any non-empty document.
     """
@@ -133,8 +133,8 @@ def tokenize_documents(
     prefix = np.array([] if bos_id is None else [bos_id], np.int32)
     suffix = np.array([eos_id], np.int32)
     pieces, lengths = [], []
-    for texts in documents.text_batches(_TOKENIZE_BATCH):
-        texts = [t for t in texts if t]
+    for batch in documents.text_batches(_TOKENIZE_BATCH):
+        texts = [t for t in batch if t]
         if texts:
             # verbose=False: long documents exceeding model_max_length are expected here (they get packed).
             encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
@@ -142,7 +142,7 @@ def tokenize_documents(
                 pieces += [prefix, np.asarray(ids, np.int32), suffix]
                 lengths.append(len(prefix) + len(ids) + 1)
         if on_batch is not None:
-            on_batch(len(texts))
+            on_batch(len(batch))
     if not lengths:
         raise ValueError(f"no non-empty documents in {', '.join(str(f) for f in documents.files[:3])}")
     doc_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

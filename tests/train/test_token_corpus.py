@@ -91,8 +91,11 @@ def test_several_paths_are_read_in_the_given_order(tmp_path, tokenizer_dir, text
 
 def test_custom_text_field_and_empty_texts_skipped(tmp_path, tokenizer_dir, texts):
     path = _write_jsonl(tmp_path / "code.jsonl", [{"content": t} for t in [texts[0], "", texts[1]]])
-    corpus = _corpus([path], tokenizer_dir, text_field="content")
+    batches = []
+    config = CorpusConfig(paths=(path,), tokenizer_dir=tokenizer_dir, text_field="content")
+    corpus = load_corpus(config, on_batch=batches.append)
     assert corpus.num_docs == 2
+    assert batches == [3]  # progress counts every document read
 
 
 def test_missing_path(tmp_path, tokenizer_dir):
