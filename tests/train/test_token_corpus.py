@@ -185,9 +185,18 @@ def test_cache_is_reused_and_keyed_by_source(tmp_path, tokenizer_dir, texts):
 
 
 @pytest.mark.testbed
-def test_testbed_tokenizer_loads_offline(testbed_dir):
-    tokenizer = load_tokenizer(testbed_dir / "seer-tiny-llama")
+def test_testbed_tokenizer_loads_offline(tmp_path, testbed_dir):
+    model_dir = testbed_dir / "seer-tiny-llama"
+    tokenizer = load_tokenizer(model_dir)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1, 2)
     ids = tokenizer("def f(x):\n    return x\n", add_special_tokens=False)["input_ids"]
     assert 0 not in ids and 1 not in ids  # the tokenizer adds no special tokens itself
     assert tokenizer.decode(ids) == "def f(x):\n    return x\n"
+
+    with gzip.open(testbed_dir / "data" / "eval_stdlib.jsonl.gz", "rt", encoding="utf-8") as f:
+        heads = [json.loads(next(f))["text"][:20_000] for _ in range(2)]
+    corpus = _corpus([_write_jsonl(tmp_path / "heads.jsonl", [{"text": t} for t in heads])], model_dir)
+    for i, text in enumerate(heads):
+        np.testing.assert_array_equal(
+            corpus.document(i), [0, *tokenizer(text, add_special_tokens=False)["input_ids"], 1]
+        )
