@@ -20,8 +20,7 @@ import numpy as np
 
 from train.token_corpus import TokenizedCorpus
 
-# Gate blocks are 64 tokens (the only block size of the released SeerAttention gates), so a training row must
-# hold whole blocks.
+# AttnGate blocks are 64 tokens (the block size of every released prefill gate), so a row must hold whole blocks.
 SEQ_LEN_MULTIPLE = 64
 
 
