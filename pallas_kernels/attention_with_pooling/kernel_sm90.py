@@ -232,9 +232,9 @@ def attention_with_pooling_sm90(q, k, v, *, sm_scale, block_size, return_lse, co
     num_blocks = -(-seq_len // BLOCK)
     pad = ((0, 0), (0, padded_len - seq_len), (0, 0), (0, 0))
     q_pad, k_pad, v_pad = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
-    entries, counts = dense_causal_schedule(batch, num_q_heads, padded_len // BLOCK)
+    entries, counts, dense = dense_causal_schedule(batch, num_q_heads, padded_len // BLOCK)
     out, lse = scheduled_attention_sm90(
-        q_pad, k_pad, v_pad, entries, counts, sm_scale=sm_scale, config=config.attention
+        q_pad, k_pad, v_pad, entries, counts, dense, sm_scale=sm_scale, config=config.attention
     )
     # Padded query rows must not win a block's max: give them lse = +inf so exp2(·) = 0.
     lse_log2 = jnp.where(jnp.arange(padded_len) < seq_len, lse * _LOG2E, jnp.inf)  # [B, N, Tp]

@@ -8,13 +8,20 @@ Algorithm (FlashAttention-3 structure, after jax's `attention_mgpu.py`, with an 
     packs the key-block index with one "used" bit per warpgroup. The memory warpgroup fetches every listed block
     once; a compute warpgroup whose bit is clear skips the block (it only keeps the barrier phases in step), so
     64×64 gate granularity is honoured while K/V tiles are shared by 128 query rows.
+  * Each tile's schedule is copied to shared memory once (a global scalar load per step would sit on every
+    warpgroup's critical path).
+  * Tiles where both warpgroups use every causal block (dense layers, the pooling kernel's first pass) run the
+    FA3 ping-pong schedule: a shared barrier makes the two warpgroups alternate on the tensor cores so one's
+    softmax hides behind the other's matmuls. Sparse tiles let the warpgroups run freely (lock-step would
+    idle a warpgroup on every block only the other one uses).
   * Online softmax in the exp2 domain with `sm_scale · log2(e)` folded into one multiply; causal masking only
     inside a warpgroup's diagonal block. Rows that select no block produce zeros and lse = -inf, never NaN.
   * Grid (batch, query tile, head) with heads fastest, so CTAs in flight share K/V heads in L2; query tiles are
     visited heaviest (last) first to shorten the causal tail.
 
 Layout limits: q [B, T, N, H], k/v [B, T, K, H] (self-attention, T == S), bf16 or fp16, H ∈ {64, 128, 256},
-N a multiple of K. T is padded to a multiple of 128 by the wrapper. Anything else raises NotImplementedError.
+N a multiple of K, T ≤ 1M (the tile schedule is one TMA box of ≤ 256 × 64 entries). T is padded to a multiple
+of 128 by the wrapper. Anything else raises NotImplementedError.
 """
 
 import dataclasses
@@ -33,6 +40,7 @@ BLOCK = 64  # gate granularity: rows per compute warpgroup and keys per K/V bloc
 TILE = 2 * BLOCK  # query rows per CTA (two compute warpgroups)
 _INDEX_BITS = 16  # packed tile entry: key-block index | used-by-wg0 << 16 | used-by-wg1 << 17
 _LOG2E = math.log2(math.e)
+_MAX_SEQ_LEN = 256 * BLOCK * BLOCK  # the tile schedule is copied as one TMA box of at most 256 × 64 entries
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,38 +71,47 @@ def check_supported(q: jax.Array, k: jax.Array) -> None:
         raise NotImplementedError(f"head_dim must be 64, 128 or 256, got {q.shape[-1]}")
     if q.shape[1] != k.shape[1]:
         raise NotImplementedError("only self-attention (T == S) is supported")
+    if q.shape[1] > _MAX_SEQ_LEN:
+        raise NotImplementedError(f"sequences longer than {_MAX_SEQ_LEN} tokens are not supported")
 
 
-def tile_schedule(block_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def tile_schedule(block_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Merges the block lists of each pair of query blocks into the kernel's per-tile schedule.
 
     Args:
       block_mask: bool [B, N, I, J], causal (nothing above the diagonal), I even.
 
     Returns:
-      entries: int32 [B, N, I // 2, J]; the first counts[...] entries of tile t list the key blocks used by
-        query block 2t or 2t+1, ascending, each packed as j | used(2t) << 16 | used(2t+1) << 17; the rest are 0.
-      counts: int32 [B, N, I // 2].
+      entries: int32 [B, N, I // 2, Jc // 64, 64] with Jc = J rounded up to 64 (a TMA-friendly 2D box); flattened
+        over the last two axes, the first counts[...] entries of tile t list the key blocks used by query block
+        2t or 2t+1, ascending, each packed as j | used(2t) << 16 | used(2t+1) << 17; the rest are 0.
+      counts: int32 [B, N, I // 2], the union sizes.
+      dense: int32 [B, N, I // 2], 1 where both query blocks use every causal block (the ping-pong fast path).
     """
     batch, heads, num_q_blocks, num_kv_blocks = block_mask.shape
+    padded_cols = -(-num_kv_blocks // BLOCK) * BLOCK
     pairs = block_mask.reshape(batch, heads, num_q_blocks // 2, 2, num_kv_blocks)  # [B, N, I/2, 2, J]
     used_lo, used_hi = pairs[..., 0, :], pairs[..., 1, :]  # [B, N, I/2, J] each
     union = used_lo | used_hi
     counts = jnp.sum(union, axis=-1, dtype=jnp.int32)  # [B, N, I/2]
+    tiles = jnp.arange(num_q_blocks // 2, dtype=jnp.int32)
+    own_counts = jnp.sum(pairs, axis=-1, dtype=jnp.int32)  # [B, N, I/2, 2]
+    dense = (own_counts[..., 0] == 2 * tiles + 1) & (own_counts[..., 1] == 2 * tiles + 2)
     columns = jnp.arange(num_kv_blocks, dtype=jnp.int32)
     packed = (
         columns | (used_lo.astype(jnp.int32) << _INDEX_BITS) | (used_hi.astype(jnp.int32) << (_INDEX_BITS + 1))
     )  # [B, N, I/2, J]
-    slots = jnp.where(union, jnp.cumsum(union, axis=-1, dtype=jnp.int32) - 1, num_kv_blocks)
+    slots = jnp.where(union, jnp.cumsum(union, axis=-1, dtype=jnp.int32) - 1, padded_cols)
 
     def compact_row(row_slots, row_packed):
-        return jnp.zeros((num_kv_blocks,), jnp.int32).at[row_slots].set(row_packed, mode="drop")
+        return jnp.zeros((padded_cols,), jnp.int32).at[row_slots].set(row_packed, mode="drop")
 
-    entries = jax.vmap(jax.vmap(jax.vmap(compact_row)))(slots, packed)  # [B, N, I/2, J]
-    return entries, counts
+    entries = jax.vmap(jax.vmap(jax.vmap(compact_row)))(slots, packed)  # [B, N, I/2, Jc]
+    entries = entries.reshape(batch, heads, num_q_blocks // 2, padded_cols // BLOCK, BLOCK)
+    return entries, counts, dense.astype(jnp.int32)
 
 
-def dense_causal_schedule(batch: int, heads: int, num_q_blocks: int) -> tuple[jax.Array, jax.Array]:
+def dense_causal_schedule(batch: int, heads: int, num_q_blocks: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The tile schedule of plain causal attention (every block on or below the diagonal)."""
     rows = jnp.arange(num_q_blocks)[:, None]
     mask = jnp.arange(num_q_blocks)[None, :] <= rows  # [I, I]
@@ -106,8 +123,9 @@ def _forward_kernel(
     q_ref,  # [B, Tp, N, H]
     k_ref,  # [B, Tp, K, H]
     v_ref,  # [B, Tp, K, H]
-    entries_ref,  # int32 [B, N, I/2, J]
+    entries_ref,  # int32 [B, N, I/2, Jc/64, 64]: packed tile schedule (see `tile_schedule`)
     counts_ref,  # int32 [B, N, I/2]
+    dense_ref,  # int32 [B, N, I/2]
     # outputs
     out_ref,  # [B, Tp, N, H]
     lse_ref,  # f32 [B, N, Tp], log2 domain (converted by the wrapper)
@@ -116,11 +134,14 @@ def _forward_kernel(
     k_smem,  # [stages, 64, H]
     v_smem,  # [stages, 64, H]
     lse_smem2,  # f32 [2, 64]
+    entries_smem,  # int32 [Jc/64, 64]: this tile's schedule, read by all three warpgroups
     k_barriers,
     v_barriers,
     q_barriers,
+    entries_barrier,
     k_consumed_barriers,
     v_consumed_barriers,
+    schedule_barrier,
     *,
     sm_scale: float,
     num_stages: int,
@@ -132,9 +153,17 @@ def _forward_kernel(
     head = lax.axis_index("heads")
     wg = lax.axis_index("wg")
     num_steps = counts_ref[batch, head, tile]
+    dense_tile = dense_ref[batch, head, tile] != 0  # every causal block for both: the FA3 ping-pong schedule
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
     scale_log2 = sm_scale * _LOG2E
+
+    def read_entry(s):
+        return entries_smem[lax.div(s, BLOCK), lax.rem(s, BLOCK)]
+
+    def perform_schedule_barrier():
+        plgpu.barrier_arrive(schedule_barrier)
+        plgpu.barrier_wait(schedule_barrier)
 
     @pl.when(wg < 2)
     def _compute_wg():
@@ -142,30 +171,15 @@ def _forward_kernel(
         q_block = 2 * tile + wg
         q_smem = qo_smem2.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_block * BLOCK, BLOCK), head], q_smem, q_barriers.at[wg])
+        plgpu.barrier_wait(entries_barrier)
         plgpu.barrier_wait(q_barriers.at[wg])
 
         m_i = plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l_i = plgpu.layout_cast(jnp.full((BLOCK,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc = plgpu.layout_cast(jnp.full((BLOCK, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
 
-        def skip_block(slot, carry):
-            # Another warpgroup needs this block: keep the barrier phases in step and release the slot.
-            plgpu.barrier_wait(k_barriers.at[slot])
-            plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-            plgpu.barrier_wait(v_barriers.at[slot])
-            plgpu.barrier_arrive(v_consumed_barriers.at[slot])
-            return carry
-
-        def attend_block(slot, carry, *, causal: bool):
+        def softmax_update(qk, carry, *, causal: bool):
             acc, m_i, l_i = carry
-            plgpu.barrier_wait(k_barriers.at[slot])
-
-            def compute_qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                return acc_ref[...]
-
-            qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK, BLOCK), jnp.float32))  # [64, 64]
-            plgpu.barrier_arrive(k_consumed_barriers.at[slot])
             if causal:  # the warpgroup's diagonal block: key c visible to row r iff c <= r
                 rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=plgpu.Layout.WGMMA)
                 cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=plgpu.Layout.WGMMA)
@@ -175,7 +189,26 @@ def _forward_kernel(
             p = jnp.exp2(qk * scale_log2 - lax.broadcast_in_dim(m_new, qk.shape, [0]))
             acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
             l_i = l_i * alpha + p.sum(axis=1)
-            p16 = p.astype(dtype)
+            return (acc, m_new, l_i), p.astype(dtype)
+
+        # Sparse tiles: the warpgroups run freely, each skipping the blocks only the other one needs.
+        def skip_block(slot, carry):
+            plgpu.barrier_wait(k_barriers.at[slot])
+            plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+            plgpu.barrier_wait(v_barriers.at[slot])
+            plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+            return carry
+
+        def attend_block(slot, carry, *, causal: bool):
+            plgpu.barrier_wait(k_barriers.at[slot])
+
+            def compute_qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                return acc_ref[...]
+
+            qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK, BLOCK), jnp.float32))  # [64, 64]
+            plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+            (acc, m_i, l_i), p16 = softmax_update(qk, carry, causal=causal)
             plgpu.barrier_wait(v_barriers.at[slot])
 
             def compute_pv(acc_ref):
@@ -183,10 +216,10 @@ def _forward_kernel(
 
             acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
             plgpu.barrier_arrive(v_consumed_barriers.at[slot])
-            return acc, m_new, l_i
+            return acc, m_i, l_i
 
-        def step(s, carry):
-            entry = entries_ref[batch, head, tile, s]
+        def sparse_step(s, carry):
+            entry = read_entry(s)
             kv_block = entry & ((1 << _INDEX_BITS) - 1)
             used = (entry >> (_INDEX_BITS + wg)) & 1
             slot = lax.rem(s, num_stages)
@@ -201,7 +234,58 @@ def _forward_kernel(
                 carry,
             )
 
-        acc, m_i, l_i = lax.fori_loop(0, num_steps, step, (acc, m_i, l_i))
+        def sparse_tile(carry):
+            return lax.fori_loop(0, num_steps, sparse_step, carry)
+
+        # Dense tiles: key block s at step s; the two warpgroups alternate on the tensor cores (FA3 ping-pong):
+        # the second one starts one schedule-barrier phase late, so one's softmax overlaps the other's matmuls.
+        def dense_step(s, carry, *, causal: bool):
+            slot = lax.rem(s, num_stages)
+
+            def compute_qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                perform_schedule_barrier()
+                return acc_ref[...]
+
+            qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK, BLOCK), jnp.float32))  # [64, 64]
+            plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+            (acc, m_i, l_i), p16 = softmax_update(qk, carry, causal=causal)
+            acc, l_i, m_i, p16 = lax.optimization_barrier((acc, l_i, m_i, p16))
+            plgpu.barrier_arrive(schedule_barrier)  # done with the softmax
+            plgpu.barrier_wait(v_barriers.at[slot])
+            plgpu.barrier_wait(schedule_barrier)  # the tensor cores are ours again
+
+            def compute_pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                next_slot = lax.rem(s + 1, num_stages)
+
+                @pl.when(s + 1 <= q_block)
+                def _prefetch_wait():
+                    plgpu.barrier_wait(k_barriers.at[next_slot])
+
+            acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+            return acc, m_i, l_i
+
+        def dense_tile_loop(carry):
+            pl.when(wg == 1)(perform_schedule_barrier)
+            plgpu.barrier_wait(k_barriers.at[0])
+            carry = lax.fori_loop(0, q_block, functools.partial(dense_step, causal=False), carry)
+            carry = dense_step(q_block, carry, causal=True)
+
+            @pl.when(wg == 0)
+            def _drain():
+                # The first warpgroup has no use for the tile's last block: release it, keep the phases in step.
+                slot = lax.rem(q_block + 1, num_stages)
+                plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+                plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+                perform_schedule_barrier()
+                perform_schedule_barrier()
+                perform_schedule_barrier()
+
+            return carry
+
+        acc, m_i, l_i = lax.cond(dense_tile, dense_tile_loop, sparse_tile, (acc, m_i, l_i))
 
         # A row that attended nothing has l = 0: emit 0, not 0/0.
         l_safe = jnp.where(l_i == 0, 1.0, l_i)
@@ -218,9 +302,11 @@ def _forward_kernel(
     def _memory_wg():
         plgpu.set_max_registers(40, action="decrease")
         kv_head = lax.div(head, jnp.array(heads_per_kv_head, head.dtype))
+        plgpu.copy_gmem_to_smem(entries_ref.at[batch, head, tile], entries_smem, entries_barrier)
+        plgpu.barrier_wait(entries_barrier)
 
         def fetch(s, slot):
-            kv_block = entries_ref[batch, head, tile, s] & ((1 << _INDEX_BITS) - 1)
+            kv_block = read_entry(s) & ((1 << _INDEX_BITS) - 1)
             window = (batch, pl.ds(kv_block * BLOCK, BLOCK), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[window], k_smem.at[slot], k_barriers.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[window], v_smem.at[slot], v_barriers.at[slot])
@@ -236,7 +322,7 @@ def _forward_kernel(
             fetch(s, slot)
 
 
-def _forward_call(q, k, v, entries, counts, *, sm_scale: float, config: Config):
+def _forward_call(q, k, v, entries, counts, dense, *, sm_scale: float, config: Config):
     batch, padded_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     num_tiles = padded_len // TILE
@@ -244,29 +330,32 @@ def _forward_call(q, k, v, entries, counts, *, sm_scale: float, config: Config):
     swizzle = plgpu.SwizzleTransform(128)
     stages = config.num_stages
 
-    def body(q_ref, k_ref, v_ref, entries_ref, counts_ref, out_ref, lse_ref):
+    def body(q_ref, k_ref, v_ref, entries_ref, counts_ref, dense_ref, out_ref, lse_ref):
         kernel = functools.partial(
             _forward_kernel,
-            q_ref, k_ref, v_ref, entries_ref, counts_ref, out_ref, lse_ref,
+            q_ref, k_ref, v_ref, entries_ref, counts_ref, dense_ref, out_ref, lse_ref,
             sm_scale=sm_scale,
             num_stages=stages,
             num_tiles=num_tiles,
             heads_per_kv_head=num_q_heads // num_kv_heads,
         )  # fmt: skip
         pl.run_scoped(
-            lambda smem, barriers, consumed: kernel(*smem, *barriers, *consumed),
+            lambda smem, barriers, consumed, schedule: kernel(*smem, *barriers, *consumed, schedule),
             (
                 plgpu.SMEM((2, BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((stages, BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((stages, BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((2, BLOCK), jnp.float32),
+                plgpu.SMEM(entries.shape[-2:], jnp.int32),
             ),
             (
                 plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=2),
+                plgpu.Barrier(num_barriers=1),
             ),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
         )
 
@@ -281,7 +370,7 @@ def _forward_call(q, k, v, entries, counts, *, sm_scale: float, config: Config):
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
-    )(q, k, v, entries, counts)
+    )(q, k, v, entries, counts, dense)
     return out, lse_log2
 
 
@@ -289,13 +378,13 @@ def _pad_sequence(x: jax.Array, padded_len: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, padded_len - x.shape[1]), (0, 0), (0, 0)))
 
 
-def scheduled_attention_sm90(q, k, v, entries, counts, *, sm_scale: float, config: Config | None = None):
+def scheduled_attention_sm90(q, k, v, entries, counts, dense, *, sm_scale: float, config: Config | None = None):
     """Runs the kernel on a prepared tile schedule (see `tile_schedule`); q/k/v already padded to 128 rows.
 
     Returns the output [B, Tp, N, H] and the natural-log logsumexp f32 [B, N, Tp].
     """
     config = config or default_config(q.shape[-1])
-    out, lse_log2 = _forward_call(q, k, v, entries, counts, sm_scale=sm_scale, config=config)
+    out, lse_log2 = _forward_call(q, k, v, entries, counts, dense, sm_scale=sm_scale, config=config)
     return out, lse_log2 * (1.0 / _LOG2E)
 
 
@@ -313,13 +402,14 @@ def block_sparse_attention_sm90(q, k, v, index: BlockIndex, *, sm_scale, return_
     pad_rows = num_padded_blocks - block_mask.shape[2]
     pad_cols = num_padded_blocks - block_mask.shape[3]
     block_mask = jnp.pad(block_mask, ((0, 0), (0, 0), (0, pad_rows), (0, pad_cols)))  # [B, N, Ip, Ip]
-    entries, counts = tile_schedule(block_mask)
+    entries, counts, dense = tile_schedule(block_mask)
     out, lse = scheduled_attention_sm90(
         _pad_sequence(q, padded_len),
         _pad_sequence(k, padded_len),
         _pad_sequence(v, padded_len),
         entries,
         counts,
+        dense,
         sm_scale=sm_scale,
         config=config,
     )
