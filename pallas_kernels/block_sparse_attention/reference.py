@@ -21,10 +21,15 @@ size of q) and the scores O(B·N·T·64); nothing is O(T·S). The loops have dat
 functions are not differentiable themselves: the public op wraps them in a `jax.custom_vjp`.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention.index import BlockIndex
+
+# float32 math for real: on GPU, XLA would otherwise run float32 matmuls in TF32 (about 1e-3 relative error).
+_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 
 BLOCK_SIZE = 64
 
@@ -45,7 +50,7 @@ def block_sparse_attention(
         block_ids = index.indices[..., slot]  # [B, N, I]
         keys = _gather(k_blocks, block_ids, group)  # [B, N, I, 64, H]
         values = _gather(v_blocks, block_ids, group)  # [B, N, I, 64, H]
-        scores = jnp.einsum("bnirh,bnich->bnirc", q_blocks, keys)  # [B, N, I, 64, 64]
+        scores = _einsum("bnirh,bnich->bnirc", q_blocks, keys)  # [B, N, I, 64, 64]
         scores = jnp.where(_selected(index, slot, block_ids), scores, -jnp.inf)
         new_max = jnp.maximum(row_max, scores.max(axis=-1))
         # Rows with nothing selected yet keep max -inf; shift them by 0 instead to avoid (-inf) - (-inf) = NaN.
@@ -53,7 +58,7 @@ def block_sparse_attention(
         probs = jnp.exp(scores - shift[..., None])  # [B, N, I, 64, 64], 0 where masked
         rescale = jnp.exp(row_max - shift)  # [B, N, I, 64]
         row_sum = row_sum * rescale + probs.sum(axis=-1)
-        acc = acc * rescale[..., None] + jnp.einsum("bnirc,bnich->bnirh", probs, values)
+        acc = acc * rescale[..., None] + _einsum("bnirc,bnich->bnirh", probs, values)
         return new_max, row_sum, acc
 
     row_shape = q_blocks.shape[:-1]  # [B, N, I, 64]
@@ -107,13 +112,13 @@ def block_sparse_attention_bwd(
         block_ids = index.indices[..., slot]  # [B, N, I]
         keys = _gather(k_blocks, block_ids, group)  # [B, N, I, 64, H]
         values = _gather(v_blocks, block_ids, group)  # [B, N, I, 64, H]
-        scores = jnp.einsum("bnirh,bnich->bnirc", q_blocks, keys)  # [B, N, I, 64, 64]
+        scores = _einsum("bnirh,bnich->bnirc", q_blocks, keys)  # [B, N, I, 64, 64]
         probs = jnp.where(_selected(index, slot, block_ids), jnp.exp(scores - lse_blocks[..., None]), 0.0)
-        d_probs = jnp.einsum("bnirh,bnich->bnirc", d_out_blocks, values)  # [B, N, I, 64, 64]
+        d_probs = _einsum("bnirh,bnich->bnirc", d_out_blocks, values)  # [B, N, I, 64, 64]
         d_scores = probs * (d_probs - delta[..., None])  # [B, N, I, 64, 64]
-        dq = dq + jnp.einsum("bnirc,bnich->bnirh", d_scores, keys)
-        dk_slot = jnp.einsum("bnirc,bnirh->bnich", d_scores, q_blocks)  # [B, N, I, 64, H]
-        dv_slot = jnp.einsum("bnirc,bnirh->bnich", probs, d_out_blocks)  # [B, N, I, 64, H]
+        dq = dq + _einsum("bnirc,bnich->bnirh", d_scores, keys)
+        dk_slot = _einsum("bnirc,bnirh->bnich", d_scores, q_blocks)  # [B, N, I, 64, H]
+        dv_slot = _einsum("bnirc,bnirh->bnich", probs, d_out_blocks)  # [B, N, I, 64, H]
         dk = dk.at[batch_ids, kv_heads, block_ids].add(dk_slot)
         dv = dv.at[batch_ids, kv_heads, block_ids].add(dv_slot)
         return dq, dk, dv

@@ -1,8 +1,13 @@
 """Naive dense oracles for the attention ops: float64 NumPy (forward values) and float32 jnp (for jax.grad)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# float32 math for real: on GPU, XLA would otherwise run float32 matmuls in TF32 (about 1e-3 relative error).
+_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 
 
 def to_float64(x) -> np.ndarray:
@@ -93,10 +98,10 @@ def dense_masked_attention_jnp(q, k, v, allowed, *, sm_scale: float) -> tuple[ja
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     group = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # [B, S, N, H]
-    scores = jnp.einsum("btnh,bsnh->bnts", q, k) * sm_scale  # [B, N, T, S]
+    scores = _einsum("btnh,bsnh->bnts", q, k) * sm_scale  # [B, N, T, S]
     # A large finite fill (not -inf) keeps fully masked rows finite, so their zeroed gradients are not NaN.
     scores = jnp.where(allowed, scores, -1e30)
     lse = jax.nn.logsumexp(scores, axis=-1)  # [B, N, T]
     probs = jnp.where(allowed, jnp.exp(scores - lse[..., None]), 0.0)  # [B, N, T, S]
-    out = jnp.einsum("bnts,bsnh->btnh", probs, v)  # [B, T, N, H]
+    out = _einsum("bnts,bsnh->btnh", probs, v)  # [B, T, N, H]
     return out, jnp.where(allowed.any(axis=-1), lse, -jnp.inf)
