@@ -50,15 +50,15 @@ def case_key(request: pytest.FixtureRequest) -> jax.Array:
     return input_key(zlib.crc32(request.node.nodeid.encode()))
 
 
-def poison_device_memory(*like: jax.Array) -> None:
+def poison_device_memory(outputs) -> None:
     """Fill freed device memory with NaN, so that output elements a kernel forgets to write show up as NaN.
 
-    Allocates and frees one NaN buffer per array in `like` of the same byte size. XLA's allocator tends to hand
-    freed blocks of that size to the next outputs; best effort, effective on GPU, harmless on CPU.
+    `outputs` is a pytree of `jax.ShapeDtypeStruct` (e.g. from `jax.eval_shape` of the call about to be made): one
+    NaN array of each shape and dtype is allocated and freed. XLA's allocator tends to hand such freed blocks to the
+    next outputs of the same size; best effort, effective on GPU, harmless on CPU.
     """
-    for array in like:
-        words = max(1, array.size * array.dtype.itemsize // 4)
-        jnp.full((words,), jnp.nan, jnp.float32).block_until_ready().delete()
+    for output in jax.tree.leaves(outputs):
+        jnp.full(output.shape, jnp.nan, output.dtype).block_until_ready().delete()
 
 
 def relative_error(actual, expected) -> float:

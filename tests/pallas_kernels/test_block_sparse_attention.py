@@ -42,8 +42,12 @@ def _expected(q, k, v, mask, sm_scale):
 def test_matches_dense_masked_attention(request, implementation, shape, pattern):
     q, k, v, mask = _inputs(request, implementation, shape, pattern)
     sm_scale = shape.head_dim**-0.5
-    harness.poison_device_memory(q, q)
-    out, lse = block_sparse_attention(q, k, v, block_mask=mask, return_lse=True, implementation=implementation)
+
+    def attend():
+        return block_sparse_attention(q, k, v, block_mask=mask, return_lse=True, implementation=implementation)
+
+    harness.poison_device_memory(jax.eval_shape(attend))
+    out, lse = attend()
     expected_out, expected_lse = _expected(q, k, v, mask, sm_scale)
     assert out.dtype == q.dtype
     tolerance = harness.TOLERANCES[q.dtype]
@@ -62,6 +66,24 @@ def test_all_blocks_equals_dense_attention(request, implementation, shape_name):
     tolerance = harness.TOLERANCES[q.dtype]
     harness.assert_close(out, dense_out.astype(jnp.float32), tolerance, "out")
     harness.assert_lse_close(lse, np.asarray(dense_lse), tolerance)
+
+
+@pytest.mark.parametrize("implementation", harness.IMPLEMENTATIONS)
+def test_nothing_selected_gives_zeros_and_zero_gradients(request, implementation):
+    shape = SHAPES["g1_h128_t65"]
+    q, k, v, mask = _inputs(request, implementation, shape, "dense")
+    mask = jnp.zeros_like(mask)
+
+    def attend(q, k, v):
+        return block_sparse_attention(q, k, v, block_mask=mask, return_lse=True, implementation=implementation)
+
+    harness.poison_device_memory(jax.eval_shape(attend, q, k, v))
+    out, lse = attend(q, k, v)
+    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), 0.0)
+    assert np.isneginf(np.asarray(lse)).all()
+    grads = jax.grad(lambda *qkv: jnp.sum(attend(*qkv)[0].astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+    for grad in grads:
+        np.testing.assert_array_equal(np.asarray(grad.astype(jnp.float32)), 0.0)
 
 
 @pytest.mark.parametrize("implementation", harness.IMPLEMENTATIONS)
