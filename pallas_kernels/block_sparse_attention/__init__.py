@@ -5,6 +5,7 @@ from pallas_kernels.block_sparse_attention.api import (
     block_sparse_attention_implementation,
 )
 from pallas_kernels.block_sparse_attention.index import (
+    BLOCK_SIZE,
     BlockIndex,
     block_index_from_mask,
     block_mask_from_index,
@@ -13,6 +14,7 @@ from pallas_kernels.block_sparse_attention.index import (
 )
 
 __all__ = [
+    "BLOCK_SIZE",
     "BlockIndex",
     "block_index_from_mask",
     "block_mask_from_index",

@@ -16,8 +16,12 @@ import jax.numpy as jnp
 
 from pallas_kernels import dispatch
 from pallas_kernels.block_sparse_attention import kernel_sm90, reference
-from pallas_kernels.block_sparse_attention.index import BlockIndex, block_index_from_mask, check_block_index
-from pallas_kernels.block_sparse_attention.reference import BLOCK_SIZE
+from pallas_kernels.block_sparse_attention.index import (
+    BLOCK_SIZE,
+    BlockIndex,
+    block_index_from_mask,
+    check_block_index,
+)
 from pallas_kernels.validation import check_causal_qkv, default_sm_scale
 
 _OP_NAME = "block_sparse_attention"

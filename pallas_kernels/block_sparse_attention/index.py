@@ -13,6 +13,9 @@ import jax.numpy as jnp
 
 from pallas_kernels.validation import is_concrete
 
+# Positions per block, for query and key blocks alike: SeerAttention's gates score 64×64 blocks (SEER_SPEC §1.6).
+BLOCK_SIZE = 64
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

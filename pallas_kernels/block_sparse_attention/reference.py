@@ -26,12 +26,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse_attention.index import BlockIndex
+from pallas_kernels.block_sparse_attention.index import BLOCK_SIZE, BlockIndex
 
 # float32 math for real: on GPU, XLA would otherwise run float32 matmuls in TF32 (about 1e-3 relative error).
 _einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
-
-BLOCK_SIZE = 64
 
 
 def block_sparse_attention(
