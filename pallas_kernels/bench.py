@@ -1,0 +1,271 @@
+"""Benchmark the attention ops against dense causal cuDNN: `python -m pallas_kernels.bench [--lengths 8192 ...]`.
+
+For each length T, on Llama-3.1-8B attention (`shapes.BENCH_SHAPES`: B=1, N=32, K=8, H=128), bf16, causal:
+  dense cuDNN  `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`, no mask (a mask would
+               become a dense bias); the baseline, measured in the same run ("xla" where there is no GPU).
+  sparse s     `block_sparse_attention` with a random per-row block mask at sparsity s that keeps the diagonal
+               (`inputs.random_block_mask`, as in SeerAttention's benchmark), the `BlockIndex` built beforehand.
+  index s      `block_index_from_mask` for that mask, timed on its own.
+  pooling      `attention_with_pooling`.
+TFLOP/s counts causal FLOPs, 4·B·T²·H·N / 2, times the achieved block density for the sparse cases. Timing: jitted,
+warm-up calls, then the median of `--runs` calls each ended by `block_until_ready`, on fresh random inputs.
+A case whose implementation raises `NotImplementedError` or runs out of memory is skipped with a note.
+
+The table goes to stdout row by row; everything is also written as JSON to
+`<output-dir>/<date>-<time>_<device>_<commit>.json` (date, git commit, jax version, device, config, rows).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import dispatch
+from pallas_kernels.attention_with_pooling import attention_with_pooling, attention_with_pooling_implementation
+from pallas_kernels.block_sparse_attention import (
+    block_index_from_mask,
+    block_sparse_attention,
+    block_sparse_attention_implementation,
+)
+from pallas_kernels.inputs import causal_density, input_key, random_block_mask, random_qkv
+from pallas_kernels.shapes import BENCH_SHAPES, AttentionShape
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    lengths: tuple[int, ...] = tuple(shape.seq_len for shape in BENCH_SHAPES)
+    sparsities: tuple[float, ...] = (0.0, 0.5, 0.7, 0.9, 0.95)
+    runs: int = 10
+    warmup: int = 2
+    implementation: dispatch.Implementation | None = "mosaic"
+    output_dir: Path = Path("benchmarks/results")
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.lengths or min(self.lengths) < 1:
+            raise ValueError(f"lengths must be positive, got {self.lengths}")
+        if any(not 0.0 <= sparsity < 1.0 for sparsity in self.sparsities):
+            raise ValueError(f"sparsities must be in [0, 1), got {self.sparsities}")
+        if self.runs < 1:
+            raise ValueError(f"runs must be >= 1, got {self.runs}")
+        if self.warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (the first call compiles), got {self.warmup}")
+        dispatch.check_implementation(self.implementation)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Row:
+    """One measured (or skipped) case."""
+
+    seq_len: int
+    case: str
+    implementation: str
+    density: float | None = None
+    ms: float | None = None
+    tflops: float | None = None
+    speedup_vs_dense: float | None = None
+    note: str = ""
+
+
+_HEADER = f"{'T':>7} {'case':<12} {'impl':<10} {'density':>7} {'ms':>10} {'TFLOP/s':>8} {'vs dense':>8}  note"
+
+
+def _format_row(row: Row) -> str:
+    def number(value, spec):
+        return "—" if value is None else format(value, spec)
+
+    return (
+        f"{row.seq_len:>7} {row.case:<12} {row.implementation:<10} {number(row.density, '.3f'):>7} "
+        f"{number(row.ms, '.3f'):>10} {number(row.tflops, '.4g'):>8} {number(row.speedup_vs_dense, '.2f'):>8}  "
+        f"{row.note}"
+    )
+
+
+def causal_flops(shape: AttentionShape) -> float:
+    """FLOPs of causal attention counted as half the dense 4·T²·H·N per batch element (QKᵀ and PV)."""
+    return 4 * shape.batch * shape.seq_len**2 * shape.head_dim * shape.num_q_heads / 2
+
+
+def time_ms(fn: Callable, *args, runs: int, warmup: int) -> float:
+    """Median wall time in ms of `fn(*args)` over `runs` calls after `warmup` calls, each synchronised."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _skip_note(error: Exception) -> str | None:
+    """The table note for an error that skips a case (not implemented, out of memory); None for anything else."""
+    if isinstance(error, NotImplementedError):
+        return f"skipped: NotImplementedError: {error}"
+    if isinstance(error, jax.errors.JaxRuntimeError) and re.search("RESOURCE_EXHAUSTED|out of memory", str(error)):
+        return "skipped: out of memory"
+    return None
+
+
+def _measure(row: Row, flops: float | None, dense_ms: float | None, fn: Callable, *args, config: BenchConfig) -> Row:
+    try:
+        ms = time_ms(fn, *args, runs=config.runs, warmup=config.warmup)
+    except (NotImplementedError, jax.errors.JaxRuntimeError) as error:
+        note = _skip_note(error)
+        if note is None:
+            raise
+        return dataclasses.replace(row, note=note)
+    return dataclasses.replace(
+        row,
+        ms=ms,
+        tflops=None if flops is None else flops / ms / 1e9,
+        speedup_vs_dense=None if dense_ms is None else dense_ms / ms,
+    )
+
+
+def _implementation(query: Callable, *args, **kwargs) -> tuple[str, str]:
+    """(implementation the op would run, "") or, when an explicitly requested kernel declines, ("mosaic", note)."""
+    try:
+        return query(*args, **kwargs), ""
+    except NotImplementedError as error:
+        return "mosaic", _skip_note(error)
+
+
+def bench_length(shape: AttentionShape, config: BenchConfig, emit: Callable[[Row], None]) -> None:
+    """Measures every case at one length; calls `emit` with each row as soon as it is measured."""
+    key = jax.random.fold_in(input_key(config.seed), shape.seq_len)
+    q, k, v = random_qkv(key, shape, jnp.bfloat16)
+    flops = causal_flops(shape)
+    dense_implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+    def dense(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=dense_implementation)
+
+    dense_row = Row(seq_len=shape.seq_len, case="dense", implementation=dense_implementation)
+    dense_row = _measure(dense_row, flops, None, jax.jit(dense), q, k, v, config=config)
+    emit(dense_row)
+    dense_ms = dense_row.ms
+
+    for number, sparsity in enumerate(config.sparsities):
+        mask = random_block_mask(
+            jax.random.fold_in(key, number), shape.batch, shape.num_q_heads, shape.num_blocks(), sparsity=sparsity
+        )
+        density = causal_density(mask)
+        index_row = Row(seq_len=shape.seq_len, case=f"index {sparsity:.2f}", implementation="xla", density=density)
+        emit(_measure(index_row, None, None, block_index_from_mask, mask, config=config))
+        index = block_index_from_mask(mask)
+        name, note = _implementation(
+            block_sparse_attention_implementation, q, k, v, index=index, implementation=config.implementation
+        )
+        row = Row(seq_len=shape.seq_len, case=f"sparse {sparsity:.2f}", implementation=name, density=density, note=note)
+        if not note:
+            sparse = jax.jit(
+                lambda q, k, v, index: block_sparse_attention(
+                    q, k, v, index=index, implementation=config.implementation
+                )
+            )
+            row = _measure(row, flops * density, dense_ms, sparse, q, k, v, index, config=config)
+        emit(row)
+
+    name, note = _implementation(attention_with_pooling_implementation, q, k, v, implementation=config.implementation)
+    row = Row(seq_len=shape.seq_len, case="pooling", implementation=name, note=note)
+    if not note:
+        pooling = jax.jit(lambda q, k, v: attention_with_pooling(q, k, v, implementation=config.implementation))
+        row = _measure(row, flops, dense_ms, pooling, q, k, v, config=config)
+    emit(row)
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def parse_args(argv: list[str] | None) -> BenchConfig:
+    defaults = BenchConfig()
+    parser = argparse.ArgumentParser(prog="python -m pallas_kernels.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=defaults.lengths, help="sequence lengths T")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=defaults.sparsities, help="block sparsities")
+    parser.add_argument("--runs", type=int, default=defaults.runs, help="timed calls per case (median reported)")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed calls first (compile, warm-up)")
+    parser.add_argument(
+        "--implementation",
+        choices=["auto", *dispatch.IMPLEMENTATIONS],
+        default=defaults.implementation,
+        help="for our ops: 'mosaic' (default) skips cases the kernels decline; 'reference' times the jnp reference",
+    )
+    parser.add_argument("--output-dir", type=Path, default=defaults.output_dir, help="where the JSON goes")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random inputs")
+    args = parser.parse_args(argv)
+    return BenchConfig(
+        lengths=tuple(args.lengths),
+        sparsities=tuple(args.sparsities),
+        runs=args.runs,
+        warmup=args.warmup,
+        implementation=None if args.implementation == "auto" else args.implementation,
+        output_dir=args.output_dir,
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Runs the benchmark, prints the table, writes the JSON; returns the JSON's path."""
+    config = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _logger.info("%s", config)
+    device = jax.devices()[0]
+    _logger.info("device: %s, jax %s", device.device_kind, jax.__version__)
+    rows: list[Row] = []
+
+    def emit(row: Row) -> None:
+        rows.append(row)
+        print(_format_row(row), flush=True)
+
+    print(_HEADER, flush=True)
+    shape = BENCH_SHAPES[0]
+    for seq_len in config.lengths:
+        bench_length(shape.with_seq_len(seq_len), config, emit)
+
+    now = datetime.datetime.now(datetime.UTC)
+    commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
+    device_name = re.sub(r"[^A-Za-z0-9]+", "-", device.device_kind).strip("-")
+    path = config.output_dir / f"{now:%Y-%m-%d-%H%M%S}_{device_name}_{commit}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "date": now.isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "shape": {
+            "batch": shape.batch,
+            "num_q_heads": shape.num_q_heads,
+            "num_kv_heads": shape.num_kv_heads,
+            "head_dim": shape.head_dim,
+            "dtype": "bfloat16",
+            "causal": True,
+        },
+        "config": dataclasses.asdict(config) | {"output_dir": str(config.output_dir)},
+        "rows": [dataclasses.asdict(row) for row in rows],
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    _logger.info("wrote %s", path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Public `block_sparse_attention`: argument checks, padding, dispatch, and the custom VJP.
+
+Forward: the Mosaic GPU kernel or the reference (see `pallas_kernels.dispatch`). The kernel always receives T a
+multiple of 64: a ragged T is zero-padded here, which changes nothing for the real rows (a padded key c ≥ T is
+causally visible only to padded rows t ≥ T, which are sliced off).
+
+Backward (`jax.custom_vjp`): `reference.block_sparse_attention_bwd` on every device, from the forward's saved
+(q, k, v, index, out, lse). A backward kernel takes the same arguments and returns (dq, dk, dv), so it slots in at
+`_attention_bwd` through `dispatch.run` like the forward.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import dispatch
+from pallas_kernels.block_sparse_attention import kernel_sm90, reference
+from pallas_kernels.block_sparse_attention.index import (
+    BLOCK_SIZE,
+    BlockIndex,
+    block_index_from_mask,
+    check_block_index,
+)
+from pallas_kernels.validation import check_causal_qkv, default_sm_scale
+
+_OP_NAME = "block_sparse_attention"
+
+
+def block_sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    block_mask: jax.Array | None = None,
+    index: BlockIndex | None = None,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    implementation: dispatch.Implementation | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Causal attention that computes only the selected 64×64 blocks (SeerAttention's sparse prefill).
+
+    Args:
+      q: [B, T, N, H] queries.
+      k, v: [B, S, K, H] keys and values, same dtype as q, S == T, N a multiple of K (GQA: query head n reads
+        kv head n // (N / K); K/V are never repeated).
+      block_mask: bool [B, N, I, J] with I = J = ceil(T / 64): True where query block i of head n attends key
+        block j. Entries above the diagonal (j > i) are ignored. Converted with `block_index_from_mask`.
+      index: the same selection as a `BlockIndex` (pass exactly one of block_mask and index). Checked against
+        its contract (ranges, order, padding) when concrete, not when traced.
+      sm_scale: softmax scale, a Python float; `H ** -0.5` when None.
+      return_lse: also return the logsumexp.
+      implementation: None (auto), "mosaic" or "reference"; see `pallas_kernels.dispatch`.
+
+    Returns:
+      out: [B, T, N, H] in q.dtype. Causal masking applies inside diagonal blocks; blocks above the diagonal are
+        never computed. Rows of a query block with no selected block are 0 (never NaN).
+      lse (only when `return_lse`): float32 [B, N, T], natural-log logsumexp over each row's selected keys;
+        -inf on rows with no selected block.
+
+    Differentiable in q, k, v (custom VJP, same block structure as the forward, lse cotangent included).
+    """
+    scale = _check_args(q, k, v, block_mask=block_mask, index=index, sm_scale=sm_scale, implementation=implementation)
+    if index is None:
+        index = block_index_from_mask(block_mask)
+    return _attention(q, k, v, index, scale, return_lse, implementation)
+
+
+def block_sparse_attention_implementation(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    block_mask: jax.Array | None = None,
+    index: BlockIndex | None = None,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    implementation: dispatch.Implementation | None = None,
+) -> dispatch.Implementation:
+    """Name of the implementation ("mosaic" or "reference") that `block_sparse_attention`'s forward runs here.
+
+    Traces the dispatch abstractly (`jax.eval_shape`): nothing is computed. Accepts arrays or
+    `jax.ShapeDtypeStruct`s; raises as the op would (bad arguments, or an explicit "mosaic" the kernel declines).
+    The backward is always the reference.
+    """
+    scale = _check_args(q, k, v, block_mask=block_mask, index=index, sm_scale=sm_scale, implementation=implementation)
+    if index is None:
+        index = jax.eval_shape(block_index_from_mask, block_mask)
+    chosen = []
+
+    def probe(q, k, v, index):
+        name, result = _forward(q, k, v, index, scale, return_lse, implementation)
+        chosen.append(name)
+        return result
+
+    jax.eval_shape(probe, q, k, v, index)
+    return chosen[0]
+
+
+def _check_args(q, k, v, *, block_mask, index, sm_scale, implementation) -> float:
+    check_causal_qkv(q, k, v)
+    dispatch.check_implementation(implementation)
+    batch, num_queries, num_q_heads, _ = q.shape
+    num_blocks = -(-num_queries // BLOCK_SIZE)
+    if (block_mask is None) == (index is None):
+        raise ValueError("pass exactly one of block_mask and index")
+    if block_mask is not None:
+        expected = (batch, num_q_heads, num_blocks, num_blocks)
+        if block_mask.shape != expected or block_mask.dtype != jnp.bool_:
+            raise ValueError(
+                f"block_mask must be bool [B, N, I, J] = {expected} (blocks of {BLOCK_SIZE}), "
+                f"got {block_mask.dtype} {tuple(block_mask.shape)}"
+            )
+    else:
+        check_block_index(index, batch=batch, num_q_heads=num_q_heads, num_blocks=num_blocks)
+    return default_sm_scale(sm_scale, q.shape[-1])
+
+
+def _forward(q, k, v, index, sm_scale, return_lse, implementation):
+    """(name of the implementation that ran, out or (out, lse))."""
+
+    def mosaic():
+        num_queries = q.shape[1]
+        padding = -num_queries % BLOCK_SIZE
+        if padding:
+            q_, k_, v_ = (jnp.pad(x, ((0, 0), (0, padding), (0, 0), (0, 0))) for x in (q, k, v))
+        else:
+            q_, k_, v_ = q, k, v
+        result = kernel_sm90.block_sparse_attention_sm90(q_, k_, v_, index, sm_scale=sm_scale, return_lse=return_lse)
+        if not return_lse:
+            return result[:, :num_queries]
+        out, lse = result
+        return out[:, :num_queries], lse[..., :num_queries]
+
+    def jnp_reference():
+        out, lse = reference.block_sparse_attention(q, k, v, index, sm_scale=sm_scale)
+        return (out, lse) if return_lse else out
+
+    return dispatch.run(_OP_NAME, implementation, mosaic=mosaic, reference=jnp_reference)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention_vjp(q, k, v, index, sm_scale, return_lse, implementation):
+    return _forward(q, k, v, index, sm_scale, return_lse, implementation)[1]
+
+
+def _attention_fwd(q, k, v, index, sm_scale, return_lse, implementation):
+    out, lse = _forward(q, k, v, index, sm_scale, True, implementation)[1]
+    return ((out, lse) if return_lse else out), (q, k, v, index, out, lse)
+
+
+def _attention_bwd(sm_scale, return_lse, implementation, residuals, cotangents):
+    q, k, v, index, out, lse = residuals
+    d_out, d_lse = cotangents if return_lse else (cotangents, jnp.zeros_like(lse))
+    dq, dk, dv = reference.block_sparse_attention_bwd(q, k, v, index, out, lse, d_out, d_lse, sm_scale=sm_scale)
+    return dq, dk, dv, None  # `index` is integer: no cotangent
+
+
+_attention_vjp.defvjp(_attention_fwd, _attention_bwd)
+_attention = jax.jit(_attention_vjp, static_argnums=(4, 5, 6))

@@ -1,0 +1,31 @@
+"""`python -m pallas_kernels.bench` runs end to end on CPU at a tiny length and writes its JSON."""
+
+import json
+
+import pytest
+
+from pallas_kernels import bench
+from pallas_kernels.dispatch import hopper_available
+
+
+def test_bench_reference_on_cpu(tmp_path, capsys):
+    flags = ["--lengths", "130", "--sparsities", "0", "0.9", "--runs", "1", "--warmup", "1"]
+    path = bench.main([*flags, "--implementation", "reference", "--output-dir", str(tmp_path)])
+    record = json.loads(path.read_text())
+    assert {"date", "git_commit", "jax_version", "device", "config", "rows"} <= record.keys()
+    cases = [row["case"] for row in record["rows"]]
+    assert cases == ["dense", "index 0.00", "sparse 0.00", "index 0.90", "sparse 0.90", "pooling"]
+    assert all(row["ms"] > 0 and not row["note"] for row in record["rows"])
+    sparse_dense = record["rows"][2]
+    assert sparse_dense["density"] == 1.0 and sparse_dense["implementation"] == "reference"
+    assert "sparse 0.90" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(hopper_available(), reason="off Hopper only: the kernels decline and their cases are skipped")
+def test_bench_skips_declined_kernels(tmp_path):
+    path = bench.main(["--lengths", "64", "--sparsities", "0.5", "--runs", "1", "--output-dir", str(tmp_path)])
+    rows = {row["case"]: row for row in json.loads(path.read_text())["rows"]}
+    assert rows["dense"]["ms"] > 0
+    for case in ("sparse 0.50", "pooling"):
+        assert rows[case]["ms"] is None
+        assert rows[case]["note"].startswith("skipped: NotImplementedError")
