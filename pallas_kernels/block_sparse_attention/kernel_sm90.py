@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import dispatch
 from pallas_kernels.block_sparse_attention.index import BlockIndex, block_mask_from_index
 
 BLOCK = 64  # gate granularity: rows per compute warpgroup and keys per K/V block
@@ -62,9 +63,8 @@ def default_config(head_dim: int) -> Config:
 
 def check_supported(q: jax.Array, k: jax.Array) -> None:
     """Raises NotImplementedError unless this kernel can run these inputs on the default device."""
-    device = jax.devices()[0]
-    if device.platform != "gpu" or getattr(device, "compute_capability", "") not in ("9.0", "9.0a"):
-        raise NotImplementedError(f"the Mosaic GPU kernels need a Hopper (sm_90) GPU, found {device.device_kind}")
+    if not dispatch.hopper_available():
+        raise NotImplementedError(f"the Mosaic GPU kernels need a Hopper (sm_90) GPU, found {jax.devices()[0]}")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise NotImplementedError(f"Mosaic GPU attention supports bf16/fp16, got {q.dtype}")
     if q.shape[-1] not in (64, 128, 256):
