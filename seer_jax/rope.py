@@ -6,13 +6,14 @@ pair (transformers 4); `RopeConfig.from_hf` reads either. Supported `rope_type`s
 - `default`: inv_freq[i] = theta^(-2i / dim).
 - `linear`: inv_freq / factor (position interpolation).
 - `llama3`: Llama 3.1's band-wise scaling (low frequencies / factor, high ones kept, a smooth ramp between).
-- `yarn`: YaRN's ramp between interpolated and extrapolated frequencies, and cos/sin multiplied by an attention
-  scaling (`attention_factor`, by default 0.1 ln(factor) + 1) — the same as scaling the attention logits.
+- `yarn`: YaRN's ramp between interpolated and extrapolated frequencies; cos and sin are multiplied by an attention
+  scaling (`attention_factor`, by default 0.1 ln(factor) + 1), which scales q and k, so the logits by its square.
 
 `apply_rope(x, positions, rope)` rotates any [B, T, heads, dim] tensor with frequencies computed for its own `dim`,
 so the model's heads (H) and an AttnGate's hidden size (E) share one implementation. It uses HF's "rotate half"
-layout: dimension i pairs with dimension i + dim / 2. Frequencies are float32 numpy constants, as HF computes them in
-float32; rotation happens in float32 and the result is cast back to `x.dtype`.
+layout: dimension i pairs with dimension i + dim / 2. Frequencies are float32 numpy constants computed as HF computes
+them (they agree to about one ulp: float32 `pow` rounds differently in numpy and torch); rotation happens in float32
+and the result is cast back to `x.dtype`.
 """
 
 import dataclasses
