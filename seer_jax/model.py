@@ -229,7 +229,8 @@ class CausalLM(nnx.Module):
     Args:
       config: the architecture.
       attention_implementation: `"xla"` (pure jnp; CPU and reference) or `"cudnn"` (GPU, bf16/fp16).
-      dtype: compute dtype (activations, KV cache, logits).
+      dtype: compute dtype (activations, KV cache, logits). On GPUs, JAX runs float32 matmuls as TF32 unless
+        `jax.default_matmul_precision("highest")` is in effect.
       param_dtype: dtype of the weights.
       rngs: random init; build with `nnx.eval_shape` to skip it when weights are loaded afterwards.
     """

@@ -217,7 +217,8 @@ def test_testbed_matches_hf_torch(testbed_dir, tmp_path):
         tokens[row, start:] = [config.bos_token_id, *ids[: length - start - 1]]
     mask = np.arange(length)[None, :] >= np.asarray([0, padding])[:, None]
 
-    ours, _ = prefill(model, jnp.asarray(tokens), jnp.asarray(mask), max_length=length, return_all_logits=True)
+    with jax.default_matmul_precision("highest"):  # GPUs would otherwise run float32 matmuls as TF32
+        ours, _ = prefill(model, jnp.asarray(tokens), jnp.asarray(mask), max_length=length, return_all_logits=True)
     reference_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         reference = reference_model(

@@ -1,5 +1,6 @@
 """Session fixtures: tiny HF checkpoints saved to disk once, and a left-padded batch."""
 
+import jax
 import pytest
 from hf_reference import FAMILIES, ROPE_VARIANTS, build_hf_model, left_padded_batch
 
@@ -24,3 +25,10 @@ def hf_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def padded_batch():
     return left_padded_batch()
+
+
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """GPUs run float32 matmuls as TF32 by default; parity with float32 torch needs true float32 (no-op on CPU)."""
+    with jax.default_matmul_precision("highest"):
+        yield
