@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
     parser.add_argument("--dtype", default="bfloat16", help=f"dtype of the saved weights: {' or '.join(DTYPES)}")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # force: an imported library may have configured the root logger already. The root stays at WARNING, so only
+    # this CLI's own INFO lines are shown, not the libraries'.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
+    log.setLevel(logging.INFO)
     try:
         config = ConvertConfig(hf_dir=args.hf_dir, out_dir=args.out, dtype=args.dtype)
         log.info("%s", config)

@@ -50,7 +50,10 @@ def prefill(
 
 
 def decode_step(model: CausalLM, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Feeds one token per row (int [B]) at slot `cache.length`; returns logits [B, V] and the updated cache."""
+    """Feeds one token per row (int [B]) at slot `cache.length`; returns logits [B, V] and the updated cache.
+
+    The cache is not donated, so each call copies it; `generate` decodes inside one compiled loop instead.
+    """
     graphdef, state = nnx.split(model)
     return _decode_jit(graphdef, state, tokens, cache)
 

@@ -92,11 +92,12 @@ def list_hf_tensors(hf_dir: str | Path) -> dict[str, Path]:
             )
         for file in sorted(set(files.values())):
             names_in_file = set(_read_header_names(file))
-            absent = sorted(name for name, path in files.items() if path == file and name not in names_in_file)
-            if absent:
+            listed = {name for name, path in files.items() if path == file}
+            if names_in_file != listed:
+                absent, unlisted = sorted(listed - names_in_file), sorted(names_in_file - listed)
                 raise CheckpointError(
-                    f"{file.name} lacks tensors that {INDEX_FILE} assigns to it: {_listing(absent)}; "
-                    "re-download the checkpoint"
+                    f"{file.name} does not match {INDEX_FILE} (missing: {_listing(absent) or 'none'}; "
+                    f"not in the index: {_listing(unlisted) or 'none'}); re-download the checkpoint"
                 )
         return files
     single = hf_dir / SINGLE_FILE

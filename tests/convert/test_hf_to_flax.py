@@ -136,6 +136,19 @@ def test_missing_shard(capsys, tiny_hf_dirs, tmp_path):
     assert_no_output(tmp_path / "o")
 
 
+def test_shard_disagrees_with_index(capsys, tiny_hf_dirs, tmp_path):
+    hf_dir = editable_copy(tiny_hf_dirs["sharded"], tmp_path / "hf")
+    shard = sorted(hf_dir.glob("model-*.safetensors"))[0]
+    tensors = load_file(shard)
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file({**tensors, "model.extra.weight": np.zeros((2,), np.float32)}, shard, metadata={"format": "pt"})
+    message = run_failing(capsys, "--hf-dir", hf_dir, "--out", tmp_path / "o")
+    assert f"{shard.name} does not match model.safetensors.index.json" in message
+    assert f"missing: {dropped}; not in the index: model.extra.weight" in message
+    assert_no_output(tmp_path / "o")
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_safetensors(capsys, tiny_hf_dirs, tmp_path, damage):
     hf_dir = editable_copy(tiny_hf_dirs["single"], tmp_path / "hf")

@@ -48,7 +48,7 @@ ROPE_VARIANTS = {
     # transformers-4 keys, as Qwen2.5 ships them
     "yarn_v4_keys": (
         transformers.Qwen2Config,
-        dict(rope_theta=1e6, rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=32)),
+        dict(rope_theta=1e6, rope_scaling=dict(type="yarn", factor=8.0, original_max_position_embeddings=32)),
     ),
 }
 
