@@ -182,9 +182,19 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, hidden: jax.Array, positions: jax.Array, **attention_kwargs) -> tuple[jax.Array, tuple]:
-        """hidden [B, T, D] → [B, T, D], plus the layer's (keys, values); see `Attention.__call__`."""
-        attention_out, kv = self.self_attn(self.input_layernorm(hidden), positions, **attention_kwargs)
+    def __call__(
+        self,
+        hidden: jax.Array,
+        positions: jax.Array,
+        *,
+        key_mask: jax.Array | None,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """hidden [B, T, D] → [B, T, D], plus the layer's (keys, values); arguments as in `Attention.__call__`."""
+        attention_out, kv = self.self_attn(
+            self.input_layernorm(hidden), positions, key_mask=key_mask, cache=cache, cache_index=cache_index
+        )
         hidden = hidden + attention_out
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, kv
@@ -262,7 +272,6 @@ class CausalLM(nnx.Module):
                 rngs=rngs,
             )
         )
-        self.dtype = dtype
 
     def __call__(
         self,
