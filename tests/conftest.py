@@ -27,8 +27,7 @@ def _hopper_available() -> bool:
         import jax
 
         return any(
-            d.platform == "gpu" and getattr(d, "compute_capability", "") in ("9.0", "9.0a")
-            for d in jax.devices()
+            d.platform == "gpu" and getattr(d, "compute_capability", "") in ("9.0", "9.0a") for d in jax.devices()
         )
     except RuntimeError:
         return False

@@ -2,7 +2,8 @@
 
 import jax
 import pytest
-from hf_reference import FAMILIES, ROPE_VARIANTS, build_hf_model, left_padded_batch
+
+from tests.seer_jax.hf_reference import FAMILIES, ROPE_VARIANTS, build_hf_model, left_padded_batch
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_reference import LENGTH, PAD_TOKEN, hf_logits, relative_error
 
 from seer_jax.checkpoint import load_model
 from seer_jax.generate import generate, prefill, sample_tokens
+from tests.seer_jax.hf_reference import LENGTH, PAD_TOKEN, hf_logits, relative_error
 
 PROBS = np.asarray([0.4, 0.3, 0.2, 0.1])
 

@@ -5,7 +5,6 @@ import shutil
 import numpy as np
 import pytest
 from flax import nnx
-from hf_reference import FAMILIES
 from safetensors.numpy import load_file, save_file
 
 from seer_jax.checkpoint import abstract_model
@@ -17,6 +16,7 @@ from seer_jax.hf_weights import (
     load_hf_state,
     state_path_to_hf_name,
 )
+from tests.seer_jax.hf_reference import FAMILIES
 
 
 @pytest.mark.parametrize(

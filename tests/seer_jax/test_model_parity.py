@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_reference import FAMILIES, LENGTH, PAD_TOKEN, ROPE_VARIANTS, hf_logits, relative_error
 
 from seer_jax.checkpoint import load_model
 from seer_jax.generate import decode_step, generate, prefill
+from tests.seer_jax.hf_reference import FAMILIES, LENGTH, PAD_TOKEN, ROPE_VARIANTS, hf_logits, relative_error
 
 TOLERANCE = 1e-4
 NEW_TOKENS = 32
