@@ -52,6 +52,7 @@ class BenchConfig:
     implementation: dispatch.Implementation | None = "mosaic"
     output_dir: Path = Path("benchmarks/results")
     seed: int = 0
+    commit: str | None = None  # recorded in the JSON; None: ask git
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
@@ -209,6 +210,11 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     )
     parser.add_argument("--output-dir", type=Path, default=defaults.output_dir, help="where the JSON goes")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random inputs")
+    parser.add_argument(
+        "--commit",
+        default=None,
+        help="git commit to record when the tree has no .git (e.g. on the GPU machine); default: git rev-parse",
+    )
     args = parser.parse_args(argv)
     return BenchConfig(
         lengths=tuple(args.lengths),
@@ -218,6 +224,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         implementation=None if args.implementation == "auto" else args.implementation,
         output_dir=args.output_dir,
         seed=args.seed,
+        commit=args.commit,
     )
 
 
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> Path:
         bench_length(shape.with_seq_len(seq_len), config, emit)
 
     now = datetime.datetime.now(datetime.UTC)
-    commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
+    commit = config.commit or _git("rev-parse", "--short=12", "HEAD") or "unknown"
     device_name = re.sub(r"[^A-Za-z0-9]+", "-", device.device_kind).strip("-")
     path = config.output_dir / f"{now:%Y-%m-%d-%H%M%S}_{device_name}_{commit}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
