@@ -11,9 +11,10 @@ Algorithm (FlashAttention-3 structure, after jax's `attention_mgpu.py`, with an 
   * Each tile's schedule is copied to shared memory once (a global scalar load per step would sit on every
     warpgroup's critical path).
   * Tiles where both warpgroups use every causal block (dense layers, the pooling kernel's first pass) run the
-    FA3 ping-pong schedule: a shared barrier makes the two warpgroups alternate on the tensor cores so one's
-    softmax hides behind the other's matmuls. Sparse tiles let the warpgroups run freely (lock-step would
-    idle a warpgroup on every block only the other one uses).
+    FA3 schedule: 128-key steps (two ring slots side by side), and a shared barrier that makes the two warpgroups
+    alternate on the tensor cores so one's softmax hides behind the other's matmuls. Sparse tiles take 64-key
+    steps and let the warpgroups run freely (lock-step would idle a warpgroup on every block only the other
+    one uses).
   * Online softmax in the exp2 domain with `sm_scale · log2(e)` folded into one multiply; causal masking only
     inside a warpgroup's diagonal block. Rows that select no block produce zeros and lse = -inf, never NaN.
   * Grid (batch, query tile, head) with heads fastest, so CTAs in flight share K/V heads in L2; query tiles are
@@ -48,11 +49,11 @@ _MAX_SEQ_LEN = 256 * BLOCK * BLOCK  # the tile schedule is copied as one TMA box
 class Config:
     """Tuning knobs of the forward kernel."""
 
-    num_stages: int = 4  # depth of the K/V shared-memory ring
+    num_stages: int = 4  # 64-key slots in the K/V shared-memory ring (paired into 128-key slots on dense tiles)
 
     def __post_init__(self):
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.num_stages < 2 or self.num_stages % 2:
+            raise ValueError(f"num_stages must be an even number >= 2, got {self.num_stages}")
 
 
 def default_config(head_dim: int) -> Config:
@@ -131,11 +132,11 @@ def _forward_kernel(
     lse_ref,  # f32 [B, N, Tp], log2 domain (converted by the wrapper)
     # scratch
     qo_smem2,  # [2, 64, H]: each warpgroup's Q block, reused for its output
-    k_smem,  # [stages, 64, H]
-    v_smem,  # [stages, 64, H]
+    k_smem,  # [stages/2, 128, H]: a ring of 64-key slots, paired into 128-key slots on dense tiles
+    v_smem,  # [stages/2, 128, H]
     lse_smem2,  # f32 [2, 64]
     entries_smem,  # int32 [Jc/64, 64]: this tile's schedule, read by all three warpgroups
-    k_barriers,
+    k_barriers,  # one per 64-key slot
     v_barriers,
     q_barriers,
     entries_barrier,
@@ -157,9 +158,13 @@ def _forward_kernel(
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
     scale_log2 = sm_scale * _LOG2E
+    num_pairs = num_stages // 2
 
     def read_entry(s):
         return entries_smem[lax.div(s, BLOCK), lax.rem(s, BLOCK)]
+
+    def half_slot(smem, slot):  # the 64-key slot `slot` of a [stages/2, 128, H] ring
+        return smem.at[lax.div(slot, 2), pl.ds(lax.rem(slot, 2) * BLOCK, BLOCK)]
 
     def perform_schedule_barrier():
         plgpu.barrier_arrive(schedule_barrier)
@@ -178,12 +183,13 @@ def _forward_kernel(
         l_i = plgpu.layout_cast(jnp.full((BLOCK,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc = plgpu.layout_cast(jnp.full((BLOCK, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
 
-        def softmax_update(qk, carry, *, causal: bool):
+        def softmax_update(qk, carry, *, diagonal_offset: int | jax.Array | None):
+            """Online-softmax step on scores qk [64, n]; keys c > row + diagonal_offset are masked (if given)."""
             acc, m_i, l_i = carry
-            if causal:  # the warpgroup's diagonal block: key c visible to row r iff c <= r
-                rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=plgpu.Layout.WGMMA)
-                cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=plgpu.Layout.WGMMA)
-                qk = jnp.where(rows >= cols, qk, -jnp.inf)
+            if diagonal_offset is not None:
+                rows = plgpu.broadcasted_iota(jnp.int32, qk.shape, 0, layout=plgpu.Layout.WGMMA)
+                cols = plgpu.broadcasted_iota(jnp.int32, qk.shape, 1, layout=plgpu.Layout.WGMMA)
+                qk = jnp.where(rows + diagonal_offset >= cols, qk, -jnp.inf)
             m_new = jnp.maximum(m_i, qk.max(axis=1) * scale_log2)
             alpha = jnp.exp2(m_i - m_new)
             p = jnp.exp2(qk * scale_log2 - lax.broadcast_in_dim(m_new, qk.shape, [0]))
@@ -191,7 +197,7 @@ def _forward_kernel(
             l_i = l_i * alpha + p.sum(axis=1)
             return (acc, m_new, l_i), p.astype(dtype)
 
-        # Sparse tiles: the warpgroups run freely, each skipping the blocks only the other one needs.
+        # Sparse tiles: 64-key steps; the warpgroups run freely, each skipping the blocks only the other one needs.
         def skip_block(slot, carry):
             plgpu.barrier_wait(k_barriers.at[slot])
             plgpu.barrier_arrive(k_consumed_barriers.at[slot])
@@ -203,16 +209,16 @@ def _forward_kernel(
             plgpu.barrier_wait(k_barriers.at[slot])
 
             def compute_qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(half_slot(k_smem, slot), (1, 0)))
                 return acc_ref[...]
 
             qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK, BLOCK), jnp.float32))  # [64, 64]
             plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-            (acc, m_i, l_i), p16 = softmax_update(qk, carry, causal=causal)
+            (acc, m_i, l_i), p16 = softmax_update(qk, carry, diagonal_offset=0 if causal else None)
             plgpu.barrier_wait(v_barriers.at[slot])
 
             def compute_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                plgpu.wgmma(acc_ref, p16, half_slot(v_smem, slot))
 
             acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
             plgpu.barrier_arrive(v_consumed_barriers.at[slot])
@@ -237,52 +243,48 @@ def _forward_kernel(
         def sparse_tile(carry):
             return lax.fori_loop(0, num_steps, sparse_step, carry)
 
-        # Dense tiles: key block s at step s; the two warpgroups alternate on the tensor cores (FA3 ping-pong):
-        # the second one starts one schedule-barrier phase late, so one's softmax overlaps the other's matmuls.
-        def dense_step(s, carry, *, causal: bool):
-            slot = lax.rem(s, num_stages)
+        # Dense tiles: 128-key steps (key blocks 2p and 2p+1 side by side in one pair of slots), t + 1 of them
+        # for both warpgroups, the last one causally masked. The warpgroups alternate on the tensor cores (FA3
+        # ping-pong): the second starts one schedule-barrier phase late, so one's softmax hides the other's matmuls.
+        def wait_pair(barriers, pair):
+            plgpu.barrier_wait(barriers.at[2 * pair])
+            plgpu.barrier_wait(barriers.at[2 * pair + 1])
+
+        def arrive_pair(barriers, pair):
+            plgpu.barrier_arrive(barriers.at[2 * pair])
+            plgpu.barrier_arrive(barriers.at[2 * pair + 1])
+
+        def dense_step(step, carry, *, causal: bool):
+            pair = lax.rem(step, num_pairs)
 
             def compute_qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[pair], (1, 0)))
                 perform_schedule_barrier()
                 return acc_ref[...]
 
-            qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK, BLOCK), jnp.float32))  # [64, 64]
-            plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-            (acc, m_i, l_i), p16 = softmax_update(qk, carry, causal=causal)
+            qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK, TILE), jnp.float32))  # [64, 128]
+            arrive_pair(k_consumed_barriers, pair)
+            # Query row r of this warpgroup sits at key offset r + 64·wg inside the tile's last 128-key step.
+            (acc, m_i, l_i), p16 = softmax_update(qk, carry, diagonal_offset=wg * BLOCK if causal else None)
             acc, l_i, m_i, p16 = lax.optimization_barrier((acc, l_i, m_i, p16))
             plgpu.barrier_arrive(schedule_barrier)  # done with the softmax
-            plgpu.barrier_wait(v_barriers.at[slot])
+            wait_pair(v_barriers, pair)
             plgpu.barrier_wait(schedule_barrier)  # the tensor cores are ours again
 
             def compute_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                next_slot = lax.rem(s + 1, num_stages)
-
-                @pl.when(s + 1 <= q_block)
-                def _prefetch_wait():
-                    plgpu.barrier_wait(k_barriers.at[next_slot])
+                plgpu.wgmma(acc_ref, p16, v_smem.at[pair])
+                pl.when(step < tile)(lambda: wait_pair(k_barriers, lax.rem(step + 1, num_pairs)))
 
             acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+            arrive_pair(v_consumed_barriers, pair)
             return acc, m_i, l_i
 
         def dense_tile_loop(carry):
             pl.when(wg == 1)(perform_schedule_barrier)
-            plgpu.barrier_wait(k_barriers.at[0])
-            carry = lax.fori_loop(0, q_block, functools.partial(dense_step, causal=False), carry)
-            carry = dense_step(q_block, carry, causal=True)
-
-            @pl.when(wg == 0)
-            def _drain():
-                # The first warpgroup has no use for the tile's last block: release it, keep the phases in step.
-                slot = lax.rem(q_block + 1, num_stages)
-                plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-                plgpu.barrier_arrive(v_consumed_barriers.at[slot])
-                perform_schedule_barrier()
-                perform_schedule_barrier()
-                perform_schedule_barrier()
-
+            wait_pair(k_barriers, 0)
+            carry = lax.fori_loop(0, tile, functools.partial(dense_step, causal=False), carry)
+            carry = dense_step(tile, carry, causal=True)
+            pl.when(wg == 0)(perform_schedule_barrier)
             return carry
 
         acc, m_i, l_i = lax.cond(dense_tile, dense_tile_loop, sparse_tile, (acc, m_i, l_i))
@@ -308,8 +310,8 @@ def _forward_kernel(
         def fetch(s, slot):
             kv_block = read_entry(s) & ((1 << _INDEX_BITS) - 1)
             window = (batch, pl.ds(kv_block * BLOCK, BLOCK), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[window], k_smem.at[slot], k_barriers.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[window], v_smem.at[slot], v_barriers.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[window], half_slot(k_smem, slot), k_barriers.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[window], half_slot(v_smem, slot), v_barriers.at[slot])
 
         for s in range(num_stages):
             pl.when(s < num_steps)(functools.partial(fetch, s, s))
@@ -343,8 +345,8 @@ def _forward_call(q, k, v, entries, counts, dense, *, sm_scale: float, config: C
             lambda smem, barriers, consumed, schedule: kernel(*smem, *barriers, *consumed, schedule),
             (
                 plgpu.SMEM((2, BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle)),
-                plgpu.SMEM((stages, BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle)),
-                plgpu.SMEM((stages, BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle)),
+                plgpu.SMEM((stages // 2, TILE, head_dim), q.dtype, transforms=(tiling, swizzle)),
+                plgpu.SMEM((stages // 2, TILE, head_dim), q.dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((2, BLOCK), jnp.float32),
                 plgpu.SMEM(entries.shape[-2:], jnp.int32),
             ),
