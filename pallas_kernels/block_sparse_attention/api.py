@@ -4,9 +4,8 @@ Forward: the Mosaic GPU kernel or the reference (see `pallas_kernels.dispatch`).
 multiple of 64: a ragged T is zero-padded here, which changes nothing for the real rows (a padded key c ≥ T is
 causally visible only to padded rows t ≥ T, which are sliced off).
 
-Backward (`jax.custom_vjp`): `reference.block_sparse_attention_bwd` on every device, from the forward's saved
-(q, k, v, index, out, lse). A backward kernel takes the same arguments and returns (dq, dk, dv), so it slots in at
-`_attention_bwd` through `dispatch.run` like the forward.
+Backward (`jax.custom_vjp`), from the forward's saved (q, k, v, index, out, lse): the Mosaic GPU kernels
+(`kernel_bwd_sm90`) or `reference.block_sparse_attention_bwd`, chosen by the same dispatch policy as the forward.
 """
 
 import functools
@@ -15,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
-from pallas_kernels.block_sparse_attention import kernel_sm90, reference
+from pallas_kernels.block_sparse_attention import kernel_bwd_sm90, kernel_sm90, reference
 from pallas_kernels.block_sparse_attention.index import (
     BLOCK_SIZE,
     BlockIndex,
@@ -152,7 +151,13 @@ def _attention_fwd(q, k, v, index, sm_scale, return_lse, implementation):
 def _attention_bwd(sm_scale, return_lse, implementation, residuals, cotangents):
     q, k, v, index, out, lse = residuals
     d_out, d_lse = cotangents if return_lse else (cotangents, jnp.zeros_like(lse))
-    dq, dk, dv = reference.block_sparse_attention_bwd(q, k, v, index, out, lse, d_out, d_lse, sm_scale=sm_scale)
+    args = (q, k, v, index, out, lse, d_out, d_lse)
+    _, (dq, dk, dv) = dispatch.run(
+        _OP_NAME + " backward",
+        implementation,
+        mosaic=lambda: kernel_bwd_sm90.block_sparse_attention_bwd_sm90(*args, sm_scale=sm_scale),
+        reference=lambda: reference.block_sparse_attention_bwd(*args, sm_scale=sm_scale),
+    )
     return dq, dk, dv, None  # `index` is integer: no cotangent
 
 

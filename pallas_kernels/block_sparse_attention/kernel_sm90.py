@@ -76,39 +76,52 @@ def check_supported(q: jax.Array, k: jax.Array) -> None:
         raise NotImplementedError(f"sequences longer than {_MAX_SEQ_LEN} tokens are not supported")
 
 
-def tile_schedule(block_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Merges the block lists of each pair of query blocks into the kernel's per-tile schedule.
+def pair_schedule(block_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Merges the block lists of each pair of rows of a block mask into one packed, ascending list per pair.
 
     Args:
-      block_mask: bool [B, N, I, J], causal (nothing above the diagonal), I even.
+      block_mask: bool [B, N, R, C] with R even: R rows of which consecutive pairs share a CTA, C columns.
 
     Returns:
-      entries: int32 [B, N, I // 2, Jc // 64, 64] with Jc = J rounded up to 64 (a TMA-friendly 2D box); flattened
-        over the last two axes, the first counts[...] entries of tile t list the key blocks used by query block
-        2t or 2t+1, ascending, each packed as j | used(2t) << 16 | used(2t+1) << 17; the rest are 0.
-      counts: int32 [B, N, I // 2], the union sizes.
-      dense: int32 [B, N, I // 2], 1 where both query blocks use every causal block (the ping-pong fast path).
+      entries: int32 [B, N, R // 2, Cc // 64, 64] with Cc = C rounded up to 64 (a TMA-friendly 2D box); flattened
+        over the last two axes, the first counts[...] entries of pair p list the columns used by row 2p or 2p+1,
+        ascending, each packed as column | used(2p) << 16 | used(2p+1) << 17; the rest are 0.
+      counts: int32 [B, N, R // 2], the sizes of the unions.
     """
-    batch, heads, num_q_blocks, num_kv_blocks = block_mask.shape
-    padded_cols = -(-num_kv_blocks // BLOCK) * BLOCK
-    pairs = block_mask.reshape(batch, heads, num_q_blocks // 2, 2, num_kv_blocks)  # [B, N, I/2, 2, J]
-    used_lo, used_hi = pairs[..., 0, :], pairs[..., 1, :]  # [B, N, I/2, J] each
+    batch, heads, num_rows, num_cols = block_mask.shape
+    padded_cols = -(-num_cols // BLOCK) * BLOCK
+    pairs = block_mask.reshape(batch, heads, num_rows // 2, 2, num_cols)  # [B, N, R/2, 2, C]
+    used_lo, used_hi = pairs[..., 0, :], pairs[..., 1, :]  # [B, N, R/2, C] each
     union = used_lo | used_hi
-    counts = jnp.sum(union, axis=-1, dtype=jnp.int32)  # [B, N, I/2]
-    tiles = jnp.arange(num_q_blocks // 2, dtype=jnp.int32)
-    own_counts = jnp.sum(pairs, axis=-1, dtype=jnp.int32)  # [B, N, I/2, 2]
-    dense = (own_counts[..., 0] == 2 * tiles + 1) & (own_counts[..., 1] == 2 * tiles + 2)
-    columns = jnp.arange(num_kv_blocks, dtype=jnp.int32)
+    counts = jnp.sum(union, axis=-1, dtype=jnp.int32)  # [B, N, R/2]
+    columns = jnp.arange(num_cols, dtype=jnp.int32)
     packed = (
         columns | (used_lo.astype(jnp.int32) << _INDEX_BITS) | (used_hi.astype(jnp.int32) << (_INDEX_BITS + 1))
-    )  # [B, N, I/2, J]
+    )  # [B, N, R/2, C]
     slots = jnp.where(union, jnp.cumsum(union, axis=-1, dtype=jnp.int32) - 1, padded_cols)
 
     def compact_row(row_slots, row_packed):
         return jnp.zeros((padded_cols,), jnp.int32).at[row_slots].set(row_packed, mode="drop")
 
-    entries = jax.vmap(jax.vmap(jax.vmap(compact_row)))(slots, packed)  # [B, N, I/2, Jc]
-    entries = entries.reshape(batch, heads, num_q_blocks // 2, padded_cols // BLOCK, BLOCK)
+    entries = jax.vmap(jax.vmap(jax.vmap(compact_row)))(slots, packed)  # [B, N, R/2, Cc]
+    return entries.reshape(batch, heads, num_rows // 2, padded_cols // BLOCK, BLOCK), counts
+
+
+def tile_schedule(block_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The forward kernel's schedule: `pair_schedule` over query-block pairs, plus a dense-tile flag.
+
+    Args:
+      block_mask: bool [B, N, I, J], causal (nothing above the diagonal), I even.
+
+    Returns:
+      entries, counts: see `pair_schedule` (query tile t = query blocks 2t, 2t+1; columns = key blocks).
+      dense: int32 [B, N, I // 2], 1 where both query blocks use every causal block (the 128-key fast path).
+    """
+    entries, counts = pair_schedule(block_mask)
+    num_q_blocks = block_mask.shape[2]
+    tiles = jnp.arange(num_q_blocks // 2, dtype=jnp.int32)
+    own_counts = jnp.sum(block_mask.reshape(*block_mask.shape[:2], -1, 2, block_mask.shape[3]), -1, jnp.int32)
+    dense = (own_counts[..., 0] == 2 * tiles + 1) & (own_counts[..., 1] == 2 * tiles + 2)  # [B, N, I/2]
     return entries, counts, dense.astype(jnp.int32)
 
 

@@ -1,0 +1,411 @@
+"""Backward of block-sparse causal flash attention for Hopper (sm_90), written with Pallas Mosaic GPU.
+
+FlashAttention-2 backward recomputation from the forward's logsumexp, over the same 64×64 blocks, in two kernels
+with the forward's CTA layout (two compute warpgroups × 64 rows, one TMA warpgroup, pair schedules from
+`kernel_sm90.pair_schedule` in which each warpgroup skips the blocks only its partner uses):
+  * dQ: CTA = (batch, query head, query tile of query blocks 2t, 2t+1), looping over the selected key blocks
+    (exactly the forward's schedule). Per block: s = q kᵀ, p = exp2(s·scale·log2 e − lse₂), dp = dO vᵀ,
+    ds = p ⊙ (dp − δ), dq += ds k.
+  * dK/dV: CTA = (batch, query head, key tile of key blocks 2u, 2u+1), looping over the query blocks that
+    selected them (the transposed mask). Per block: sᵀ = k qᵀ, pᵀ, dv += pᵀ dO, dpᵀ = v dOᵀ,
+    dsᵀ = pᵀ ⊙ (dpᵀ − δ), dk += dsᵀ q. dK/dV come out per query head and each GQA group is summed in XLA (as in
+    jax's `attention_mgpu` backward), so no atomics are needed.
+δ = rowsum(dO ⊙ out) − d_lse is computed in XLA (the d_lse term makes the logsumexp output differentiable).
+Rows that selected nothing are never visited, so their -inf logsumexp never enters an exp.
+
+Layout limits as the forward (bf16/fp16, H ∈ {64, 128}, T == S ≤ 1M); H = 256 does not fit shared memory.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.block_sparse_attention.index import BlockIndex, block_mask_from_index
+from pallas_kernels.block_sparse_attention.kernel_sm90 import BLOCK, TILE, check_supported, pair_schedule
+
+_INDEX_MASK = (1 << 16) - 1  # pair_schedule packs column | used(wg0) << 16 | used(wg1) << 17
+_LOG2E = math.log2(math.e)
+_NUM_STAGES = 3
+
+
+def _entry_reader(entries_smem):
+    def read(s):
+        return entries_smem[lax.div(s, BLOCK), lax.rem(s, BLOCK)]
+
+    return read
+
+
+def _dq_kernel(
+    # inputs
+    q_ref,  # [B, Tp, N, H]
+    k_ref,  # [B, Tp, K, H]
+    v_ref,  # [B, Tp, K, H]
+    do_ref,  # [B, Tp, N, H]
+    lse_ref,  # f32 [B, N, Tp], log2 domain of the scaled scores
+    delta_ref,  # f32 [B, N, Tp]
+    entries_ref,  # int32 [B, N, I/2, Jc/64, 64]
+    counts_ref,  # int32 [B, N, I/2]
+    # outputs
+    dq_ref,  # [B, Tp, N, H]
+    # scratch
+    q_smem2,  # [2, 64, H], reused for dq
+    do_smem2,  # [2, 64, H]
+    k_smem,  # [stages, 64, H]
+    v_smem,  # [stages, 64, H]
+    lse_smem2,  # f32 [2, 64]
+    delta_smem2,  # f32 [2, 64]
+    entries_smem,  # int32 [Jc/64, 64]
+    k_barriers,
+    v_barriers,
+    row_barriers,  # [4·2]: q, dO, lse, delta (index 2n + wg)
+    entries_barrier,
+    k_consumed_barriers,
+    v_consumed_barriers,
+    *,
+    sm_scale: float,
+    num_stages: int,
+    heads_per_kv_head: int,
+):
+    batch, head, wg = (lax.axis_index(name) for name in ("batch", "heads", "wg"))
+    tile = lax.axis_size("tile") - 1 - lax.axis_index("tile")  # heaviest causal tiles first
+    num_steps = counts_ref[batch, head, tile]
+    read_entry = _entry_reader(entries_smem)
+    dtype = q_ref.dtype
+    head_dim = q_ref.shape[-1]
+    scale_log2 = sm_scale * _LOG2E
+
+    @pl.when(wg < 2)
+    def _compute_wg():
+        plgpu.set_max_registers(232, action="increase")
+        q_block = 2 * tile + wg
+        rows = pl.ds(q_block * BLOCK, BLOCK)
+        q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+        sources = (q_ref.at[batch, rows, head], do_ref.at[batch, rows, head])
+        sources += (lse_ref.at[batch, head, rows], delta_ref.at[batch, head, rows])
+        targets = (q_smem, do_smem, lse_smem2.at[wg], delta_smem2.at[wg])
+        for n, (src, dst) in enumerate(zip(sources, targets, strict=True)):
+            plgpu.copy_gmem_to_smem(src, dst, row_barriers.at[2 * n + wg])
+        plgpu.barrier_wait(entries_barrier)
+        for n in range(4):
+            plgpu.barrier_wait(row_barriers.at[2 * n + wg])
+        lse = plgpu.load(lse_smem2.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))  # [64]
+        delta = plgpu.load(delta_smem2.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))  # [64]
+        dq = plgpu.layout_cast(jnp.full((BLOCK, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+        def skip_block(slot, dq):
+            plgpu.barrier_wait(k_barriers.at[slot])
+            plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+            plgpu.barrier_wait(v_barriers.at[slot])
+            plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+            return dq
+
+        def grad_block(slot, dq, *, causal: bool):
+            plgpu.barrier_wait(k_barriers.at[slot])
+
+            def compute_s(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(compute_s, plgpu.ACC((BLOCK, BLOCK), jnp.float32))  # [64 queries, 64 keys]
+            if causal:
+                r = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+                c = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                s = jnp.where(r >= c, s, -jnp.inf)
+            p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(lse, s.shape, [0]))
+            plgpu.barrier_wait(v_barriers.at[slot])
+
+            def compute_dp(acc_ref):
+                plgpu.wgmma(acc_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+                return acc_ref[...]
+
+            dp = pl.run_scoped(compute_dp, plgpu.ACC((BLOCK, BLOCK), jnp.float32))  # [64, 64]
+            plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+            ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+
+            def compute_dq(acc_ref):
+                plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
+            dq = pl.run_state(compute_dq)(plgpu.ACC.init(dq))
+            plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+            return dq
+
+        def step(s, dq):
+            entry = read_entry(s)
+            used = (entry >> (16 + wg)) & 1
+            slot = lax.rem(s, num_stages)
+            branch = jnp.where(used == 0, 0, jnp.where((entry & _INDEX_MASK) == q_block, 2, 1))
+            return lax.switch(
+                branch,
+                [
+                    functools.partial(skip_block, slot),
+                    functools.partial(grad_block, slot, causal=False),
+                    functools.partial(grad_block, slot, causal=True),
+                ],
+                dq,
+            )
+
+        dq = lax.fori_loop(0, num_steps, step, dq)
+        q_smem[...] = (dq * sm_scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[batch, rows, head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory_wg():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(head, jnp.array(heads_per_kv_head, head.dtype))
+        plgpu.copy_gmem_to_smem(entries_ref.at[batch, head, tile], entries_smem, entries_barrier)
+        plgpu.barrier_wait(entries_barrier)
+
+        def fetch(s, slot):
+            window = (batch, pl.ds((read_entry(s) & _INDEX_MASK) * BLOCK, BLOCK), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[window], k_smem.at[slot], k_barriers.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[window], v_smem.at[slot], v_barriers.at[slot])
+
+        for s in range(num_stages):
+            pl.when(s < num_steps)(functools.partial(fetch, s, s))
+
+        @pl.loop(num_stages, jnp.maximum(num_steps, num_stages))
+        def _refill(s):
+            slot = lax.rem(s, num_stages)
+            plgpu.barrier_wait(k_consumed_barriers.at[slot])
+            plgpu.barrier_wait(v_consumed_barriers.at[slot])
+            fetch(s, slot)
+
+
+def _dkv_kernel(
+    # inputs
+    q_ref,  # [B, Tp, N, H]
+    k_ref,  # [B, Tp, K, H]
+    v_ref,  # [B, Tp, K, H]
+    do_ref,  # [B, Tp, N, H]
+    lse_ref,  # f32 [B, N, Tp], log2 domain
+    delta_ref,  # f32 [B, N, Tp]
+    entries_ref,  # int32 [B, N, J/2, Ic/64, 64]: pairs of key blocks, columns = query blocks
+    counts_ref,  # int32 [B, N, J/2]
+    # outputs
+    dk_ref,  # [B, Tp, N, H], per query head
+    dv_ref,  # [B, Tp, N, H], per query head
+    # scratch
+    k_smem2,  # [2, 64, H], reused for dk
+    v_smem2,  # [2, 64, H], reused for dv
+    q_smem,  # [stages, 64, H]
+    do_smem,  # [stages, 64, H]
+    lse_smem,  # f32 [stages, 64]
+    delta_smem,  # f32 [stages, 64]
+    entries_smem,  # int32 [Ic/64, 64]
+    kv_barriers,  # [2·2]: k, v (index 2n + wg)
+    ring_barriers,  # [4·stages]: q, dO, lse, delta (index n·stages + slot)
+    entries_barrier,
+    consumed_barriers,  # [stages], two arrivals
+    *,
+    sm_scale: float,
+    num_stages: int,
+    heads_per_kv_head: int,
+):
+    # Key tile 0 has the most query blocks below it: the natural order is already heaviest first.
+    batch, tile, head, wg = (lax.axis_index(name) for name in ("batch", "tile", "heads", "wg"))
+    num_steps = counts_ref[batch, head, tile]
+    read_entry = _entry_reader(entries_smem)
+    dtype = q_ref.dtype
+    head_dim = q_ref.shape[-1]
+    scale_log2 = sm_scale * _LOG2E
+    kv_head = lax.div(head, jnp.array(heads_per_kv_head, head.dtype))
+
+    @pl.when(wg < 2)
+    def _compute_wg():
+        plgpu.set_max_registers(232, action="increase")
+        kv_block = 2 * tile + wg
+        keys = pl.ds(kv_block * BLOCK, BLOCK)
+        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem, kv_barriers.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem, kv_barriers.at[2 + wg])
+        plgpu.barrier_wait(entries_barrier)
+        plgpu.barrier_wait(kv_barriers.at[wg])
+        plgpu.barrier_wait(kv_barriers.at[2 + wg])
+        zeros = jnp.full((BLOCK, head_dim), 0, jnp.float32)
+        dk = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+        dv = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+
+        def wait_slot(slot):
+            for n in range(4):
+                plgpu.barrier_wait(ring_barriers.at[n * num_stages + slot])
+
+        def skip_block(slot, carry):
+            wait_slot(slot)
+            plgpu.barrier_arrive(consumed_barriers.at[slot])
+            return carry
+
+        def grad_block(slot, carry, *, causal: bool):
+            dk, dv = carry
+            wait_slot(slot)
+
+            def compute_st(acc_ref):
+                plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+                return acc_ref[...]
+
+            st = pl.run_scoped(compute_st, plgpu.ACC((BLOCK, BLOCK), jnp.float32))  # [64 keys, 64 queries]
+            if causal:  # key c is visible to query r iff c <= r
+                c = plgpu.broadcasted_iota(jnp.int32, st.shape, 0, layout=plgpu.Layout.WGMMA)
+                r = plgpu.broadcasted_iota(jnp.int32, st.shape, 1, layout=plgpu.Layout.WGMMA)
+                st = jnp.where(r >= c, st, -jnp.inf)
+            lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [64 queries]
+            pt = jnp.exp2(st * scale_log2 - lax.broadcast_in_dim(lse, st.shape, [1]))
+
+            def compute_dv_dpt(refs):
+                dv_ref, dpt_ref = refs
+                plgpu.wgmma(dv_ref, pt.astype(dtype), do_smem.at[slot])
+                plgpu.wgmma(dpt_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+
+            dpt_zeros = plgpu.layout_cast(jnp.full((BLOCK, BLOCK), 0, jnp.float32), plgpu.Layout.WGMMA)
+            dv, dpt = pl.run_state(compute_dv_dpt)((plgpu.ACC.init(dv), plgpu.ACC.init(dpt_zeros)))
+            delta = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [64 queries]
+            dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
+
+            def compute_dk(acc_ref):
+                plgpu.wgmma(acc_ref, dst.astype(dtype), q_smem.at[slot])
+
+            dk = pl.run_state(compute_dk)(plgpu.ACC.init(dk))
+            plgpu.barrier_arrive(consumed_barriers.at[slot])
+            return dk, dv
+
+        def step(s, carry):
+            entry = read_entry(s)
+            used = (entry >> (16 + wg)) & 1
+            slot = lax.rem(s, num_stages)
+            branch = jnp.where(used == 0, 0, jnp.where((entry & _INDEX_MASK) == kv_block, 2, 1))
+            return lax.switch(
+                branch,
+                [
+                    functools.partial(skip_block, slot),
+                    functools.partial(grad_block, slot, causal=False),
+                    functools.partial(grad_block, slot, causal=True),
+                ],
+                carry,
+            )
+
+        dk, dv = lax.fori_loop(0, num_steps, step, (dk, dv))
+        k_smem[...] = (dk * sm_scale).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[batch, keys, head])
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[batch, keys, head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory_wg():
+        plgpu.set_max_registers(40, action="decrease")
+        plgpu.copy_gmem_to_smem(entries_ref.at[batch, head, tile], entries_smem, entries_barrier)
+        plgpu.barrier_wait(entries_barrier)
+
+        def fetch(s, slot):
+            rows = pl.ds((read_entry(s) & _INDEX_MASK) * BLOCK, BLOCK)
+            sources = (q_ref.at[batch, rows, head], do_ref.at[batch, rows, head])
+            sources += (lse_ref.at[batch, head, rows], delta_ref.at[batch, head, rows])
+            targets = (q_smem.at[slot], do_smem.at[slot], lse_smem.at[slot], delta_smem.at[slot])
+            for n, (src, dst) in enumerate(zip(sources, targets, strict=True)):
+                plgpu.copy_gmem_to_smem(src, dst, ring_barriers.at[n * num_stages + slot])
+
+        for s in range(num_stages):
+            pl.when(s < num_steps)(functools.partial(fetch, s, s))
+
+        @pl.loop(num_stages, jnp.maximum(num_steps, num_stages))
+        def _refill(s):
+            slot = lax.rem(s, num_stages)
+            plgpu.barrier_wait(consumed_barriers.at[slot])
+            fetch(s, slot)
+
+
+def _launch(kernel, inputs, out_types, scratch, *, num_tiles, batch, num_q_heads):
+    def body(*refs):
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, *(x for group in scoped for x in group)),
+            *scratch,
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        body,
+        out_type=out_types,
+        grid=(batch, num_tiles, num_q_heads),
+        grid_names=("batch", "tile", "heads"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+    )(*inputs)
+
+
+def block_sparse_attention_bwd_sm90(q, k, v, index: BlockIndex, out, lse, d_out, d_lse, *, sm_scale):
+    """Gradients of block-sparse attention on Hopper; the same contract as `reference.block_sparse_attention_bwd`.
+
+    q, out, d_out: [B, T, N, H]; k, v: [B, T, K, H]; lse, d_lse: f32 [B, N, T]. Returns dq [B, T, N, H] and
+    dk, dv [B, T, K, H] (summed over each kv head's group of query heads).
+    """
+    check_supported(q, k)
+    if q.shape[-1] > 128:
+        raise NotImplementedError("the Mosaic GPU backward supports head_dim <= 128")
+    batch, seq_len, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_q_heads // num_kv_heads
+    padded_len = -(-seq_len // TILE) * TILE
+    num_blocks = padded_len // BLOCK
+    pad = ((0, 0), (0, padded_len - seq_len), (0, 0), (0, 0))
+    q_p, k_p, v_p, do_p = (jnp.pad(x, pad) for x in (q, k, v, d_out))
+    rows = ((0, 0), (0, 0), (0, padded_len - seq_len))
+    # Padded rows carry a zero cotangent; a finite lse there keeps their (unused) probabilities finite.
+    lse_p = jnp.pad(jnp.where(jnp.isfinite(lse), lse, 0.0), rows) * _LOG2E  # [B, N, Tp]
+    delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32)) - d_lse
+    delta_p = jnp.pad(delta, rows)  # [B, N, Tp]
+    block_mask = block_mask_from_index(index)  # [B, N, I, J]
+    block_mask = jnp.pad(block_mask, ((0, 0), (0, 0), (0, num_blocks - block_mask.shape[2]),
+                                      (0, num_blocks - block_mask.shape[3])))  # fmt: skip
+    q_entries, q_counts = pair_schedule(block_mask)
+    kv_entries, kv_counts = pair_schedule(jnp.swapaxes(block_mask, -1, -2))  # [B, N, J, I]: query blocks per key block
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+    stages = _NUM_STAGES
+
+    def rows_smem(n):
+        return plgpu.SMEM((n, BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle))
+
+    common = dict(num_tiles=padded_len // TILE, batch=batch, num_q_heads=num_q_heads)
+    kernel_args = dict(sm_scale=sm_scale, num_stages=stages, heads_per_kv_head=group)
+    dq = _launch(
+        functools.partial(_dq_kernel, **kernel_args),
+        (q_p, k_p, v_p, do_p, lse_p, delta_p, q_entries, q_counts),
+        jax.ShapeDtypeStruct(q_p.shape, q.dtype),
+        (
+            (rows_smem(2), rows_smem(2), rows_smem(stages), rows_smem(stages)),
+            (plgpu.SMEM((2, BLOCK), jnp.float32), plgpu.SMEM((2, BLOCK), jnp.float32)),
+            (plgpu.SMEM(q_entries.shape[-2:], jnp.int32),),
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)),
+            (plgpu.Barrier(num_barriers=8), plgpu.Barrier(num_barriers=1)),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+        ),
+        **common,
+    )
+    per_head = jax.ShapeDtypeStruct(q_p.shape, q.dtype)
+    dk_heads, dv_heads = _launch(
+        functools.partial(_dkv_kernel, **kernel_args),
+        (q_p, k_p, v_p, do_p, lse_p, delta_p, kv_entries, kv_counts),
+        (per_head, per_head),
+        (
+            (rows_smem(2), rows_smem(2), rows_smem(stages), rows_smem(stages)),
+            (plgpu.SMEM((stages, BLOCK), jnp.float32), plgpu.SMEM((stages, BLOCK), jnp.float32)),
+            (plgpu.SMEM(kv_entries.shape[-2:], jnp.int32),),
+            (plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=4 * stages)),
+            (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_arrivals=2, num_barriers=stages)),
+        ),
+        **common,
+    )
+
+    def group_sum(x):  # [B, Tp, N, H] per query head → [B, T, K, H]
+        x = x[:, :seq_len].astype(jnp.float32).reshape(batch, seq_len, num_kv_heads, group, head_dim)
+        return x.sum(axis=3).astype(k.dtype)
+
+    return dq[:, :seq_len], group_sum(dk_heads), group_sum(dv_heads)
