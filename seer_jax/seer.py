@@ -201,27 +201,24 @@ class SeerAttention(Attention):
         num_blocks = -(-length // BLOCK_SIZE)
         q, k, v = self.project_qkv(hidden)  # pre-RoPE: [B, T, N, H], [B, T, K, H], [B, T, K, H]
         q_rot, k_rot = apply_rope(q, positions, self.rope), apply_rope(k, positions, self.rope)
-        selection = self.seer_config.selection
+        every_block = jnp.broadcast_to(
+            causal_block_mask(num_blocks, num_blocks), (batch, self.num_q_heads, num_blocks, num_blocks)
+        )
         if not self.is_sparse:
             out = self.attend(q_rot, k_rot, v, causal=True, key_mask=key_mask)  # [B, T, N, H]
-            block_mask = jnp.broadcast_to(
-                causal_block_mask(num_blocks, num_blocks), (batch, self.num_q_heads, num_blocks, num_blocks)
-            )
+            return self._project_out(out), (k_rot, v), every_block
+        selection = self.seer_config.selection
+        rows = _RowLayout(key_mask, length)
+        q_rot_rows, k_rot_rows, v_rows = rows.align(q_rot), rows.align(k_rot), rows.align(v)
+        if selection.is_dense:
+            block_mask = every_block
         else:
-            rows = _RowLayout(key_mask, length)
-            q_rot_rows, k_rot_rows, v_rows = rows.align(q_rot), rows.align(k_rot), rows.align(v)
-            if selection.is_dense:
-                block_mask = jnp.broadcast_to(
-                    causal_block_mask(num_blocks, num_blocks), (batch, self.num_q_heads, num_blocks, num_blocks)
-                )
-            else:
-                scores = self._block_scores(rows.align(q), rows.align(k), q_rot_rows, k_rot_rows, v_rows, rows.lengths)
-                block_mask = select_blocks(scores, selection)  # [B, N, I, J]
-                if selection.last_block_dense and rows.lengths is not None:
-                    block_mask = block_mask | _last_rows_of_each_row(rows.lengths, num_blocks)
-            out = rows.restore(block_sparse_attention(q_rot_rows, k_rot_rows, v_rows, block_mask=block_mask))
-        out = self.o_proj(out.reshape(batch, length, self.num_q_heads * self.head_dim))  # [B, T, D]
-        return out, (k_rot, v), block_mask
+            scores = self._block_scores(rows.align(q), rows.align(k), q_rot_rows, k_rot_rows, v_rows, rows.lengths)
+            block_mask = select_blocks(scores, selection)  # [B, N, I, J]
+            if selection.last_block_dense and rows.lengths is not None:
+                block_mask = block_mask | _last_rows_of_each_row(rows.lengths, num_blocks)
+        out = block_sparse_attention(q_rot_rows, k_rot_rows, v_rows, block_mask=block_mask)  # [B, T, N, H]
+        return self._project_out(rows.restore(out)), (k_rot, v), block_mask
 
     def prefill_with_target(
         self, hidden: jax.Array, positions: jax.Array, *, key_mask: jax.Array | None
@@ -234,19 +231,30 @@ class SeerAttention(Attention):
         block coordinates. With left padding the pooled map of a row's last, partial block also pools the padding
         queries after it.
         """
-        batch, length, _ = hidden.shape
         q, k, v = self.project_qkv(hidden)  # pre-RoPE: [B, T, N, H], [B, T, K, H], [B, T, K, H]
         q_rot, k_rot = apply_rope(q, positions, self.rope), apply_rope(k, positions, self.rope)
-        rows = _RowLayout(key_mask, length)
+        rows = _RowLayout(key_mask, hidden.shape[1])
         features = self.attn_gate.pool(rows.align(q), rows.align(k), lengths=rows.lengths)
         out, target = attention_with_pooling(
             rows.align(q_rot), rows.align(k_rot), rows.align(v), block_size=self.seer_config.gate.block_size
         )
-        out = self.o_proj(rows.restore(out).reshape(batch, length, self.num_q_heads * self.head_dim))  # [B, T, D]
-        return out, (k_rot, v), features, target
+        return self._project_out(rows.restore(out)), (k_rot, v), features, target
 
-    def _block_scores(self, q, k, q_rot, k_rot, v, lengths) -> jax.Array:
-        """Block scores f32 [B, N, I, J] from the configured source; all inputs row-aligned."""
+    def _project_out(self, out: jax.Array) -> jax.Array:
+        """Attention output [B, T, N, H] → o_proj → [B, T, D]."""
+        batch, length = out.shape[:2]
+        return self.o_proj(out.reshape(batch, length, self.num_q_heads * self.head_dim))  # [B, T, D]
+
+    def _block_scores(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        q_rot: jax.Array,
+        k_rot: jax.Array,
+        v: jax.Array,
+        lengths: jax.Array | None,
+    ) -> jax.Array:
+        """Block scores f32 [B, N, I, J] from the configured source; pre-RoPE q/k, rotated q/k and v row-aligned."""
         source, block_size = self.seer_config.source, self.seer_config.gate.block_size
         if source == "gate":
             return self.attn_gate(q, k, lengths=lengths)
@@ -305,24 +313,32 @@ class SeerCausalLM(CausalLM):
             )
 
 
-def seer_from_base(base: CausalLM, seer_config: SeerConfig, *, rngs: nnx.Rngs) -> SeerCausalLM:
-    """A `SeerCausalLM` with `base`'s weights (the same arrays, not copies) and freshly initialised gates.
+def seer_with_abstract_gates(base: CausalLM, seer_config: SeerConfig) -> SeerCausalLM:
+    """A `SeerCausalLM` holding `base`'s weights (the same arrays, not copies) and abstract gate weights.
 
-    Dtypes and the attention implementation are `base`'s; gate weights take the base weights' dtype.
+    The gate weights are `jax.ShapeDtypeStruct`s (in the base weights' dtype) until filled, e.g. with
+    `nnx.update(model, gate_state)`; `seer_from_base` and `seer_jax.adapters` do that. Dtypes and the attention
+    implementation are `base`'s.
     """
     attention = base.model.layers[0].self_attn
-    param_dtype = attention.q_proj.kernel.get_value().dtype
     seer = nnx.eval_shape(
         lambda: SeerCausalLM(
             base.config,
             seer_config,
             attention_implementation=attention.attention_implementation,
             dtype=attention.q_proj.dtype,
-            param_dtype=param_dtype,
+            param_dtype=attention.q_proj.kernel.get_value().dtype,
             rngs=nnx.Rngs(0),
         )
     )
     nnx.update(seer, nnx.state(base, nnx.Param))
+    return seer
+
+
+def seer_from_base(base: CausalLM, seer_config: SeerConfig, *, rngs: nnx.Rngs) -> SeerCausalLM:
+    """A `SeerCausalLM` with `base`'s weights (shared, not copied) and freshly initialised gates (to distil)."""
+    seer = seer_with_abstract_gates(base, seer_config)
+    param_dtype = base.model.layers[0].self_attn.q_proj.kernel.get_value().dtype
     for layer in seer.model.layers:
         layer.self_attn.attn_gate = AttnGate(base.config, seer_config.gate, param_dtype=param_dtype, rngs=rngs)
     return seer
