@@ -43,7 +43,7 @@ def quest_scores(q: jax.Array, k: jax.Array, *, block_size: int, lengths: jax.Ar
     q_mean = pool_blocks(q, ("avg",), block_size=block_size, lengths=lengths)  # [B, I, N, H]
     k_mean = pool_blocks(k, ("avg",), block_size=block_size, lengths=lengths)  # [B, J, K, H]
     num_blocks = q_mean.shape[1]
-    grouped = q_mean.reshape(batch, num_blocks, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    grouped = q_mean.reshape(batch, num_blocks, num_kv_heads, num_q_heads // num_kv_heads, head_dim)  # [B, I, K, G, H]
     scores = jnp.einsum("bikgh,bjkh->bkgij", grouped, k_mean) * head_dim**-0.5  # [B, K, G, I, J]
     return scores.reshape(batch, num_q_heads, num_blocks, num_blocks)  # [B, N, I, J]
 

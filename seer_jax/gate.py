@@ -9,21 +9,26 @@ For blocks of `block_size` (64) positions, I = J = ceil(T / 64), per query head 
             q_gate, k_gate = RoPE(q_gate, pos = i·64), RoPE(k_gate, pos = j·64)       (rotary dim E)
             logits[b, n, i, j] = <q_gate[b, i, n], k_gate[b, j, n // G]> · E^-0.5   for j <= i, else MASKED_LOGIT
 
-Cq = H · (number of q ops), Ck = H · (number of k ops). The gate type string `Q<ops>_K<ops>` names the ops, always in
-the order max, min, avg (e.g. `Qavg_Kmaxminavg`, the default and the released gates' type). Single-linear mode (the
-released gates) is used when there is one q op, E == H and not `force_double`: no q weight, and one k weight per
-query head, `mask_linear_k.weight` [N, Ck, E], applied to the kv head's pooled k (q head n reads kv head n // G).
-Otherwise (double-linear mode) `mask_linear_q.weight` [N, Cq, E] and `mask_linear_k.weight` [K, Ck, E], and the
-rotated k_gate is shared by the G query heads of its kv head. Weights are laid out as the official `MultiHeadLinear`
-([heads, in, out], no bias), so official tensors load as they are; they are `GateParam`s, so
-`nnx.state(model, GateParam)` selects exactly the gates.
+Cq = H · (number of q ops), Ck = H · (number of k ops). The gate type string `Q<ops>_K<ops>` names the ops, always
+in the order max, min, avg (e.g. `Qavg_Kmaxminavg`, the default and the released gates' type).
+
+Single-linear mode (the released gates) is used when there is one q op, E == H and not `force_double`: no q weight,
+and one k weight per query head, `mask_linear_k.weight` [N, Ck, E], applied to its kv head's pooled k (q head n reads
+kv head n // G). Otherwise (double-linear mode) `mask_linear_q.weight` [N, Cq, E] and `mask_linear_k.weight`
+[K, Ck, E], and the rotated k_gate is shared by the G query heads of its kv head. Weights are laid out as the
+official `MultiHeadLinear` ([heads, in, out], no bias), so official tensors load as they are; they are `GateParam`s,
+so `nnx.state(model, GateParam)` selects exactly the gates.
+
+RoPE is the base model's (theta and scaling: llama3, yarn with its cos/sin attention scaling, …) computed for rotary
+dim E (SEER_SPEC §1.4: the reference really rotates over H, the same only because its E = H = 128). Every block sits
+at its first token, so the offset between two blocks is a multiple of 64.
 
 Pooling is ragged-safe: a partial last block (or a whole prompt shorter than one block) pools only its valid tokens,
 and avg divides by their number, as PyTorch's `ceil_mode=True` pooling does; with `lengths`, positions at or after a
 row's length are ignored too, and a block without a valid position pools to zeros.
 
 Gradients never reach q and k (they enter the gate through `jax.lax.stop_gradient`), and the gate runs in float32
-whatever the model's dtype: pooled features are 64× smaller than the sequence, so this costs nothing.
+whatever the model's dtype: pooled features are 64× smaller than the sequence, so this costs little.
 
 `AttnGate.pool` (parameter-free) and `AttnGate.score` (parametric) are separate, so gate distillation can collect the
 small `GateFeatures` of every layer during one no-grad forward and then differentiate `score` alone.
@@ -183,7 +188,8 @@ class MultiHeadLinear(nnx.Module):
         weight = self.weight[...].astype(jnp.float32)  # [heads, in, out]
         num_heads, in_features, out_features = weight.shape
         batch, num_blocks, num_input_heads, _ = x.shape
-        grouped = weight.reshape(num_input_heads, num_heads // num_input_heads, in_features, out_features)
+        group = num_heads // num_input_heads
+        grouped = weight.reshape(num_input_heads, group, in_features, out_features)  # [h, heads / h, in, out]
         out = jnp.einsum("bihc,hgce->bihge", x.astype(jnp.float32), grouped)  # [B, I, h, heads / h, out]
         return out.reshape(batch, num_blocks, num_heads, out_features)  # [B, I, heads, out]
 

@@ -1,5 +1,5 @@
 """SeerCausalLM: dense equivalence, sparse prefill against masked dense attention, left padding, density report,
-distillation inputs, generation, config checks."""
+distillation inputs, generation, config checks, and (GPU) the Mosaic kernels inside the model."""
 
 import dataclasses
 import functools
@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels.attention_with_pooling import attention_with_pooling
+from pallas_kernels.block_sparse_attention import block_sparse_attention_implementation
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.generate import generate
 from seer_jax.model import CausalLM, positions_from_mask
@@ -24,6 +25,7 @@ from seer_jax.seer import (
     seer_from_base,
 )
 from seer_jax.sparsity import Selection
+from tests.seer_jax.hf_reference import relative_error
 from tests.seer_jax.tiny_models import TINY, random_module, random_tokens
 
 GATE = GateConfig(hidden_size=TINY.head_dim)  # single-linear, as the released gates
@@ -244,3 +246,31 @@ def test_model_checks():
         nnx.eval_shape(lambda: SeerCausalLM(mistral, SeerConfig(), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="expected a SeerCausalLM"):
         block_density(base_model(), jnp.ones((1, 8), jnp.int32))
+
+
+@pytest.mark.gpu
+def test_mosaic_kernels_in_the_model():
+    """On Hopper (bf16, head_dim 128) the prefill runs the Mosaic kernels: with every block kept it equals the dense
+    cuDNN model; sparse prefill and distillation targets are finite."""
+    config = dataclasses.replace(TINY, hidden_size=128, head_dim=128)
+    base = random_module(
+        lambda: CausalLM(
+            config, attention_implementation="cudnn", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+        ),
+        0,
+        weight_std=0.1,
+    )
+    tokens, mask = padded_batch(300)
+    q = jax.ShapeDtypeStruct((2, 300, config.num_q_heads, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 300, config.num_kv_heads, 128), jnp.bfloat16)
+    block_mask = jax.ShapeDtypeStruct((2, config.num_q_heads, 5, 5), jnp.bool_)
+    assert block_sparse_attention_implementation(q, kv, kv, block_mask=block_mask) == "mosaic"
+
+    gate = GateConfig(hidden_size=128)
+    dense = forward(base, tokens, mask)
+    every_block = forward(seer_from_base(base, SeerConfig(gate=gate), rngs=nnx.Rngs(1)), tokens, mask)
+    assert relative_error(every_block, dense, np.asarray(mask)) <= 2e-2
+    sparse = seer_from_base(base, dataclasses.replace(SPARSE, gate=gate), rngs=nnx.Rngs(1))
+    assert np.isfinite(np.asarray(forward(sparse, tokens, mask), np.float32)).all()
+    _, targets = nnx.jit(distillation_inputs)(sparse, tokens, None)
+    np.testing.assert_allclose(np.asarray(targets[1]).sum(-1), 1.0, atol=1e-3)
