@@ -28,7 +28,6 @@ model with `seer_jax.checkpoint.load_model`. To change the sparsity settings of 
 import dataclasses
 import json
 import logging
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -71,7 +70,6 @@ _OFFICIAL_DEFAULTS = {
 }
 # Keys only SeerAttention-R decode adapters have.
 _DECODE_KEYS = ("seerattn_k_seq_pooling_type", "seerattn_q_head_pooling_type", "seerattn_token_budget")
-_GATE_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.attn_gate\.mask_linear_[qk]\.weight")
 _logger = logging.getLogger(__name__)
 
 
