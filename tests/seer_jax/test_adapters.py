@@ -1,0 +1,212 @@
+"""Gate adapters: bit-exact round trips (Orbax, safetensors), official-format import (.pth, .safetensors), errors."""
+
+import dataclasses
+import functools
+import json
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from flax import nnx
+
+from seer_jax.adapters import (
+    OFFICIAL_PTH,
+    OFFICIAL_SAFETENSORS,
+    Adapter,
+    attach_gates,
+    gate_tensors,
+    load_seer_model,
+    read_adapter,
+    save_adapter,
+)
+from seer_jax.checkpoint import load_model
+from seer_jax.gate import GateConfig, GateParam
+from seer_jax.hf_weights import CheckpointError
+from seer_jax.model import CausalLM
+from seer_jax.seer import SeerCausalLM, SeerConfig, seer_with_abstract_gates
+from seer_jax.sparsity import Selection
+from tests.seer_jax.tiny_models import TINY, random_module
+
+SINGLE = SeerConfig(gate=GateConfig(hidden_size=16), selection=Selection(nz_ratio=0.2, last_block_dense=True))
+DOUBLE = SeerConfig(
+    gate=GateConfig(gate_type="Qavg_Kmaxmin", hidden_size=8), selection=Selection(method="threshold", threshold=2e-3)
+)
+
+
+@functools.cache
+def bf16_base() -> CausalLM:
+    return random_module(lambda: CausalLM(TINY, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), 0)
+
+
+def gated(base: CausalLM, seer_config: SeerConfig, seed: int = 1) -> SeerCausalLM:
+    config, param_dtype = base.config, base.model.embed_tokens.embedding.get_value().dtype
+    gates = random_module(
+        lambda: SeerCausalLM(config, seer_config, param_dtype=param_dtype, rngs=nnx.Rngs(0)), seed, weight_std=0.5
+    )
+    seer = seer_with_abstract_gates(base, seer_config)
+    nnx.update(seer, nnx.state(gates, GateParam))
+    return seer
+
+
+def assert_bit_exact(actual: dict, expected: dict):
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        assert actual[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(np.asarray(actual[name]).view(np.uint16), np.asarray(value).view(np.uint16))
+
+
+@pytest.mark.parametrize("weights,seer_config", [("orbax", SINGLE), ("safetensors", DOUBLE)])
+def test_round_trip_is_bit_exact(tmp_path, weights, seer_config):
+    seer = gated(bf16_base(), seer_config)
+    save_adapter(seer, tmp_path / "adapter", base_model="org/tiny-llama", weights=weights)
+    adapter = read_adapter(tmp_path / "adapter")
+    assert adapter.seer_config == seer_config and adapter.base_model == "org/tiny-llama"
+    assert_bit_exact(dict(adapter.tensors), gate_tensors(seer))
+    attached = attach_gates(bf16_base(), adapter)
+    assert isinstance(attached, SeerCausalLM) and attached.seer_config == seer_config
+    assert_bit_exact(gate_tensors(attached), gate_tensors(seer))
+    base_params = nnx.to_flat_state(nnx.state(bf16_base(), nnx.Param))
+    attached_params = dict(nnx.to_flat_state(nnx.state(attached, nnx.Param)))
+    for path, variable in base_params:
+        assert attached_params[path].get_value() is variable.get_value()  # shared, not copied
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_adapter(seer, tmp_path / "adapter", base_model="org/tiny-llama")
+
+
+def official_config(**seerattn) -> dict:
+    return {
+        "model_type": "llama",
+        "num_hidden_layers": TINY.num_layers,
+        "num_attention_heads": TINY.num_q_heads,
+        "base_model": "meta-llama/Llama-3.1-8B-Instruct",
+        "use_flash_rope": True,
+        **{f"seerattn_{key}": value for key, value in seerattn.items()},
+    }
+
+
+def official_tensors(seed: int, *, layers: int = TINY.num_layers, heads: int = TINY.num_q_heads) -> dict:
+    """bf16 torch tensors as the official single-linear gates: mask_linear_k.weight [N, 3H, E]."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        f"model.layers.{layer}.self_attn.attn_gate.mask_linear_k.weight": torch.randn(
+            heads, 3 * TINY.head_dim, TINY.head_dim, generator=generator
+        ).to(torch.bfloat16)
+        for layer in range(layers)
+    }
+
+
+def write_official(directory, config: dict, tensors: dict, *, fmt: str) -> None:
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    if fmt == "pth":
+        torch.save(tensors, directory / OFFICIAL_PTH)
+    else:
+        safetensors.torch.save_file(tensors, str(directory / OFFICIAL_SAFETENSORS))
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_official_adapter_import(tmp_path, fmt):
+    config = official_config(
+        sparsity_method="nz_ratio", nz_ratio=0.1, gate_hidden_size=16, last_block_dense=False, gate_block_size=64
+    )
+    tensors = official_tensors(0)
+    write_official(tmp_path / "official", config, tensors, fmt=fmt)
+    adapter = read_adapter(tmp_path / "official")
+    assert adapter.base_model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert adapter.seer_config == SeerConfig(
+        gate=GateConfig(gate_type="Qavg_Kmaxminavg", hidden_size=16), selection=Selection(nz_ratio=0.1)
+    )
+    seer = attach_gates(bf16_base(), adapter)
+    expected = {name: tensor.view(torch.int16).numpy() for name, tensor in tensors.items()}
+    actual = {name: np.asarray(value).view(np.int16) for name, value in gate_tensors(seer).items()}
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name])
+
+
+def test_official_defaults_and_double_linear(tmp_path):
+    """Defaults of the official config (threshold 0, last_block_dense) and a forced double-linear gate."""
+    generator = torch.Generator().manual_seed(1)
+    tensors = {}
+    for layer in range(TINY.num_layers):
+        prefix = f"model.layers.{layer}.self_attn.attn_gate"
+        tensors[f"{prefix}.mask_linear_q.weight"] = torch.randn(4, 16, 16, generator=generator)
+        tensors[f"{prefix}.mask_linear_k.weight"] = torch.randn(2, 48, 16, generator=generator)
+    write_official(
+        tmp_path / "official", official_config(gate_hidden_size=16, gate_force_double=True), tensors, fmt="pth"
+    )
+    adapter = read_adapter(tmp_path / "official")
+    assert adapter.seer_config.selection == Selection(method="threshold", threshold=0.0, last_block_dense=True)
+    seer = attach_gates(bf16_base(), adapter)
+    for name, tensor in tensors.items():
+        np.testing.assert_array_equal(gate_tensors(seer)[name], tensor.to(torch.bfloat16).float().numpy())
+
+
+def official_adapter(**changes) -> Adapter:
+    tensors = {name: tensor.float().numpy() for name, tensor in official_tensors(0).items()}
+    for name, value in changes.items():
+        if value is None:
+            del tensors[name]
+        else:
+            tensors[name] = value
+    return Adapter(seer_config=SeerConfig(gate=GateConfig(hidden_size=16)), base_model=None, tensors=tensors)
+
+
+LAYER = "model.layers.{}.self_attn.attn_gate.mask_linear_k.weight"
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({LAYER.format(1): None}, r"no tensor for gate\(s\) model\.layers\.1\.self_attn\.attn_gate\.mask_linear_k"),
+        ({LAYER.format(2): np.ones((4, 48, 16))}, r"model\.layers\.2\.self_attn\.attn_gate\.mask_linear_k\.weight ma"),
+        (
+            {LAYER.format(0): np.ones((8, 48, 16))},
+            r"model\.layers\.0\.self_attn\.attn_gate\.mask_linear_k\.weight \[8, 48, 16\] \(expected \[4, 48, 16\]\)",
+        ),
+        ({"model.layers.0.self_attn.attn_gate.attngate_linear_k.weight": np.ones(3)}, "decode gates"),
+    ],
+    ids=["missing_layer", "extra_layer", "head_count", "decode_gate"],
+)
+def test_mismatched_tensors_are_named(changes, match):
+    with pytest.raises(CheckpointError, match=match):
+        attach_gates(bf16_base(), official_adapter(**changes))
+
+
+def test_official_config_errors(tmp_path):
+    write_official(tmp_path / "decode", official_config(token_budget=4096), official_tensors(0), fmt="safetensors")
+    with pytest.raises(CheckpointError, match="decode-gate keys"):
+        read_adapter(tmp_path / "decode")
+    write_official(tmp_path / "v1", {"nz_ratio": 0.5}, official_tensors(0), fmt="safetensors")
+    with pytest.raises(CheckpointError, match="no seerattn_"):
+        read_adapter(tmp_path / "v1")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither"):
+        read_adapter(tmp_path / "empty")
+
+
+def test_pth_without_torch_names_the_extra(tmp_path, monkeypatch):
+    write_official(tmp_path / "official", official_config(gate_hidden_size=16), official_tensors(0), fmt="pth")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match=r"pip install 'seer-jax\[torch\]'"):
+        read_adapter(tmp_path / "official")
+
+
+def test_load_seer_model_composes_with_the_base_checkpoint(tmp_path, hf_checkpoint):
+    _, hf_dir = hf_checkpoint("llama31")
+    base, config = load_model(hf_dir)
+    seer_config = dataclasses.replace(SINGLE, gate=GateConfig(hidden_size=config.head_dim))
+    seer = gated(base, seer_config)
+    save_adapter(seer, tmp_path / "adapter", base_model=str(hf_dir), weights="safetensors")
+    loaded = load_seer_model(tmp_path / "adapter")
+    assert_bit_exact(gate_tensors(loaded), gate_tensors(seer))
+    expected = dict(nnx.to_flat_state(nnx.state(base, nnx.Param)))
+    for path, variable in nnx.to_flat_state(nnx.state(loaded, nnx.All(nnx.Param, nnx.Not(GateParam)))):
+        np.testing.assert_array_equal(variable.get_value(), expected[path].get_value())
+    save_adapter(seer, tmp_path / "elsewhere", base_model="org/not-here")
+    with pytest.raises(CheckpointError, match="pass base_path"):
+        load_seer_model(tmp_path / "elsewhere")
+    assert gate_tensors(load_seer_model(tmp_path / "elsewhere", base_path=hf_dir)).keys() == gate_tensors(seer).keys()
