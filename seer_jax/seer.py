@@ -335,10 +335,16 @@ def seer_with_abstract_gates(base: CausalLM, seer_config: SeerConfig) -> SeerCau
     return seer
 
 
-def seer_from_base(base: CausalLM, seer_config: SeerConfig, *, rngs: nnx.Rngs) -> SeerCausalLM:
-    """A `SeerCausalLM` with `base`'s weights (shared, not copied) and freshly initialised gates (to distil)."""
+def seer_from_base(
+    base: CausalLM, seer_config: SeerConfig, *, rngs: nnx.Rngs, gate_param_dtype: jnp.dtype | None = None
+) -> SeerCausalLM:
+    """A `SeerCausalLM` with `base`'s weights (shared, not copied) and freshly initialised gates (to distil).
+
+    gate_param_dtype: the gates' parameter dtype; None uses the base weights' (train gates in float32: bf16 weights
+    would round away most of AdamW's small updates).
+    """
     seer = seer_with_abstract_gates(base, seer_config)
-    param_dtype = base.model.layers[0].self_attn.q_proj.kernel.get_value().dtype
+    param_dtype = gate_param_dtype or base.model.layers[0].self_attn.q_proj.kernel.get_value().dtype
     for layer in seer.model.layers:
         layer.self_attn.attn_gate = AttnGate(base.config, seer_config.gate, param_dtype=param_dtype, rngs=rngs)
     return seer
