@@ -29,7 +29,9 @@ from seer_jax.model import CausalLM
 MARKER_FILE = "seer_jax.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
-_COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Files a model directory carries besides config.json and the weights; copied along by `save_converted` and the HF
+# export.
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def abstract_model(
@@ -126,7 +128,7 @@ def save_converted(model: CausalLM, out_dir: str | Path, *, hf_dir: str | Path) 
             checkpointer.save(staging / PARAMS_DIR, params)
             checkpointer.wait_until_finished()
         shutil.copyfile(hf_dir / "config.json", staging / "config.json")
-        for name in _COPIED_FILES:
+        for name in COPIED_FILES:
             if (hf_dir / name).is_file():
                 shutil.copyfile(hf_dir / name, staging / name)
         marker = {"format": FORMAT_VERSION, "param_dtype": str(dtypes.pop())}

@@ -233,6 +233,20 @@ class DecoderStack(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
 
+def _call_layer(
+    layer: DecoderLayer,
+    hidden: jax.Array,
+    positions: jax.Array,
+    key_mask: jax.Array | None,
+    cache: tuple[jax.Array, jax.Array] | None,
+    cache_index: jax.Array | None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return layer(hidden, positions, key_mask=key_mask, cache=cache, cache_index=cache_index)
+
+
+_call_layer_remat = nnx.remat(_call_layer)
+
+
 class CausalLM(nnx.Module):
     """Decoder-only LM: tokens → logits over the vocabulary.
 
@@ -281,6 +295,7 @@ class CausalLM(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        remat: bool = False,
     ) -> tuple[jax.Array, KVCache]:
         """Logits for `tokens`, and the keys/values they produced.
 
@@ -290,6 +305,8 @@ class CausalLM(nnx.Module):
           positions: int [B, T] RoPE positions; by default from `attention_mask` (and the cache when decoding).
           cache: None for a causal forward; a `KVCache` to decode one token (T = 1) at slot `cache.length`.
           last_only: compute logits for the last position only ([B, 1, V]).
+          remat: rematerialise each decoder layer (`nnx.remat`): a backward pass recomputes the layer's activations
+            instead of keeping them, so training memory holds one layer's activations plus the L layer inputs.
 
         Returns:
           logits [B, T, V] (or [B, 1, V]) in the compute dtype, and the new `KVCache`: the forward's T slots without a
@@ -318,13 +335,12 @@ class CausalLM(nnx.Module):
             )
 
         hidden = self.model.embed_tokens(tokens)  # [B, T, D]
+        call_layer = _call_layer_remat if remat else _call_layer
         keys, values = [], []
         for index, layer in enumerate(self.model.layers):
             layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
             cache_index = None if cache is None else cache.length
-            hidden, (key, value) = layer(
-                hidden, positions, key_mask=key_mask, cache=layer_cache, cache_index=cache_index
-            )
+            hidden, (key, value) = call_layer(layer, hidden, positions, key_mask, layer_cache, cache_index)
             keys.append(key)
             values.append(value)
         hidden = self.model.norm(hidden)
