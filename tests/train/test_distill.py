@@ -1,0 +1,172 @@
+"""Gate distillation: the KL loss against NumPy, learning, frozen base, optimizer scope, bit-exact resume."""
+
+import dataclasses
+import gzip
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from seer_jax.adapters import ADAPTER_FILE
+from seer_jax.gate import GateConfig, GateParam
+from seer_jax.model import CausalLM
+from seer_jax.seer import SeerConfig, seer_from_base
+from tests.seer_jax.tiny_models import random_module
+from train.distill import ADAPTER_DIR, DistillConfig, distill, gate_kl_loss
+
+MODEL_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
+GATE = GateConfig(hidden_size=32)  # = head_dim: single-linear mode, as the released gates
+
+
+def _numpy_kl(logits, target):
+    first = logits.shape[-2] // 4
+    z = logits[..., first:, :].astype(np.float64)
+    log_q = z - z.max(-1, keepdims=True)
+    log_q = log_q - np.log(np.exp(log_q).sum(-1, keepdims=True))
+    p = target[..., first:, :].astype(np.float64)
+    terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - log_q), 0.0)
+    return terms.mean()
+
+
+def test_kl_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits, targets = [], []
+    for num_blocks in (9, 16):
+        causal = np.tril(np.ones((num_blocks, num_blocks), bool))
+        raw = np.where(causal, rng.random((2, 3, num_blocks, num_blocks)), 0.0)
+        targets.append(raw / raw.sum(-1, keepdims=True))
+        logits.append(np.where(causal, rng.standard_normal(raw.shape) * 2, -1e9))
+    loss, per_layer = gate_kl_loss(
+        [jnp.asarray(x, jnp.float32) for x in logits], [jnp.asarray(x, jnp.float32) for x in targets], scale=10.0
+    )
+    expected = [_numpy_kl(lg, tg) for lg, tg in zip(logits, targets, strict=True)]
+    np.testing.assert_allclose(per_layer, expected, rtol=1e-5)
+    np.testing.assert_allclose(loss, 10.0 * sum(expected), rtol=1e-5)
+
+
+def test_kl_loss_is_zero_when_the_gate_matches_the_target():
+    causal = np.tril(np.ones((8, 8), bool))
+    target = np.where(causal, np.random.default_rng(1).random((1, 2, 8, 8)) + 0.1, 0.0)
+    target /= target.sum(-1, keepdims=True)
+    logits = np.where(causal, np.log(np.where(causal, target, 1.0)), -1e9)
+    loss, _ = gate_kl_loss([jnp.asarray(logits, jnp.float32)], [jnp.asarray(target, jnp.float32)], scale=10.0)
+    assert abs(float(loss)) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, stdlib_texts, tokenizer_dir):
+    root = tmp_path_factory.mktemp("distill_data")
+    with gzip.open(root / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
+        for name, text in stdlib_texts[:20]:
+            f.write(json.dumps({"name": name, "text": text}) + "\n")
+    return root, tokenizer_dir
+
+
+def _model():
+    from seer_jax.config import ModelConfig
+
+    config = ModelConfig.from_hf(MODEL_CONFIG)
+    # Large weights make attention peaky, so the pooled target carries structure for the gate to learn.
+    base = random_module(lambda: CausalLM(config, rngs=nnx.Rngs(0)), seed=3, weight_std=0.3)
+    return seer_from_base(base, SeerConfig(gate=GATE), rngs=nnx.Rngs(1), gate_param_dtype=jnp.float32)
+
+
+def _config(data, out_dir, steps, **overrides):
+    root, tokenizer_dir = data
+    config = DistillConfig(
+        model=root / "unused",  # the tests pass the model in
+        data=(root / "docs.jsonl.gz",),
+        tokenizer_dir=tokenizer_dir,
+        cache_dir=root / "cache",
+        out_dir=out_dir,
+        seq_len=512,
+        batch_size=2,
+        steps=steps,
+        learning_rate=1e-3,
+        warmup_steps=1,
+        gate=GATE,
+        checkpoint_every=2,
+        dtype="float32",
+    )
+    return dataclasses.replace(config, **overrides)
+
+
+def _losses(out_dir):
+    return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight_run(data, tmp_path_factory):
+    model = _model()
+    base_before = jax.tree.map(np.asarray, nnx.state(model, nnx.All(nnx.Param, nnx.Not(GateParam))))
+    out_dir = tmp_path_factory.mktemp("straight")
+    result = distill(_config(data, out_dir, steps=8), model=model)
+    return model, result, base_before, out_dir
+
+
+def test_distillation_lowers_the_loss_and_exports_the_adapter(straight_run):
+    _, result, _, out_dir = straight_run
+    losses = _losses(out_dir)
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+    assert (result.adapter_dir / ADAPTER_FILE).is_file() and result.adapter_dir == out_dir / ADAPTER_DIR
+
+
+def test_base_weights_are_bit_identical_and_only_gates_have_optimizer_state(straight_run):
+    model, result, base_before, _ = straight_run
+    base_after = jax.tree.map(np.asarray, nnx.state(model, nnx.All(nnx.Param, nnx.Not(GateParam))))
+    for before, after in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after), strict=True):
+        np.testing.assert_array_equal(before, after)
+    gate_size = sum(x.size for x in jax.tree.leaves(nnx.state(model, GateParam)))
+    opt_arrays = [x for x in jax.tree.leaves(result.train.state.opt_state) if x.ndim > 0]
+    assert sum(x.size for x in opt_arrays) == 2 * gate_size  # Adam's two moments, for the gates only
+
+
+def test_resume_is_bit_exact(data, straight_run, tmp_path):
+    model, _, _, straight_dir = straight_run
+    out_dir = tmp_path / "resumed"
+    distill(_config(data, out_dir, steps=8), model=_model(), on_step=_stop_after(4))
+    resumed = _model()
+    distill(_config(data, out_dir, steps=8, resume=True), model=resumed)
+    assert _losses(out_dir) == _losses(straight_dir)
+    trained, again = nnx.state(model, GateParam), nnx.state(resumed, GateParam)
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _stop_after(steps):
+    """An on_step hook that sends SIGINT to this process after `steps` steps (the loop saves and returns)."""
+    import os
+    import signal
+
+    def on_step(record):
+        if record.step == steps:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return on_step
+
+
+def test_config_errors_name_the_field(data, tmp_path):
+    with pytest.raises(ValueError, match="seq_len"):
+        _config(data, tmp_path, steps=4, seq_len=100)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        _config(data, tmp_path, steps=4, warmup_steps=4)
+    with pytest.raises(ValueError, match="dtype"):
+        _config(data, tmp_path, steps=4, dtype="float16")
