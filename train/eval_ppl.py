@@ -13,12 +13,14 @@ exp(mean over documents of those means). Sparse prefill uses `last_block_dense=F
 Methods: "dense" is the base model with its own attention implementation (the reference). Every other method is a
 `SeerCausalLM` over the same weights whose layers >= start_layer select blocks from one source: "gate" (the adapter
 given with `--gates`, ours or the official format), "oracle", "quest", "streaming", "random" (`seer_jax.baselines`).
-Each sparse method runs TopK at every `nz_ratio`, so all sources keep the same blocks per row (densities match by
-construction); `thresholds` apply to the gate only, whose achieved density is then whatever the gate selects. The
-achieved density comes from the same forward (`seer_jax.seer.logits_and_density`).
+Each sparse method runs TopK at every `nz_ratio`, so all sources keep the same k blocks per row, plus the diagonal
+block where TopK left it out (`seer_jax.sparsity`): densities match up to that block. `thresholds` apply to the gate
+only, whose density is then whatever it selects. The achieved density (mean over layers >= start_layer and heads)
+comes from the same forward as the NLL (`seer_jax.seer.logits_and_density`).
 
 Each (method, setting, L) is compiled once and reused for every batch of `batch_size` documents (a smaller last
-batch compiles once more). Writes results.json, ppl_vs_density.md and ppl_vs_density.png (`train.ppl_results`) and
+batch compiles once more). Settings that keep every block (nz_ratio 1, threshold 0) share one forward: no source is
+consulted then. Writes results.json, ppl_vs_density.md and ppl_vs_density.png (`train.ppl_results`) and
 prints the table.
 """
 
@@ -39,9 +41,11 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from pallas_kernels.block_sparse_attention import BLOCK_SIZE, block_sparse_attention_implementation
 from seer_jax.adapters import Adapter, attach_gates, read_adapter
 from seer_jax.attention import IMPLEMENTATIONS
 from seer_jax.checkpoint import load_model
+from seer_jax.config import ModelConfig
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.model import CausalLM
 from seer_jax.seer import SeerCausalLM, SeerConfig, logits_and_density, seer_with_abstract_gates
@@ -127,13 +131,10 @@ class EvalConfig:
                 raise ValueError("methods: 'gate' needs gates (an adapter directory)")
         if self.thresholds and "gate" not in self.methods_to_run:
             raise ValueError("thresholds: apply to the gate method only, which is not run (pass gates / 'gate')")
-        idle = [
-            m
-            for m in self.methods_to_run
-            if m != "dense" and not self.nz_ratios and not (m == "gate" and self.thresholds)
-        ]
-        if idle:
-            raise ValueError(f"nz_ratios: empty, so methods {idle} have no setting to run")
+        if not self.nz_ratios:
+            idle = [m for m in self.methods_to_run if m != "dense" and not (m == "gate" and self.thresholds)]
+            if idle:
+                raise ValueError(f"nz_ratios: empty, so methods {idle} have no setting to run")
         if self.start_layer is not None and (not isinstance(self.start_layer, int) or self.start_layer < 0):
             raise ValueError(f"start_layer: must be an int >= 0 or None, got {self.start_layer!r}")
         if self.batch_size <= 0:
@@ -154,9 +155,8 @@ class EvalConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: paths as strings, tuples as lists."""
-        return {field.name: _jsonable(getattr(self, field.name)) for field in dataclasses.fields(self)} | {
-            "methods": list(self.methods_to_run)
-        }
+        values = {field.name: _jsonable(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        return values | {"methods": list(self.methods_to_run)}
 
 
 def _jsonable(value: Any) -> Any:
@@ -169,9 +169,9 @@ def _jsonable(value: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One model to evaluate: a method and its selection (None for dense)."""
+    """One row's model: a method and its selection (None for dense)."""
 
-    method: Method
+    method: str
     selection: Selection | None = None
 
     @property
@@ -182,10 +182,22 @@ class Setting:
             return f"{self.method} nz {self.selection.nz_ratio:g}"
         return f"{self.method} threshold {self.selection.threshold:g}"
 
+    @property
+    def computed_as(self) -> "Setting":
+        """The setting whose forward gives this one's numbers: a selection that keeps every block (nz_ratio 1,
+        threshold 0) never consults its source (`SeerAttention.prefill`), so one forward serves every method."""
+        if self.selection is not None and self.selection.is_dense:
+            return _EVERY_BLOCK
+        return self
+
+
+_EVERY_BLOCK = Setting("every block", Selection(nz_ratio=1.0, last_block_dense=False))
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalTask:
-    """One forward: batch `batch` (of `num_batches`) of the length-`length` windows, under `setting`."""
+    """One forward: batch `batch` (of `num_batches`) of the length-`length` windows, under `setting` (a
+    `Setting.computed_as`)."""
 
     length: int
     setting: Setting
@@ -239,33 +251,22 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
             f"start_layer: {start_layer} leaves none of the model's {model_config.num_layers} layers sparse"
         )
 
-    corpus = load_corpus(
-        CorpusConfig(
-            paths=tuple(Path(p) for p in config.data),
-            tokenizer_dir=Path(config.tokenizer_dir or config.model),
-            text_field=config.text_field,
-            cache_dir=config.cache_dir,
-        )
-    )
-    windows = {length: eval_windows(corpus, length=length, num_docs=config.num_docs) for length in config.lengths}
-    for length, tokens in windows.items():
-        if len(tokens) < config.num_docs:
-            log.warning("only %d documents hold %d tokens (asked for %d)", len(tokens), length, config.num_docs)
-        if tokens.max() >= model_config.vocab_size:
-            raise ValueError(
-                f"tokenizer: token id {tokens.max()} is outside the model's vocabulary ({model_config.vocab_size}); "
-                "pass the model's tokenizer (tokenizer_dir)"
-            )
-
+    windows = _windows(config, vocab_size=model_config.vocab_size)
     settings = settings_for(config)
+    forwards = list(dict.fromkeys(setting.computed_as for setting in settings))
     models = _Models(base, adapter, start_layer=start_layer, seed=config.seed)
     batches = {length: _batches(tokens, config.batch_size) for length, tokens in windows.items()}
     tasks = [
         EvalTask(length, setting, index, len(batches[length]))
         for length in config.lengths
-        for setting in settings
+        for setting in forwards
         for index in range(len(batches[length]))
     ]
+    kernels = {}  # length → the block_sparse_attention implementation the sparse forwards run
+    if any(setting.method != "dense" for setting in forwards):
+        for length, length_batches in batches.items():
+            kernels[str(length)] = _sparse_kernel(model_config, len(length_batches[0]), length, dtype)
+            log.info("L=%d: block_sparse_attention runs its %s implementation", length, kernels[str(length)])
     doc_nll: dict[tuple[int, Setting], list[np.ndarray]] = {}
     density_sum: dict[tuple[int, Setting], np.ndarray] = {}
     seconds: dict[tuple[int, Setting], float] = {}
@@ -289,26 +290,14 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
     rows = []
     for length in config.lengths:
         for setting in settings:
-            key = (length, setting)
+            key = (length, setting.computed_as)
             nll = np.concatenate(doc_nll[key])
             density = density_sum[key] / len(nll)  # [L, N]
-            selection = setting.selection
-            rows.append(
-                PplRow(
-                    method=setting.method,
-                    sparsity="dense" if selection is None else selection.method,
-                    target=_target(selection),
-                    length=length,
-                    doc_nll=tuple(float(x) for x in nll),
-                    density=float(np.mean(density[start_layer:])),
-                    layer_density=tuple(float(x) for x in density.mean(axis=1)),
-                    seconds=seconds[key],
-                )
-            )
+            rows.append(_row(setting, length, nll, density, start_layer=start_layer, seconds=seconds[key]))
     return EvalResult(
         rows=tuple(rows),
         config=config.to_dict() | {"start_layer": start_layer},
-        environment=_environment(),
+        environment=_environment() | {"block_sparse_attention": kernels},
         num_docs={length: len(tokens) for length, tokens in windows.items()},
         title=f"{Path(config.model).name}, {', '.join(Path(p).name for p in config.data)}",
     )
@@ -338,7 +327,8 @@ class _Models:
             seer_config = SeerConfig(
                 gate=self.gate_config,
                 selection=setting.selection,
-                source=setting.method,
+                # Keeping every block, no source is consulted: any one builds that forward.
+                source="gate" if setting.selection.is_dense else setting.method,
                 start_layer=self.start_layer,
                 seed=self.seed,
             )
@@ -348,10 +338,48 @@ class _Models:
         return self._built[setting]
 
 
-def _target(selection: Selection | None) -> float | None:
+def _windows(config: EvalConfig, *, vocab_size: int) -> dict[int, np.ndarray]:
+    """length → [n, length] int32 evaluation windows (`train.data.eval_windows`) of the tokenized data."""
+    corpus = load_corpus(
+        CorpusConfig(
+            paths=tuple(Path(p) for p in config.data),
+            tokenizer_dir=Path(config.tokenizer_dir or config.model),
+            text_field=config.text_field,
+            cache_dir=config.cache_dir,
+        )
+    )
+    windows = {length: eval_windows(corpus, length=length, num_docs=config.num_docs) for length in config.lengths}
+    for length, tokens in windows.items():
+        if len(tokens) < config.num_docs:
+            log.warning("only %d documents hold %d tokens (asked for %d)", len(tokens), length, config.num_docs)
+        if tokens.max() >= vocab_size:
+            raise ValueError(
+                f"tokenizer: token id {tokens.max()} is outside the model's vocabulary ({vocab_size}); "
+                "pass the model's tokenizer (tokenizer_dir)"
+            )
+    return windows
+
+
+def _row(
+    setting: Setting, length: int, nll: np.ndarray, density: np.ndarray, *, start_layer: int, seconds: float
+) -> PplRow:
+    """A result row from per-document NLLs [n] and the density table [L, N]."""
+    selection = setting.selection
     if selection is None:
-        return None
-    return selection.nz_ratio if selection.method == "nz_ratio" else selection.threshold
+        sparsity, target = "dense", None
+    else:
+        sparsity = selection.method
+        target = selection.nz_ratio if selection.method == "nz_ratio" else selection.threshold
+    return PplRow(
+        method=setting.method,
+        sparsity=sparsity,
+        target=target,
+        length=length,
+        doc_nll=tuple(float(x) for x in nll),
+        density=float(np.mean(density[start_layer:])),
+        layer_density=tuple(float(x) for x in density.mean(axis=1)),
+        seconds=seconds,
+    )
 
 
 def _batches(tokens: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -376,6 +404,15 @@ def _dense_nll(model: CausalLM, tokens: jax.Array) -> jax.Array:
 def _sparse_nll(model: SeerCausalLM, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     logits, density = logits_and_density(model, tokens)  # [B, T, V], [L, N]
     return _mean_nll(logits, tokens), density
+
+
+def _sparse_kernel(model_config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> str:
+    """Which implementation ("mosaic" or "reference") `block_sparse_attention` ran for this length."""
+    num_blocks = -(-length // BLOCK_SIZE)
+    q = jax.ShapeDtypeStruct((batch, length, model_config.num_q_heads, model_config.head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((batch, length, model_config.num_kv_heads, model_config.head_dim), dtype)
+    mask = jax.ShapeDtypeStruct((batch, model_config.num_q_heads, num_blocks, num_blocks), jnp.bool_)
+    return block_sparse_attention_implementation(q, kv, kv, block_mask=mask)
 
 
 def _environment() -> dict[str, Any]:

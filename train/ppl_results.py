@@ -46,7 +46,8 @@ class PplRow:
       doc_nll: per document, the mean NLL (nats) of its L − 1 predictions.
       density: achieved causal block density, mean over the sparse layers (>= start_layer) and heads; 1 for dense.
       layer_density: per layer (all layers), the density averaged over heads.
-      seconds: wall time of this row's batches, compilation included.
+      seconds: wall time of the forwards behind this row, compilation included (the rows that keep every block
+        share one forward, and its time).
     """
 
     method: str
