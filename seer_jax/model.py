@@ -287,6 +287,13 @@ class CausalLM(nnx.Module):
             )
         )
 
+    def unembed(self, hidden: jax.Array) -> jax.Array:
+        """The last decoder layer's output [B, T, D] → final norm → `lm_head` (or the tied embedding) → [B, T, V]."""
+        hidden = self.model.norm(hidden)
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden)  # [B, T, V]
+        return self.lm_head(hidden)  # [B, T, V]
+
     def __call__(
         self,
         tokens: jax.Array,
@@ -343,13 +350,7 @@ class CausalLM(nnx.Module):
             hidden, (key, value) = call_layer(layer, hidden, positions, key_mask, layer_cache, cache_index)
             keys.append(key)
             values.append(value)
-        hidden = self.model.norm(hidden)
-        if last_only:
-            hidden = hidden[:, -1:]  # [B, 1, D]
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(hidden)  # [B, T, V]
-        else:
-            logits = self.lm_head(hidden)  # [B, T, V]
+        logits = self.unembed(hidden[:, -1:] if last_only else hidden)  # [B, T, V] (or [B, 1, V])
 
         if cache is None:
             new_cache = KVCache(

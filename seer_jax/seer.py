@@ -24,9 +24,11 @@ real block rows dense. As in the official code, TopK keeps k = f(nz_ratio, J) bl
 the padded length, so the shorter rows of a padded batch come out denser. Padding positions get finite garbage, as
 in the dense model. `attention_mask` must be left padding (False only before a row's first real token).
 
-Reporting and distillation (both are plain functions over a `SeerCausalLM`; call them eagerly or inside a jit):
+Reporting and distillation (plain functions over a `SeerCausalLM`; call them eagerly or inside a jit):
     block_density(model, tokens, attention_mask=None) → f32 [L, N]: the causal block density each layer and head
         computed (over real query blocks of every row; 1.0 for dense layers).
+    logits_and_density(model, tokens, attention_mask=None) → (logits, density): the model's logits and
+        `block_density` from one prefill (perplexity at a measured density).
     distillation_inputs(model, tokens, attention_mask=None) → (features, targets): per layer the gate's
         `GateFeatures` and the true pooled attention map f32 [B, N, I, J] (its distillation target, SEER_SPEC §2.1),
         from one dense forward whose attention is `attention_with_pooling` (the base model's outputs, unchanged).
@@ -355,9 +357,10 @@ def _prefill_layers(
     tokens: jax.Array,
     attention_mask: jax.Array | None,
     attention: Callable[[SeerAttention, jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, Any]],
-) -> list[Any]:
+) -> tuple[jax.Array, list[Any]]:
     """Runs the decoder layers as `CausalLM.__call__` does without a cache, with `attention(self_attn, normed
-    hidden, positions, key_mask) -> (output, extra)` in place of the attention; returns each layer's extra."""
+    hidden, positions, key_mask) -> (output, extra)` in place of the attention; returns the last layer's output
+    [B, T, D] (before the final norm) and each layer's extra."""
     if not isinstance(model, SeerCausalLM):
         raise ValueError(f"expected a SeerCausalLM, got {type(model).__name__}")
     token_mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)  # [B, T]
@@ -370,7 +373,7 @@ def _prefill_layers(
         hidden = hidden + out
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         extras.append(extra)
-    return extras
+    return hidden, extras
 
 
 def _last_rows_of_each_row(lengths: jax.Array, num_blocks: int) -> jax.Array:
@@ -402,6 +405,23 @@ def block_density(model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Ar
     Counts the query blocks holding real tokens of each row, pooled over the batch; 1.0 in dense layers.
     tokens: int [B, T]; attention_mask: bool [B, T] left padding, or None.
     """
+    _, densities = _prefill_with_density(model, tokens, attention_mask)
+    return jnp.stack(densities)  # [L, N]
+
+
+def logits_and_density(
+    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """`model(tokens, attention_mask=attention_mask)[0]` and `block_density(model, tokens, attention_mask)` from one
+    prefill: logits [B, T, V] in the compute dtype and f32 [L, N]."""
+    hidden, densities = _prefill_with_density(model, tokens, attention_mask)
+    return model.unembed(hidden), jnp.stack(densities)  # [B, T, V], [L, N]
+
+
+def _prefill_with_density(
+    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None
+) -> tuple[jax.Array, list[jax.Array]]:
+    """The last layer's output [B, T, D] and each layer's density f32 [N] (see `block_density`)."""
     batch, length = tokens.shape
     lengths = jnp.full((batch,), length) if attention_mask is None else jnp.sum(attention_mask.astype(bool), axis=-1)
 
@@ -409,7 +429,7 @@ def block_density(model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Ar
         out, _, block_mask = self_attn.prefill(normed, positions, key_mask=key_mask)
         return out, _real_block_density(block_mask, lengths)
 
-    return jnp.stack(_prefill_layers(model, tokens, attention_mask, attention))  # [L, N]
+    return _prefill_layers(model, tokens, attention_mask, attention)
 
 
 def distillation_inputs(
@@ -425,7 +445,7 @@ def distillation_inputs(
         out, _, features, target = self_attn.prefill_with_target(normed, positions, key_mask=key_mask)
         return out, (features, target)
 
-    per_layer = _prefill_layers(model, tokens, attention_mask, attention)
+    _, per_layer = _prefill_layers(model, tokens, attention_mask, attention)
     return tuple(features for features, _ in per_layer), tuple(target for _, target in per_layer)
 
 

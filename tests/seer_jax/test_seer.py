@@ -22,6 +22,7 @@ from seer_jax.seer import (
     block_density,
     distillation_inputs,
     gate_logits,
+    logits_and_density,
     seer_from_base,
 )
 from seer_jax.sparsity import Selection
@@ -124,6 +125,15 @@ def test_block_density_report():
     assert density.shape == (TINY.num_layers, TINY.num_q_heads)
     np.testing.assert_array_equal(density[0], 1.0)
     np.testing.assert_allclose(density[1], 0.3, atol=0.02)
+
+
+def test_logits_and_density_equal_the_forward_and_the_report():
+    tokens, mask = padded_batch()
+    seer = seer_model(SPARSE)
+    logits, density = nnx.jit(logits_and_density)(seer, tokens, mask)
+    np.testing.assert_array_equal(density, nnx.jit(block_density)(seer, tokens, mask))
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(forward(seer, tokens, mask))[real], atol=1e-5)
 
 
 def test_threshold_zero_computes_every_real_block():
