@@ -242,6 +242,29 @@ class SeerAttention(Attention):
         )
         return self._project_out(rows.restore(out)), (k_rot, v), features, target
 
+    def prefill_for_training(
+        self, hidden: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], jax.Array, jax.Array]:
+        """A causal forward for fine-tuning with SeerAttention (SEER_SPEC §8): unpadded rows only.
+
+        The output [B, T, D] is block-sparse (dense below `start_layer`) and differentiable in q, k, v; the blocks
+        come from the gate's logits, which see detached q/k (the LM loss never reaches the gate, and the TopK mask
+        is not differentiable). Also returns the rotated keys and values, the gate logits f32 [B, N, I, J] (for
+        the gate's distillation loss) and their target, the true pooled attention map f32 [B, N, I, J] (detached).
+        """
+        q, k, v = self.project_qkv(hidden)  # pre-RoPE: [B, T, N, H], [B, T, K, H], [B, T, K, H]
+        q_rot, k_rot = apply_rope(q, positions, self.rope), apply_rope(k, positions, self.rope)
+        logits = self.attn_gate(q, k)  # [B, N, I, J]; `pool` detaches q and k
+        _, target = jax.lax.stop_gradient(
+            attention_with_pooling(q_rot, k_rot, v, block_size=self.seer_config.gate.block_size)
+        )
+        if self.is_sparse:
+            block_mask = select_blocks(jax.lax.stop_gradient(logits), self.seer_config.selection)
+            out = block_sparse_attention(q_rot, k_rot, v, block_mask=block_mask)  # [B, T, N, H]
+        else:
+            out = self.attend(q_rot, k_rot, v, causal=True, key_mask=None)  # [B, T, N, H]
+        return self._project_out(out), (k_rot, v), logits, target
+
     def _project_out(self, out: jax.Array) -> jax.Array:
         """Attention output [B, T, N, H] → o_proj → [B, T, D]."""
         batch, length = out.shape[:2]
@@ -447,6 +470,21 @@ def distillation_inputs(
 
     _, per_layer = _prefill_layers(model, tokens, attention_mask, attention)
     return tuple(features for features, _ in per_layer), tuple(target for _, target in per_layer)
+
+
+def sparse_training_forward(
+    model: SeerCausalLM, tokens: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Logits [B, T, V] of the block-sparse model, and per layer the gate logits and their pooled-attention targets
+    (see `SeerAttention.prefill_for_training`): everything the fine-tuning loss needs, from one forward."""
+
+    def attention(self_attn, normed, positions, key_mask):
+        del key_mask  # unpadded rows only
+        out, _, logits, target = self_attn.prefill_for_training(normed, positions)
+        return out, (logits, target)
+
+    hidden, per_layer = _prefill_layers(model, tokens, None, attention)
+    return model.unembed(hidden), tuple(lg for lg, _ in per_layer), tuple(tg for _, tg in per_layer)
 
 
 def gate_logits(model: SeerCausalLM, features: Sequence[GateFeatures]) -> tuple[jax.Array, ...]:
