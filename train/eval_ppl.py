@@ -208,7 +208,7 @@ class EvalTask:
         return f"L={self.length} {self.setting.label} [{self.batch + 1}/{self.num_batches}]"
 
 
-def settings_for(config: EvalConfig) -> list[Setting]:
+def _settings(config: EvalConfig) -> list[Setting]:
     """The (method, selection) pairs `evaluate` runs, in order: dense, then each method's nz_ratios, thresholds."""
     settings = []
     for method in config.methods_to_run:
@@ -252,7 +252,7 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
         )
 
     windows = _windows(config, vocab_size=model_config.vocab_size)
-    settings = settings_for(config)
+    settings = _settings(config)
     forwards = list(dict.fromkeys(setting.computed_as for setting in settings))
     models = _Models(base, adapter, start_layer=start_layer, seed=config.seed)
     batches = {length: _batches(tokens, config.batch_size) for length, tokens in windows.items()}

@@ -156,14 +156,15 @@ class EvalResult:
                     (r for r in rows if (r.method, r.sparsity) == (method, sparsity)), key=lambda r: r.density
                 )
                 color, marker = _STYLE.get(method, ("black", "."))
-                label = method if sparsity == "nz_ratio" else f"{method} ({sparsity})"
+                topk = sparsity == "nz_ratio"
                 axis.plot(
                     [r.density for r in series],
                     [r.ppl for r in series],
                     color=color,
-                    marker=marker,
-                    linestyle="-" if sparsity == "nz_ratio" else ":",
-                    label=label,
+                    marker=marker if topk else "D",
+                    markerfacecolor=color if topk else "none",
+                    linestyle="-" if topk else ":",
+                    label=method if topk else f"{method} ({sparsity})",
                 )
             dense = self.dense_ppl(length)
             if dense is not None:
