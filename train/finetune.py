@@ -118,6 +118,10 @@ class FinetuneConfig:
             raise ValueError(
                 f"attention_implementation: {self.attention_implementation!r} is not one of {IMPLEMENTATIONS}"
             )
+        if self.attention_implementation == "cudnn" and self.compute_dtype != "bfloat16":
+            raise ValueError(
+                "attention_implementation: cudnn runs in bf16/fp16 only; use compute_dtype bfloat16 (or xla attention)"
+            )
         if self.export_dtype not in EXPORT_DTYPES:
             raise ValueError(f"export_dtype: {self.export_dtype!r} is not one of {EXPORT_DTYPES}")
         if self.export_hf_dir is not None and Path(self.export_hf_dir).exists():

@@ -200,14 +200,10 @@ def run_training(
                     metrics_file.flush()
                     window_tokens, window_start = 0, time.perf_counter()
                 if diverged:
-                    kept = (
-                        "no checkpoint was saved yet"
-                        if checkpoint_step is None
-                        else (f"the last good checkpoint is step {checkpoint_step} in {checkpointer.directory}")
-                    )
                     raise TrainingDivergedError(
-                        f"step {step}: {diverged}; stopped without saving this state ({kept}). Lower the learning "
-                        "rate or check the data, then resume"
+                        f"step {step}: {diverged}; stopped without saving this state "
+                        f"({_last_good(checkpoint_step, checkpointer.directory)}). Lower the learning rate or check "
+                        "the data, then resume"
                     )
                 if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
                     checkpointer.save(state, data=batch_position, elapsed_seconds=last_record.elapsed_seconds)
@@ -248,6 +244,12 @@ def _truncate_metrics(path: Path, *, after_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _last_good(checkpoint_step: int | None, directory: Path) -> str:
+    if checkpoint_step is None:
+        return "no checkpoint was saved yet"
+    return f"the last good checkpoint is step {checkpoint_step} in {directory}"
 
 
 def _divergence(metrics: dict[str, float]) -> str | None:

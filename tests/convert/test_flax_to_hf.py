@@ -75,7 +75,8 @@ def test_hf_converted_hf_round_trip_is_exact(tmp_path, name):
     assert exported_config == {**original_config, "dtype": "float32"}
 
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
-    np.testing.assert_array_equal(torch_logits(reloaded), torch_logits(reference))
+    # Same weights, same torch code: equal up to the last bits (MKL's results may depend on buffer alignment).
+    np.testing.assert_allclose(torch_logits(reloaded), torch_logits(reference), rtol=1e-6, atol=1e-6)
 
 
 def random_model(hf_config: dict) -> CausalLM:

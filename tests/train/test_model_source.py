@@ -77,7 +77,7 @@ def test_preset_takes_vocabulary_and_special_tokens_from_the_tokenizer(tokenizer
     config = preset_config("demo-llama", tokenizer)
     assert (config["vocab_size"], config["bos_token_id"], config["eos_token_id"]) == (512, 0, 1)
     model_config = ModelConfig.from_hf(config)
-    assert (model_config.num_layers, model_config.hidden_size, model_config.head_dim) == (4, 256, 64)
+    assert (model_config.num_layers, model_config.hidden_size, model_config.head_dim) == (4, 128, 64)
     assert (model_config.num_q_heads, model_config.num_kv_heads) == (4, 2)
     with pytest.raises(ValueError, match="preset"):
         preset_config("no-such-preset", tokenizer)
