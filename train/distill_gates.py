@@ -1,22 +1,40 @@
-"""Train SeerAttention gates on a frozen model: `python -m train.distill_gates`.
+"""Train SeerAttention gates on a frozen model: `python -m train.distill_gates` (the product's main job).
 
-    python -m train.distill_gates --model DIR --data FILES... [--seq-len 8192 --steps 500 --out runs/gates]
+    python -m train.distill_gates --model DIR --data FILES... --out DIR [--seq-len 8192 --steps 500 ...]
 
 distils AttnGates for the model (Hugging Face or converted directory) on local text data (see `train.documents`)
 and writes the gate adapter to `OUT/adapter` (load it with `seer_jax.adapters.load_seer_model`). Checkpoints,
 `metrics.jsonl` and resume (`--resume`) as in every trainer of this project; SIGINT/SIGTERM save and stop.
+`--eval-data FILES` then measures perplexity vs. block density (`train.eval_ppl`) into `OUT/eval`.
+
+With no `--model`, it runs the embedded demo end to end, with no download: a small Llama pretrained on the
+running interpreter's standard-library sources (`train.demo_model`, cached in `--demo-cache`, default
+~/.cache/seer-jax/demo), gate distillation on the same corpus, and the perplexity-vs-density table (gates against
+the oracle and the training-free baselines) on held-out standard-library modules, written to `OUT/eval` (default
+DEMO_CACHE/distill; a previous demo run there is replaced).
 """
 
 import argparse
+import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 import jax
+from tqdm import tqdm
 
 from seer_jax.gate import GateConfig
-from train.distill import DistillConfig, DistillResult, distill
+from train.demo_corpus import DemoCorpusConfig, build_demo_corpus
+from train.demo_model import DemoModelConfig, pretrain_demo_model
+from train.distill import ADAPTER_DIR, DistillConfig, DistillResult, distill
+from train.eval_ppl import EvalConfig, evaluate
 from train.finetune import progress_bar
 from train.trainer import TrainingDivergedError
+
+# The embedded demo: distil and evaluate at 1024 tokens (16 blocks per row; the demo model trains at 512 tokens, so
+# this also exercises positions beyond its training length, within its 2048 maximum).
+DEMO_DISTILL = dict(seq_len=1024, batch_size=4, steps=80, warmup_steps=8, gate_hidden_size=64)
+DEMO_EVAL = dict(lengths=(1024,), num_docs=8, nz_ratios=(0.5, 0.3, 0.2), thresholds=(0.02,))
 
 log = logging.getLogger("train.distill_gates")
 
@@ -34,7 +52,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser, defaults: DistillConf
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (SPEC §3.3: 1e-3)")
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps if d else 20, help="linear warm-up")
     parser.add_argument("--gate-type", default="Qavg_Kmaxminavg", help="Q<ops>_K<ops> with ops from max, min, avg")
-    parser.add_argument("--gate-hidden-size", type=int, default=128, help="gate hidden size E")
+    parser.add_argument("--gate-hidden-size", type=int, default=128, help="gate hidden size E (128: as released)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="base model dtype")
     parser.add_argument("--seed", type=int, default=0, help="gate init and data order")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
@@ -80,19 +98,86 @@ def run_distillation(config: DistillConfig) -> DistillResult:
     return result
 
 
+def run_evaluation(config: EvalConfig, out_dir: Path) -> None:
+    """Perplexity vs. density with a progress bar; writes `out_dir` and prints the markdown table."""
+    log.info("%s", config)
+    with tqdm(desc="eval", unit="forward", dynamic_ncols=True) as bar:
+
+        def progress(tasks):
+            bar.reset(total=len(tasks))
+            for task in tasks:
+                yield task
+                bar.update()
+
+        result = evaluate(config, progress=progress)
+    paths = result.write(out_dir)
+    print(result.to_markdown(), flush=True)
+    log.info("wrote %s", ", ".join(str(path) for path in paths.values()))
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """The embedded default: pretrain (cached) → distil → evaluate, on the standard-library corpus."""
+    cache = args.demo_cache
+    log.info("demo: pretraining (or reusing) the small Llama in %s", cache)
+    bar, on_step = progress_bar(DemoModelConfig(cache_dir=cache).steps)
+    with bar:
+        demo = pretrain_demo_model(DemoModelConfig(cache_dir=cache), on_step=on_step)
+    log.info("demo model %s: held-out perplexity %.1f", demo.model_dir, demo.eval_perplexity)
+    corpus = build_demo_corpus(DemoCorpusConfig(cache_dir=cache / "corpus"))
+    out = args.out or cache / "distill"
+    if out.exists() and not args.resume:
+        shutil.rmtree(out)
+    config = distill_config_from_args(args, model=demo.model_dir, data=(corpus.train_path,), out=out)
+    config = dataclasses.replace(config, cache_dir=args.corpus_cache or cache / "tokens", dtype="float32")
+    run_distillation(config)
+    eval_config = EvalConfig(
+        model=demo.model_dir,
+        data=(corpus.eval_path,),
+        gates=out / ADAPTER_DIR,
+        cache_dir=config.cache_dir,
+        seed=args.seed,
+        **DEMO_EVAL,
+    )
+    run_evaluation(eval_config, out / "eval")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.distill_gates", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="base model directory (HF or converted)")
-    parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics, adapter)")
+    parser.add_argument("--model", type=Path, help="base model directory (HF or converted); none: the demo")
+    parser.add_argument("--out", type=Path, help="run directory (checkpoints, metrics, adapter, eval)")
+    parser.add_argument("--eval-data", type=Path, nargs="+", help="held-out documents: evaluate PPL vs. density")
+    parser.add_argument("--eval-lengths", type=int, nargs="+", default=[2048, 8192], help="evaluation lengths L")
+    demo_cache = Path.home() / ".cache" / "seer-jax" / "demo"
+    parser.add_argument("--demo-cache", type=Path, default=demo_cache, help="the demo's model and corpus cache")
     add_distill_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
     log.setLevel(logging.INFO)
-    if not args.data:
-        parser.error("--data is required")
     try:
+        if args.model is None:
+            if args.data:
+                parser.error("--data needs --model (without --model the embedded demo runs on its own corpus)")
+            for name, value in DEMO_DISTILL.items():
+                if getattr(args, name) == parser.get_default(name):
+                    setattr(args, name, value)
+            run_demo(args)
+            return
+        if not args.data or args.out is None:
+            parser.error("--model needs --data and --out")
         config = distill_config_from_args(args, model=args.model, data=tuple(args.data), out=args.out)
         run_distillation(config)
+        if args.eval_data:
+            eval_config = EvalConfig(
+                model=args.model,
+                data=tuple(args.eval_data),
+                gates=args.out / ADAPTER_DIR,
+                tokenizer_dir=args.tokenizer_dir,
+                text_field=args.text_field,
+                cache_dir=args.corpus_cache,
+                lengths=tuple(args.eval_lengths),
+                seed=args.seed,
+            )
+            run_evaluation(eval_config, args.out / "eval")
     except (ValueError, OSError, TrainingDivergedError) as error:
         raise SystemExit(f"error: {error}") from None
 
