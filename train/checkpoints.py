@@ -40,7 +40,7 @@ class TrainCheckpointer:
     """Saves and restores training checkpoints under `out_dir/checkpoints`, keeping the last `keep`.
 
     Saving is asynchronous: `save` returns once the arrays are copied off the device, so the next step may donate
-    their buffers; `wait` (and `close`) block until the writes are on disk. Use as a context manager.
+    their buffers; `close` blocks until the writes are on disk. Use as a context manager.
     """
 
     def __init__(self, out_dir: Path, *, keep: int):
@@ -57,9 +57,6 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         """The newest completed step, or None when there is none."""
         return self._manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
 
     def save(self, state: TrainState, *, data: LoaderState, elapsed_seconds: float) -> None:
         """Saves `state` as checkpoint number `state.step`."""
@@ -81,10 +78,6 @@ class TrainCheckpointer:
             rng=jax.random.wrap_key_data(tree["rng"], impl=jax.random.key_impl(template.rng)),
         )
         return Restored(state=state, data=LoaderState(**meta["data"]), elapsed_seconds=float(meta["elapsed_seconds"]))
-
-    def wait(self) -> None:
-        """Blocks until every started save is on disk."""
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
