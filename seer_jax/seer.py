@@ -49,7 +49,7 @@ from pallas_kernels.attention_with_pooling import attention_with_pooling
 from pallas_kernels.block_sparse_attention import BLOCK_SIZE, block_sparse_attention
 from seer_jax import baselines
 from seer_jax.config import ModelConfig
-from seer_jax.gate import AttnGate, GateConfig, GateFeatures
+from seer_jax.gate import AttnGate, GateConfig, GateFeatures, GateParam
 from seer_jax.model import Attention, CausalLM, positions_from_mask
 from seer_jax.rope import apply_rope
 from seer_jax.sparsity import NUM_DENSE_LAST_ROWS, Selection, causal_block_mask, select_blocks
@@ -358,6 +358,22 @@ def seer_with_abstract_gates(base: CausalLM, seer_config: SeerConfig) -> SeerCau
     )
     nnx.update(seer, nnx.state(base, nnx.Param))
     return seer
+
+
+def base_of(model: SeerCausalLM) -> CausalLM:
+    """A plain `CausalLM` holding `model`'s base weights (the same arrays) and no gates: to save or export it."""
+    attention = model.model.layers[0].self_attn
+    base = nnx.eval_shape(
+        lambda: CausalLM(
+            model.config,
+            attention_implementation=attention.attention_implementation,
+            dtype=attention.q_proj.dtype,
+            param_dtype=attention.q_proj.kernel.get_value().dtype,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    nnx.update(base, nnx.state(model, nnx.All(nnx.Param, nnx.Not(GateParam))))
+    return base
 
 
 def seer_from_base(

@@ -23,6 +23,12 @@ Output directory (`--out`):
     checkpoints/       training checkpoints (`train.checkpoints`); `--resume` continues from the newest
     metrics.jsonl      per-step metrics (`train.trainer`)
     model/             the trained model as a converted directory (float32), written once `--steps` are done
+    adapter/           SeerAttention mode: the trained gates (`seer_jax.adapters`)
+
+SeerAttention mode (SEER_SPEC §8): `--seer-gates ADAPTER` attaches distilled gates (`train.distill_gates`) and
+trains with block-sparse attention at `--nz-ratio` (TopK, 0.5 by default): every weight trains with the LM loss,
+and the gates also with `--gate-loss-scale` (10) × their distillation loss against the true pooled attention
+(`train.lm_loss.seer_next_token_loss`). The base weights go to `model/` as usual and the gates to `adapter/`.
 
 `--export-hf DIR` also writes the trained model as a Hugging Face directory (`seer_jax.hf_export`). SIGINT/SIGTERM
 stop after the current step with a checkpoint saved; rerun with `--resume` to continue. A NaN/inf loss stops the
@@ -44,13 +50,16 @@ import jax.numpy as jnp
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from seer_jax.adapters import attach_gates, read_adapter, save_adapter
 from seer_jax.attention import IMPLEMENTATIONS
 from seer_jax.checkpoint import save_converted
 from seer_jax.config import ModelConfig
 from seer_jax.hf_export import EXPORT_DTYPES, save_hf
+from seer_jax.seer import base_of
+from seer_jax.sparsity import Selection
 from train.checkpoints import CHECKPOINTS_DIR
 from train.data import LoaderConfig, PackedLoader
-from train.lm_loss import next_token_loss
+from train.lm_loss import next_token_loss, seer_next_token_loss
 from train.model_source import PRESETS, YarnConfig, apply_yarn, build_model, preset_config, read_hf_config
 from train.optimizer import SCHEDULES, OptimizerConfig, build_optimizer
 from train.token_corpus import CorpusConfig, load_corpus, load_tokenizer
@@ -59,9 +68,29 @@ from train.trainer import StepRecord, TrainingDivergedError, TrainLoopConfig, Tr
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
 MODEL_SUBDIR = "model"
+ADAPTER_SUBDIR = "adapter"
 RUN_CONFIG_FILE = "finetune.json"
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SeerTuning:
+    """SeerAttention fine-tuning. gates: a gate adapter directory for the model (e.g. from `train.distill_gates`).
+    nz_ratio: TopK causal block density of the sparse attention. gate_loss_scale: weight of the gates' loss.
+    """
+
+    gates: Path
+    nz_ratio: float = 0.5
+    gate_loss_scale: float = 10.0
+
+    def __post_init__(self):
+        if not Path(self.gates).is_dir():
+            raise ValueError(f"gates: {self.gates} is not a directory; pass a gate adapter (train.distill_gates)")
+        if not 0.0 < self.nz_ratio <= 1.0:
+            raise ValueError(f"nz_ratio: {self.nz_ratio} must be in (0, 1]")
+        if self.gate_loss_scale <= 0:
+            raise ValueError(f"gate_loss_scale: {self.gate_loss_scale} must be positive")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,6 +112,7 @@ class FinetuneConfig:
       seed: random init (from scratch) and the run's PRNG key.
       export_hf_dir: write the trained model there as an HF directory (must not exist), or None.
       export_dtype: the exported weights' dtype.
+      seer: SeerAttention mode (gates and block-sparse attention), or None for dense training.
     """
 
     model_dir: Path | None = None
@@ -99,6 +129,7 @@ class FinetuneConfig:
     seed: int = 0
     export_hf_dir: Path | None = None
     export_dtype: str = "bfloat16"
+    seer: SeerTuning | None = None
 
     def __post_init__(self):
         sources = [name for name in ("model_dir", "init_config", "preset") if getattr(self, name) is not None]
@@ -126,6 +157,8 @@ class FinetuneConfig:
             raise ValueError(f"export_dtype: {self.export_dtype!r} is not one of {EXPORT_DTYPES}")
         if self.export_hf_dir is not None and Path(self.export_hf_dir).exists():
             raise ValueError(f"export_hf_dir: {self.export_hf_dir} already exists; choose a new directory or remove it")
+        if self.seer is not None and self.remat:
+            raise ValueError("remat: not available in SeerAttention mode (its training forward is not rematerialised)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -174,11 +207,19 @@ def finetune(
         param_dtype=jnp.float32,
         attention_implementation=config.attention_implementation,
     )
+    if config.seer is not None:
+        adapter = read_adapter(config.seer.gates)
+        selection = Selection(method="nz_ratio", nz_ratio=config.seer.nz_ratio)
+        seer_config = dataclasses.replace(adapter.seer_config, selection=selection, source="gate")
+        model = attach_gates(model, dataclasses.replace(adapter, seer_config=seer_config))
+        default_loss = functools.partial(seer_next_token_loss, gate_loss_scale=config.seer.gate_loss_scale)
+    else:
+        default_loss = functools.partial(next_token_loss, remat=config.remat)
     corpus = load_corpus(config.corpus)
     optimizer, schedule = build_optimizer(config.optimizer, config.loop.total_steps)
     result = fit(
         model,
-        loss_fn=loss_fn or functools.partial(next_token_loss, remat=config.remat),
+        loss_fn=loss_fn or default_loss,
         optimizer=optimizer,
         config=config.loop,
         make_loader=lambda state: PackedLoader(corpus, config.loader, state=state),
@@ -190,6 +231,11 @@ def finetune(
         return FinetuneResult(train=result, model_dir=None, hf_dir=None)
     model_dir = out_dir / MODEL_SUBDIR
     shutil.rmtree(model_dir, ignore_errors=True)  # a resumed run that went further replaces the earlier model
+    if config.seer is not None:
+        adapter_dir = out_dir / ADAPTER_SUBDIR
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        save_adapter(model, adapter_dir, base_model=str(model_dir))
+        model = base_of(model)
     save_converted(model, model_dir, hf_dir=out_dir)
     if config.export_hf_dir is not None:
         save_hf(model, hf_config, config.export_hf_dir, dtype=config.export_dtype, copy_from=out_dir)
@@ -284,6 +330,9 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         seed=args.seed,
         export_hf_dir=args.export_hf,
         export_dtype=args.export_dtype,
+        seer=None
+        if args.seer_gates is None
+        else SeerTuning(gates=args.seer_gates, nz_ratio=args.nz_ratio, gate_loss_scale=args.gate_loss_scale),
     )
 
 
@@ -328,6 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--export-hf", type=Path, help="also write the trained model as an HF directory here")
     parser.add_argument("--export-dtype", choices=EXPORT_DTYPES, default="bfloat16", help="dtype of the HF export")
+    parser.add_argument("--seer-gates", type=Path, help="gate adapter: train with SeerAttention (block-sparse)")
+    parser.add_argument("--nz-ratio", type=float, default=0.5, help="SeerAttention TopK block density (SPEC §8: 0.5)")
+    parser.add_argument("--gate-loss-scale", type=float, default=10.0, help="weight of the gates' distillation loss")
     args = parser.parse_args(argv)
     # force: an imported library may have configured the root logger already. The root stays at WARNING, so only
     # this CLI's own INFO lines are shown, not the libraries'.

@@ -13,6 +13,8 @@ import optax
 from flax import nnx
 
 from seer_jax.model import CausalLM
+from seer_jax.seer import SeerCausalLM, sparse_training_forward
+from train.distill import gate_kl_loss
 from train.train_step import Metrics
 
 
@@ -26,6 +28,22 @@ def next_token_loss(
     del rng
     logits, _ = model(tokens, remat=remat)  # [B, T, V]
     return _cross_entropy(logits, tokens).mean(), {}
+
+
+def seer_next_token_loss(
+    model: SeerCausalLM, tokens: jax.Array, rng: jax.Array, *, gate_loss_scale: float
+) -> tuple[jax.Array, Metrics]:
+    """The SeerAttention fine-tuning loss (SEER_SPEC §8): next-token cross-entropy of the block-sparse model plus
+    `gate_loss_scale` × the gates' distillation loss against the true pooled attention (`train.distill`).
+
+    The gates see detached q/k and their TopK masks are not differentiable, so the LM loss trains the base model
+    and the gate loss trains the gates only.
+    """
+    del rng
+    logits, gate_logits, targets = sparse_training_forward(model, tokens)  # [B, T, V], per layer [B, N, I, J]
+    lm_loss = _cross_entropy(logits, tokens).mean()
+    gate_loss, _ = gate_kl_loss(gate_logits, targets, scale=gate_loss_scale)
+    return lm_loss + gate_loss, {"lm_loss": lm_loss, "gate_loss": gate_loss}
 
 
 def evaluate_loss(model: CausalLM, windows: np.ndarray, *, batch_size: int) -> float:
