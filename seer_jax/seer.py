@@ -396,21 +396,28 @@ def _prefill_layers(
     tokens: jax.Array,
     attention_mask: jax.Array | None,
     attention: Callable[[SeerAttention, jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, Any]],
+    *,
+    remat: bool = False,
 ) -> tuple[jax.Array, list[Any]]:
     """Runs the decoder layers as `CausalLM.__call__` does without a cache, with `attention(self_attn, normed
     hidden, positions, key_mask) -> (output, extra)` in place of the attention; returns the last layer's output
-    [B, T, D] (before the final norm) and each layer's extra."""
+    [B, T, D] (before the final norm) and each layer's extra. `remat` recomputes each layer in a backward pass."""
     if not isinstance(model, SeerCausalLM):
         raise ValueError(f"expected a SeerCausalLM, got {type(model).__name__}")
     token_mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)  # [B, T]
     key_mask = None if attention_mask is None else token_mask
     positions = positions_from_mask(token_mask)  # [B, T]
     hidden = model.model.embed_tokens(tokens)  # [B, T, D]
-    extras = []
-    for layer in model.model.layers:
+
+    def layer_forward(layer, hidden, positions, key_mask):
         out, extra = attention(layer.self_attn, layer.input_layernorm(hidden), positions, key_mask)
         hidden = hidden + out
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), extra  # [B, T, D]
+
+    step = nnx.remat(layer_forward) if remat else layer_forward
+    extras = []
+    for layer in model.model.layers:
+        hidden, extra = step(layer, hidden, positions, key_mask)
         extras.append(extra)
     return hidden, extras
 
@@ -489,17 +496,18 @@ def distillation_inputs(
 
 
 def sparse_training_forward(
-    model: SeerCausalLM, tokens: jax.Array
+    model: SeerCausalLM, tokens: jax.Array, *, remat: bool = False
 ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """Logits [B, T, V] of the block-sparse model, and per layer the gate logits and their pooled-attention targets
-    (see `SeerAttention.prefill_for_training`): everything the fine-tuning loss needs, from one forward."""
+    (see `SeerAttention.prefill_for_training`): everything the fine-tuning loss needs, from one forward. `remat`
+    recomputes each decoder layer in the backward pass (`nnx.remat`): activation memory of one layer, not all."""
 
     def attention(self_attn, normed, positions, key_mask):
         del key_mask  # unpadded rows only
         out, _, logits, target = self_attn.prefill_for_training(normed, positions)
         return out, (logits, target)
 
-    hidden, per_layer = _prefill_layers(model, tokens, None, attention)
+    hidden, per_layer = _prefill_layers(model, tokens, None, attention, remat=remat)
     return model.unembed(hidden), tuple(lg for lg, _ in per_layer), tuple(tg for _, tg in per_layer)
 
 

@@ -10,7 +10,8 @@ The model comes from `--model` (a converted or HF directory, `seer_jax.checkpoin
 at random from `--init-config config.json` or `--preset` (`train.model_source.PRESETS`). `--yarn-factor` rewrites
 its RoPE to YaRN before training (SPEC §8). Every parameter trains, in float32 master weights; the forward and
 backward run in `--dtype` (bfloat16 by default; RMSNorm statistics, attention softmax and the loss stay float32).
-`--remat` recomputes each decoder layer in the backward pass (`nnx.remat`), trading compute for activation memory.
+`--remat` recomputes each decoder layer in the backward pass (`nnx.remat`, dense and SeerAttention mode), trading
+compute for activation memory.
 The optimizer is AdamW with warmup and linear or cosine decay and global-norm clipping (`train.optimizer`); the loss
 is mean next-token cross-entropy over packed rows (`train.lm_loss`), a seam: `finetune(config, loss_fn=...)` trains
 the same model with another loss. Data are packed rows of `train.data`; the loop is `train.trainer`.
@@ -157,8 +158,6 @@ class FinetuneConfig:
             raise ValueError(f"export_dtype: {self.export_dtype!r} is not one of {EXPORT_DTYPES}")
         if self.export_hf_dir is not None and Path(self.export_hf_dir).exists():
             raise ValueError(f"export_hf_dir: {self.export_hf_dir} already exists; choose a new directory or remove it")
-        if self.seer is not None and self.remat:
-            raise ValueError("remat: not available in SeerAttention mode (its training forward is not rematerialised)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -212,7 +211,9 @@ def finetune(
         selection = Selection(method="nz_ratio", nz_ratio=config.seer.nz_ratio)
         seer_config = dataclasses.replace(adapter.seer_config, selection=selection, source="gate")
         model = attach_gates(model, dataclasses.replace(adapter, seer_config=seer_config))
-        default_loss = functools.partial(seer_next_token_loss, gate_loss_scale=config.seer.gate_loss_scale)
+        default_loss = functools.partial(
+            seer_next_token_loss, gate_loss_scale=config.seer.gate_loss_scale, remat=config.remat
+        )
     else:
         default_loss = functools.partial(next_token_loss, remat=config.remat)
     corpus = load_corpus(config.corpus)
@@ -294,9 +295,13 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         raise ValueError("--tokenizer-dir is required when training from scratch (--init-config or --preset)")
     yarn = None
     if args.yarn_factor is not None:
-        yarn = YarnConfig(factor=args.yarn_factor, original_max_position_embeddings=args.yarn_original_max_positions)
-    elif args.yarn_original_max_positions is not None:
-        raise ValueError("--yarn-original-max-positions needs --yarn-factor")
+        yarn = YarnConfig(
+            factor=args.yarn_factor,
+            original_max_position_embeddings=args.yarn_original_max_positions,
+            replace_scaling=args.yarn_replace_scaling,
+        )
+    elif args.yarn_original_max_positions is not None or args.yarn_replace_scaling:
+        raise ValueError("--yarn-original-max-positions and --yarn-replace-scaling need --yarn-factor")
     return FinetuneConfig(
         model_dir=args.model,
         init_config=args.init_config,
@@ -369,6 +374,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--yarn-factor", type=float, help="YaRN context extension factor (SPEC §8: 4)")
     parser.add_argument(
         "--yarn-original-max-positions", type=int, help="context the model was trained for (default: its config's)"
+    )
+    parser.add_argument(
+        "--yarn-replace-scaling",
+        action="store_true",
+        help="replace the model's own RoPE scaling (e.g. Llama-3.1's llama3) by YaRN instead of refusing",
     )
     parser.add_argument("--out", type=Path, required=True, help="run directory")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="save a checkpoint every this many steps")

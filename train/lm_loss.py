@@ -31,16 +31,17 @@ def next_token_loss(
 
 
 def seer_next_token_loss(
-    model: SeerCausalLM, tokens: jax.Array, rng: jax.Array, *, gate_loss_scale: float
+    model: SeerCausalLM, tokens: jax.Array, rng: jax.Array, *, gate_loss_scale: float, remat: bool = False
 ) -> tuple[jax.Array, Metrics]:
     """The SeerAttention fine-tuning loss (SEER_SPEC §8): next-token cross-entropy of the block-sparse model plus
     `gate_loss_scale` × the gates' distillation loss against the true pooled attention (`train.distill`).
 
     The gates see detached q/k and their TopK masks are not differentiable, so the LM loss trains the base model
-    and the gate loss trains the gates only.
+    and the gate loss trains the gates only. `remat` rematerialises each decoder layer.
     """
     del rng
-    logits, gate_logits, targets = sparse_training_forward(model, tokens)  # [B, T, V], per layer [B, N, I, J]
+    # logits [B, T, V]; gate logits and targets per layer [B, N, I, J]
+    logits, gate_logits, targets = sparse_training_forward(model, tokens, remat=remat)
     lm_loss = _cross_entropy(logits, tokens).mean()
     gate_loss, _ = gate_kl_loss(gate_logits, targets, scale=gate_loss_scale)
     return lm_loss + gate_loss, {"lm_loss": lm_loss, "gate_loss": gate_loss}

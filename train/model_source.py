@@ -53,11 +53,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class YarnConfig:
     """factor: context extension (max positions = factor × original). original_max_position_embeddings: the
-    context the model was trained for; None: its config's `max_position_embeddings`.
+    context the model was trained for; None: its config's `max_position_embeddings`. replace_scaling: allow a
+    model whose RoPE is already scaled (Llama-3.1's `llama3`, `linear`) to have that scaling replaced by YaRN.
     """
 
     factor: float
     original_max_position_embeddings: int | None = None
+    replace_scaling: bool = False
 
     def __post_init__(self):
         if not self.factor > 1:
@@ -95,14 +97,17 @@ def apply_yarn(hf_config: Mapping[str, Any], yarn: YarnConfig) -> dict[str, Any]
     """A copy of `hf_config` with YaRN RoPE scaling (SPEC §8) in transformers-5 form.
 
     `rope_parameters` becomes {rope_type: yarn, rope_theta, factor, original_max_position_embeddings} (the legacy
-    `rope_theta` / `rope_scaling` keys are dropped) and `max_position_embeddings` becomes factor × original. The
-    model must use default RoPE: YaRN replaces an existing scaling rather than composing with it.
+    `rope_theta` / `rope_scaling` keys are dropped) and `max_position_embeddings` becomes factor × original.
+
+    YaRN replaces an existing scaling rather than composing with it (HF has no rope type for a composition, and the
+    export must load in transformers), so a model with scaled RoPE needs `yarn.replace_scaling`: its interpolated
+    low frequencies go back to the base `rope_theta` spectrum before YaRN's ramp, which fine-tuning then adapts to.
     """
     model_config = ModelConfig.from_hf(hf_config)
-    if model_config.rope.rope_type != "default":
+    if model_config.rope.rope_type != "default" and not yarn.replace_scaling:
         raise ValueError(
-            f"yarn: the model already scales RoPE ({model_config.rope.rope_type!r}); YaRN extends a model with "
-            "default RoPE (SPEC §8 starts from Meta-Llama-3-8B)"
+            f"yarn: the model already scales RoPE ({model_config.rope.rope_type!r}); YaRN would replace that "
+            "scaling (SPEC §8 starts from Meta-Llama-3-8B, default RoPE): pass --yarn-replace-scaling to do so"
         )
     original = yarn.original_max_position_embeddings or model_config.max_position_embeddings
     out = {

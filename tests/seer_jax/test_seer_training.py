@@ -39,6 +39,28 @@ def test_every_block_kept_matches_the_dense_model_in_logits_and_gradients():
         np.testing.assert_allclose(seer_flat[path].get_value(), grad.get_value(), rtol=2e-4, atol=1e-7)
 
 
+def test_remat_gives_the_same_loss_and_gradients():
+    tokens = jnp.asarray(random_tokens(6, 2, LENGTH))
+    seer = seer_model(SeerConfig(gate=GATE, selection=Selection(nz_ratio=0.5)))
+
+    def loss(model, remat):
+        logits, gate_logits, targets = sparse_training_forward(model, tokens, remat=remat)
+        # masked (above-diagonal) gate logits are -inf: compare the causal ones only
+        pairs = zip(gate_logits, targets, strict=True)
+        gate = sum(jnp.mean(jnp.where(lg > -1e8, lg - tg, 0.0) ** 2) for lg, tg in pairs)
+        return _lm_loss(logits, tokens) + gate
+
+    grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.Param))
+    value, grads = grad_fn(seer, False)
+    remat_value, remat_grads = grad_fn(seer, True)
+    assert np.isfinite(value)
+    np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+    flat = dict(nnx.to_flat_state(grads))
+    assert any(isinstance(v, GateParam) for v in flat.values())  # the gates' gradients are compared too
+    for path, grad in nnx.to_flat_state(remat_grads):
+        np.testing.assert_allclose(grad.get_value(), flat[path].get_value(), rtol=1e-5, atol=1e-8)
+
+
 def test_targets_equal_distillation_inputs_and_lm_loss_never_reaches_the_gates():
     tokens = jnp.asarray(random_tokens(4, 2, LENGTH))
     seer = seer_model(SeerConfig(gate=GATE, selection=Selection(nz_ratio=0.3)))

@@ -42,8 +42,13 @@ def test_yarn_defaults_to_the_configs_context_and_refuses_scaled_rope():
     assert yarn["rope_parameters"]["original_max_position_embeddings"] == 128
     assert yarn["max_position_embeddings"] == 256
     llama31 = {**TINY_HF_CONFIG, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}
-    with pytest.raises(ValueError, match="already scales RoPE"):
+    with pytest.raises(ValueError, match=r"already scales RoPE.*--yarn-replace-scaling"):
         apply_yarn(llama31, YarnConfig(factor=4.0))
+    replaced = apply_yarn(llama31, YarnConfig(factor=4.0, original_max_position_embeddings=64, replace_scaling=True))
+    assert ModelConfig.from_hf(replaced).rope == RopeConfig(
+        rope_type="yarn", theta=5e5, factor=4.0, original_max_position_embeddings=64
+    )
+    assert replaced["max_position_embeddings"] == 256
     with pytest.raises(ValueError, match="factor"):
         YarnConfig(factor=1.0)
 

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The testbed acceptance runs of BENCHMARKS.md (issues 5 and 7), one stage per call so each fits a device command:
+#
+#   bash benchmarks/testbed_acceptance.sh TESTBED RUN_DIR STAGE...
+#
+# Stages, in order (each reads what the earlier ones wrote under RUN_DIR):
+#   distill    gates for seer-tiny-llama on distill_code at 8192 tokens (SEER_SPEC §3.3)
+#   eval       PPL vs. density on eval_stdlib at L = 2048, 8192: dense, gate (TopK and thresholds), baselines
+#   yarn-dense YaRN 8k -> 32k fine-tuning, dense attention (SEER_SPEC §8, the baseline)
+#   yarn-seer  the same with SeerAttention at nz_ratio 0.5, gates initialised from `distill`
+#   eval32k    PPL at 32k: dense-YaRN (dense), SeerAttention-YaRN (dense weights; gate and oracle at 0.5/0.3/0.1)
+#
+# Sizes come from the environment so the same script smoke-tests on a CPU (tiny values) and runs on the H200
+# (the defaults below). The fine-tuning recipe is SEER_SPEC §8's shape (YaRN factor 4 from 8192, linear schedule,
+# warmup 20, remat) scaled to a 26M-parameter model: 200 steps x 4 rows x 32768 tokens at lr 5e-5. The testbed
+# has Llama-3.1 (`llama3`) RoPE, which YaRN replaces (--yarn-replace-scaling).
+set -euo pipefail
+testbed=$1
+run=$2
+shift 2
+
+model=$testbed/seer-tiny-llama
+distill_data=$testbed/data/distill_code.jsonl.gz
+eval_data=$testbed/data/eval_stdlib.jsonl.gz
+cache=$run/cache
+
+: "${DISTILL_SEQ:=8192}" "${DISTILL_BATCH:=8}" "${DISTILL_STEPS:=400}" "${WARMUP:=20}"
+: "${EVAL_LENGTHS:=2048 8192}" "${EVAL_DOCS:=16}" "${EVAL_BATCH:=8}"
+: "${YARN_SEQ:=32768}" "${YARN_ORIGINAL:=8192}" "${YARN_BATCH:=4}" "${YARN_STEPS:=200}" "${YARN_LR:=5e-5}"
+: "${LONG_LENGTH:=32768}" "${LONG_BATCH:=2}"
+
+yarn_common=(--data "$distill_data" --corpus-cache "$cache" --seq-len "$YARN_SEQ" --batch-size "$YARN_BATCH"
+  --steps "$YARN_STEPS" --lr "$YARN_LR" --warmup-steps "$WARMUP" --schedule linear --remat
+  --yarn-factor 4 --yarn-original-max-positions "$YARN_ORIGINAL" --yarn-replace-scaling --checkpoint-every "$YARN_STEPS")
+
+for stage in "$@"; do
+  echo "=== $stage ($(date -u +%H:%M:%S))"
+  case $stage in
+    distill)
+      python -m train.distill_gates --model "$model" --data "$distill_data" --corpus-cache "$cache" \
+        --seq-len "$DISTILL_SEQ" --batch-size "$DISTILL_BATCH" --steps "$DISTILL_STEPS" \
+        --warmup-steps "$WARMUP" --checkpoint-every "$DISTILL_STEPS" --out "$run/distill" ;;
+    eval)
+      # shellcheck disable=SC2086  # the lengths are a list
+      python -m train.eval_ppl --model "$model" --gates "$run/distill/adapter" --data "$eval_data" \
+        --cache-dir "$cache" --lengths $EVAL_LENGTHS --num-docs "$EVAL_DOCS" --batch-size "$EVAL_BATCH" \
+        --nz-ratios 0.5 0.3 0.2 0.1 --thresholds 0.003 0.01 0.02 0.03 0.05 0.1 --out "$run/eval" ;;
+    yarn-dense)
+      python -m train.finetune --model "$model" "${yarn_common[@]}" --out "$run/yarn-dense" ;;
+    yarn-seer)
+      python -m train.finetune --model "$model" "${yarn_common[@]}" --seer-gates "$run/distill/adapter" \
+        --nz-ratio 0.5 --out "$run/yarn-seer" ;;
+    eval32k)
+      long=(--data "$eval_data" --cache-dir "$cache" --lengths "$LONG_LENGTH" --num-docs "$EVAL_DOCS"
+        --batch-size "$LONG_BATCH")
+      python -m train.eval_ppl --model "$run/yarn-dense/model" "${long[@]}" --methods dense \
+        --out "$run/eval32k-dense-yarn"
+      python -m train.eval_ppl --model "$run/yarn-seer/model" --gates "$run/yarn-seer/adapter" "${long[@]}" \
+        --methods dense gate oracle --nz-ratios 0.5 0.3 0.1 --out "$run/eval32k-seer-yarn" ;;
+    *)
+      echo "unknown stage: $stage" >&2
+      exit 2 ;;
+  esac
+done
