@@ -8,7 +8,8 @@
 #   eval       PPL vs. density on eval_stdlib at L = 2048, 8192: dense, gate (TopK and thresholds), baselines
 #   yarn-dense YaRN 8k -> 32k fine-tuning, dense attention (SEER_SPEC §8, the baseline)
 #   yarn-seer  the same with SeerAttention at nz_ratio 0.5, gates initialised from `distill`
-#   eval32k    PPL at 32k: dense-YaRN (dense), SeerAttention-YaRN (dense weights; gate and oracle at 0.5/0.3/0.1)
+#   eval32k-dense  PPL at 32k of the dense-YaRN model
+#   eval32k-seer   PPL at 32k of the SeerAttention-YaRN model: dense, its gates and the oracle at 0.5/0.3/0.1
 #
 # Sizes come from the environment so the same script smoke-tests on a CPU (tiny values) and runs on the H200
 # (the defaults below). The fine-tuning recipe is SEER_SPEC §8's shape (YaRN factor 4 from 8192, linear schedule,
@@ -33,6 +34,9 @@ yarn_common=(--data "$distill_data" --corpus-cache "$cache" --seq-len "$YARN_SEQ
   --steps "$YARN_STEPS" --lr "$YARN_LR" --warmup-steps "$WARMUP" --schedule linear --remat
   --yarn-factor 4 --yarn-original-max-positions "$YARN_ORIGINAL" --yarn-replace-scaling --checkpoint-every "$YARN_STEPS")
 
+long=(--data "$eval_data" --cache-dir "$cache" --lengths "$LONG_LENGTH" --num-docs "$EVAL_DOCS"
+  --batch-size "$LONG_BATCH")
+
 for stage in "$@"; do
   echo "=== $stage ($(date -u +%H:%M:%S))"
   case $stage in
@@ -50,11 +54,10 @@ for stage in "$@"; do
     yarn-seer)
       python -m train.finetune --model "$model" "${yarn_common[@]}" --seer-gates "$run/distill/adapter" \
         --nz-ratio 0.5 --out "$run/yarn-seer" ;;
-    eval32k)
-      long=(--data "$eval_data" --cache-dir "$cache" --lengths "$LONG_LENGTH" --num-docs "$EVAL_DOCS"
-        --batch-size "$LONG_BATCH")
+    eval32k-dense)
       python -m train.eval_ppl --model "$run/yarn-dense/model" "${long[@]}" --methods dense \
-        --out "$run/eval32k-dense-yarn"
+        --out "$run/eval32k-dense-yarn" ;;
+    eval32k-seer)
       python -m train.eval_ppl --model "$run/yarn-seer/model" --gates "$run/yarn-seer/adapter" "${long[@]}" \
         --methods dense gate oracle --nz-ratios 0.5 0.3 0.1 --out "$run/eval32k-seer-yarn" ;;
     *)
