@@ -255,9 +255,10 @@ class SeerAttention(Attention):
         q, k, v = self.project_qkv(hidden)  # pre-RoPE: [B, T, N, H], [B, T, K, H], [B, T, K, H]
         q_rot, k_rot = apply_rope(q, positions, self.rope), apply_rope(k, positions, self.rope)
         logits = self.attn_gate(q, k)  # [B, N, I, J]; `pool` detaches q and k
-        _, target = jax.lax.stop_gradient(
-            attention_with_pooling(q_rot, k_rot, v, block_size=self.seer_config.gate.block_size)
-        )
+        # Detach the inputs, not just the outputs: with symbolic-zero tangents JAX's JVP evaluates the pooling
+        # kernel without asking it for a differentiation rule (the Mosaic kernel has none; remat re-linearises it).
+        q_in, k_in, v_in = jax.lax.stop_gradient((q_rot, k_rot, v))
+        _, target = attention_with_pooling(q_in, k_in, v_in, block_size=self.seer_config.gate.block_size)
         if self.is_sparse:
             block_mask = select_blocks(jax.lax.stop_gradient(logits), self.seer_config.selection)
             out = block_sparse_attention(q_rot, k_rot, v, block_mask=block_mask)  # [B, T, N, H]

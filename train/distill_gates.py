@@ -20,7 +20,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import jax
 from tqdm import tqdm
 
 from seer_jax.gate import GateConfig
@@ -29,7 +28,7 @@ from train.demo_model import DemoModelConfig, pretrain_demo_model
 from train.distill import ADAPTER_DIR, DistillConfig, DistillResult, distill
 from train.eval_ppl import EvalConfig, evaluate
 from train.finetune import progress_bar
-from train.trainer import TrainingDivergedError
+from train.trainer import TrainingDivergedError, peak_device_memory_gib
 
 # The embedded demo: distil and evaluate at 1024 tokens (16 blocks per row; the demo model trains at 512 tokens, so
 # this also exercises positions beyond its training length, within its 2048 maximum).
@@ -89,9 +88,8 @@ def run_distillation(config: DistillConfig) -> DistillResult:
     record = result.train.last_record
     if record is not None:
         log.info("step %d: loss %.4f, %.0f tokens/s", record.step, record.metrics["loss"], record.tokens_per_second)
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        log.info("peak device memory: %.2f GiB", stats["peak_bytes_in_use"] / 2**30)
+    if (peak := peak_device_memory_gib()) is not None:
+        log.info("peak device memory: %.2f GiB", peak)
     if result.train.stopped_by is not None:
         log.info("stopped by %s; rerun with --resume to continue", result.train.stopped_by)
     log.info("wrote %s", result.adapter_dir)

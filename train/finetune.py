@@ -65,7 +65,7 @@ from train.model_source import PRESETS, YarnConfig, apply_yarn, build_model, pre
 from train.optimizer import SCHEDULES, OptimizerConfig, build_optimizer
 from train.token_corpus import CorpusConfig, load_corpus, load_tokenizer
 from train.train_step import LossFn
-from train.trainer import StepRecord, TrainingDivergedError, TrainLoopConfig, TrainResult, fit
+from train.trainer import StepRecord, TrainingDivergedError, TrainLoopConfig, TrainResult, fit, peak_device_memory_gib
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
 MODEL_SUBDIR = "model"
@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     record = result.train.last_record
     if record is not None:
         log.info("step %d: loss %.4f, %.0f tokens/s", record.step, record.metrics["loss"], record.tokens_per_second)
+    if (peak := peak_device_memory_gib()) is not None:
+        log.info("peak device memory: %.2f GiB", peak)
     if result.train.stopped_by is not None:
         log.info(
             "stopped by %s after step %d; checkpoint saved in %s; rerun with --resume to continue",

@@ -222,6 +222,12 @@ def run_training(
     )
 
 
+def peak_device_memory_gib() -> float | None:
+    """The first device's peak allocated memory so far, in GiB, where the backend reports it (GPUs do)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+
+
 def read_metrics(out_dir: Path) -> list[dict]:
     """The lines of `out_dir/metrics.jsonl`, in order."""
     path = Path(out_dir) / METRICS_FILE
