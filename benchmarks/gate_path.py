@@ -1,6 +1,6 @@
 """The gate path's cost against dense attention, one Llama-3.1-8B layer: `python -m benchmarks.gate_path`.
 
-    python -m benchmarks.gate_path [--lengths 32768 131072] [--nz-ratio 0.1] [--runs 10] [--output-dir DIR]
+    python -m benchmarks.gate_path [--lengths 32768 131072] [--nz-ratio 0.1] [--runs 10] [--commit C] [--output-dir DIR]
 
 Times, on one sequence with the layer shapes of Llama-3.1-8B (32 query heads, 8 kv heads, head_dim 128, bf16 q/k/v,
 a float32 gate of hidden size 128 with random weights), each jit-compiled on its own and then all together:
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072], help="sequence lengths")
     parser.add_argument("--nz-ratio", type=float, default=0.1, help="TopK density of the selection")
     parser.add_argument("--runs", type=int, default=10, help="timed calls per measurement")
+    parser.add_argument("--commit", help="commit to record (default: git rev-parse; the GPU machine's .git is stale)")
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"), help="where the JSON goes")
     args = parser.parse_args(argv)
 
@@ -78,7 +79,10 @@ def main(argv: list[str] | None = None) -> Path:
             f"{row['index_ms']:.2f} ms | {row['gate_path_ms']:.2f} ms | {100 * row['ratio']:.1f}% |"
         )
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = (
+        args.commit
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )
     now = datetime.datetime.now(datetime.UTC)
     payload = {
         "date": now.isoformat(timespec="seconds"),
