@@ -300,8 +300,10 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
             original_max_position_embeddings=args.yarn_original_max_positions,
             replace_scaling=args.yarn_replace_scaling,
         )
-    elif args.yarn_original_max_positions is not None or args.yarn_replace_scaling:
-        raise ValueError("--yarn-original-max-positions and --yarn-replace-scaling need --yarn-factor")
+    elif args.yarn_original_max_positions is not None:
+        raise ValueError("--yarn-original-max-positions needs --yarn-factor")
+    elif args.yarn_replace_scaling:
+        raise ValueError("--yarn-replace-scaling needs --yarn-factor")
     return FinetuneConfig(
         model_dir=args.model,
         init_config=args.init_config,

@@ -129,7 +129,10 @@ def test_errors_stop_before_training(inputs, scratch_run, tmp_path):
         *config, *common_args(inputs, tmp_path / "a", 3)
     )
     assert "already exists" in failure(*config, *common_args(inputs, tmp_path / "b", 3), "--export-hf", root)
-    assert "needs --yarn-factor" in failure(
+    assert "--yarn-original-max-positions needs --yarn-factor" in failure(
         *config, *common_args(inputs, tmp_path / "c", 3), "--yarn-original-max-positions", "64"
+    )
+    assert "--yarn-replace-scaling needs --yarn-factor" in failure(
+        *config, *common_args(inputs, tmp_path / "c", 3), "--yarn-replace-scaling"
     )
     assert not (tmp_path / "a" / "checkpoints").exists()
