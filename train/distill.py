@@ -27,6 +27,7 @@ from seer_jax.adapters import save_adapter
 from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.seer import SeerCausalLM, SeerConfig, distillation_inputs, gate_logits, seer_from_base
+from seer_jax.sharding import MeshConfig, build_mesh, check_batch_size
 from train.data import LoaderConfig, LoaderState, PackedLoader
 from train.token_corpus import CorpusConfig, load_corpus
 from train.trainer import StepRecord, TrainLoopConfig, TrainResult, fit
@@ -48,6 +49,7 @@ class DistillConfig:
       gate: the AttnGate structure. seed: gate initialisation, data order.
       dtype: base weights and compute ("bfloat16" or "float32"); gates always train in float32.
       checkpoint_every: steps between checkpoints. resume: continue from the newest checkpoint in out_dir.
+      mesh: train on a device mesh (`seer_jax.sharding`: data, fsdp, tensor), or None: one device.
     """
 
     model: Path
@@ -69,6 +71,7 @@ class DistillConfig:
     dtype: str = "bfloat16"
     checkpoint_every: int = 100
     resume: bool = False
+    mesh: MeshConfig | None = None
 
     def __post_init__(self):
         if not self.data:
@@ -87,6 +90,8 @@ class DistillConfig:
             raise ValueError(f"weight_decay: {self.weight_decay} must be >= 0")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype: {self.dtype!r} must be 'bfloat16' or 'float32'")
+        if self.mesh is not None:
+            check_batch_size(self.batch_size, self.mesh)
 
 
 def gate_kl_loss(
@@ -162,6 +167,7 @@ def distill(
 ) -> DistillResult:
     """Runs the distillation and writes the adapter; `model` defaults to `build_seer_model(config)`."""
     adapter_dir = Path(config.out_dir) / ADAPTER_DIR
+    mesh = None if config.mesh is None else build_mesh(config.mesh)
     if adapter_dir.exists() and not config.resume:
         raise ValueError(f"out_dir: {config.out_dir} already holds a finished run's adapter; choose a new directory")
     corpus = load_corpus(
@@ -196,6 +202,7 @@ def distill(
         learning_rate=schedule,
         seed=config.seed,
         on_step=on_step,
+        mesh=mesh,
     )
     if adapter_dir.exists():  # a resumed run that had already finished: replace its adapter with this one
         shutil.rmtree(adapter_dir)
