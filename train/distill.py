@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from seer_jax.adapters import save_adapter
 from seer_jax.checkpoint import load_model
@@ -141,10 +142,11 @@ def gate_optimizer(config: DistillConfig) -> tuple[optax.GradientTransformation,
     return optimizer, schedule
 
 
-def build_seer_model(config: DistillConfig) -> SeerCausalLM:
-    """The frozen base model (in `config.dtype`) with freshly initialised float32 gates."""
+def build_seer_model(config: DistillConfig, mesh: Mesh | None = None) -> SeerCausalLM:
+    """The frozen base model (in `config.dtype`, placed on `mesh` as it loads) with freshly initialised float32
+    gates (on the default device; `fit` places them)."""
     dtype = jnp.dtype(config.dtype)
-    base, _ = load_model(config.model, dtype=dtype, param_dtype=dtype)
+    base, _ = load_model(config.model, dtype=dtype, param_dtype=dtype, mesh=mesh)
     seer_config = SeerConfig(gate=config.gate)
     return seer_from_base(base, seer_config, rngs=nnx.Rngs(config.seed), gate_param_dtype=jnp.float32)
 
@@ -185,7 +187,7 @@ def distill(
     def make_loader(state: LoaderState) -> PackedLoader:
         return PackedLoader(corpus, loader_config, state=state)
 
-    model = model if model is not None else build_seer_model(config)
+    model = model if model is not None else build_seer_model(config, mesh)
     optimizer, schedule = gate_optimizer(config)
     result = fit(
         model,

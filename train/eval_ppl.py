@@ -50,7 +50,7 @@ from seer_jax.config import ModelConfig
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.model import CausalLM
 from seer_jax.seer import SeerCausalLM, SeerConfig, logits_and_density, seer_with_abstract_gates
-from seer_jax.sharding import MeshConfig, build_mesh, logical_rules, shard_batch, shard_model, tree_shardings
+from seer_jax.sharding import MeshConfig, build_mesh, logical_rules, shard_batch, tree_shardings
 from seer_jax.sparsity import Selection
 from train.data import eval_windows
 from train.mesh_flags import add_mesh_arguments, mesh_from_args
@@ -243,11 +243,9 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
         log.info("no gates given: skipping the 'gate' method")
     dtype = jnp.dtype(config.dtype)
     mesh = None if config.mesh is None else build_mesh(config.mesh)
-    base, model_config = load_model(
-        config.model, dtype=dtype, param_dtype=dtype, attention_implementation=config.attention
+    base, model_config = load_model(  # the sparse models share these (placed) arrays
+        config.model, dtype=dtype, param_dtype=dtype, attention_implementation=config.attention, mesh=mesh
     )
-    if mesh is not None:
-        shard_model(base, mesh, logical_rules(model_config, mesh))  # the sparse models share these arrays
     too_long = [length for length in config.lengths if length > model_config.max_position_embeddings]
     if too_long:
         raise ValueError(
@@ -282,6 +280,8 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
     density_sum: dict[tuple[int, Setting], np.ndarray] = {}
     seconds: dict[tuple[int, Setting], float] = {}
     precision = jax.default_matmul_precision("highest") if dtype == jnp.float32 else contextlib.nullcontext()
+    # Built before the mesh becomes the context: NNX would read the weights' logical axis names as mesh axes then.
+    sparse_models = {setting: models.get(setting) for setting in forwards if setting.method != "dense"}
     on_mesh = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
     with precision, on_mesh:  # float32 means float32: GPUs would otherwise run its matmuls as TF32
         for task in progress(tasks):
@@ -292,7 +292,7 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
                 nll = np.asarray(_dense_nll(base, tokens))
                 density = np.ones((model_config.num_layers, model_config.num_q_heads))
             else:
-                nll, density = (np.asarray(x) for x in _sparse_nll(models.get(task.setting), tokens))
+                nll, density = (np.asarray(x) for x in _sparse_nll(sparse_models[task.setting], tokens))
             seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
             doc_nll.setdefault(key, []).append(nll)
             # Unpadded rows of one length all have the same causal blocks, so the pooled density of a batch weighs

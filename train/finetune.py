@@ -216,6 +216,7 @@ def finetune(
         dtype=compute_dtype,
         param_dtype=jnp.float32,
         attention_implementation=config.attention_implementation,
+        mesh=mesh,
     )
     if config.seer is not None:
         adapter = read_adapter(config.seer.gates)

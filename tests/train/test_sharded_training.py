@@ -15,9 +15,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from seer_jax.adapters import ADAPTER_FILE
-from seer_jax.checkpoint import save_converted
+from seer_jax.checkpoint import load_model, save_converted
 from seer_jax.config import ModelConfig
 from seer_jax.gate import GateConfig, GateParam
+from seer_jax.hf_export import save_hf
 from seer_jax.model import CausalLM
 from seer_jax.seer import SeerCausalLM, SeerConfig
 from seer_jax.sharding import MeshConfig, build_mesh, logical_rules, shard_batch, shard_model, tree_shardings
@@ -27,6 +28,7 @@ from train.checkpoints import TrainCheckpointer
 from train.data import LoaderState
 from train.distill import distillation_loss
 from train.distill_gates import main as distill_main
+from train.eval_ppl import main as eval_main
 from train.lm_loss import next_token_loss, seer_next_token_loss
 from train.train_step import init_train_state, split_trainable
 from train.trainer import TrainLoopConfig, fit, read_metrics
@@ -178,8 +180,9 @@ def cli_inputs(tmp_path_factory, stdlib_texts, tokenizer_dir):
             f.write(json.dumps({"name": name, "text": text}) + "\n")
     (root / "hf").mkdir()
     (root / "hf" / "config.json").write_text(json.dumps(MODEL_CONFIG))
-    config = ModelConfig.from_hf(MODEL_CONFIG)
-    save_converted(random_module(lambda: CausalLM(config, rngs=nnx.Rngs(0)), 0), root / "model", hf_dir=root / "hf")
+    base = random_module(lambda: CausalLM(ModelConfig.from_hf(MODEL_CONFIG), rngs=nnx.Rngs(0)), 0)
+    save_converted(base, root / "model", hf_dir=root / "hf")
+    save_hf(base, MODEL_CONFIG, root / "hf_export", dtype="float32")
     common = ["--model", root / "model", "--data", root / "docs.jsonl.gz", "--tokenizer-dir", tokenizer_dir,
               "--corpus-cache", root / "cache", "--seq-len", "256", "--warmup-steps", "1", "--dtype", "float32",
               "--gate-hidden-size", "32"]  # fmt: skip
@@ -210,3 +213,35 @@ def test_distill_gates_cli_rejects_bad_meshes(cli_inputs, flags, message):
     args = ["--batch-size", "8", "--steps", "2", "--out", str(root / "bad"), *flags]
     with pytest.raises(SystemExit, match=message):
         distill_main([*common, *args])
+
+
+@pytest.mark.parametrize("directory", ["model", "hf_export"])
+def test_load_model_places_each_weight_on_the_mesh(cli_inputs, directory):
+    root, _ = cli_inputs
+    expected, _ = load_model(root / directory)
+    mesh = _mesh("data=2,fsdp=2,tensor=2")
+    model, config = load_model(root / directory, mesh=mesh)
+    q_proj = model.model.layers[1].self_attn.q_proj.kernel.get_value()
+    assert q_proj.sharding.spec == P("fsdp", "tensor") and q_proj.sharding.mesh.shape == mesh.shape
+    shardings = tree_shardings(nnx.state(model), mesh, logical_rules(config, mesh))
+    for value, sharding, want in zip(
+        jax.tree.leaves(nnx.state(model)), jax.tree.leaves(shardings), jax.tree.leaves(nnx.state(expected)), strict=True
+    ):
+        assert value.sharding == sharding
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(want))
+
+
+def test_eval_ppl_on_a_mesh_matches_one_device(cli_inputs):
+    """2 documents per batch on data=2,fsdp=2 (4 rows of devices): attention runs every row on each device."""
+    root, common = cli_inputs
+    flags = dict(zip(common[::2], common[1::2], strict=True))
+    args = ["--model", flags["--model"], "--data", flags["--data"], "--tokenizer-dir", flags["--tokenizer-dir"],
+            "--cache-dir", flags["--corpus-cache"], "--lengths", "256", "--num-docs", "2", "--batch-size", "2",
+            "--methods", "dense", "oracle", "--nz-ratios", "0.5"]  # fmt: skip
+    eval_main([*args, "--out", str(root / "eval_one")])
+    eval_main([*args, "--out", str(root / "eval_mesh"), "--mesh", "data=2,fsdp=2,tensor=2"])
+    one, mesh = (json.loads((root / name / "results.json").read_text()) for name in ("eval_one", "eval_mesh"))
+    assert [row["method"] for row in mesh["rows"]] == ["dense", "oracle"]
+    for want, got in zip(one["rows"], mesh["rows"], strict=True):
+        np.testing.assert_allclose(got["doc_nll"], want["doc_nll"], rtol=1e-5)
+        assert got["density"] == pytest.approx(want["density"], abs=1e-6)
