@@ -94,9 +94,10 @@ def run_distillation(config: DistillConfig) -> DistillResult:
     record = result.train.last_record
     if record is not None:
         log.info("step %d: loss %.4f, %.0f tokens/s", record.step, record.metrics["loss"], record.tokens_per_second)
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        log.info("peak device memory: %.2f GiB", stats["peak_bytes_in_use"] / 2**30)
+    peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in jax.local_devices()]
+    peaks = [peak for peak in peaks if peak is not None]
+    if peaks:
+        log.info("peak device memory: %.2f GiB (the largest of %d devices)", max(peaks) / 2**30, len(peaks))
     if result.train.stopped_by is not None:
         log.info("stopped by %s; rerun with --resume to continue", result.train.stopped_by)
     log.info("wrote %s", result.adapter_dir)
