@@ -96,7 +96,7 @@ def load_model(
     if is_converted(path):
         _restore_converted(path, state, shardings)
     else:
-        flat = None if shardings is None else {path: var.get_value() for path, var in nnx.to_flat_state(shardings)}
+        flat = None if shardings is None else {key: var.get_value() for key, var in nnx.to_flat_state(shardings)}
         load_hf_state(state, path, progress=progress, shardings=flat)
     return nnx.merge(graphdef, state), config
 
