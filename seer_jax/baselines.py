@@ -20,8 +20,8 @@ compare what is selected, not how much.
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention_with_pooling import attention_with_pooling
 from seer_jax.gate import pool_blocks
+from seer_jax.head_parallel import attention_with_pooling_per_device
 
 
 def oracle_scores(q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: int) -> jax.Array:
@@ -29,7 +29,7 @@ def oracle_scores(q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: int) 
 
     Zero probabilities (above the diagonal) become log of the smallest normal float32, so scores stay finite.
     """
-    _, pooled = attention_with_pooling(q, k, v, block_size=block_size)  # [B, N, I, J], rows sum to 1
+    _, pooled = attention_with_pooling_per_device(q, k, v, block_size=block_size)  # [B, N, I, J], rows sum to 1
     return jnp.log(jnp.maximum(pooled, jnp.finfo(jnp.float32).tiny))
 
 

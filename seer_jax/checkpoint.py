@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
 from seer_jax.config import ModelConfig
 from seer_jax.hf_weights import CheckpointError, load_hf_state
 from seer_jax.model import CausalLM
+from seer_jax.sharding import logical_rules, tree_shardings
 
 MARKER_FILE = "seer_jax.json"
 PARAMS_DIR = "params"
@@ -65,6 +67,7 @@ def load_model(
     param_dtype: jnp.dtype | None = None,
     attention_implementation: str = "xla",
     progress: Callable[[Iterable[str]], Iterable[str]] = iter,
+    mesh: Mesh | None = None,
 ) -> tuple[CausalLM, ModelConfig]:
     """Loads a converted directory or a Hugging Face directory (config.json + safetensors).
 
@@ -74,6 +77,8 @@ def load_model(
       param_dtype: weight dtype; None means `dtype`. Weights are cast to it on load.
       attention_implementation: see `CausalLM`.
       progress: wraps the per-tensor iteration when reading an HF directory (e.g. `tqdm`).
+      mesh: place every weight on this mesh as it is read (`seer_jax.sharding` rules), so a model larger than one
+        device loads; None: the default device.
 
     Returns:
       (model, config).
@@ -87,14 +92,16 @@ def load_model(
         config, dtype=dtype, param_dtype=param_dtype, attention_implementation=attention_implementation
     )
     graphdef, state = nnx.split(model)
+    shardings = None if mesh is None else tree_shardings(state, mesh, logical_rules(config, mesh))
     if is_converted(path):
-        _restore_converted(path, state)
+        _restore_converted(path, state, shardings)
     else:
-        load_hf_state(state, path, progress=progress)
+        flat = None if shardings is None else {key: var.get_value() for key, var in nnx.to_flat_state(shardings)}
+        load_hf_state(state, path, progress=progress, shardings=flat)
     return nnx.merge(graphdef, state), config
 
 
-def _restore_converted(path: Path, state: nnx.State) -> None:
+def _restore_converted(path: Path, state: nnx.State, shardings: nnx.State | None) -> None:
     marker = json.loads((path / MARKER_FILE).read_text())
     if marker.get("format") != FORMAT_VERSION:
         raise CheckpointError(
@@ -103,6 +110,12 @@ def _restore_converted(path: Path, state: nnx.State) -> None:
     saved_dtype = jnp.dtype(marker["param_dtype"])
     abstract = nnx.to_pure_dict(state)
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, saved_dtype), abstract)
+    if shardings is not None:  # Orbax reads each device's shard straight into place
+        target = jax.tree.map(
+            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+            target,
+            nnx.to_pure_dict(shardings),
+        )
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore((path / PARAMS_DIR).absolute(), target)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda value, leaf: value.astype(leaf.dtype), restored, abstract))

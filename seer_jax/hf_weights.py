@@ -21,7 +21,7 @@ parameter's dtype one at a time, so peak memory is the model plus one tensor.
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import jax
@@ -113,11 +113,14 @@ def load_hf_state(
     hf_dir: str | Path,
     *,
     progress: Callable[[Iterable[str]], Iterable[str]] = iter,
+    shardings: Mapping[StatePath, jax.sharding.Sharding] | None = None,
 ) -> nnx.State:
     """Fills `abstract_state` (from `nnx.split(nnx.eval_shape(...))`) with the HF checkpoint's tensors, in place.
 
     Each tensor is cast to the dtype of the abstract parameter it fills. `progress` wraps the iteration over tensor
-    names (e.g. `tqdm`). Returns `abstract_state`, now holding arrays on the default device.
+    names (e.g. `tqdm`). Returns `abstract_state`, now holding arrays on the default device, or, with `shardings`
+    (state path → sharding), each placed as given as soon as it is read (one whole tensor at a time on the default
+    device).
     """
     files = list_hf_tensors(hf_dir)
     targets = {path: variable for path, variable in nnx.to_flat_state(abstract_state)}
@@ -174,7 +177,8 @@ def load_hf_state(
         if transpose:
             tensor = tensor.T
         target = targets[path]
-        target.set_value(jnp.asarray(tensor, dtype=target.get_value().dtype))
+        value = jnp.asarray(tensor, dtype=target.get_value().dtype)
+        target.set_value(value if shardings is None else jax.device_put(value, shardings[path]))
     return abstract_state
 
 

@@ -35,6 +35,7 @@ from flax import nnx
 
 from seer_jax.attention import IMPLEMENTATIONS, dot_product_attention
 from seer_jax.config import ModelConfig
+from seer_jax.head_parallel import per_device_heads
 from seer_jax.kv_cache import KVCache
 from seer_jax.layers import Embedding, Linear, RMSNorm
 from seer_jax.rope import apply_rope
@@ -99,9 +100,13 @@ class Attention(nnx.Module):
         self, q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, key_mask: jax.Array | None
     ) -> jax.Array:
         """Rotated q [B, T, N, H], k/v [B, S, K, H] → [B, T, N, H]."""
-        return dot_product_attention(
-            q, k, v, causal=causal, key_mask=key_mask, implementation=self.attention_implementation
-        )
+
+        def attention(q, k, v, key_mask):
+            return dot_product_attention(
+                q, k, v, causal=causal, key_mask=key_mask, implementation=self.attention_implementation
+            )
+
+        return per_device_heads(attention, [(q, "BTNH"), (k, "BSKH"), (v, "BSKH"), (key_mask, "BS")], "BTNH")
 
     def __call__(
         self,

@@ -45,11 +45,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.attention_with_pooling import attention_with_pooling
-from pallas_kernels.block_sparse_attention import BLOCK_SIZE, block_sparse_attention
+from pallas_kernels.block_sparse_attention import BLOCK_SIZE
 from seer_jax import baselines
 from seer_jax.config import ModelConfig
 from seer_jax.gate import AttnGate, GateConfig, GateFeatures, GateParam
+from seer_jax.head_parallel import attention_with_pooling_per_device, block_sparse_attention_per_device
 from seer_jax.model import Attention, CausalLM, positions_from_mask
 from seer_jax.rope import apply_rope
 from seer_jax.sparsity import NUM_DENSE_LAST_ROWS, Selection, causal_block_mask, select_blocks
@@ -219,7 +219,7 @@ class SeerAttention(Attention):
             block_mask = select_blocks(scores, selection)  # [B, N, I, J]
             if selection.last_block_dense and rows.lengths is not None:
                 block_mask = block_mask | _last_rows_of_each_row(rows.lengths, num_blocks)
-        out = block_sparse_attention(q_rot_rows, k_rot_rows, v_rows, block_mask=block_mask)  # [B, T, N, H]
+        out = block_sparse_attention_per_device(q_rot_rows, k_rot_rows, v_rows, block_mask)  # [B, T, N, H]
         return self._project_out(rows.restore(out)), (k_rot, v), block_mask
 
     def prefill_with_target(
@@ -237,7 +237,7 @@ class SeerAttention(Attention):
         q_rot, k_rot = apply_rope(q, positions, self.rope), apply_rope(k, positions, self.rope)
         rows = _RowLayout(key_mask, hidden.shape[1])
         features = self.attn_gate.pool(rows.align(q), rows.align(k), lengths=rows.lengths)
-        out, target = attention_with_pooling(
+        out, target = attention_with_pooling_per_device(
             rows.align(q_rot), rows.align(k_rot), rows.align(v), block_size=self.seer_config.gate.block_size
         )
         return self._project_out(rows.restore(out)), (k_rot, v), features, target
@@ -258,10 +258,10 @@ class SeerAttention(Attention):
         # Detach the inputs, not just the outputs: with symbolic-zero tangents JAX's JVP evaluates the pooling
         # kernel without asking it for a differentiation rule (the Mosaic kernel has none; remat re-linearises it).
         q_in, k_in, v_in = jax.lax.stop_gradient((q_rot, k_rot, v))
-        _, target = attention_with_pooling(q_in, k_in, v_in, block_size=self.seer_config.gate.block_size)
+        _, target = attention_with_pooling_per_device(q_in, k_in, v_in, block_size=self.seer_config.gate.block_size)
         if self.is_sparse:
             block_mask = select_blocks(jax.lax.stop_gradient(logits), self.seer_config.selection)
-            out = block_sparse_attention(q_rot, k_rot, v, block_mask=block_mask)  # [B, T, N, H]
+            out = block_sparse_attention_per_device(q_rot, k_rot, v, block_mask)  # [B, T, N, H]
         else:
             out = self.attend(q_rot, k_rot, v, causal=True, key_mask=None)  # [B, T, N, H]
         return self._project_out(out), (k_rot, v), logits, target

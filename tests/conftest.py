@@ -2,12 +2,22 @@
 
 `gpu` tests run only where a Hopper GPU is visible; `testbed` tests need the shared pretrained tiny Llama
 (`../shared/testbed`, or `shared/testbed` / `.testbed` inside the checkout on the GPU machine).
+
+The CPU platform is split into `HOST_DEVICES` devices, so the sharding tests run meshes of 1 to 8 devices in this
+process. XLA reads the flag when jax initialises its backends, so it is set here, before any test module imports
+jax; everything else still runs on the first device, as before.
 """
 
 import os
 from pathlib import Path
 
 import pytest
+
+HOST_DEVICES = 8
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={HOST_DEVICES}".strip()
+    )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,6 +11,10 @@ are rebuilt from the base model (or the seeded random init) each time the run st
 meaningful together with the model it was trained from. `data` is the loader's `LoaderState` after the last batch
 the saved step consumed. `elapsed_seconds` is the wall time spent training up to that step, across resumes.
 
+Arrays sharded over a mesh (`train.trainer.fit(..., mesh=...)`) are saved shard by shard, each process writing
+its own; `restore` reads into the template's shardings, so a checkpoint written on one mesh restores on another
+(or on one device).
+
 Orbax writes a step to a temporary directory and renames it when complete, so an interrupted save is never read
 back; the last `keep` completed steps are kept.
 """
@@ -66,7 +70,8 @@ class TrainCheckpointer:
         self._manager.save(step, args=args, force=True)
 
     def restore(self, step: int, template: TrainState) -> Restored:
-        """Reads checkpoint `step` into the structure, shapes and dtypes of `template` (e.g. the step-0 state)."""
+        """Reads checkpoint `step` into the structure, shapes, dtypes and shardings of `template` (e.g. the step-0
+        state, placed on this run's devices)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_tree(template))
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         restored = self._manager.restore(step, args=args)

@@ -22,11 +22,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from seer_jax.adapters import save_adapter
 from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.seer import SeerCausalLM, SeerConfig, distillation_inputs, gate_logits, seer_from_base
+from seer_jax.sharding import MeshConfig, build_mesh, check_batch_size
 from train.data import LoaderConfig, LoaderState, PackedLoader
 from train.token_corpus import CorpusConfig, load_corpus
 from train.trainer import StepRecord, TrainLoopConfig, TrainResult, fit
@@ -48,6 +50,7 @@ class DistillConfig:
       gate: the AttnGate structure. seed: gate initialisation, data order.
       dtype: base weights and compute ("bfloat16" or "float32"); gates always train in float32.
       checkpoint_every: steps between checkpoints. resume: continue from the newest checkpoint in out_dir.
+      mesh: train on a device mesh (`seer_jax.sharding`: data, fsdp, tensor), or None: one device.
     """
 
     model: Path
@@ -69,6 +72,7 @@ class DistillConfig:
     dtype: str = "bfloat16"
     checkpoint_every: int = 100
     resume: bool = False
+    mesh: MeshConfig | None = None
 
     def __post_init__(self):
         if not self.data:
@@ -87,6 +91,8 @@ class DistillConfig:
             raise ValueError(f"weight_decay: {self.weight_decay} must be >= 0")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype: {self.dtype!r} must be 'bfloat16' or 'float32'")
+        if self.mesh is not None:
+            check_batch_size(self.batch_size, self.mesh)
 
 
 def gate_kl_loss(
@@ -136,10 +142,11 @@ def gate_optimizer(config: DistillConfig) -> tuple[optax.GradientTransformation,
     return optimizer, schedule
 
 
-def build_seer_model(config: DistillConfig) -> SeerCausalLM:
-    """The frozen base model (in `config.dtype`) with freshly initialised float32 gates."""
+def build_seer_model(config: DistillConfig, mesh: Mesh | None = None) -> SeerCausalLM:
+    """The frozen base model (in `config.dtype`, placed on `mesh` as it loads) with freshly initialised float32
+    gates (on the default device; `fit` places them)."""
     dtype = jnp.dtype(config.dtype)
-    base, _ = load_model(config.model, dtype=dtype, param_dtype=dtype)
+    base, _ = load_model(config.model, dtype=dtype, param_dtype=dtype, mesh=mesh)
     seer_config = SeerConfig(gate=config.gate)
     return seer_from_base(base, seer_config, rngs=nnx.Rngs(config.seed), gate_param_dtype=jnp.float32)
 
@@ -162,6 +169,7 @@ def distill(
 ) -> DistillResult:
     """Runs the distillation and writes the adapter; `model` defaults to `build_seer_model(config)`."""
     adapter_dir = Path(config.out_dir) / ADAPTER_DIR
+    mesh = None if config.mesh is None else build_mesh(config.mesh)
     if adapter_dir.exists() and not config.resume:
         raise ValueError(f"out_dir: {config.out_dir} already holds a finished run's adapter; choose a new directory")
     corpus = load_corpus(
@@ -179,7 +187,7 @@ def distill(
     def make_loader(state: LoaderState) -> PackedLoader:
         return PackedLoader(corpus, loader_config, state=state)
 
-    model = model if model is not None else build_seer_model(config)
+    model = model if model is not None else build_seer_model(config, mesh)
     optimizer, schedule = gate_optimizer(config)
     result = fit(
         model,
@@ -196,6 +204,7 @@ def distill(
         learning_rate=schedule,
         seed=config.seed,
         on_step=on_step,
+        mesh=mesh,
     )
     if adapter_dir.exists():  # a resumed run that had already finished: replace its adapter with this one
         shutil.rmtree(adapter_dir)

@@ -6,6 +6,8 @@ distils AttnGates for the model (Hugging Face or converted directory) on local t
 and writes the gate adapter to `OUT/adapter` (load it with `seer_jax.adapters.load_seer_model`). Checkpoints,
 `metrics.jsonl` and resume (`--resume`) as in every trainer of this project; SIGINT/SIGTERM save and stop.
 `--eval-data FILES` then measures perplexity vs. block density (`train.eval_ppl`) into `OUT/eval`.
+`--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains on several devices (`seer_jax.sharding`);
+`--distributed` joins a multi-host job first.
 
 With no `--model`, it runs the embedded demo end to end, with no download: a small Llama pretrained on the
 running interpreter's standard-library sources (`train.demo_model`, cached in `--demo-cache`, default
@@ -28,6 +30,7 @@ from train.demo_model import DemoModelConfig, pretrain_demo_model
 from train.distill import ADAPTER_DIR, DistillConfig, DistillResult, distill
 from train.eval_ppl import EvalConfig, evaluate
 from train.finetune import progress_bar
+from train.mesh_flags import add_mesh_arguments, mesh_from_args
 from train.trainer import TrainingDivergedError, peak_device_memory_gib
 
 # The embedded demo: distil and evaluate at 1024 tokens (16 blocks per row; the demo model trains at 512 tokens, so
@@ -56,6 +59,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser, defaults: DistillConf
     parser.add_argument("--seed", type=int, default=0, help="gate init and data order")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_mesh_arguments(parser)
 
 
 def distill_config_from_args(args: argparse.Namespace, *, model: Path, data: tuple[Path, ...], out: Path):
@@ -76,6 +80,7 @@ def distill_config_from_args(args: argparse.Namespace, *, model: Path, data: tup
         dtype=args.dtype,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        mesh=mesh_from_args(args, log),
     )
 
 
@@ -89,7 +94,7 @@ def run_distillation(config: DistillConfig) -> DistillResult:
     if record is not None:
         log.info("step %d: loss %.4f, %.0f tokens/s", record.step, record.metrics["loss"], record.tokens_per_second)
     if (peak := peak_device_memory_gib()) is not None:
-        log.info("peak device memory: %.2f GiB", peak)
+        log.info("peak device memory: %.2f GiB (the fullest local device)", peak)
     if result.train.stopped_by is not None:
         log.info("stopped by %s; rerun with --resume to continue", result.train.stopped_by)
     log.info("wrote %s", result.adapter_dir)

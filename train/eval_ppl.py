@@ -4,7 +4,7 @@
         [--lengths 2048 8192] [--num-docs 16] [--nz-ratios 0.5 0.4 0.3 0.2 0.1] [--thresholds ...]
         [--methods dense gate oracle quest streaming random] [--batch-size 4] [--dtype bfloat16|float32]
         [--attention xla|cudnn] [--start-layer N] [--seed 0] [--text-field text] [--tokenizer-dir DIR]
-        [--cache-dir DIR]
+        [--cache-dir DIR] [--mesh data=D,fsdp=F,tensor=T] [--distributed]
 
 Protocol: for each length L, the first L tokens (BOS + text) of each of the first `num_docs` documents that hold at
 least L tokens (`train.data.eval_windows`); each document's mean NLL over its L − 1 next-token predictions; PPL =
@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from pallas_kernels.block_sparse_attention import BLOCK_SIZE, block_sparse_attention_implementation
@@ -49,8 +50,10 @@ from seer_jax.config import ModelConfig
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.model import CausalLM
 from seer_jax.seer import SeerCausalLM, SeerConfig, logits_and_density, seer_with_abstract_gates
+from seer_jax.sharding import MeshConfig, build_mesh, logical_rules, shard_batch, tree_shardings
 from seer_jax.sparsity import Selection
 from train.data import eval_windows
+from train.mesh_flags import add_mesh_arguments, mesh_from_args
 from train.ppl_results import EvalResult, PplRow
 from train.token_corpus import CorpusConfig, load_corpus
 
@@ -87,6 +90,8 @@ class EvalConfig:
       batch_size: documents per forward.
       dtype: compute and weight dtype; default bfloat16 on GPU, float32 elsewhere.
       attention: the dense attention implementation (`seer_jax.attention`); default cudnn on GPU, xla elsewhere.
+      mesh: run on a device mesh (`seer_jax.sharding`; batches split over data × fsdp when they divide it), or
+        None: one device.
     """
 
     model: Path
@@ -105,6 +110,7 @@ class EvalConfig:
     batch_size: int = 4
     dtype: str = dataclasses.field(default_factory=lambda: "bfloat16" if _on_gpu() else "float32")
     attention: str = dataclasses.field(default_factory=lambda: "cudnn" if _on_gpu() else "xla")
+    mesh: MeshConfig | None = None
 
     def __post_init__(self):
         if not Path(self.model).is_dir():
@@ -164,6 +170,8 @@ def _jsonable(value: Any) -> Any:
         return str(value)
     if isinstance(value, tuple):
         return [_jsonable(item) for item in value]
+    if isinstance(value, MeshConfig):
+        return str(value)
     return value
 
 
@@ -234,8 +242,9 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
     if config.gates is None and config.methods is None:
         log.info("no gates given: skipping the 'gate' method")
     dtype = jnp.dtype(config.dtype)
-    base, model_config = load_model(
-        config.model, dtype=dtype, param_dtype=dtype, attention_implementation=config.attention
+    mesh = None if config.mesh is None else build_mesh(config.mesh)
+    base, model_config = load_model(  # the sparse models share these (placed) arrays
+        config.model, dtype=dtype, param_dtype=dtype, attention_implementation=config.attention, mesh=mesh
     )
     too_long = [length for length in config.lengths if length > model_config.max_position_embeddings]
     if too_long:
@@ -254,7 +263,7 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
     windows = _windows(config, vocab_size=model_config.vocab_size)
     settings = _settings(config)
     forwards = list(dict.fromkeys(setting.computed_as for setting in settings))
-    models = _Models(base, adapter, start_layer=start_layer, seed=config.seed)
+    models = _Models(base, adapter, start_layer=start_layer, seed=config.seed, mesh=mesh)
     batches = {length: _batches(tokens, config.batch_size) for length, tokens in windows.items()}
     tasks = [
         EvalTask(length, setting, index, len(batches[length]))
@@ -271,16 +280,19 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
     density_sum: dict[tuple[int, Setting], np.ndarray] = {}
     seconds: dict[tuple[int, Setting], float] = {}
     precision = jax.default_matmul_precision("highest") if dtype == jnp.float32 else contextlib.nullcontext()
-    with precision:  # float32 means float32: GPUs would otherwise run its matmuls as TF32
+    # Built before the mesh becomes the context: NNX would read the weights' logical axis names as mesh axes then.
+    sparse_models = {setting: models.get(setting) for setting in forwards if setting.method != "dense"}
+    on_mesh = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+    with precision, on_mesh:  # float32 means float32: GPUs would otherwise run its matmuls as TF32
         for task in progress(tasks):
             key = (task.length, task.setting)
-            tokens = jnp.asarray(batches[task.length][task.batch])
+            tokens = _place(batches[task.length][task.batch], mesh)
             start = time.perf_counter()
             if task.setting.method == "dense":
                 nll = np.asarray(_dense_nll(base, tokens))
                 density = np.ones((model_config.num_layers, model_config.num_q_heads))
             else:
-                nll, density = (np.asarray(x) for x in _sparse_nll(models.get(task.setting), tokens))
+                nll, density = (np.asarray(x) for x in _sparse_nll(sparse_models[task.setting], tokens))
             seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
             doc_nll.setdefault(key, []).append(nll)
             # Unpadded rows of one length all have the same causal blocks, so the pooled density of a batch weighs
@@ -308,9 +320,10 @@ class _Models:
 
     Every model carries the same gate weights: the adapter's, or zeros when there is none (only the "gate" source
     reads them, and it is not run without an adapter). Zeros avoid a random init, which compiles per weight shape.
+    With a mesh, the gates are placed on it like the (already placed) base weights.
     """
 
-    def __init__(self, base: CausalLM, adapter: Adapter | None, *, start_layer: int, seed: int):
+    def __init__(self, base: CausalLM, adapter: Adapter | None, *, start_layer: int, seed: int, mesh: Mesh | None):
         self.base, self.start_layer, self.seed = base, start_layer, seed
         if adapter is None:
             self.gate_config = GateConfig(hidden_size=base.config.head_dim)
@@ -320,6 +333,8 @@ class _Models:
         else:
             self.gate_config = adapter.seer_config.gate
             self.gates = nnx.state(attach_gates(base, adapter), GateParam)
+        if mesh is not None:
+            self.gates = jax.device_put(self.gates, tree_shardings(self.gates, mesh, logical_rules(base.config, mesh)))
         self._built: dict[Setting, SeerCausalLM] = {}
 
     def get(self, setting: Setting) -> SeerCausalLM:
@@ -380,6 +395,15 @@ def _row(
         layer_density=tuple(float(x) for x in density.mean(axis=1)),
         seconds=seconds,
     )
+
+
+def _place(tokens: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """A batch [B, T] on the device, or split over the mesh's data × fsdp when they divide B (else replicated)."""
+    if mesh is None:
+        return jnp.asarray(tokens)
+    if tokens.shape[0] % (dict(mesh.shape)["data"] * dict(mesh.shape)["fsdp"]) == 0:
+        return shard_batch(tokens, mesh)
+    return jax.device_put(tokens, NamedSharding(mesh, PartitionSpec()))
 
 
 def _batches(tokens: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -446,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 elsewhere")
     parser.add_argument("--attention", choices=IMPLEMENTATIONS, help="default: cudnn on GPU, xla elsewhere")
     parser.add_argument("--out", type=Path, required=True, help="output directory (created; files overwritten)")
+    add_mesh_arguments(parser)
     args = parser.parse_args(argv)
     # force: an imported library may have configured the root logger already. The root stays at WARNING, so only
     # this CLI's own INFO lines are shown, not the libraries'.
@@ -469,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
             start_layer=args.start_layer,
             seed=args.seed,
             batch_size=args.batch_size,
+            mesh=mesh_from_args(args, log),
             **chosen,
         )
         log.info("%s", config)

@@ -31,6 +31,9 @@ trains with block-sparse attention at `--nz-ratio` (TopK, 0.5 by default): every
 and the gates also with `--gate-loss-scale` (10) × their distillation loss against the true pooled attention
 (`train.lm_loss.seer_next_token_loss`). The base weights go to `model/` as usual and the gates to `adapter/`.
 
+`--mesh data=D,fsdp=F,tensor=T` trains on a device mesh (`seer_jax.sharding`): parameters and AdamW state
+sharded over fsdp and tensor, batches over data × fsdp; `--distributed` joins a multi-host job first.
+
 `--export-hf DIR` also writes the trained model as a Hugging Face directory (`seer_jax.hf_export`). SIGINT/SIGTERM
 stop after the current step with a checkpoint saved; rerun with `--resume` to continue. A NaN/inf loss stops the
 run with the last good checkpoint kept. Errors print one line and exit with status 1.
@@ -57,10 +60,12 @@ from seer_jax.checkpoint import save_converted
 from seer_jax.config import ModelConfig
 from seer_jax.hf_export import EXPORT_DTYPES, save_hf
 from seer_jax.seer import base_of
+from seer_jax.sharding import MeshConfig, build_mesh, check_batch_size
 from seer_jax.sparsity import Selection
 from train.checkpoints import CHECKPOINTS_DIR
 from train.data import LoaderConfig, PackedLoader
 from train.lm_loss import next_token_loss, seer_next_token_loss
+from train.mesh_flags import add_mesh_arguments, mesh_from_args
 from train.model_source import PRESETS, YarnConfig, apply_yarn, build_model, preset_config, read_hf_config
 from train.optimizer import SCHEDULES, OptimizerConfig, build_optimizer
 from train.token_corpus import CorpusConfig, load_corpus, load_tokenizer
@@ -114,6 +119,7 @@ class FinetuneConfig:
       export_hf_dir: write the trained model there as an HF directory (must not exist), or None.
       export_dtype: the exported weights' dtype.
       seer: SeerAttention mode (gates and block-sparse attention), or None for dense training.
+      mesh: train on a device mesh (`seer_jax.sharding`: data, fsdp, tensor), or None: one device.
     """
 
     model_dir: Path | None = None
@@ -131,6 +137,7 @@ class FinetuneConfig:
     export_hf_dir: Path | None = None
     export_dtype: str = "bfloat16"
     seer: SeerTuning | None = None
+    mesh: MeshConfig | None = None
 
     def __post_init__(self):
         sources = [name for name in ("model_dir", "init_config", "preset") if getattr(self, name) is not None]
@@ -158,6 +165,8 @@ class FinetuneConfig:
             raise ValueError(f"export_dtype: {self.export_dtype!r} is not one of {EXPORT_DTYPES}")
         if self.export_hf_dir is not None and Path(self.export_hf_dir).exists():
             raise ValueError(f"export_hf_dir: {self.export_hf_dir} already exists; choose a new directory or remove it")
+        if self.mesh is not None:
+            check_batch_size(self.loader.batch_size, self.mesh)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -188,6 +197,7 @@ def finetune(
       TrainingDivergedError: the loss or gradient norm became NaN/inf (the last good checkpoint is kept).
     """
     out_dir = Path(config.loop.out_dir)
+    mesh = None if config.mesh is None else build_mesh(config.mesh)
     tokenizer = load_tokenizer(config.corpus.tokenizer_dir)
     hf_config = model_hf_config(config, tokenizer)
     model_config = ModelConfig.from_hf(hf_config)
@@ -205,6 +215,7 @@ def finetune(
         dtype=compute_dtype,
         param_dtype=jnp.float32,
         attention_implementation=config.attention_implementation,
+        mesh=mesh,
     )
     if config.seer is not None:
         adapter = read_adapter(config.seer.gates)
@@ -227,6 +238,7 @@ def finetune(
         learning_rate=schedule,
         seed=config.seed,
         on_step=on_step,
+        mesh=mesh,
     )
     if result.stopped_by is not None:
         return FinetuneResult(train=result, model_dir=None, hf_dir=None)
@@ -340,6 +352,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         seer=None
         if args.seer_gates is None
         else SeerTuning(gates=args.seer_gates, nz_ratio=args.nz_ratio, gate_loss_scale=args.gate_loss_scale),
+        mesh=mesh_from_args(args, log),
     )
 
 
@@ -392,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seer-gates", type=Path, help="gate adapter: train with SeerAttention (block-sparse)")
     parser.add_argument("--nz-ratio", type=float, default=0.5, help="SeerAttention TopK block density (SPEC §8: 0.5)")
     parser.add_argument("--gate-loss-scale", type=float, default=10.0, help="weight of the gates' distillation loss")
+    add_mesh_arguments(parser)
     args = parser.parse_args(argv)
     # force: an imported library may have configured the root logger already. The root stays at WARNING, so only
     # this CLI's own INFO lines are shown, not the libraries'.

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerBase
 
 from seer_jax.checkpoint import abstract_model, load_model
@@ -131,16 +132,19 @@ def build_model(
     dtype: jnp.dtype,
     param_dtype: jnp.dtype,
     attention_implementation: str,
+    mesh: Mesh | None = None,
 ) -> CausalLM:
     """The model `hf_config` describes: weights from `model_dir` (converted or HF), or random from `seed` if None.
 
     `hf_config` may differ from `model_dir`'s own config.json in RoPE and context length only (`apply_yarn`).
+    mesh: place loaded weights on it as they are read (`seer_jax.checkpoint.load_model`); a random init is made on
+    the default device.
     """
     config = ModelConfig.from_hf(hf_config)
     options = dict(dtype=dtype, param_dtype=param_dtype, attention_implementation=attention_implementation)
     if model_dir is None:
         return CausalLM(config, rngs=nnx.Rngs(seed), **options)
-    loaded, loaded_config = load_model(model_dir, **options)
+    loaded, loaded_config = load_model(model_dir, mesh=mesh, **options)
     if loaded_config == config:
         return loaded
     unchanged = dataclasses.replace(config, rope=RopeConfig(), max_position_embeddings=1)

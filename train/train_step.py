@@ -19,6 +19,7 @@ L2 norm of the raw gradients, before clipping) and `lr` (when given a schedule) 
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,7 @@ def build_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     learning_rate: optax.Schedule | None = None,
+    out_shardings: tuple[Any, Any] | None = None,
 ) -> StepFn:
     """A jitted `(state, batch) -> (state, metrics)`; the input state's buffers are donated.
 
@@ -82,9 +84,11 @@ def build_train_step(
       loss_fn: see the module docstring.
       optimizer: applied to the gradients of the trainable variables.
       learning_rate: the optimizer's schedule, only to report `lr` (the rate step k uses) in the metrics.
+      out_shardings: (the new state's shardings, the metrics'), to keep a sharded state where it is on its mesh
+        (`seer_jax.sharding.tree_shardings`); None: one device, or wherever XLA puts them.
     """
 
-    @functools.partial(jax.jit, donate_argnums=1)
+    @functools.partial(jax.jit, donate_argnums=1, out_shardings=out_shardings)
     def step(frozen: nnx.State, state: TrainState, batch: jax.Array) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)
 

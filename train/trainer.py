@@ -5,6 +5,8 @@
 `fit` splits `model` by the `trainable` filter, builds the jitted step (`train.train_step`) and runs `run_training`;
 `run_training` takes any step function and initial `TrainState` for callers that build their own. Behaviour:
 
+* **Devices.** One device, or a `jax.sharding.Mesh` (`fit(..., mesh=...)`, see `seer_jax.sharding`): parameters,
+  optimizer state and checkpoints are then sharded over it, and batches split over its data and fsdp axes.
 * **Data.** `make_loader(LoaderState)` returns an iterator of int32 token batches [B, T] with a `state` property
   (`train.data.PackedLoader`); the loop asks for the position after each batch, so checkpoints resume the data
   stream exactly. The next batch is read while the device runs the current step.
@@ -40,7 +42,9 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from seer_jax.sharding import logical_rules, shard_batch, shard_model, tree_shardings
 from train.checkpoints import TrainCheckpointer
 from train.data import LoaderState
 from train.train_step import LossFn, StepFn, TrainState, build_train_step, init_train_state, split_trainable
@@ -120,6 +124,7 @@ def fit(
     learning_rate: optax.Schedule | None = None,
     seed: int = 0,
     on_step: Callable[[StepRecord], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> TrainResult:
     """Trains the variables of `model` that `trainable` selects; see the module docstring.
 
@@ -136,11 +141,40 @@ def fit(
       learning_rate: the optimizer's schedule, reported as `lr`.
       seed: the run's base PRNG seed (the `rng` the loss function receives derives from it).
       on_step: called after every step.
+      mesh: train on this device mesh (`seer_jax.sharding`): `model` (a `CausalLM`, whose config gives the
+        sharding rules) is moved onto it, the optimizer state is sharded like the parameters, every batch is
+        split over data × fsdp, and the loop runs under `jax.set_mesh` so attention runs per device. None: one
+        device.
     """
-    graphdef, params, frozen = split_trainable(model, trainable)
-    step_fn = build_train_step(graphdef, frozen, loss_fn=loss_fn, optimizer=optimizer, learning_rate=learning_rate)
-    state = init_train_state(params, optimizer, seed=seed)
-    result = run_training(config, step_fn=step_fn, state=state, make_loader=make_loader, on_step=on_step)
+    if mesh is None:
+        graphdef, params, frozen = split_trainable(model, trainable)
+        step_fn = build_train_step(graphdef, frozen, loss_fn=loss_fn, optimizer=optimizer, learning_rate=learning_rate)
+        state = init_train_state(params, optimizer, seed=seed)
+        result = run_training(config, step_fn=step_fn, state=state, make_loader=make_loader, on_step=on_step)
+    else:
+        rules = logical_rules(model.config, mesh)
+        shard_model(model, mesh, rules)
+        graphdef, params, frozen = split_trainable(model, trainable)
+
+        def init(params: nnx.State) -> TrainState:
+            return init_train_state(params, optimizer, seed=seed)
+
+        state_shardings = tree_shardings(jax.eval_shape(init, params), mesh, rules)
+        state = jax.jit(init, out_shardings=state_shardings)(params)  # never whole on one device
+        step = build_train_step(
+            graphdef,
+            frozen,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+        )
+
+        def step_fn(state: TrainState, batch: np.ndarray) -> tuple[TrainState, dict]:
+            return step(state, shard_batch(batch, mesh))
+
+        with jax.set_mesh(mesh):
+            result = run_training(config, step_fn=step_fn, state=state, make_loader=make_loader, on_step=on_step)
     nnx.update(model, result.state.params)
     return result
 
@@ -223,9 +257,11 @@ def run_training(
 
 
 def peak_device_memory_gib() -> float | None:
-    """The first device's peak allocated memory so far, in GiB, where the backend reports it (GPUs do)."""
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+    """The largest peak allocated memory so far over this host's devices, in GiB, where the backend reports it
+    (GPUs do); None elsewhere."""
+    peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in jax.local_devices()]
+    peaks = [peak for peak in peaks if peak is not None]
+    return max(peaks) / 2**30 if peaks else None
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

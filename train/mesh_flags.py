@@ -1,0 +1,45 @@
+"""The `--mesh` and `--distributed` flags shared by the training and evaluation CLIs.
+
+    --mesh data=1,fsdp=2,tensor=2    run on a device mesh (`seer_jax.sharding`); left out: one device
+    --distributed                    first join a multi-host job (`jax.distributed.initialize()`, which reads the
+                                     cluster's environment: SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS & co.)
+
+The mesh spans every device of every process; its axis sizes must multiply to that count.
+"""
+
+import argparse
+import logging
+
+import jax
+
+from seer_jax.sharding import MeshConfig
+
+
+def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mesh",
+        help="device mesh as data=D,fsdp=F,tensor=T (product = device count; e.g. data=2 or tensor=2); default: one "
+        "device",
+    )
+    parser.add_argument(
+        "--distributed", action="store_true", help="join a multi-host job first (jax.distributed.initialize)"
+    )
+
+
+def mesh_from_args(args: argparse.Namespace, log: logging.Logger) -> MeshConfig | None:
+    """Joins the multi-host job when asked, parses `--mesh` (ValueError on a bad one) and logs it once on `log`."""
+    if args.distributed:
+        jax.distributed.initialize()
+    if args.mesh is None:
+        return None
+    config = MeshConfig.parse(args.mesh)
+    devices = jax.devices()
+    if config.num_devices != len(devices):
+        raise ValueError(
+            f"--mesh {config} spans {config.num_devices} devices, but {len(devices)} are visible "
+            f"({jax.process_count()} process(es)); the axis sizes must multiply to the device count"
+        )
+    log.info(
+        "mesh %s over %d %s device(s), %d process(es)", config, len(devices), devices[0].platform, jax.process_count()
+    )
+    return config
