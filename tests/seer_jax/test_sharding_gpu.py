@@ -1,0 +1,81 @@
+"""On two or more Hopper GPUs: the Mosaic kernels run per device under shard_map, and a sharded SeerAttention model
+computes what it computes on one GPU (forward, distillation targets, fine-tuning gradients)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from seer_jax.gate import GateConfig
+from seer_jax.model import CausalLM
+from seer_jax.seer import SeerConfig, distillation_inputs, logits_and_density, seer_from_base, sparse_training_forward
+from seer_jax.sharding import MeshConfig, build_mesh, logical_rules, shard_batch, shard_model
+from seer_jax.sparsity import Selection
+from tests.seer_jax.tiny_models import TINY, random_module, random_tokens
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        sum(d.platform == "gpu" for d in jax.devices()) < 2, reason="needs 2 GPUs (the device tool's x2 kinds)"
+    ),
+]
+
+CONFIG = dataclasses.replace(TINY, hidden_size=128, head_dim=128)  # 4 query heads, 2 kv heads: the kernels' shapes
+
+
+def _seer() -> nnx.Module:
+    base = random_module(
+        lambda: CausalLM(
+            CONFIG, attention_implementation="cudnn", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+        ),
+        0,
+        weight_std=0.1,
+    )
+    seer_config = SeerConfig(gate=GateConfig(hidden_size=128), selection=Selection(nz_ratio=0.5))
+    return seer_from_base(base, seer_config, rngs=nnx.Rngs(1))
+
+
+def _relative(have, want) -> float:
+    have, want = np.asarray(have, np.float32), np.asarray(want, np.float32)
+    return float(np.abs(have - want).max() / max(np.abs(want).max(), 1e-6))
+
+
+def _loss(model, tokens):
+    logits, gate_logits, targets = sparse_training_forward(model, tokens)
+    lm = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32)), tokens[:, 1:, None], -1))
+    gate = sum(jnp.mean(jnp.where(lg > -1e8, lg - tg, 0.0) ** 2) for lg, tg in zip(gate_logits, targets, strict=True))
+    return lm + gate
+
+
+@nnx.jit
+def _forward(model, tokens):
+    logits, density = logits_and_density(model, tokens)
+    _, targets = distillation_inputs(model, tokens)
+    value, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx.Param))(model, tokens)
+    return logits, density, targets, value, grads
+
+
+@pytest.mark.parametrize("mesh_text", ["data=2", "tensor=2"])
+def test_sharded_model_on_two_gpus_matches_one_gpu(mesh_text):
+    tokens = jnp.asarray(random_tokens(3, 2, 1024))
+    model = _seer()
+    want = jax.device_get(_forward(model, tokens))
+    config = MeshConfig.parse(mesh_text)
+    mesh = build_mesh(config, [d for d in jax.devices() if d.platform == "gpu"][: config.num_devices])
+    sharded = nnx.clone(model)
+    shard_model(sharded, mesh, logical_rules(CONFIG, mesh))
+    with jax.set_mesh(mesh):
+        have = jax.device_get(_forward(sharded, shard_batch(np.asarray(tokens), mesh)))
+    assert np.isfinite(np.asarray(want[0], np.float32)).all()
+    assert _relative(have[0], want[0]) <= 2e-2, "logits"
+    np.testing.assert_allclose(have[1], want[1], atol=2e-2)  # density
+    assert 0.4 < float(np.mean(want[1])) < 0.7
+    for have_target, want_target in zip(have[2], want[2], strict=True):
+        np.testing.assert_allclose(have_target, want_target, atol=2e-3)  # pooled maps, float32
+    np.testing.assert_allclose(float(have[3]), float(want[3]), rtol=1e-2)
+    want_grads = dict(nnx.to_flat_state(want[4]))
+    for path, grad in nnx.to_flat_state(have[4]):
+        assert _relative(grad.get_value(), want_grads[path].get_value()) <= 5e-2, path
