@@ -1,5 +1,9 @@
 """On two or more Hopper GPUs: the Mosaic kernels run per device under shard_map, and a sharded SeerAttention model
-computes what it computes on one GPU (forward, distillation targets, fine-tuning gradients)."""
+computes what it computes on one GPU (forward, distillation targets, fine-tuning gradients).
+
+Every block is kept for the exact comparison: in bf16, tensor parallelism sums o_proj and down_proj partial products
+in another order, and a TopK selection on gate logits that moved by one rounding step can pick another block (the
+CPU tests compare sparse selections in float32). The sparse model is checked for density and finiteness."""
 
 import dataclasses
 
@@ -26,7 +30,7 @@ pytestmark = [
 CONFIG = dataclasses.replace(TINY, hidden_size=128, head_dim=128)  # 4 query heads, 2 kv heads: the kernels' shapes
 
 
-def _seer() -> nnx.Module:
+def _seer(nz_ratio: float) -> nnx.Module:
     base = random_module(
         lambda: CausalLM(
             CONFIG, attention_implementation="cudnn", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
@@ -34,7 +38,7 @@ def _seer() -> nnx.Module:
         0,
         weight_std=0.1,
     )
-    seer_config = SeerConfig(gate=GateConfig(hidden_size=128), selection=Selection(nz_ratio=0.5))
+    seer_config = SeerConfig(gate=GateConfig(hidden_size=128), selection=Selection(nz_ratio=nz_ratio))
     return seer_from_base(base, seer_config, rngs=nnx.Rngs(1))
 
 
@@ -58,24 +62,44 @@ def _forward(model, tokens):
     return logits, density, targets, value, grads
 
 
-@pytest.mark.parametrize("mesh_text", ["data=2", "tensor=2"])
-def test_sharded_model_on_two_gpus_matches_one_gpu(mesh_text):
-    tokens = jnp.asarray(random_tokens(3, 2, 1024))
-    model = _seer()
-    want = jax.device_get(_forward(model, tokens))
+def _mesh(mesh_text: str):
     config = MeshConfig.parse(mesh_text)
-    mesh = build_mesh(config, [d for d in jax.devices() if d.platform == "gpu"][: config.num_devices])
+    return build_mesh(config, [d for d in jax.devices() if d.platform == "gpu"][: config.num_devices])
+
+
+def _run_sharded(model, tokens, mesh):
     sharded = nnx.clone(model)
     shard_model(sharded, mesh, logical_rules(CONFIG, mesh))
     with jax.set_mesh(mesh):
-        have = jax.device_get(_forward(sharded, shard_batch(np.asarray(tokens), mesh)))
+        return jax.device_get(_forward(sharded, shard_batch(np.asarray(tokens), mesh)))
+
+
+@pytest.mark.parametrize("mesh_text", ["data=2", "tensor=2"])
+def test_sharded_model_on_two_gpus_matches_one_gpu(mesh_text):
+    """Every block kept (the block-sparse kernel still runs, per device): logits, pooled targets and gradients."""
+    tokens = jnp.asarray(random_tokens(3, 2, 1024))
+    model = _seer(nz_ratio=1.0)
+    want = jax.device_get(_forward(model, tokens))
+    have = _run_sharded(model, tokens, _mesh(mesh_text))
     assert np.isfinite(np.asarray(want[0], np.float32)).all()
     assert _relative(have[0], want[0]) <= 2e-2, "logits"
-    np.testing.assert_allclose(have[1], want[1], atol=2e-2)  # density
-    assert 0.4 < float(np.mean(want[1])) < 0.7
     for have_target, want_target in zip(have[2], want[2], strict=True):
         np.testing.assert_allclose(have_target, want_target, atol=2e-3)  # pooled maps, float32
     np.testing.assert_allclose(float(have[3]), float(want[3]), rtol=1e-2)
     want_grads = dict(nnx.to_flat_state(want[4]))
     for path, grad in nnx.to_flat_state(have[4]):
         assert _relative(grad.get_value(), want_grads[path].get_value()) <= 5e-2, path
+
+
+@pytest.mark.parametrize("mesh_text", ["data=2", "tensor=2"])
+def test_sparse_sharded_model_on_two_gpus(mesh_text):
+    tokens = jnp.asarray(random_tokens(4, 2, 1024))
+    model = _seer(nz_ratio=0.5)
+    want = jax.device_get(_forward(model, tokens))
+    have = _run_sharded(model, tokens, _mesh(mesh_text))
+    assert 0.4 < float(np.mean(want[1])) < 0.7
+    np.testing.assert_allclose(np.mean(have[1]), np.mean(want[1]), atol=5e-3)  # the same TopK budget
+    assert np.isfinite(np.asarray(have[0], np.float32)).all() and np.isfinite(float(have[3]))
+    assert all(np.isfinite(np.asarray(g.get_value(), np.float32)).all() for _, g in nnx.to_flat_state(have[4]))
+    if mesh_text == "data=2":  # rows are independent: nothing is summed in another order
+        assert _relative(have[0], want[0]) <= 2e-2, "logits"
