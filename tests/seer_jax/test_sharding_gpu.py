@@ -83,8 +83,10 @@ def test_sharded_model_on_two_gpus_matches_one_gpu(mesh_text):
     have = _run_sharded(model, tokens, _mesh(mesh_text))
     assert np.isfinite(np.asarray(want[0], np.float32)).all()
     assert _relative(have[0], want[0]) <= 2e-2, "logits"
-    for have_target, want_target in zip(have[2], want[2], strict=True):
-        np.testing.assert_allclose(have_target, want_target, atol=2e-3)  # pooled maps, float32
+    # Pooled maps (float32 probabilities): layer 0 sees identical bf16 q/k on every mesh; deeper layers see the
+    # residual stream after other-order bf16 reductions under tensor parallelism.
+    errors = [float(np.abs(h - w).max()) for h, w in zip(have[2], want[2], strict=True)]
+    assert errors[0] <= 2e-3 and max(errors) <= 3e-2, errors
     np.testing.assert_allclose(float(have[3]), float(want[3]), rtol=1e-2)
     want_grads = dict(nnx.to_flat_state(want[4]))
     for path, grad in nnx.to_flat_state(have[4]):
