@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runs = []
     for spec in args.run:
-        label, sep, path = spec.partition("=")
+        label, sep, path = spec.rpartition("=")  # the label may hold "=" (a mesh), the path not
         if not sep:
             parser.error(f"--run {spec!r}: expected LABEL=RUN_DIR")
         runs.append((label, *lm_losses(Path(path))))
