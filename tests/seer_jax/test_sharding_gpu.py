@@ -67,20 +67,22 @@ def _mesh(mesh_text: str):
     return build_mesh(config, [d for d in jax.devices() if d.platform == "gpu"][: config.num_devices])
 
 
-def _run_sharded(model, tokens, mesh):
+def _one_and_two_gpus(nz_ratio: float, seed: int, mesh_text: str):
+    """`_forward` of the same model and tokens on one GPU and on the mesh: (want, have)."""
+    tokens = jnp.asarray(random_tokens(seed, 2, 1024))
+    model = _seer(nz_ratio)
+    want = jax.device_get(_forward(model, tokens))
+    mesh = _mesh(mesh_text)
     sharded = nnx.clone(model)
     shard_model(sharded, mesh, logical_rules(CONFIG, mesh))
     with jax.set_mesh(mesh):
-        return jax.device_get(_forward(sharded, shard_batch(np.asarray(tokens), mesh)))
+        return want, jax.device_get(_forward(sharded, shard_batch(np.asarray(tokens), mesh)))
 
 
 @pytest.mark.parametrize("mesh_text", ["data=2", "tensor=2"])
 def test_sharded_model_on_two_gpus_matches_one_gpu(mesh_text):
     """Every block kept (the block-sparse kernel still runs, per device): logits, pooled targets and gradients."""
-    tokens = jnp.asarray(random_tokens(3, 2, 1024))
-    model = _seer(nz_ratio=1.0)
-    want = jax.device_get(_forward(model, tokens))
-    have = _run_sharded(model, tokens, _mesh(mesh_text))
+    want, have = _one_and_two_gpus(1.0, 3, mesh_text)
     assert np.isfinite(np.asarray(want[0], np.float32)).all()
     assert _relative(have[0], want[0]) <= 2e-2, "logits"
     # Pooled maps (float32 probabilities): layer 0 sees identical bf16 q/k on every mesh; deeper layers see the
@@ -95,10 +97,7 @@ def test_sharded_model_on_two_gpus_matches_one_gpu(mesh_text):
 
 @pytest.mark.parametrize("mesh_text", ["data=2", "tensor=2"])
 def test_sparse_sharded_model_on_two_gpus(mesh_text):
-    tokens = jnp.asarray(random_tokens(4, 2, 1024))
-    model = _seer(nz_ratio=0.5)
-    want = jax.device_get(_forward(model, tokens))
-    have = _run_sharded(model, tokens, _mesh(mesh_text))
+    want, have = _one_and_two_gpus(0.5, 4, mesh_text)
     assert 0.4 < float(np.mean(want[1])) < 0.7
     np.testing.assert_allclose(np.mean(have[1]), np.mean(want[1]), atol=5e-3)  # the same TopK budget
     assert np.isfinite(np.asarray(have[0], np.float32)).all() and np.isfinite(float(have[3]))

@@ -24,6 +24,7 @@ from seer_jax.seer import SeerCausalLM, SeerConfig
 from seer_jax.sharding import MeshConfig, build_mesh, logical_rules, shard_batch, shard_model, tree_shardings
 from seer_jax.sparsity import Selection
 from tests.seer_jax.tiny_models import TINY, random_module, random_tokens
+from tests.train.test_distill import MODEL_CONFIG
 from train.checkpoints import TrainCheckpointer
 from train.data import LoaderState
 from train.distill import distillation_loss
@@ -153,23 +154,6 @@ def test_fit_on_a_mesh_then_restore_and_resume_on_another(tmp_path):
     # Resuming that run on the other mesh continues it exactly where the single-device run went.
     _fit(tmp_path / "sharded", 3, "data=2,tensor=4", resume=True)
     np.testing.assert_allclose(read_metrics(tmp_path / "sharded")[-1]["loss"], one_device[-1]["loss"], rtol=1e-5)
-
-
-MODEL_CONFIG = {
-    "model_type": "llama",
-    "vocab_size": 512,  # the `tokenizer_dir` fixture's
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-}
 
 
 @pytest.fixture(scope="module")
