@@ -99,8 +99,9 @@ def build_mesh(config: MeshConfig, devices: list[jax.Device] | None = None) -> M
     devices = jax.devices() if devices is None else list(devices)
     if config.num_devices != len(devices):
         raise ValueError(
-            f"mesh: {config} spans {config.num_devices} devices, but there are {len(devices)}; the sizes of "
-            f"{', '.join(MESH_AXES)} must multiply to the device count"
+            f"mesh: {config} spans {config.num_devices} devices, but there are {len(devices)} "
+            f"({jax.process_count()} process(es)); the sizes of {', '.join(MESH_AXES)} must multiply to the device "
+            "count"
         )
     return jax.make_mesh(config.shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
@@ -200,12 +201,17 @@ def check_batch_size(batch_size: int, config: MeshConfig) -> None:
         )
 
 
+def batch_rows(mesh: Mesh) -> int:
+    """How many ways `mesh` splits batch rows: data × fsdp."""
+    return int(np.prod([_axis_size(mesh, axis) for axis in BATCH_AXES]))
+
+
 def shard_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
     """A host batch [B, T] (the same on every process) as one global array with `batch_sharding`.
 
     Each process copies only the rows its own devices hold, so this also works across hosts.
     """
-    rows = _axis_size(mesh, "data") * _axis_size(mesh, "fsdp")
+    rows = batch_rows(mesh)
     if batch.shape[0] % rows:
         raise ValueError(
             f"batch_size: {batch.shape[0]} rows do not split over data × fsdp = {rows} devices; "

@@ -50,7 +50,7 @@ from seer_jax.config import ModelConfig
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.model import CausalLM
 from seer_jax.seer import SeerCausalLM, SeerConfig, logits_and_density, seer_with_abstract_gates
-from seer_jax.sharding import MeshConfig, build_mesh, logical_rules, shard_batch, tree_shardings
+from seer_jax.sharding import MeshConfig, batch_rows, build_mesh, logical_rules, shard_batch, tree_shardings
 from seer_jax.sparsity import Selection
 from train.data import eval_windows
 from train.mesh_flags import add_mesh_arguments, mesh_from_args
@@ -401,7 +401,7 @@ def _place(tokens: np.ndarray, mesh: Mesh | None) -> jax.Array:
     """A batch [B, T] on the device, or split over the mesh's data × fsdp when they divide B (else replicated)."""
     if mesh is None:
         return jnp.asarray(tokens)
-    if tokens.shape[0] % (dict(mesh.shape)["data"] * dict(mesh.shape)["fsdp"]) == 0:
+    if tokens.shape[0] % batch_rows(mesh) == 0:
         return shard_batch(tokens, mesh)
     return jax.device_put(tokens, NamedSharding(mesh, PartitionSpec()))
 

@@ -12,7 +12,7 @@ import logging
 
 import jax
 
-from seer_jax.sharding import MeshConfig
+from seer_jax.sharding import MeshConfig, build_mesh
 
 
 def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,12 +33,8 @@ def mesh_from_args(args: argparse.Namespace, log: logging.Logger) -> MeshConfig 
     if args.mesh is None:
         return None
     config = MeshConfig.parse(args.mesh)
+    build_mesh(config)  # checks the device count now, before any loading; the run builds its own
     devices = jax.devices()
-    if config.num_devices != len(devices):
-        raise ValueError(
-            f"--mesh {config} spans {config.num_devices} devices, but {len(devices)} are visible "
-            f"({jax.process_count()} process(es)); the axis sizes must multiply to the device count"
-        )
     log.info(
         "mesh %s over %d %s device(s), %d process(es)", config, len(devices), devices[0].platform, jax.process_count()
     )

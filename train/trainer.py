@@ -28,6 +28,7 @@
   `on_step(StepRecord)` is called after every step (for a progress bar).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -146,35 +147,29 @@ def fit(
         split over data × fsdp, and the loop runs under `jax.set_mesh` so attention runs per device. None: one
         device.
     """
-    if mesh is None:
-        graphdef, params, frozen = split_trainable(model, trainable)
-        step_fn = build_train_step(graphdef, frozen, loss_fn=loss_fn, optimizer=optimizer, learning_rate=learning_rate)
-        state = init_train_state(params, optimizer, seed=seed)
-        result = run_training(config, step_fn=step_fn, state=state, make_loader=make_loader, on_step=on_step)
-    else:
+    if mesh is not None:
         rules = logical_rules(model.config, mesh)
         shard_model(model, mesh, rules)
-        graphdef, params, frozen = split_trainable(model, trainable)
+    graphdef, params, frozen = split_trainable(model, trainable)
 
-        def init(params: nnx.State) -> TrainState:
-            return init_train_state(params, optimizer, seed=seed)
+    def init(params: nnx.State) -> TrainState:
+        return init_train_state(params, optimizer, seed=seed)
 
+    out_shardings = None
+    if mesh is not None:
         state_shardings = tree_shardings(jax.eval_shape(init, params), mesh, rules)
-        state = jax.jit(init, out_shardings=state_shardings)(params)  # never whole on one device
-        step = build_train_step(
-            graphdef,
-            frozen,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
-        )
+        out_shardings = (state_shardings, NamedSharding(mesh, PartitionSpec()))
+        init = jax.jit(init, out_shardings=state_shardings)  # the optimizer state is never whole on one device
+    state = init(params)
+    step = build_train_step(
+        graphdef, frozen, loss_fn=loss_fn, optimizer=optimizer, learning_rate=learning_rate, out_shardings=out_shardings
+    )
 
-        def step_fn(state: TrainState, batch: np.ndarray) -> tuple[TrainState, dict]:
-            return step(state, shard_batch(batch, mesh))
+    def step_fn(state: TrainState, batch: np.ndarray) -> tuple[TrainState, dict]:
+        return step(state, batch if mesh is None else shard_batch(batch, mesh))
 
-        with jax.set_mesh(mesh):
-            result = run_training(config, step_fn=step_fn, state=state, make_loader=make_loader, on_step=on_step)
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        result = run_training(config, step_fn=step_fn, state=state, make_loader=make_loader, on_step=on_step)
     nnx.update(model, result.state.params)
     return result
 

@@ -185,7 +185,7 @@ def test_distill_gates_cli_runs_on_a_mesh(cli_inputs):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--mesh", "data=3"], "spans 3 devices, but 8 are visible"),
+        (["--mesh", "data=3"], "spans 3 devices, but there are 8"),
         (["--mesh", "pipeline=8"], "unknown axis 'pipeline'"),
         (["--mesh", "data=0,tensor=8"], "data: mesh axis size must be a positive int"),
         (["--mesh", "data=4,fsdp=2", "--batch-size", "4"], "batch_size: 4 rows do not split over data × fsdp = 8"),
