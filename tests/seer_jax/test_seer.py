@@ -27,7 +27,7 @@ from seer_jax.seer import (
 )
 from seer_jax.sparsity import Selection
 from tests.seer_jax.hf_reference import relative_error
-from tests.seer_jax.tiny_models import TINY, random_module, random_tokens
+from tests.seer_jax.tiny_models import HOPPER_TINY, TINY, hopper_base_model, random_module, random_tokens
 
 GATE = GateConfig(hidden_size=TINY.head_dim)  # single-linear, as the released gates
 SPARSE = SeerConfig(gate=GATE, selection=Selection(nz_ratio=0.3))
@@ -262,14 +262,8 @@ def test_model_checks():
 def test_mosaic_kernels_in_the_model():
     """On Hopper (bf16, head_dim 128) the prefill runs the Mosaic kernels: with every block kept it equals the dense
     cuDNN model; sparse prefill and distillation targets are finite."""
-    config = dataclasses.replace(TINY, hidden_size=128, head_dim=128)
-    base = random_module(
-        lambda: CausalLM(
-            config, attention_implementation="cudnn", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
-        ),
-        0,
-        weight_std=0.1,
-    )
+    config = HOPPER_TINY
+    base = hopper_base_model()
     tokens, mask = padded_batch(300)
     q = jax.ShapeDtypeStruct((2, 300, config.num_q_heads, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 300, config.num_kv_heads, 128), jnp.bfloat16)

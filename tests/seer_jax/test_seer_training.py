@@ -1,7 +1,5 @@
 """SeerAttention fine-tuning forward: sparse logits and gradients, gate targets, gradient routing."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +12,7 @@ from seer_jax.model import CausalLM
 from seer_jax.seer import SeerConfig, distillation_inputs, seer_from_base, sparse_training_forward
 from seer_jax.sparsity import Selection
 from tests.seer_jax.test_seer import GATE, base_model, seer_model
-from tests.seer_jax.tiny_models import TINY, random_module, random_tokens
+from tests.seer_jax.tiny_models import TINY, hopper_base_model, random_tokens
 
 LENGTH = 256  # 4 full blocks: training rows are packed, never padded
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(GateParam))
@@ -42,20 +40,23 @@ def test_every_block_kept_matches_the_dense_model_in_logits_and_gradients():
         np.testing.assert_allclose(seer_flat[path].get_value(), grad.get_value(), rtol=2e-4, atol=1e-7)
 
 
+def training_loss(model, tokens, remat=False):
+    """LM loss plus a squared error of the gate logits against their pooled targets: every parameter, gates
+    included, gets a gradient (a stand-in for the fine-tuning loss that needs no `train` import)."""
+    logits, gate_logits, targets = sparse_training_forward(model, tokens, remat=remat)
+    # masked (above-diagonal) gate logits are -inf: compare the causal ones only
+    pairs = zip(gate_logits, targets, strict=True)
+    gate = sum(jnp.mean(jnp.where(lg > -1e8, lg - tg, 0.0) ** 2) for lg, tg in pairs)
+    return _lm_loss(logits, tokens) + gate
+
+
 def test_remat_gives_the_same_loss_and_gradients():
     tokens = jnp.asarray(random_tokens(6, 2, LENGTH))
     seer = seer_model(SeerConfig(gate=GATE, selection=Selection(nz_ratio=0.5)))
 
-    def loss(model, remat):
-        logits, gate_logits, targets = sparse_training_forward(model, tokens, remat=remat)
-        # masked (above-diagonal) gate logits are -inf: compare the causal ones only
-        pairs = zip(gate_logits, targets, strict=True)
-        gate = sum(jnp.mean(jnp.where(lg > -1e8, lg - tg, 0.0) ** 2) for lg, tg in pairs)
-        return _lm_loss(logits, tokens) + gate
-
-    grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.Param))
-    value, grads = grad_fn(seer, False)
-    remat_value, remat_grads = grad_fn(seer, True)
+    grad_fn = nnx.value_and_grad(training_loss, argnums=nnx.DiffState(0, nnx.Param))
+    value, grads = grad_fn(seer, tokens, False)
+    remat_value, remat_grads = grad_fn(seer, tokens, True)
     assert np.isfinite(value)
     np.testing.assert_allclose(remat_value, value, rtol=1e-6)
     flat = dict(nnx.to_flat_state(grads))
@@ -93,31 +94,18 @@ def test_mosaic_kernels_train_with_and_without_remat():
     """On Hopper (bf16, head_dim 128) the training forward runs the Mosaic kernels (block-sparse forward and backward,
     pooling under stop_gradient): with every block kept its loss equals the dense cuDNN model's, and gradients of a
     sparse model are finite and the same with per-layer remat."""
-    config = dataclasses.replace(TINY, hidden_size=128, head_dim=128)
-    base = random_module(
-        lambda: CausalLM(
-            config, attention_implementation="cudnn", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
-        ),
-        0,
-        weight_std=0.1,
-    )
+    base = hopper_base_model()
     tokens = jnp.asarray(random_tokens(7, 2, 512))
     gate = GateConfig(hidden_size=128)
-
-    def loss(model, remat):
-        logits, gate_logits, targets = sparse_training_forward(model, tokens, remat=remat)
-        pairs = zip(gate_logits, targets, strict=True)
-        return _lm_loss(logits, tokens) + sum(jnp.mean(jnp.where(lg > -1e8, lg - tg, 0.0) ** 2) for lg, tg in pairs)
-
     every_block = seer_from_base(base, SeerConfig(gate=gate, selection=Selection(nz_ratio=1.0)), rngs=nnx.Rngs(1))
     dense_loss = nnx.jit(lambda model: _lm_loss(model(tokens)[0], tokens))(base)
     lm_only = nnx.jit(lambda model: _lm_loss(sparse_training_forward(model, tokens)[0], tokens))(every_block)
     np.testing.assert_allclose(float(lm_only), float(dense_loss), rtol=1e-2)
 
     sparse = seer_from_base(base, SeerConfig(gate=gate, selection=Selection(nz_ratio=0.3)), rngs=nnx.Rngs(1))
-    grad_fn = nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.Param)), static_argnums=1)
-    value, grads = grad_fn(sparse, False)
-    remat_value, remat_grads = grad_fn(sparse, True)
+    grad_fn = nnx.jit(nnx.value_and_grad(training_loss, argnums=nnx.DiffState(0, nnx.Param)), static_argnums=2)
+    value, grads = grad_fn(sparse, tokens, False)
+    remat_value, remat_grads = grad_fn(sparse, tokens, True)
     np.testing.assert_allclose(float(remat_value), float(value), rtol=1e-3)
     flat = dict(nnx.to_flat_state(grads))
     for path, grad in nnx.to_flat_state(remat_grads):

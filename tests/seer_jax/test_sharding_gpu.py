@@ -5,8 +5,6 @@ Every block is kept for the exact comparison: in bf16, tensor parallelism sums o
 in another order, and a TopK selection on gate logits that moved by one rounding step can pick another block (the
 CPU tests compare sparse selections in float32). The sparse model is checked for density and finiteness."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,11 +12,11 @@ import pytest
 from flax import nnx
 
 from seer_jax.gate import GateConfig
-from seer_jax.model import CausalLM
-from seer_jax.seer import SeerConfig, distillation_inputs, logits_and_density, seer_from_base, sparse_training_forward
+from seer_jax.seer import SeerConfig, distillation_inputs, logits_and_density, seer_from_base
 from seer_jax.sharding import MeshConfig, build_mesh, logical_rules, shard_batch, shard_model
 from seer_jax.sparsity import Selection
-from tests.seer_jax.tiny_models import TINY, random_module, random_tokens
+from tests.seer_jax.test_seer_training import training_loss
+from tests.seer_jax.tiny_models import HOPPER_TINY, hopper_base_model, random_tokens
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,17 +25,9 @@ pytestmark = [
     ),
 ]
 
-CONFIG = dataclasses.replace(TINY, hidden_size=128, head_dim=128)  # 4 query heads, 2 kv heads: the kernels' shapes
-
 
 def _seer(nz_ratio: float) -> nnx.Module:
-    base = random_module(
-        lambda: CausalLM(
-            CONFIG, attention_implementation="cudnn", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
-        ),
-        0,
-        weight_std=0.1,
-    )
+    base = hopper_base_model()
     seer_config = SeerConfig(gate=GateConfig(hidden_size=128), selection=Selection(nz_ratio=nz_ratio))
     return seer_from_base(base, seer_config, rngs=nnx.Rngs(1))
 
@@ -47,18 +37,11 @@ def _relative(have, want) -> float:
     return float(np.abs(have - want).max() / max(np.abs(want).max(), 1e-6))
 
 
-def _loss(model, tokens):
-    logits, gate_logits, targets = sparse_training_forward(model, tokens)
-    lm = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32)), tokens[:, 1:, None], -1))
-    gate = sum(jnp.mean(jnp.where(lg > -1e8, lg - tg, 0.0) ** 2) for lg, tg in zip(gate_logits, targets, strict=True))
-    return lm + gate
-
-
 @nnx.jit
 def _forward(model, tokens):
     logits, density = logits_and_density(model, tokens)
     _, targets = distillation_inputs(model, tokens)
-    value, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx.Param))(model, tokens)
+    value, grads = nnx.value_and_grad(training_loss, argnums=nnx.DiffState(0, nnx.Param))(model, tokens)
     return logits, density, targets, value, grads
 
 
@@ -74,7 +57,7 @@ def _one_and_two_gpus(nz_ratio: float, seed: int, mesh_text: str):
     want = jax.device_get(_forward(model, tokens))
     mesh = _mesh(mesh_text)
     sharded = nnx.clone(model)
-    shard_model(sharded, mesh, logical_rules(CONFIG, mesh))
+    shard_model(sharded, mesh, logical_rules(HOPPER_TINY, mesh))
     with jax.set_mesh(mesh):
         return want, jax.device_get(_forward(sharded, shard_batch(np.asarray(tokens), mesh)))
 

@@ -4,6 +4,7 @@ Eager `jax.random` init compiles once per parameter shape (seconds each on CPU),
 and filled from NumPy: weights ~ N(0, weight_std²), norm scales ~ 1 + N(0, 0.1²), biases ~ N(0, 0.1²).
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from seer_jax.config import ModelConfig
+from seer_jax.model import CausalLM
 from seer_jax.rope import RopeConfig
 
 # GQA (N = 4, K = 2), head_dim 16, Llama 3.1 RoPE scaling.
@@ -51,3 +53,22 @@ def random_module(build: Callable[[], nnx.Module], seed: int, *, weight_std: flo
 def random_tokens(seed: int, batch: int, length: int, vocab_size: int = TINY.vocab_size) -> np.ndarray:
     """int32 [B, T] token ids in [2, vocab) (0 is padding, 1 is EOS)."""
     return np.random.default_rng(seed).integers(2, vocab_size, (batch, length), dtype=np.int32)
+
+
+# TINY with head_dim 128: the shapes the Mosaic kernels take (GPU tests).
+HOPPER_TINY = dataclasses.replace(TINY, hidden_size=128, head_dim=128)
+
+
+def hopper_base_model() -> CausalLM:
+    """HOPPER_TINY in bf16 with cuDNN dense attention, random weights (std 0.1)."""
+    return random_module(
+        lambda: CausalLM(
+            HOPPER_TINY,
+            attention_implementation="cudnn",
+            dtype=jnp.bfloat16,
+            param_dtype=jnp.bfloat16,
+            rngs=nnx.Rngs(0),
+        ),
+        0,
+        weight_std=0.1,
+    )
