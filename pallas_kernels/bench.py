@@ -7,6 +7,8 @@ For each length T, on Llama-3.1-8B attention (`shapes.BENCH_SHAPES`: B=1, N=32, 
                (`inputs.random_block_mask`, as in SeerAttention's benchmark), the `BlockIndex` built beforehand.
   index s      `block_index_from_mask` for that mask, timed on its own.
   pooling      `attention_with_pooling`.
+  bwd ...      with `--backward`: the backward alone of dense cuDNN and of each sparse case, timed as forward +
+               backward (`jax.vjp` on a random cotangent) minus the same op's forward of this run.
 TFLOP/s counts causal FLOPs, 4·B·T²·H·N / 2, times the achieved block density for the sparse cases. Timing: jitted,
 warm-up calls, then the median of `--runs` calls each ended by `block_until_ready`, on fresh random inputs.
 A case whose implementation raises `NotImplementedError` or runs out of memory is skipped with a note.
@@ -53,6 +55,7 @@ class BenchConfig:
     output_dir: Path = Path("benchmarks/results")
     seed: int = 0
     commit: str | None = None  # recorded in the JSON; None: ask git
+    backward: bool = False  # also time the backward of dense cuDNN and of each sparse case
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
@@ -136,6 +139,31 @@ def _measure(row: Row, flops: float | None, dense_ms: float | None, fn: Callable
     )
 
 
+def _forward_backward(fn: Callable) -> Callable:
+    """jit of (q, k, v, d_out, *rest) -> gradients of `fn(q, k, v, *rest)` w.r.t. q, k, v for cotangent d_out."""
+
+    def run(q, k, v, d_out, *rest):
+        _, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, *rest), q, k, v)
+        return vjp(d_out)
+
+    return jax.jit(run)
+
+
+def _backward_row(row: Row, forward: Row, flops: float, dense_bwd_ms: float | None, fn: Callable, *args, config):
+    """`row` timed as forward + backward of `fn`, minus `forward.ms`: the backward alone (2.5× forward FLOPs)."""
+    both = _measure(row, None, None, _forward_backward(fn), *args, config=config)
+    if both.ms is None or forward.ms is None:
+        return both
+    ms = both.ms - forward.ms
+    return dataclasses.replace(
+        both,
+        ms=ms,
+        tflops=2.5 * flops / ms / 1e9,
+        speedup_vs_dense=None if dense_bwd_ms is None else dense_bwd_ms / ms,
+        note=f"forward + backward {both.ms:.3f} ms",
+    )
+
+
 def _implementation(query: Callable, *args, **kwargs) -> tuple[str, str]:
     """(implementation the op would run, "") or, when an explicitly requested kernel declines, ("mosaic", note)."""
     try:
@@ -158,6 +186,13 @@ def bench_length(shape: AttentionShape, config: BenchConfig, emit: Callable[[Row
     dense_row = _measure(dense_row, flops, None, jax.jit(dense), q, k, v, config=config)
     emit(dense_row)
     dense_ms = dense_row.ms
+    d_out = jax.random.normal(jax.random.fold_in(key, 1 << 20), q.shape, q.dtype) if config.backward else None
+    dense_bwd_ms = None
+    if config.backward:
+        row = Row(seq_len=shape.seq_len, case="bwd dense", implementation=dense_implementation)
+        row = _backward_row(row, dense_row, flops, None, dense, q, k, v, d_out, config=config)
+        emit(row)
+        dense_bwd_ms = row.ms
 
     for number, sparsity in enumerate(config.sparsities):
         mask = random_block_mask(
@@ -179,6 +214,14 @@ def bench_length(shape: AttentionShape, config: BenchConfig, emit: Callable[[Row
             )
             row = _measure(row, flops * density, dense_ms, sparse, q, k, v, index, config=config)
         emit(row)
+        if config.backward and not note:
+            bwd_row = Row(seq_len=shape.seq_len, case=f"bwd {sparsity:.2f}", implementation=name, density=density)
+
+            def sparse_op(q, k, v, index):
+                return block_sparse_attention(q, k, v, index=index, implementation=config.implementation)
+
+            emit(_backward_row(bwd_row, row, flops * density, dense_bwd_ms, sparse_op, q, k, v, d_out, index,
+                               config=config))  # fmt: skip
 
     name, note = _implementation(attention_with_pooling_implementation, q, k, v, implementation=config.implementation)
     row = Row(seq_len=shape.seq_len, case="pooling", implementation=name, note=note)
@@ -208,6 +251,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         default=defaults.implementation,
         help="for our ops: 'mosaic' (default) skips cases the kernels decline; 'reference' times the jnp reference",
     )
+    parser.add_argument("--backward", action="store_true", help="also time the backward passes")
     parser.add_argument("--output-dir", type=Path, default=defaults.output_dir, help="where the JSON goes")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random inputs")
     parser.add_argument(
@@ -225,6 +269,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         output_dir=args.output_dir,
         seed=args.seed,
         commit=args.commit,
+        backward=args.backward,
     )
 
 

@@ -6,7 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention_with_pooling import attention_with_pooling, attention_with_pooling_implementation
+from pallas_kernels.attention_with_pooling import (
+    attention_with_pooling,
+    attention_with_pooling_implementation,
+    kernel_sm90,
+)
 from pallas_kernels.dispatch import hopper_available
 from pallas_kernels.inputs import input_key, random_qkv
 from pallas_kernels.shapes import TEST_SHAPES, AttentionShape
@@ -106,3 +110,35 @@ def test_dispatch_off_hopper():
         attention_with_pooling_implementation(q, k, v, implementation="mosaic")
     with pytest.raises(NotImplementedError):
         attention_with_pooling(q, k, v, implementation="mosaic")
+
+
+def test_single_pass_buffer_size():
+    """The one-pass path's row-maxima buffer is f32 [B, N, Jc, Tp]; Tp pads T to 128 rows, Jc pads Tp / 64 to 64."""
+    assert kernel_sm90.single_pass_bytes((1, 32768, 32, 128)) == 4 * 32 * 512 * 32768  # 2 GiB: one pass by default
+    assert kernel_sm90.single_pass_bytes((2, 1000, 4, 64)) == 4 * 2 * 4 * 64 * 1024
+    assert kernel_sm90.single_pass_bytes((1, 65536, 32, 128)) > kernel_sm90.DEFAULT_CONFIG.single_pass_max_bytes
+    with pytest.raises(ValueError, match="single_pass_max_bytes"):
+        kernel_sm90.Config(single_pass_max_bytes=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len", [1000, 4096])
+def test_one_and_two_pass_kernels_agree(request, seq_len):
+    """The one-pass kernel (row maxima from the softmax) and the two-pass kernel (a QKᵀ-only second pass) both match
+    the oracle, and each other to fp32 rounding."""
+    shape = AttentionShape(name="g4_h128", batch=2, seq_len=seq_len, num_q_heads=8, num_kv_heads=2, head_dim=128)
+    q, k, v = random_qkv(harness.case_key(request), shape, jnp.bfloat16)
+    scale = shape.head_dim**-0.5
+    two_pass = kernel_sm90.Config(single_pass_max_bytes=0)
+    results = {}
+    for name, config in (("one pass", kernel_sm90.DEFAULT_CONFIG), ("two passes", two_pass)):
+        results[name] = kernel_sm90.attention_with_pooling_sm90(
+            q, k, v, sm_scale=scale, block_size=64, return_lse=True, config=config
+        )
+    expected_out, expected_pooled, expected_lse = _expected(q, k, v, scale, 64)
+    tolerance = harness.TOLERANCES[q.dtype]
+    for name, (out, pooled, lse) in results.items():
+        harness.assert_close(out, expected_out, tolerance, f"{name}: out")
+        harness.assert_close(pooled, expected_pooled, tolerance, f"{name}: pooled")
+        harness.assert_lse_close(lse, expected_lse, tolerance)
+    np.testing.assert_allclose(results["one pass"][1], results["two passes"][1], rtol=1e-5, atol=1e-7)

@@ -29,3 +29,16 @@ def test_bench_skips_declined_kernels(tmp_path):
     for case in ("sparse 0.50", "pooling"):
         assert rows[case]["ms"] is None
         assert rows[case]["note"].startswith("skipped: NotImplementedError")
+
+
+def test_bench_backward_on_cpu(tmp_path):
+    flags = ["--lengths", "130", "--sparsities", "0.5", "--runs", "1", "--warmup", "1", "--backward"]
+    path = bench.main([*flags, "--implementation", "reference", "--output-dir", str(tmp_path)])
+    rows = {row["case"]: row for row in json.loads(path.read_text())["rows"]}
+    assert list(rows) == ["dense", "bwd dense", "index 0.50", "sparse 0.50", "bwd 0.50", "pooling"]
+    for backward, forward in (("bwd dense", "dense"), ("bwd 0.50", "sparse 0.50")):
+        both = float(rows[backward]["note"].removeprefix("forward + backward ").removesuffix(" ms"))
+        assert both > 0
+        # The backward alone is forward + backward minus the forward measured in the same run.
+        assert rows[backward]["ms"] == pytest.approx(both - rows[forward]["ms"], abs=1e-3)
+    assert rows["bwd 0.50"]["density"] == rows["sparse 0.50"]["density"]
