@@ -1,13 +1,14 @@
 """Causal attention that also emits the 2D max-pooled attention map, for Hopper (Pallas Mosaic GPU).
 
-One pass where memory allows (`Config.single_pass_max_bytes`, default 4 GiB: T ≤ 32k at B=1, N=32): the dense
-causal flash attention kernel also writes each query row's maximum scaled score per 64-key block (a slice of the
-row maximum its softmax needs anyway), f32 [B, N, Jc, Tp], and XLA reduces it:
+By default one pass: the dense causal flash attention kernel also writes each query row's maximum scaled score per
+64-key block (a slice of the row maximum its softmax needs anyway), f32 [B, N, Jc, rows], and XLA reduces it:
     pooled[i, j] = exp2(max_{r ∈ i} (row_max[j, r] − lse₂[r])).
-This costs the attention plus one write and one read of that buffer (measured below 1.05× cuDNN at 32k).
+That buffer is O(T·J), so long sequences go through in chunks of query rows, each chunk's buffer at most
+`Config.single_pass_max_bytes` (4 GiB: T = 32k in one chunk at B=1, N=32; 128k in 8) and reduced before the next
+chunk starts. Cost: the attention plus one write and one read of the buffers.
 
-Otherwise two passes, so that HBM holds nothing of size O(T·J) (the reference Triton kernel keeps a [B, N, T, J]
-buffer):
+With `single_pass_max_bytes=0`, two passes, so that HBM holds nothing of size O(T·J) (the reference Triton kernel
+keeps a [B, N, T, J] buffer):
   1. Dense causal flash attention (the block-sparse kernel with every causal block scheduled) gives the output
      and each row's logsumexp.
   2. A QKᵀ-only kernel with the same CTA layout (2 compute warpgroups × 64 query rows, a TMA warpgroup
@@ -53,7 +54,7 @@ class Config:
 
     attention: AttentionConfig | None = None  # None: the block-sparse kernel's default for the head dim
     pooling_stages: int = 2  # depth of the K shared-memory ring of pass 2
-    single_pass_max_bytes: int = 4 << 30  # largest row-maxima buffer (4·B·N·Jc·Tp bytes) for the one-pass path
+    single_pass_max_bytes: int = 4 << 30  # row-maxima buffer of one query-row chunk; 0: the two-pass kernels
 
     def __post_init__(self):
         if self.pooling_stages < 1:
@@ -229,11 +230,14 @@ def _pooling_call(q, k, lse_log2, *, sm_scale: float, num_stages: int):
     )(q, k, lse_log2)
 
 
-def single_pass_bytes(q_shape: tuple[int, ...]) -> int:
-    """Bytes of the one-pass path's row-maxima buffer f32 [B, N, Jc, Tp] for q of shape [B, T, N, H]."""
+def single_pass_chunk_rows(q_shape: tuple[int, ...], max_bytes: int) -> int:
+    """Query rows per chunk of the one-pass path for q of shape [B, T, N, H]: the most whole 128-row tiles whose
+    row-maxima buffer f32 [B, N, Jc, rows] fits in max_bytes (all Tp rows if they fit); 0 if not even one tile does
+    (then the two-pass kernels run)."""
     batch, seq_len, num_q_heads, _ = q_shape
     padded_len = -(-seq_len // TILE) * TILE
-    return 4 * batch * num_q_heads * (-(-padded_len // BLOCK // BLOCK) * BLOCK) * padded_len
+    bytes_per_row = 4 * batch * num_q_heads * (-(-padded_len // BLOCK // BLOCK) * BLOCK)
+    return min(max_bytes // bytes_per_row // TILE * TILE, padded_len)
 
 
 def attention_with_pooling_sm90(q, k, v, *, sm_scale, block_size, return_lse, config: Config = DEFAULT_CONFIG):
@@ -252,16 +256,27 @@ def attention_with_pooling_sm90(q, k, v, *, sm_scale, block_size, return_lse, co
     q_pad, k_pad, v_pad = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
     # Padded query rows must not win a block's max: give them lse = +inf so exp2(·) = 0.
     valid_rows = jnp.arange(padded_len) < seq_len
-    if single_pass_bytes(q.shape) <= config.single_pass_max_bytes:
-        out, lse, row_max = dense_attention_with_row_max_sm90(
-            q_pad, k_pad, v_pad, sm_scale=sm_scale, config=config.attention
-        )
-        lse_log2 = jnp.where(valid_rows, lse * _LOG2E, jnp.inf)  # [B, N, Tp]
-        rows = (batch, num_q_heads, padded_len // BLOCK, BLOCK)
-        relative = row_max[:, :, :num_blocks].reshape(*rows[:2], num_blocks, *rows[2:]) - lse_log2.reshape(
-            *rows[:2], 1, *rows[2:]
-        )  # [B, N, J, Ip, 64]
-        raw = jnp.swapaxes(jnp.exp2(relative.max(axis=-1)), -1, -2)  # [B, N, Ip, J]
+    chunk_rows = single_pass_chunk_rows(q.shape, config.single_pass_max_bytes)
+    if chunk_rows:
+        outs, lses, raws = [], [], []
+        dependency = ()
+        for start in range(0, padded_len, chunk_rows):
+            rows = range(start, min(start + chunk_rows, padded_len))
+            # Chain the chunks, so that XLA cannot run the kernels first and hold every row-maxima buffer at once.
+            q_pad, _ = lax.optimization_barrier((q_pad, dependency))
+            out, lse, row_max = dense_attention_with_row_max_sm90(
+                q_pad, k_pad, v_pad, sm_scale=sm_scale, rows=rows, config=config.attention
+            )
+            lse_log2 = jnp.where(valid_rows[start : rows.stop], lse * _LOG2E, jnp.inf)  # [B, N, R]
+            blocks = (batch, num_q_heads, len(rows) // BLOCK, BLOCK)
+            relative = row_max[:, :, :num_blocks].reshape(*blocks[:2], num_blocks, *blocks[2:]) - lse_log2.reshape(
+                *blocks[:2], 1, *blocks[2:]
+            )  # [B, N, J, R/64, 64]
+            raws.append(jnp.swapaxes(jnp.exp2(relative.max(axis=-1)), -1, -2))  # [B, N, R/64, J]
+            outs.append(out)
+            lses.append(lse)
+            dependency = raws[-1]
+        out, lse, raw = (jnp.concatenate(parts, axis) for parts, axis in ((outs, 1), (lses, -1), (raws, 2)))
     else:
         entries, counts, dense = dense_causal_schedule(batch, num_q_heads, padded_len // BLOCK)
         out, lse = scheduled_attention_sm90(

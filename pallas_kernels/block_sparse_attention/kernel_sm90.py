@@ -145,8 +145,8 @@ def _forward_kernel(
     counts_ref,  # int32 [B, N, I/2]
     dense_ref,  # int32 [B, N, I/2]
     # outputs
-    out_ref,  # [B, Tp, N, H]
-    lse_ref,  # f32 [B, N, Tp], log2 domain (converted by the wrapper)
+    out_ref,  # [B, Tr, N, H]: the rows of query tiles tile_offset .. tile_offset + num_tiles - 1 (Tr = 128·num_tiles)
+    lse_ref,  # f32 [B, N, Tr], log2 domain (converted by the wrapper)
     # scratch
     qo_smem2,  # [2, 64, H]: each warpgroup's Q block, reused for its output
     k_smem,  # [stages/2, 128, H]: a ring of 64-key slots, paired into 128-key slots on dense tiles
@@ -166,11 +166,12 @@ def _forward_kernel(
     sm_scale: float,
     num_stages: int,
     num_tiles: int,
+    tile_offset: int,
     heads_per_kv_head: int,
     all_dense: bool,
 ):
     batch = lax.axis_index("batch")
-    tile = num_tiles - 1 - lax.axis_index("tile")  # heaviest causal tiles first
+    tile = tile_offset + num_tiles - 1 - lax.axis_index("tile")  # heaviest causal tiles first
     head = lax.axis_index("heads")
     wg = lax.axis_index("wg")
     num_steps = counts_ref[batch, head, tile]
@@ -194,6 +195,7 @@ def _forward_kernel(
     def _compute_wg():
         plgpu.set_max_registers(232, action="increase")
         q_block = 2 * tile + wg
+        out_rows = pl.ds((q_block - 2 * tile_offset) * BLOCK, BLOCK)  # this warpgroup's rows in the outputs
         q_smem = qo_smem2.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_block * BLOCK, BLOCK), head], q_smem, q_barriers.at[wg])
         plgpu.barrier_wait(entries_barrier)
@@ -324,8 +326,7 @@ def _forward_kernel(
             def _store_chunk():
                 plgpu.commit_smem()
                 blocks = pl.ds(lax.div(2 * step, BLOCK) * BLOCK, BLOCK)
-                rows = pl.ds((2 * tile + wg) * BLOCK, BLOCK)
-                plgpu.copy_smem_to_gmem(chunk_smem, row_max_ref.at[batch, head, blocks, rows])
+                plgpu.copy_smem_to_gmem(chunk_smem, row_max_ref.at[batch, head, blocks, out_rows])
 
         def dense_tile_loop(carry):
             pl.when(wg == 1)(perform_schedule_barrier)
@@ -347,8 +348,8 @@ def _forward_kernel(
         lse_smem = lse_smem2.at[wg]
         lse_smem[...] = m_i + jnp.log2(l_i)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_block * BLOCK, BLOCK), head])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_block * BLOCK, BLOCK)])
+        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, out_rows, head])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, out_rows])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
@@ -375,11 +376,16 @@ def _forward_kernel(
             fetch(s, slot)
 
 
-def _forward_call(q, k, v, entries, counts, dense, *, sm_scale: float, config: Config, row_max: bool = False):
-    """Launches the kernel; `row_max` (every tile dense) adds the row-maxima output."""
+def _forward_call(
+    q, k, v, entries, counts, dense, *, sm_scale: float, config: Config, row_max: bool = False, tiles=None
+):
+    """Launches the kernel on query tiles `tiles` (a range; all by default); `row_max` (every tile dense) adds the
+    row-maxima output."""
     batch, padded_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
-    num_tiles = padded_len // TILE
+    tiles = tiles or range(padded_len // TILE)
+    num_tiles = len(tiles)
+    num_rows = num_tiles * TILE
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
     stages = config.num_stages
@@ -394,6 +400,7 @@ def _forward_call(q, k, v, entries, counts, dense, *, sm_scale: float, config: C
             sm_scale=sm_scale,
             num_stages=stages,
             num_tiles=num_tiles,
+            tile_offset=tiles.start,
             heads_per_kv_head=num_q_heads // num_kv_heads,
             all_dense=row_max,
         )  # fmt: skip
@@ -424,11 +431,11 @@ def _forward_call(q, k, v, entries, counts, dense, *, sm_scale: float, config: C
         )
 
     out_type = (
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct((batch, num_q_heads, padded_len), jnp.float32),
+        jax.ShapeDtypeStruct((batch, num_rows, num_q_heads, head_dim), q.dtype),
+        jax.ShapeDtypeStruct((batch, num_q_heads, num_rows), jnp.float32),
     )
     if row_max:
-        out_type += (jax.ShapeDtypeStruct((batch, num_q_heads, num_row_max_blocks, padded_len), jnp.float32),)
+        out_type += (jax.ShapeDtypeStruct((batch, num_q_heads, num_row_max_blocks, num_rows), jnp.float32),)
     return plgpu.kernel(
         body,
         out_type=out_type,
@@ -440,19 +447,26 @@ def _forward_call(q, k, v, entries, counts, dense, *, sm_scale: float, config: C
     )(q, k, v, entries, counts, dense)
 
 
-def dense_attention_with_row_max_sm90(q, k, v, *, sm_scale: float, config: Config | None = None):
-    """Dense causal attention that also returns every query row's maximum scaled score in every key block.
+def dense_attention_with_row_max_sm90(
+    q, k, v, *, sm_scale: float, rows: range | None = None, config: Config | None = None
+):
+    """Dense causal attention of query rows `rows` that also returns each row's maximum scaled score per key block.
 
-    q/k/v already padded to 128 rows (Tp). Returns out [B, Tp, N, H], the natural-log logsumexp f32 [B, N, Tp] and
-    row_max f32 [B, N, Jc, Tp] (Jc = Tp / 64 rounded up to 64): row_max[b, n, j, r] = max over causal keys c of
-    block j of s[r, c] · sm_scale · log2(e), -inf where block j holds no causal key of row r; entries with
-    j > r // 64 + 1 or j ≥ Tp / 64 are unspecified. The maxima are the softmax's own (free); storing them costs
-    4·B·N·Jc·Tp bytes of HBM, which is why `attention_with_pooling` uses this only up to a memory budget.
+    q/k/v already padded to 128 rows (Tp); `rows` (default: all) a range of whole 128-row query tiles. Returns, for
+    those Tr rows, out [B, Tr, N, H], the natural-log logsumexp f32 [B, N, Tr] and row_max f32 [B, N, Jc, Tr]
+    (Jc = Tp / 64 rounded up to 64): row_max[b, n, j, r] = max over causal keys c of block j of
+    s[r, c] · sm_scale · log2(e), -inf where block j holds no causal key of row r; entries with j > r // 64 + 1 or
+    j ≥ Tp / 64 are unspecified. The maxima are the softmax's own (free); storing them costs 4·B·N·Jc·Tr bytes of
+    HBM, which is why `attention_with_pooling` goes through long sequences in row chunks.
     """
     config = config or default_config(q.shape[-1])
+    rows = rows or range(q.shape[1])
+    if rows.start % TILE or rows.stop % TILE or rows.step != 1 or not 0 <= rows.start < rows.stop <= q.shape[1]:
+        raise ValueError(f"rows must be a range of whole {TILE}-row tiles within {q.shape[1]} rows, got {rows}")
     entries, counts, dense = dense_causal_schedule(q.shape[0], q.shape[2], q.shape[1] // BLOCK)
+    tiles = range(rows.start // TILE, rows.stop // TILE)
     out, lse_log2, row_max = _forward_call(
-        q, k, v, entries, counts, dense, sm_scale=sm_scale, config=config, row_max=True
+        q, k, v, entries, counts, dense, sm_scale=sm_scale, config=config, row_max=True, tiles=tiles
     )
     return out, lse_log2 * (1.0 / _LOG2E), row_max
 

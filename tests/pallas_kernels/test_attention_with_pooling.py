@@ -112,33 +112,45 @@ def test_dispatch_off_hopper():
         attention_with_pooling(q, k, v, implementation="mosaic")
 
 
-def test_single_pass_buffer_size():
-    """The one-pass path's row-maxima buffer is f32 [B, N, Jc, Tp]; Tp pads T to 128 rows, Jc pads Tp / 64 to 64."""
-    assert kernel_sm90.single_pass_bytes((1, 32768, 32, 128)) == 4 * 32 * 512 * 32768  # 2 GiB: one pass by default
-    assert kernel_sm90.single_pass_bytes((2, 1000, 4, 64)) == 4 * 2 * 4 * 64 * 1024
-    assert kernel_sm90.single_pass_bytes((1, 65536, 32, 128)) > kernel_sm90.DEFAULT_CONFIG.single_pass_max_bytes
+def test_single_pass_chunk_rows():
+    """One-pass chunks: whole 128-row tiles whose f32 [B, N, Jc, rows] buffer fits the budget, Jc = Tp / 64 padded
+    to 64; all rows when they fit; 0 (the two-pass kernels) when not even one tile fits."""
+    budget = kernel_sm90.DEFAULT_CONFIG.single_pass_max_bytes
+    assert kernel_sm90.single_pass_chunk_rows((1, 32768, 32, 128), budget) == 32768  # 2 GiB: one chunk
+    assert kernel_sm90.single_pass_chunk_rows((1, 131072, 32, 128), budget) == 16384  # 4·32·2048 B per row
+    assert kernel_sm90.single_pass_chunk_rows((2, 1000, 4, 64), 2048 * 300) == 256  # 2048 B per row, Tp = 1024
+    assert kernel_sm90.single_pass_chunk_rows((2, 1000, 4, 64), 2048 * 127) == 0
+    assert kernel_sm90.single_pass_chunk_rows((2, 1000, 4, 64), 0) == 0
     with pytest.raises(ValueError, match="single_pass_max_bytes"):
         kernel_sm90.Config(single_pass_max_bytes=-1)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("seq_len", [1000, 4096])
-def test_one_and_two_pass_kernels_agree(request, seq_len):
-    """The one-pass kernel (row maxima from the softmax) and the two-pass kernel (a QKᵀ-only second pass) both match
-    the oracle, and each other to fp32 rounding."""
+def test_one_pass_chunked_and_two_pass_kernels_agree(request, seq_len):
+    """The one-pass kernel (row maxima from the softmax) in one chunk and in uneven row chunks, and the two-pass
+    kernel (a QKᵀ-only second pass), all match the oracle, and each other to fp32 rounding."""
     shape = AttentionShape(name="g4_h128", batch=2, seq_len=seq_len, num_q_heads=8, num_kv_heads=2, head_dim=128)
     q, k, v = random_qkv(harness.case_key(request), shape, jnp.bfloat16)
     scale = shape.head_dim**-0.5
-    two_pass = kernel_sm90.Config(single_pass_max_bytes=0)
-    results = {}
-    for name, config in (("one pass", kernel_sm90.DEFAULT_CONFIG), ("two passes", two_pass)):
-        results[name] = kernel_sm90.attention_with_pooling_sm90(
+    bytes_per_row = 4 * shape.batch * shape.num_q_heads * 64  # Jc = 64 at these lengths
+    configs = {
+        "one pass": kernel_sm90.DEFAULT_CONFIG,
+        "one pass, 896-row chunks": kernel_sm90.Config(single_pass_max_bytes=1000 * bytes_per_row),
+        "two passes": kernel_sm90.Config(single_pass_max_bytes=0),
+    }
+    assert kernel_sm90.single_pass_chunk_rows(q.shape, configs["one pass, 896-row chunks"].single_pass_max_bytes) == 896
+    results = {
+        name: kernel_sm90.attention_with_pooling_sm90(
             q, k, v, sm_scale=scale, block_size=64, return_lse=True, config=config
         )
+        for name, config in configs.items()
+    }
     expected_out, expected_pooled, expected_lse = _expected(q, k, v, scale, 64)
     tolerance = harness.TOLERANCES[q.dtype]
     for name, (out, pooled, lse) in results.items():
         harness.assert_close(out, expected_out, tolerance, f"{name}: out")
         harness.assert_close(pooled, expected_pooled, tolerance, f"{name}: pooled")
         harness.assert_lse_close(lse, expected_lse, tolerance)
-    np.testing.assert_allclose(results["one pass"][1], results["two passes"][1], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(pooled, results["two passes"][1], rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_array_equal(results["one pass"][0], results["one pass, 896-row chunks"][0])
