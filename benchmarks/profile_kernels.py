@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.attention_with_pooling import attention_with_pooling
-from pallas_kernels.block_sparse_attention import block_index_from_mask, block_sparse_attention
+from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.inputs import input_key, random_block_mask, random_qkv
 from pallas_kernels.shapes import BENCH_SHAPES
 
@@ -38,21 +38,20 @@ def case_function(case: str, length: int, sparsity: float, seed: int = 0):
     if case == "pooling":
         return jax.jit(lambda q, k, v: attention_with_pooling(q, k, v)), (q, k, v)
     mask = random_block_mask(jax.random.fold_in(key, 1), 1, shape.num_q_heads, shape.num_blocks(), sparsity=sparsity)
-    index = block_index_from_mask(mask)
 
-    def sparse(q, k, v, index):
-        return block_sparse_attention(q, k, v, index=index)
+    def sparse(q, k, v, mask):
+        return block_sparse_attention(q, k, v, block_mask=mask)
 
     if case == "sparse":
-        return jax.jit(sparse), (q, k, v, index)
+        return jax.jit(sparse), (q, k, v, mask)
     if case == "backward":
         d_out = jax.random.normal(jax.random.fold_in(key, 2), q.shape, q.dtype)
 
-        def forward_backward(q, k, v, index, d_out):
-            _, vjp = jax.vjp(lambda q, k, v: sparse(q, k, v, index), q, k, v)
+        def forward_backward(q, k, v, mask, d_out):
+            _, vjp = jax.vjp(lambda q, k, v: sparse(q, k, v, mask), q, k, v)
             return vjp(d_out)
 
-        return jax.jit(forward_backward), (q, k, v, index, d_out)
+        return jax.jit(forward_backward), (q, k, v, mask, d_out)
     raise ValueError(f"case must be one of {CASES}, got {case!r}")
 
 

@@ -4,8 +4,8 @@ For each length T, on Llama-3.1-8B attention (`shapes.BENCH_SHAPES`: B=1, N=32, 
   dense cuDNN  `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`, no mask (a mask would
                become a dense bias); the baseline, measured in the same run ("xla" where there is no GPU).
   sparse s     `block_sparse_attention` with a random per-row block mask at sparsity s that keeps the diagonal
-               (`inputs.random_block_mask`, as in SeerAttention's benchmark), the `BlockIndex` built beforehand.
-  index s      `block_index_from_mask` for that mask, timed on its own.
+               (`inputs.random_block_mask`, as in SeerAttention's benchmark), passed as the mask (as `seer_jax`
+               does): the time includes building the kernel's tile schedule from it.
   pooling      `attention_with_pooling`.
   bwd ...      with `--backward`: the backward alone of dense cuDNN and of each sparse case, timed as forward +
                backward (`jax.vjp` on a random cotangent) minus the same op's forward of this run.
@@ -35,7 +35,6 @@ import jax.numpy as jnp
 from pallas_kernels import dispatch
 from pallas_kernels.attention_with_pooling import attention_with_pooling, attention_with_pooling_implementation
 from pallas_kernels.block_sparse_attention import (
-    block_index_from_mask,
     block_sparse_attention,
     block_sparse_attention_implementation,
 )
@@ -199,28 +198,25 @@ def bench_length(shape: AttentionShape, config: BenchConfig, emit: Callable[[Row
             jax.random.fold_in(key, number), shape.batch, shape.num_q_heads, shape.num_blocks(), sparsity=sparsity
         )
         density = causal_density(mask)
-        index_row = Row(seq_len=shape.seq_len, case=f"index {sparsity:.2f}", implementation="xla", density=density)
-        emit(_measure(index_row, None, None, block_index_from_mask, mask, config=config))
-        index = block_index_from_mask(mask)
         name, note = _implementation(
-            block_sparse_attention_implementation, q, k, v, index=index, implementation=config.implementation
+            block_sparse_attention_implementation, q, k, v, block_mask=mask, implementation=config.implementation
         )
         row = Row(seq_len=shape.seq_len, case=f"sparse {sparsity:.2f}", implementation=name, density=density, note=note)
         if not note:
             sparse = jax.jit(
-                lambda q, k, v, index: block_sparse_attention(
-                    q, k, v, index=index, implementation=config.implementation
+                lambda q, k, v, mask: block_sparse_attention(
+                    q, k, v, block_mask=mask, implementation=config.implementation
                 )
             )
-            row = _measure(row, flops * density, dense_ms, sparse, q, k, v, index, config=config)
+            row = _measure(row, flops * density, dense_ms, sparse, q, k, v, mask, config=config)
         emit(row)
         if config.backward and not note:
             bwd_row = Row(seq_len=shape.seq_len, case=f"bwd {sparsity:.2f}", implementation=name, density=density)
 
-            def sparse_op(q, k, v, index):
-                return block_sparse_attention(q, k, v, index=index, implementation=config.implementation)
+            def sparse_op(q, k, v, mask):
+                return block_sparse_attention(q, k, v, block_mask=mask, implementation=config.implementation)
 
-            emit(_backward_row(bwd_row, row, flops * density, dense_bwd_ms, sparse_op, q, k, v, d_out, index,
+            emit(_backward_row(bwd_row, row, flops * density, dense_bwd_ms, sparse_op, q, k, v, d_out, mask,
                                config=config))  # fmt: skip
 
     name, note = _implementation(attention_with_pooling_implementation, q, k, v, implementation=config.implementation)

@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.block_sparse_attention.index import BlockIndex, block_mask_from_index
+from pallas_kernels.block_sparse_attention.index import causal_block_mask
 from pallas_kernels.block_sparse_attention.kernel_sm90 import BLOCK, TILE, check_supported, pair_schedule
 
 _INDEX_MASK = (1 << 16) - 1  # pair_schedule packs column | used(wg0) << 16 | used(wg1) << 17
@@ -340,10 +340,11 @@ def _launch(kernel, inputs, out_types, scratch, *, num_tiles, batch, num_q_heads
     )(*inputs)
 
 
-def block_sparse_attention_bwd_sm90(q, k, v, index: BlockIndex, out, lse, d_out, d_lse, *, sm_scale):
+def block_sparse_attention_bwd_sm90(q, k, v, block_mask, out, lse, d_out, d_lse, *, sm_scale):
     """Gradients of block-sparse attention on Hopper; the same contract as `reference.block_sparse_attention_bwd`.
 
-    q, out, d_out: [B, T, N, H]; k, v: [B, T, K, H]; lse, d_lse: f32 [B, N, T]. Returns dq [B, T, N, H] and
+    q, out, d_out: [B, T, N, H]; k, v: [B, T, K, H]; block_mask: bool [B, N, I, J] (entries above the diagonal
+    ignored); lse, d_lse: f32 [B, N, T]. Returns dq [B, T, N, H] and
     dk, dv [B, T, K, H] (summed over each kv head's group of query heads).
     """
     check_supported(q, k)
@@ -361,7 +362,7 @@ def block_sparse_attention_bwd_sm90(q, k, v, index: BlockIndex, out, lse, d_out,
     lse_p = jnp.pad(jnp.where(jnp.isfinite(lse), lse, 0.0), rows) * _LOG2E  # [B, N, Tp]
     delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32)) - d_lse
     delta_p = jnp.pad(delta, rows)  # [B, N, Tp]
-    block_mask = block_mask_from_index(index)  # [B, N, I, J]
+    block_mask = block_mask & causal_block_mask(*block_mask.shape[-2:])  # [B, N, I, J]
     block_mask = jnp.pad(block_mask, ((0, 0), (0, 0), (0, num_blocks - block_mask.shape[2]),
                                       (0, num_blocks - block_mask.shape[3])))  # fmt: skip
     q_entries, q_counts = pair_schedule(block_mask)

@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import dispatch
-from pallas_kernels.block_sparse_attention.index import BlockIndex, block_mask_from_index
+from pallas_kernels.block_sparse_attention.index import causal_block_mask
 
 BLOCK = 64  # gate granularity: rows per compute warpgroup and keys per K/V block
 TILE = 2 * BLOCK  # query rows per CTA (two compute warpgroups)
@@ -485,17 +485,18 @@ def scheduled_attention_sm90(q, k, v, entries, counts, dense, *, sm_scale: float
     return out, lse_log2 * (1.0 / _LOG2E)
 
 
-def block_sparse_attention_sm90(q, k, v, index: BlockIndex, *, sm_scale, return_lse, config: Config | None = None):
+def block_sparse_attention_sm90(q, k, v, block_mask, *, sm_scale, return_lse, config: Config | None = None):
     """Block-sparse causal attention on Hopper. Same contract as the reference implementation.
 
-    q: [B, T, N, H]; k, v: [B, T, K, H]; index: `BlockIndex` over I = ceil(T / 64) query blocks.
+    q: [B, T, N, H]; k, v: [B, T, K, H]; block_mask: bool [B, N, I, J] over I = J = ceil(T / 64) blocks (entries
+    above the diagonal ignored). A mask, not a `BlockIndex`: the kernel's tile schedule is built from the mask.
     Returns out [B, T, N, H] (and lse f32 [B, N, T], natural log, -inf for rows that attend nothing).
     """
     check_supported(q, k)
     seq_len = q.shape[1]
     padded_len = -(-seq_len // TILE) * TILE
     num_padded_blocks = padded_len // BLOCK
-    block_mask = block_mask_from_index(index)  # [B, N, I, J]
+    block_mask = block_mask & causal_block_mask(*block_mask.shape[-2:])  # [B, N, I, J]
     pad_rows = num_padded_blocks - block_mask.shape[2]
     pad_cols = num_padded_blocks - block_mask.shape[3]
     block_mask = jnp.pad(block_mask, ((0, 0), (0, 0), (0, pad_rows), (0, pad_cols)))  # [B, N, Ip, Ip]

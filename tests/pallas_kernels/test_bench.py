@@ -14,9 +14,9 @@ def test_bench_reference_on_cpu(tmp_path, capsys):
     record = json.loads(path.read_text())
     assert {"date", "git_commit", "jax_version", "device", "config", "rows"} <= record.keys()
     cases = [row["case"] for row in record["rows"]]
-    assert cases == ["dense", "index 0.00", "sparse 0.00", "index 0.90", "sparse 0.90", "pooling"]
+    assert cases == ["dense", "sparse 0.00", "sparse 0.90", "pooling"]
     assert all(row["ms"] > 0 and not row["note"] for row in record["rows"])
-    sparse_dense = record["rows"][2]
+    sparse_dense = record["rows"][1]
     assert sparse_dense["density"] == 1.0 and sparse_dense["implementation"] == "reference"
     assert "sparse 0.90" in capsys.readouterr().out
 
@@ -35,7 +35,7 @@ def test_bench_backward_on_cpu(tmp_path):
     flags = ["--lengths", "130", "--sparsities", "0.5", "--runs", "1", "--warmup", "1", "--backward"]
     path = bench.main([*flags, "--implementation", "reference", "--output-dir", str(tmp_path)])
     rows = {row["case"]: row for row in json.loads(path.read_text())["rows"]}
-    assert list(rows) == ["dense", "bwd dense", "index 0.50", "sparse 0.50", "bwd 0.50", "pooling"]
+    assert list(rows) == ["dense", "bwd dense", "sparse 0.50", "bwd 0.50", "pooling"]
     for backward, forward in (("bwd dense", "dense"), ("bwd 0.50", "sparse 0.50")):
         both = float(rows[backward]["note"].removeprefix("forward + backward ").removesuffix(" ms"))
         assert both > 0
