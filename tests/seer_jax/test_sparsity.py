@@ -86,3 +86,23 @@ def test_select_blocks_under_jit():
     scores = _random_scores(7, (1, 2, 20, 20))
     sel = Selection(method="nz_ratio", nz_ratio=0.4, last_block_dense=True)
     np.testing.assert_array_equal(jax.jit(lambda s: select_blocks(s, sel))(scores), select_blocks(scores, sel))
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 600, 600), (2, 1, 300, 500), (1, 1, 500, 300)], ids=str)
+def test_topk_by_row_bands_equals_full_row_topk(shape):
+    """TopK runs per band of rows on the band's causal columns only (rows 0-127, 128-255, 256-511, ...); the mask
+    must equal a stable full-row TopK, ties (scores rounded to 0.5) broken towards lower j, short rows kept whole.
+    (Shifted away from 0: top_k orders -0.0 below +0.0, numpy treats them as a tie.)"""
+    scores = jnp.round(_random_scores(5, shape) * 2) / 2 + 100.0
+    nz_ratio = 0.1
+    mask = np.asarray(select_blocks(scores, Selection(method="nz_ratio", nz_ratio=nz_ratio)))
+    num_q_blocks, num_kv_blocks = shape[-2:]
+    k = topk_per_row(nz_ratio, num_kv_blocks)
+    s = np.asarray(scores)
+    for b, n, i in itertools.product(range(shape[0]), range(shape[1]), range(num_q_blocks)):
+        row = np.where(np.arange(num_kv_blocks) <= i, s[b, n, i], -np.inf)
+        causal = min(i + 1, num_kv_blocks)
+        expected = set(np.argsort(-row, kind="stable")[: min(k, causal)])
+        if i < num_kv_blocks:
+            expected |= {i}  # the diagonal is always kept
+        assert set(np.flatnonzero(mask[b, n, i])) == expected, (b, n, i)
