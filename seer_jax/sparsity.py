@@ -72,23 +72,22 @@ def masked_softmax(scores: jax.Array) -> jax.Array:
     return jax.nn.softmax(jnp.where(causal, scores.astype(jnp.float32), -jnp.inf), axis=-1)
 
 
-_FIRST_BAND_ROWS = 128  # rows of the first band of `_topk_mask`; each further band doubles
+_MIN_BAND_ROWS = 256  # see `_row_bands`
 
 
 def _row_bands(num_q_blocks: int) -> list[tuple[int, int]]:
-    """Row ranges [start, stop) that double in length after the first: (0, 128), (128, 256), (256, 512), ..."""
-    bands, start, stop = [], 0, _FIRST_BAND_ROWS
-    while start < num_q_blocks:
-        bands.append((start, min(stop, num_q_blocks)))
-        start, stop = stop, 2 * stop
-    return bands
+    """Row ranges [start, stop) of equal length for `_topk_mask`: 256 rows, or I / 8 for I > 2048 (at most 8
+    top_k calls). Measured on the H200 at I = J = 2048, 32 heads: one band 7.55 ms, bands doubling from 128 rows
+    5.36 ms, 512 rows 4.72 ms, 256 rows 4.57 ms, 128 rows 4.95 ms (XLA's top_k costs about its element count)."""
+    rows = max(_MIN_BAND_ROWS, -(-num_q_blocks // 8))
+    return [(start, min(start + rows, num_q_blocks)) for start in range(0, num_q_blocks, rows)]
 
 
 def _topk_mask(scores: jax.Array, k: int) -> jax.Array:
     """bool mask of the k largest causal scores of every row (ties broken towards lower j).
 
     Rows i < stop have causal keys j < stop only, so each band of rows [start, stop) runs top_k over its first
-    `stop` columns, not all J: the same selection for about 60% of the sort work at J = 2048 (XLA's top_k sorts the
+    `stop` columns, not all J: the same selection for about 56% of the work at J = 2048 (XLA's top_k sorts the
     whole row; at 128k tokens this is most of the gate path's cost).
     """
     num_q_blocks, num_kv_blocks = scores.shape[-2:]

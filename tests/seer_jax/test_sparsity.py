@@ -90,7 +90,7 @@ def test_select_blocks_under_jit():
 
 @pytest.mark.parametrize("shape", [(1, 2, 600, 600), (2, 1, 300, 500), (1, 1, 500, 300)], ids=str)
 def test_topk_by_row_bands_equals_full_row_topk(shape):
-    """TopK runs per band of rows on the band's causal columns only (rows 0-127, 128-255, 256-511, ...); the mask
+    """TopK runs per band of rows on the band's causal columns only (rows 0-255, 256-511, ...); the mask
     must equal a stable full-row TopK, ties (scores rounded to 0.5) broken towards lower j, short rows kept whole.
     (Shifted away from 0: top_k orders -0.0 below +0.0, numpy treats them as a tie.)"""
     scores = jnp.round(_random_scores(5, shape) * 2) / 2 + 100.0
@@ -106,3 +106,13 @@ def test_topk_by_row_bands_equals_full_row_topk(shape):
         if i < num_kv_blocks:
             expected |= {i}  # the diagonal is always kept
         assert set(np.flatnonzero(mask[b, n, i])) == expected, (b, n, i)
+
+
+def test_row_bands_cover_every_row_once():
+    from seer_jax.sparsity import _row_bands
+
+    assert _row_bands(100) == [(0, 100)]
+    assert _row_bands(600) == [(0, 256), (256, 512), (512, 600)]
+    bands = _row_bands(4100)  # long sequences: at most 8 bands
+    assert len(bands) == 8 and bands[0] == (0, 513) and bands[-1][1] == 4100
+    assert all(stop == next_start for (_, stop), (next_start, _) in itertools.pairwise(bands))
