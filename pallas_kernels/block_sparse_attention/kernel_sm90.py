@@ -54,7 +54,6 @@ class Config:
     """Tuning knobs of the forward kernel."""
 
     num_stages: int = 4  # 64-key slots in the K/V shared-memory ring (paired into 128-key slots on dense tiles)
-    pipelined_sparse: bool = True  # sparse tiles: issue the next block's QKᵀ before this block's softmax
 
     def __post_init__(self):
         if self.num_stages < 2 or self.num_stages % 2:
@@ -170,7 +169,6 @@ def _forward_kernel(
     tile_offset: int,
     heads_per_kv_head: int,
     all_dense: bool,
-    pipelined_sparse: bool,
 ):
     batch = lax.axis_index("batch")
     tile = tile_offset + num_tiles - 1 - lax.axis_index("tile")  # heaviest causal tiles first
@@ -268,96 +266,8 @@ def _forward_kernel(
                 carry,
             )
 
-        def serial_sparse_tile(carry):
+        def sparse_tile(carry):
             return lax.fori_loop(0, num_steps, sparse_step, carry)
-
-        # Pipelined sparse tiles: the same 64-key steps, but a warpgroup issues the QKᵀ of its next block before
-        # the softmax and PV of the current one, so the tensor cores work while it computes the softmax (FA3's
-        # intra-warpgroup overlap). It then holds the current block's V slot while waiting for the next block's
-        # K. That is deadlock-free only if the next block comes less than `num_stages` entries later (the memory
-        # warpgroup fills slots in list order, and both warpgroups obey the same bound, so neither can wait on a
-        # slot the other holds); farther apart, the step runs serially.
-        def own(s):  # 1 if union entry s (clamped to the list) is this warpgroup's
-            return (read_entry(jnp.clip(s, 0, num_steps - 1)) >> (_INDEX_BITS + wg)) & 1
-
-        def next_own(s):  # this warpgroup's first entry at or after s, or num_steps
-            return lax.while_loop(lambda x: (x < num_steps) & (own(x) == 0), lambda x: x + 1, s)
-
-        def skip_entries(start, stop):  # wait for and release entries [start, stop), none of them ours
-            lax.fori_loop(start, stop, lambda x, c: skip_block(lax.rem(x, num_stages), c), None)
-
-        def diagonal_masked(qk, s):  # the causal mask when entry s is this warpgroup's diagonal block
-            kv_block = read_entry(s) & ((1 << _INDEX_BITS) - 1)
-            return causal_mask(qk, jnp.where(kv_block == q_block, 0, BLOCK))  # offset 64 masks nothing
-
-        def issue_qk(acc_ref, s):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(half_slot(k_smem, lax.rem(s, num_stages)), (1, 0)))
-
-        def serial_qk(s):
-            slot = lax.rem(s, num_stages)
-            plgpu.barrier_wait(k_barriers.at[slot])
-
-            def compute_qk(acc_ref):
-                issue_qk(acc_ref, s)
-                return acc_ref[...]
-
-            qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
-            plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-            return qk
-
-        def softmax_pv(qk, carry, slot):  # softmax on qk, then PV with the V block of `slot`
-            (acc, m_i, l_i), p16 = softmax_update(qk, carry)
-            plgpu.barrier_wait(v_barriers.at[slot])
-
-            def compute_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, half_slot(v_smem, slot))
-
-            return pl.run_state(compute_pv)(plgpu.ACC.init(acc)), m_i, l_i
-
-        def pipelined_step(state):
-            entry, qk, *carry = state  # qk: this warpgroup's scores on union entry `entry`
-            slot = lax.rem(entry, num_stages)
-            following = next_own(entry + 1)
-            qk = diagonal_masked(qk, entry)
-
-            def overlapped():
-                skip_entries(entry + 1, following)
-                next_slot = lax.rem(following, num_stages)
-                plgpu.barrier_wait(k_barriers.at[next_slot])
-
-                def scoped(next_qk_ref):
-                    issue_qk(next_qk_ref, following)  # in flight during the softmax and the PV below
-                    new_carry = softmax_pv(qk, tuple(carry), slot)
-                    return next_qk_ref[...], *new_carry
-
-                next_qk, *new_carry = pl.run_scoped(scoped, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
-                plgpu.barrier_arrive(v_consumed_barriers.at[slot])
-                plgpu.barrier_arrive(k_consumed_barriers.at[next_slot])
-                return next_qk, *new_carry
-
-            def serial():
-                new_carry = softmax_pv(qk, tuple(carry), slot)
-                plgpu.barrier_arrive(v_consumed_barriers.at[slot])
-                skip_entries(entry + 1, following)
-                no_more = plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK), jnp.float32), plgpu.Layout.WGMMA)
-                next_qk = lax.cond(following < num_steps, lambda: serial_qk(following), lambda: no_more)
-                return next_qk, *new_carry
-
-            within_ring = following < jnp.minimum(num_steps, entry + num_stages)
-            return following, *lax.cond(within_ring, overlapped, serial)
-
-        def pipelined_sparse_tile(carry):
-            first = next_own(0)
-            skip_entries(0, first)
-
-            def run(carry):
-                state = (first, serial_qk(first), *carry)
-                _, _, *carry = lax.while_loop(lambda state: state[0] < num_steps, pipelined_step, state)
-                return tuple(carry)
-
-            return lax.cond(first < num_steps, run, lambda carry: carry, carry)
-
-        sparse_tile = pipelined_sparse_tile if pipelined_sparse else serial_sparse_tile
 
         # Dense tiles: 128-key steps (key blocks 2p and 2p+1 side by side in one pair of slots), t + 1 of them
         # for both warpgroups, the last one causally masked. The warpgroups alternate on the tensor cores (FA3
@@ -493,7 +403,6 @@ def _forward_call(
             tile_offset=tiles.start,
             heads_per_kv_head=num_q_heads // num_kv_heads,
             all_dense=row_max,
-            pipelined_sparse=config.pipelined_sparse,
         )  # fmt: skip
 
         def scoped(smem, barriers, consumed, schedule, chunk_smem2=None):

@@ -13,11 +13,10 @@ from pallas_kernels.block_sparse_attention import (
     block_sparse_attention,
     block_sparse_attention_implementation,
     causal_block_mask,
-    kernel_sm90,
 )
 from pallas_kernels.dispatch import hopper_available
 from pallas_kernels.inputs import BLOCK_PATTERNS, input_key, pattern_block_mask, random_qkv
-from pallas_kernels.shapes import TEST_SHAPES, AttentionShape
+from pallas_kernels.shapes import TEST_SHAPES
 from tests.pallas_kernels import harness, oracle
 
 SHAPES = {shape.name: shape for shape in TEST_SHAPES}
@@ -214,37 +213,3 @@ def test_dispatch_off_hopper():
         block_sparse_attention_implementation(q, k, v, block_mask=mask, implementation="mosaic")
     with pytest.raises(NotImplementedError):
         block_sparse_attention(q, k, v, block_mask=mask, implementation="mosaic")
-
-
-def _alternating_runs_mask(batch: int, heads: int, num_blocks: int, run: int) -> jax.Array:
-    """Even query blocks keep key-block runs 0..run-1, 2·run.., odd ones the runs in between (plus the diagonal):
-    the two warpgroups of a tile alternate in runs, so their next own block is run + 1 entries away."""
-    rows = jnp.arange(num_blocks)[:, None]
-    cols = jnp.arange(num_blocks)[None, :]
-    keep = ((cols // run) % 2 == rows % 2) | (cols == rows)
-    return jnp.broadcast_to(keep & causal_block_mask(num_blocks, num_blocks), (batch, heads, num_blocks, num_blocks))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("pattern", ["half", "sparse90", "empty_rows", "runs_of_2", "runs_of_6"])
-def test_pipelined_and_serial_sparse_tiles_agree(request, pattern):
-    """Sparse tiles issue the next block's QKᵀ early when it is fewer than num_stages (4) entries ahead and run
-    serially otherwise; runs of 2 stay pipelined, runs of 6 force the serial steps in between. Both schedules match
-    the reference."""
-    shape = AttentionShape(name="g4_h128_t4096", batch=1, seq_len=4096, num_q_heads=8, num_kv_heads=2, head_dim=128)
-    if pattern.startswith("runs_of_"):
-        q, k, v = random_qkv(harness.case_key(request), shape, jnp.bfloat16)
-        run = int(pattern.removeprefix("runs_of_"))
-        mask = _alternating_runs_mask(shape.batch, shape.num_q_heads, shape.num_blocks(), run)
-    else:
-        q, k, v, mask = _inputs(request, "mosaic", shape, pattern)
-    sm_scale = shape.head_dim**-0.5
-    expected_out, expected_lse = _expected(q, k, v, mask, sm_scale)
-    tolerance = harness.TOLERANCES[q.dtype]
-    for pipelined in (True, False):
-        config = kernel_sm90.Config(pipelined_sparse=pipelined)
-        out, lse = kernel_sm90.block_sparse_attention_sm90(
-            q, k, v, mask, sm_scale=sm_scale, return_lse=True, config=config
-        )
-        harness.assert_close(out, expected_out, tolerance, f"out, pipelined={pipelined}")
-        harness.assert_lse_close(lse, expected_lse, tolerance)
