@@ -4,8 +4,8 @@ FlashAttention-2 backward recomputation from the forward's logsumexp, over the s
 with the forward's CTA layout (two compute warpgroups × 64 rows, one TMA warpgroup, pair schedules from
 `kernel_sm90.pair_schedule` in which each warpgroup skips the blocks only its partner uses):
   * dQ: CTA = (batch, query head, query tile of query blocks 2t, 2t+1), looping over the selected key blocks
-    (exactly the forward's schedule). Per block: s = q kᵀ, p = exp2(s·scale·log2 e − lse₂), dp = dO vᵀ,
-    ds = p ⊙ (dp − δ), dq += ds k.
+    (exactly the forward's schedule). Per block: s = q kᵀ and dp = dO vᵀ (issued together), p = exp2(s·scale·
+    log2 e − lse₂), ds = p ⊙ (dp − δ), dq += ds k.
   * dK/dV: CTA = (batch, query head, key tile of key blocks 2u, 2u+1), looping over the query blocks that
     selected them (the transposed mask). Per block: sᵀ = k qᵀ, pᵀ, dv += pᵀ dO, dpᵀ = v dOᵀ,
     dsᵀ = pᵀ ⊙ (dpᵀ − δ), dk += dsᵀ q. dK/dV come out per query head and each GQA group is summed in XLA (as in
@@ -106,25 +106,21 @@ def _dq_kernel(
 
         def grad_block(slot, dq, *, causal: bool):
             plgpu.barrier_wait(k_barriers.at[slot])
+            plgpu.barrier_wait(v_barriers.at[slot])
 
-            def compute_s(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                return acc_ref[...]
+            def compute_s_dp(s_ref, dp_ref):  # both matmuls in flight at once, one wait (as dK/dV pairs dV, dPᵀ)
+                plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+                return s_ref[...], dp_ref[...]
 
-            s = pl.run_scoped(compute_s, plgpu.ACC((BLOCK, BLOCK), jnp.float32))  # [64 queries, 64 keys]
+            block = plgpu.ACC((BLOCK, BLOCK), jnp.float32)
+            s, dp = pl.run_scoped(compute_s_dp, block, block)  # [64 queries, 64 keys] each
+            plgpu.barrier_arrive(v_consumed_barriers.at[slot])
             if causal:
                 r = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
                 c = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where(r >= c, s, -jnp.inf)
             p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(lse, s.shape, [0]))
-            plgpu.barrier_wait(v_barriers.at[slot])
-
-            def compute_dp(acc_ref):
-                plgpu.wgmma(acc_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-                return acc_ref[...]
-
-            dp = pl.run_scoped(compute_dp, plgpu.ACC((BLOCK, BLOCK), jnp.float32))  # [64, 64]
-            plgpu.barrier_arrive(v_consumed_barriers.at[slot])
             ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
 
             def compute_dq(acc_ref):
