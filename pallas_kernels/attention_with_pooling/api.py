@@ -46,7 +46,7 @@ def attention_with_pooling(
 
     Not differentiable on the Mosaic GPU path: the pooled map is a training target, not a trained quantity.
     Memory is O(B·N·T·H + B·N·I·J), plus on the Mosaic path a row-maxima buffer of at most 4 GiB per chunk of query
-    rows (`kernel_sm90.Config.single_pass_max_bytes`); see `reference` for the exact semantics.
+    rows (`kernel_sm90.Config.max_chunk_bytes`); see `reference` for the exact semantics.
     """
     scale = _check_args(q, k, v, sm_scale=sm_scale, block_size=block_size, implementation=implementation)
     return _attention_with_pooling(q, k, v, scale, block_size, return_lse, implementation)
