@@ -24,7 +24,6 @@ from pallas_kernels.block_sparse_attention.index import (
     BlockIndex,
     block_index_from_mask,
     block_mask_from_index,
-    causal_block_mask,
     check_block_index,
 )
 from pallas_kernels.validation import check_causal_qkv, default_sm_scale
@@ -119,10 +118,8 @@ def _check_args(q, k, v, *, block_mask, index, sm_scale, implementation) -> floa
 
 
 def _kernel_mask(selection: jax.Array | BlockIndex) -> jax.Array:
-    """The selection as the causal bool [B, N, I, J] mask the kernels schedule from."""
-    if isinstance(selection, BlockIndex):
-        return block_mask_from_index(selection)
-    return selection & causal_block_mask(*selection.shape[-2:])
+    """The selection as the bool [B, N, I, J] mask the kernels schedule from (they drop blocks above the diagonal)."""
+    return block_mask_from_index(selection) if isinstance(selection, BlockIndex) else selection
 
 
 def _reference_index(selection: jax.Array | BlockIndex) -> BlockIndex:

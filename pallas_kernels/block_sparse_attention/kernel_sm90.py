@@ -161,7 +161,7 @@ def _forward_kernel(
     v_consumed_barriers,
     schedule_barrier,
     *,
-    row_max_ref=None,  # optional output f32 [B, N, Jc, Tp]: see `dense_attention_with_row_max_sm90`
+    row_max_ref=None,  # optional output f32 [B, N, Jc, Tr]: see `dense_attention_with_row_max_sm90`
     chunk_smem2=None,  # f32 [2, 64, 64] with row_max_ref: each warpgroup's row maxima of 64 key blocks
     sm_scale: float,
     num_stages: int,
@@ -389,7 +389,6 @@ def _forward_call(
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
     stages = config.num_stages
-
     num_row_max_blocks = -(-padded_len // BLOCK // BLOCK) * BLOCK  # Jc: whole 64-block chunks
 
     def body(q_ref, k_ref, v_ref, entries_ref, counts_ref, dense_ref, out_ref, lse_ref, row_max_ref=None):
