@@ -1,12 +1,11 @@
 """Packing, shuffling, resuming and evaluation windows on a corpus of real standard-library sources."""
 
 import dataclasses
-import gzip
-import json
 
 import numpy as np
 import pytest
 
+from tests.train.tiny import write_docs
 from train.data import LoaderConfig, LoaderState, PackedLoader, eval_windows, pack_rows
 from train.token_corpus import CorpusConfig, TokenizedCorpus, load_corpus
 
@@ -15,10 +14,7 @@ BOS, EOS = 0, 1
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, stdlib_texts, tokenizer_dir) -> TokenizedCorpus:
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl.gz"
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        for name, text in stdlib_texts[:30]:
-            f.write(json.dumps({"name": name, "text": text}) + "\n")
+    path = write_docs(tmp_path_factory.mktemp("corpus") / "docs.jsonl.gz", stdlib_texts[:30])
     return load_corpus(CorpusConfig(paths=(path,), tokenizer_dir=tokenizer_dir))
 
 

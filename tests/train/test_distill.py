@@ -1,7 +1,6 @@
 """Gate distillation: the KL loss against NumPy, learning, frozen base, optimizer scope, bit-exact resume."""
 
 import dataclasses
-import gzip
 import json
 
 import jax
@@ -15,6 +14,7 @@ from seer_jax.gate import GateConfig, GateParam
 from seer_jax.model import CausalLM
 from seer_jax.seer import SeerConfig, seer_from_base
 from tests.seer_jax.tiny_models import random_module
+from tests.train.tiny import write_docs
 from train.distill import ADAPTER_DIR, DistillConfig, distill, gate_kl_loss
 
 MODEL_CONFIG = {
@@ -73,9 +73,7 @@ def test_kl_loss_is_zero_when_the_gate_matches_the_target():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, stdlib_texts, tokenizer_dir):
     root = tmp_path_factory.mktemp("distill_data")
-    with gzip.open(root / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
-        for name, text in stdlib_texts[:20]:
-            f.write(json.dumps({"name": name, "text": text}) + "\n")
+    write_docs(root / "docs.jsonl.gz", stdlib_texts[:20])
     return root, tokenizer_dir
 
 

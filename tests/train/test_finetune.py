@@ -1,7 +1,6 @@
 """`python -m train.finetune` end to end on a tiny Llama: from scratch (bf16 compute, YaRN, remat), then
 fine-tuning the result; outputs, export and the errors that must stop a run early."""
 
-import gzip
 import json
 
 import jax
@@ -13,6 +12,7 @@ import transformers
 from flax import nnx
 
 from seer_jax.checkpoint import is_converted, load_model
+from tests.train.tiny import write_docs
 from train.finetune import main
 from train.trainer import read_metrics
 
@@ -35,9 +35,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, stdlib_texts, tokenizer_dir):
     root = tmp_path_factory.mktemp("inputs")
-    with gzip.open(root / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
-        for name, text in stdlib_texts[:20]:
-            f.write(json.dumps({"name": name, "text": text}) + "\n")
+    write_docs(root / "docs.jsonl.gz", stdlib_texts[:20])
     (root / "config.json").write_text(json.dumps(TINY))
     return root, tokenizer_dir
 

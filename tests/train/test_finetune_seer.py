@@ -1,6 +1,5 @@
 """`python -m train.finetune --seer-gates`: SeerAttention fine-tuning (block-sparse attention, LM + gate loss)."""
 
-import gzip
 import json
 
 import jax
@@ -11,6 +10,7 @@ import pytest
 from seer_jax.adapters import load_seer_model
 from seer_jax.checkpoint import is_converted
 from seer_jax.gate import GateConfig
+from tests.train.tiny import write_docs
 from train.distill import DistillConfig, distill
 from train.finetune import main
 from train.trainer import read_metrics
@@ -36,10 +36,7 @@ TINY = {
 def gated_model(tmp_path_factory, stdlib_texts, tokenizer_dir):
     """A tiny model pretrained for 3 steps, and gates distilled for it (4 steps)."""
     root = tmp_path_factory.mktemp("seer_ft")
-    data = root / "docs.jsonl.gz"
-    with gzip.open(data, "wt", encoding="utf-8") as f:
-        for name, text in stdlib_texts[:20]:
-            f.write(json.dumps({"name": name, "text": text}) + "\n")
+    data = write_docs(root / "docs.jsonl.gz", stdlib_texts[:20])
     (root / "config.json").write_text(json.dumps(TINY))
     common = ["--data", data, "--corpus-cache", root / "cache", "--tokenizer-dir", tokenizer_dir,
               "--seq-len", "256", "--batch-size", "2", "--warmup-steps", "1", "--checkpoint-every", "100"]  # fmt: skip

@@ -3,7 +3,6 @@ loop's steps and checkpoints are the same, a checkpoint written on one mesh rest
 `python -m train.distill_gates --mesh` runs end to end (tests/conftest.py splits the CPU into 8 devices)."""
 
 import functools
-import gzip
 import json
 
 import jax
@@ -25,6 +24,7 @@ from seer_jax.sharding import MeshConfig, build_mesh, logical_rules, shard_batch
 from seer_jax.sparsity import Selection
 from tests.seer_jax.tiny_models import TINY, random_module, random_tokens
 from tests.train.test_distill import MODEL_CONFIG
+from tests.train.tiny import write_docs
 from train.checkpoints import TrainCheckpointer
 from train.data import LoaderState
 from train.distill import distillation_loss
@@ -159,9 +159,7 @@ def test_fit_on_a_mesh_then_restore_and_resume_on_another(tmp_path):
 @pytest.fixture(scope="module")
 def cli_inputs(tmp_path_factory, stdlib_texts, tokenizer_dir):
     root = tmp_path_factory.mktemp("sharded_cli")
-    with gzip.open(root / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
-        for name, text in stdlib_texts[:20]:
-            f.write(json.dumps({"name": name, "text": text}) + "\n")
+    write_docs(root / "docs.jsonl.gz", stdlib_texts[:20])
     (root / "hf").mkdir()
     (root / "hf" / "config.json").write_text(json.dumps(MODEL_CONFIG))
     base = random_module(lambda: CausalLM(ModelConfig.from_hf(MODEL_CONFIG), rngs=nnx.Rngs(0)), 0)

@@ -1,4 +1,10 @@
-"""A tiny Llama and a synthetic corpus it can learn quickly, for the training-loop tests."""
+"""A tiny Llama and a synthetic corpus it can learn quickly, for the training-loop tests; `write_docs` for the tests
+that read real text from a file."""
+
+import gzip
+import json
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 from flax import nnx
@@ -54,3 +60,11 @@ def synthetic_corpus(num_docs: int = 48, seed: int = 0) -> TokenizedCorpus:
 
 def loader_factory(corpus: TokenizedCorpus, config: LoaderConfig = LOADER):
     return lambda state: PackedLoader(corpus, config, state=state or LoaderState())
+
+
+def write_docs(path: Path, docs: Iterable[tuple[str, str]]) -> Path:
+    """Writes (name, text) documents as a gzipped JSON-lines corpus (one {"name", "text"} object per line)."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for name, text in docs:
+            f.write(json.dumps({"name": name, "text": text}) + "\n")
+    return path
