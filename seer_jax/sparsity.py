@@ -20,6 +20,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_topk import block_topk_mask
+
 SparsityMethod = Literal["nz_ratio", "threshold"]
 NUM_DENSE_LAST_ROWS = 2  # `last_block_dense` keeps this many final query-block rows dense (SEER_SPEC §4.1)
 
@@ -72,38 +74,6 @@ def masked_softmax(scores: jax.Array) -> jax.Array:
     return jax.nn.softmax(jnp.where(causal, scores.astype(jnp.float32), -jnp.inf), axis=-1)
 
 
-_MIN_BAND_ROWS = 256  # see `_row_bands`
-
-
-def _row_bands(num_q_blocks: int) -> list[tuple[int, int]]:
-    """Row ranges [start, stop) of equal length for `_topk_mask`: 256 rows, or I / 8 for I > 2048 (at most 8
-    top_k calls). Measured on the H200 at I = J = 2048, 32 heads: one band 7.55 ms, bands doubling from 128 rows
-    5.36 ms, 512 rows 4.72 ms, 256 rows 4.57 ms, 128 rows 4.95 ms (XLA's top_k costs about its element count)."""
-    rows = max(_MIN_BAND_ROWS, -(-num_q_blocks // 8))
-    return [(start, min(start + rows, num_q_blocks)) for start in range(0, num_q_blocks, rows)]
-
-
-def _topk_mask(scores: jax.Array, k: int) -> jax.Array:
-    """bool mask of the k largest causal scores of every row (ties broken towards lower j).
-
-    Rows i < stop have causal keys j < stop only, so each band of rows [start, stop) runs top_k over its first
-    `stop` columns, not all J: the same selection for about 56% of the work at J = 2048 (XLA's top_k sorts the
-    whole row; at 128k tokens this is most of the gate path's cost).
-    """
-    num_q_blocks, num_kv_blocks = scores.shape[-2:]
-    causal = causal_block_mask(num_q_blocks, num_kv_blocks)
-    masked = jnp.where(causal, scores.astype(jnp.float32), -jnp.inf)
-    bands = []
-    for start, stop in _row_bands(num_q_blocks):
-        width = min(stop, num_kv_blocks)
-        band = masked[..., start:stop, :width]  # [B, N, rows, width]
-        _, top = jax.lax.top_k(band, min(k, width))  # [B, N, rows, k]
-        leading = jnp.indices(top.shape[:-1], sparse=True)  # broadcastable b, n, row indices
-        chosen = jnp.zeros(band.shape, jnp.bool_).at[(*(ix[..., None] for ix in leading), top)].set(True)
-        bands.append(jnp.pad(chosen, [(0, 0)] * (chosen.ndim - 1) + [(0, num_kv_blocks - width)]))
-    return jnp.concatenate(bands, axis=-2) & causal
-
-
 @functools.partial(jax.jit, static_argnames="selection")
 def select_blocks(scores: jax.Array, selection: Selection) -> jax.Array:
     """Block scores [B, N, I, J] (gate logits, or any score where larger = more important) → bool block mask.
@@ -115,7 +85,7 @@ def select_blocks(scores: jax.Array, selection: Selection) -> jax.Array:
     if selection.is_dense:
         return jnp.broadcast_to(causal, scores.shape)
     if selection.method == "nz_ratio":
-        mask = _topk_mask(scores, topk_per_row(selection.nz_ratio, num_kv_blocks))
+        mask = block_topk_mask(scores, topk_per_row(selection.nz_ratio, num_kv_blocks))
     else:
         mask = masked_softmax(scores) > selection.threshold
     rows = jnp.arange(num_q_blocks)[:, None]

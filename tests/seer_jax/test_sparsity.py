@@ -106,13 +106,3 @@ def test_topk_by_row_bands_equals_full_row_topk(shape):
         if i < num_kv_blocks:
             expected |= {i}  # the diagonal is always kept
         assert set(np.flatnonzero(mask[b, n, i])) == expected, (b, n, i)
-
-
-def test_row_bands_cover_every_row_once():
-    from seer_jax.sparsity import _row_bands
-
-    assert _row_bands(100) == [(0, 100)]
-    assert _row_bands(600) == [(0, 256), (256, 512), (512, 600)]
-    bands = _row_bands(4100)  # long sequences: at most 8 bands
-    assert len(bands) == 8 and bands[0] == (0, 513) and bands[-1][1] == 4100
-    assert all(stop == next_start for (_, stop), (next_start, _) in itertools.pairwise(bands))
