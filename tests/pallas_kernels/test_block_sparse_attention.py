@@ -1,6 +1,8 @@
 """block_sparse_attention: one test body per property, run against every implementation (reference on CPU,
 the Mosaic GPU kernel on the H200 via the `gpu` marker)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,8 @@ from pallas_kernels.block_sparse_attention import (
     block_sparse_attention,
     block_sparse_attention_implementation,
     causal_block_mask,
+    kernel_bwd_sm90,
+    reference,
 )
 from pallas_kernels.dispatch import hopper_available
 from pallas_kernels.inputs import BLOCK_PATTERNS, input_key, pattern_block_mask, random_qkv
@@ -153,6 +157,39 @@ def test_gradients_match_dense_masked_attention(request, implementation, shape, 
     for name, grad, want, primal in zip(("dq", "dk", "dv"), grads, expected, (q, k, v), strict=True):
         assert grad.dtype == primal.dtype
         harness.assert_close(grad, np.asarray(want), tolerance, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["half", "empty_rows"])
+@pytest.mark.parametrize("fused_dq", [True, False], ids=["fused_dq", "separate_dq"])
+def test_both_backward_layouts_match_the_reference_backward(request, fused_dq, pattern):
+    """The fused layout (dQ by TMA reduce-add, auto-dispatched up to 192k tokens) and the separate dQ kernel (longer
+    sequences) each against the jnp reference backward, from the same forward outputs and cotangents."""
+    shape = SHAPES["g4_h64_t1000"]
+    q, k, v, mask = _inputs(request, "mosaic", shape, pattern)
+    sm_scale = shape.head_dim**-0.5
+    out, lse = block_sparse_attention(q, k, v, block_mask=mask, return_lse=True, implementation="mosaic")
+    d_out_key, d_lse_key = jax.random.split(jax.random.fold_in(harness.case_key(request), 1))
+    d_out = jax.random.normal(d_out_key, q.shape, q.dtype)
+    d_lse = jnp.where(jnp.isfinite(lse), jax.random.normal(d_lse_key, lse.shape), 0.0)
+    kernel = functools.partial(kernel_bwd_sm90.block_sparse_attention_bwd_sm90, sm_scale=sm_scale, fused_dq=fused_dq)
+    grads = jax.jit(kernel)(q, k, v, mask, out, lse, d_out, d_lse)
+    up = [x.astype(jnp.float32) for x in (q, k, v, out, d_out)]
+    index = block_index_from_mask(mask)
+    expected = reference.block_sparse_attention_bwd(*up[:3], index, up[3], lse, up[4], d_lse, sm_scale=sm_scale)
+    for name, grad, want in zip(("dq", "dk", "dv"), grads, expected, strict=True):
+        harness.assert_close(grad, np.asarray(want), 2 * harness.TOLERANCES[q.dtype], name)
+
+
+@pytest.mark.gpu
+def test_fused_backward_fits_shared_memory_up_to_its_limit():
+    """The fused layout compiles (its shared memory fits) at the longest sequence auto-dispatch gives it."""
+    seq_len = kernel_bwd_sm90._FUSED_MAX_BLOCKS * 64
+    q = jax.ShapeDtypeStruct((1, seq_len, 1, 128), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((1, 1, seq_len // 64, seq_len // 64), jnp.bool_)
+    lse = jax.ShapeDtypeStruct((1, 1, seq_len), jnp.float32)
+    kernel = functools.partial(kernel_bwd_sm90.block_sparse_attention_bwd_sm90, sm_scale=0.1, fused_dq=True)
+    jax.jit(kernel).lower(q, q, q, mask, q, lse, q, lse).compile()
 
 
 def test_gradients_without_lse_output(request):
