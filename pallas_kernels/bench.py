@@ -202,20 +202,15 @@ def bench_length(shape: AttentionShape, config: BenchConfig, emit: Callable[[Row
             block_sparse_attention_implementation, q, k, v, block_mask=mask, implementation=config.implementation
         )
         row = Row(seq_len=shape.seq_len, case=f"sparse {sparsity:.2f}", implementation=name, density=density, note=note)
+
+        def sparse_op(q, k, v, mask):
+            return block_sparse_attention(q, k, v, block_mask=mask, implementation=config.implementation)
+
         if not note:
-            sparse = jax.jit(
-                lambda q, k, v, mask: block_sparse_attention(
-                    q, k, v, block_mask=mask, implementation=config.implementation
-                )
-            )
-            row = _measure(row, flops * density, dense_ms, sparse, q, k, v, mask, config=config)
+            row = _measure(row, flops * density, dense_ms, jax.jit(sparse_op), q, k, v, mask, config=config)
         emit(row)
         if config.backward and not note:
             bwd_row = Row(seq_len=shape.seq_len, case=f"bwd {sparsity:.2f}", implementation=name, density=density)
-
-            def sparse_op(q, k, v, mask):
-                return block_sparse_attention(q, k, v, block_mask=mask, implementation=config.implementation)
-
             emit(_backward_row(bwd_row, row, flops * density, dense_bwd_ms, sparse_op, q, k, v, d_out, mask,
                                config=config))  # fmt: skip
 

@@ -15,7 +15,7 @@ logger (`logging.getLogger("pallas_kernels.dispatch")`).
 import functools
 import logging
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import jax
 
@@ -60,3 +60,17 @@ def run(
             chosen, result = "reference", reference()
     _logger.debug("%s: running the %s implementation", op_name, chosen)
     return chosen, result
+
+
+def traced_choice(dispatch_fn: Callable[..., tuple[Implementation, Any]], *args) -> Implementation:
+    """The implementation that `dispatch_fn(*args)` (an op's wrapper around `run`, returning (name, result)) picks,
+    traced abstractly with `jax.eval_shape`: nothing is computed, and `args` may be `jax.ShapeDtypeStruct`s."""
+    chosen = []
+
+    def probe(*args):
+        name, result = dispatch_fn(*args)
+        chosen.append(name)
+        return result
+
+    jax.eval_shape(probe, *args)
+    return chosen[0]

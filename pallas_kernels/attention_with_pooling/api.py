@@ -68,15 +68,9 @@ def attention_with_pooling_implementation(
     `jax.ShapeDtypeStruct`s; raises as the op would (bad arguments, or an explicit "mosaic" the kernel declines).
     """
     scale = _check_args(q, k, v, sm_scale=sm_scale, block_size=block_size, implementation=implementation)
-    chosen = []
-
-    def probe(q, k, v):
-        name, result = _dispatch(q, k, v, scale, block_size, return_lse, implementation)
-        chosen.append(name)
-        return result
-
-    jax.eval_shape(probe, q, k, v)
-    return chosen[0]
+    return dispatch.traced_choice(
+        lambda q, k, v: _dispatch(q, k, v, scale, block_size, return_lse, implementation), q, k, v
+    )
 
 
 def _check_args(q, k, v, *, sm_scale, block_size, implementation) -> float:

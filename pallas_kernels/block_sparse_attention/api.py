@@ -87,15 +87,9 @@ def block_sparse_attention_implementation(
     """
     scale = _check_args(q, k, v, block_mask=block_mask, index=index, sm_scale=sm_scale, implementation=implementation)
     selection = block_mask if index is None else index
-    chosen = []
-
-    def probe(q, k, v, selection):
-        name, result = _forward(q, k, v, selection, scale, return_lse, implementation)
-        chosen.append(name)
-        return result
-
-    jax.eval_shape(probe, q, k, v, selection)
-    return chosen[0]
+    return dispatch.traced_choice(
+        lambda q, k, v, selection: _forward(q, k, v, selection, scale, return_lse, implementation), q, k, v, selection
+    )
 
 
 def _check_args(q, k, v, *, block_mask, index, sm_scale, implementation) -> float:

@@ -35,15 +35,7 @@ def block_topk_mask_implementation(
 ) -> dispatch.Implementation:
     """Name of the implementation ("mosaic" or "reference") that `block_topk_mask` runs for these arguments."""
     _check_args(scores, k, implementation)
-    chosen = []
-
-    def probe(scores):
-        name, result = _dispatch(scores, k, implementation)
-        chosen.append(name)
-        return result
-
-    jax.eval_shape(probe, scores)
-    return chosen[0]
+    return dispatch.traced_choice(lambda scores: _dispatch(scores, k, implementation), scores)
 
 
 def _check_args(scores, k, implementation) -> None:
