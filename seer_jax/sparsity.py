@@ -20,6 +20,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_sparse_attention import causal_block_mask  # also for seer_jax's other modules
 from pallas_kernels.block_topk import block_topk_mask
 
 SparsityMethod = Literal["nz_ratio", "threshold"]
@@ -56,11 +57,6 @@ class Selection:
         if self.method == "nz_ratio":
             return self.nz_ratio >= 1.0
         return self.threshold <= 0.0
-
-
-def causal_block_mask(num_q_blocks: int, num_kv_blocks: int) -> jax.Array:
-    """bool [I, J]: key block j is visible to query block i iff j <= i."""
-    return jnp.arange(num_kv_blocks)[None, :] <= jnp.arange(num_q_blocks)[:, None]
 
 
 def topk_per_row(nz_ratio: float, num_kv_blocks: int) -> int:
