@@ -20,9 +20,9 @@ The official format (microsoft/SeerAttention prefill adapters, SEER_SPEC §9), r
     attn_gate_weights.safetensors     the same tensors
 
 `attach_gates(base, adapter)` checks the tensors against the model (every layer's gates present, nothing else,
-shapes exact) and returns a `SeerCausalLM` sharing the base model's weights; `load_seer_model` also loads the base
-model with `seer_jax.checkpoint.load_model`. To change the sparsity settings of a loaded adapter, replace its
-`seer_config` (`dataclasses.replace(adapter, seer_config=...)`) before attaching it.
+shapes exact) and returns a `SeerCausalLM` sharing the base model's weights, selecting blocks as the adapter's
+`seer_config` says or with the `Selection` passed as `selection=`; `load_seer_model` also loads the base model with
+`seer_jax.checkpoint.load_model`.
 """
 
 import dataclasses
@@ -46,7 +46,8 @@ from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.hf_weights import CheckpointError
 from seer_jax.model import CausalLM
-from seer_jax.seer import SeerCausalLM, SeerConfig, seer_with_abstract_gates
+from seer_jax.seer import SeerCausalLM, seer_with_abstract_gates
+from seer_jax.seer_config import SeerConfig
 from seer_jax.sparsity import Selection
 
 ADAPTER_FILE = "seer_adapter.json"
@@ -238,13 +239,18 @@ def _read_pth(path: Path) -> dict[str, np.ndarray]:
     }
 
 
-def attach_gates(base: CausalLM, adapter: Adapter) -> SeerCausalLM:
+def attach_gates(base: CausalLM, adapter: Adapter, *, selection: Selection | None = None) -> SeerCausalLM:
     """A `SeerCausalLM` with `base`'s weights (shared, not copied) and the adapter's gates, cast to the base dtype.
+
+    selection: how the gates' scores become blocks; None keeps the adapter's (`adapter.seer_config.selection`).
 
     Raises `CheckpointError` naming the tensors when some are missing, unexpected (another layer count, decode
     gates) or of the wrong shape (another head count, head_dim, gate type or hidden size).
     """
-    seer = seer_with_abstract_gates(base, adapter.seer_config)
+    seer_config = adapter.seer_config
+    if selection is not None:
+        seer_config = dataclasses.replace(seer_config, selection=selection)
+    seer = seer_with_abstract_gates(base, seer_config)
     graphdef, gates, rest = nnx.split(seer, GateParam, ...)
     targets = {".".join(map(str, path)): variable for path, variable in nnx.to_flat_state(gates)}
     unexpected = sorted(set(adapter.tensors) - set(targets))

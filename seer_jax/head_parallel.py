@@ -13,6 +13,7 @@ than the tensor size (K < tensor, K dividing it) are repeated up to the tensor s
 kv head d // (tensor / K), the one its query heads d·N/tensor … read (q head n reads kv head n // G).
 """
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -21,6 +22,7 @@ from jax.sharding import PartitionSpec
 
 from pallas_kernels.attention_with_pooling import attention_with_pooling
 from pallas_kernels.block_sparse_attention import block_sparse_attention
+from seer_jax.attention import dot_product_attention
 from seer_jax.sharding import BATCH_AXES, HEAD_AXIS
 
 
@@ -35,15 +37,43 @@ def block_sparse_attention_per_device(q: jax.Array, k: jax.Array, v: jax.Array, 
 
 
 def attention_with_pooling_per_device(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: int
+    q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: int, implementation: str = "xla"
 ) -> tuple[jax.Array, jax.Array]:
     """`attention_with_pooling` (q [B, T, N, H], k/v [B, S, K, H]) → out [B, T, N, H] and the pooled map
-    f32 [B, N, I, J], each device on its rows and heads."""
+    f32 [B, N, I, J], each device on its rows and heads.
+
+    Differentiable in q, k, v through `out` only: the pooled map is a target (its cotangent is dropped), and the
+    gradient of `out` is dense causal attention's, recomputed with `seer_jax.attention`'s `implementation` (the
+    Mosaic kernel has no backward of its own).
+    """
 
     def attention(q, k, v):
-        return attention_with_pooling(q, k, v, block_size=block_size)
+        return _pooled_attention(q, k, v, block_size, implementation)
 
     return per_device_heads(attention, [(q, "BTNH"), (k, "BSKH"), (v, "BSKH")], ("BTNH", "BNIJ"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _pooled_attention(q, k, v, block_size, implementation):
+    return attention_with_pooling(q, k, v, block_size=block_size)
+
+
+def _pooled_attention_fwd(q, k, v, block_size, implementation):
+    return attention_with_pooling(q, k, v, block_size=block_size), (q, k, v)
+
+
+def _pooled_attention_bwd(block_size, implementation, residuals, cotangents):
+    del block_size
+    d_out, _ = cotangents  # the pooled map is a training target: no gradient flows back through it
+
+    def dense(q, k, v):
+        return dot_product_attention(q, k, v, causal=True, implementation=implementation)
+
+    _, vjp = jax.vjp(dense, *residuals)
+    return vjp(d_out)
+
+
+_pooled_attention.defvjp(_pooled_attention_fwd, _pooled_attention_bwd)
 
 
 def per_device_heads(

@@ -19,15 +19,24 @@
 so the state path of HF's `model.layers.3.self_attn.q_proj.weight` is `('model', 'layers', 3, 'self_attn', 'q_proj',
 'kernel')`.
 
-`CausalLM.__call__(tokens, ...)` runs in one of two modes:
+`CausalLM.forward(tokens, ...)` is the one loop over the layers (`__call__` is `forward` without the collected
+values). It runs in one of two modes:
 - no cache: a causal forward over T tokens (left padding marked by `attention_mask`); the returned `KVCache` holds
   the T rotated keys/values (pad it with `KVCache.padded_to` to decode further);
 - with a cache: one decode step (T = 1) that writes slot `cache.length` and attends over the cache.
 
-`Attention.__call__` computes the pre-RoPE q [B, T, N, H] and k [B, T, K, H] in `project_qkv` (after Qwen2's bias
-and Qwen3's q/k norm: the inputs of an AttnGate), rotates them with `apply_rope`, and calls `attend`, which wraps
-`seer_jax.attention.dot_product_attention`; a subclass overrides `attend` to change the attention math.
+`Attention.__call__` is the one place where q, k, v are projected (`project_qkv`: pre-RoPE q [B, T, N, H] and
+k [B, T, K, H] after Qwen2's bias and Qwen3's q/k norm, the inputs of an AttnGate) and rotated (`apply_rope`). It
+then hands them to one of two hooks, which a subclass overrides to change the attention math:
+- `causal_attention(...)` without a cache (here: dense, `seer_jax.attention.dot_product_attention`);
+- `decode_attention(...)` with one (here: dense over the filled cache slots).
+
+`collect` names per-layer values that a subclass can produce besides its output (`seer_jax.seer.COLLECTABLE`:
+gate features, gate logits, distillation targets, block density, block masks); `forward` returns them, one dict
+per layer. The plain model collects nothing.
 """
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +108,7 @@ class Attention(nnx.Module):
     def attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, key_mask: jax.Array | None
     ) -> jax.Array:
-        """Rotated q [B, T, N, H], k/v [B, S, K, H] → [B, T, N, H]."""
+        """Dense attention: rotated q [B, T, N, H], k/v [B, S, K, H] → [B, T, N, H], each device on its heads."""
 
         def attention(q, k, v, key_mask):
             return dot_product_attention(
@@ -107,6 +116,39 @@ class Attention(nnx.Module):
             )
 
         return per_device_heads(attention, [(q, "BTNH"), (k, "BSKH"), (v, "BSKH"), (key_mask, "BS")], "BTNH")
+
+    def causal_attention(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        q_rot: jax.Array,
+        k_rot: jax.Array,
+        *,
+        key_mask: jax.Array | None,
+        collect: frozenset[str],
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The attention of a causal forward over T tokens: dense here.
+
+        Args:
+          q, k: pre-RoPE queries [B, T, N, H] and keys [B, T, K, H]; v: values [B, T, K, H].
+          q_rot, k_rot: q and k after RoPE.
+          key_mask: bool [B, T] (left padding), or None.
+          collect: names of extra per-layer values to return; a plain `Attention` has none.
+
+        Returns:
+          The attention output [B, T, N, H] (before o_proj) and the collected values by name.
+        """
+        del q, k  # the pre-RoPE q/k feed gates, which a plain attention layer has none of
+        if collect:
+            raise ValueError(f"a dense Attention layer collects nothing, asked for {sorted(collect)}")
+        return self.attend(q_rot, k_rot, v, causal=True, key_mask=key_mask), {}
+
+    def decode_attention(
+        self, q_rot: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, key_mask: jax.Array
+    ) -> jax.Array:
+        """One decode step's attention: rotated q [B, 1, N, H] over the cache [B, S, K, H] → [B, 1, N, H]."""
+        return self.attend(q_rot, k_cache, v_cache, causal=False, key_mask=key_mask)
 
     def __call__(
         self,
@@ -116,7 +158,8 @@ class Attention(nnx.Module):
         key_mask: jax.Array | None,
         cache: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        collect: frozenset[str] = frozenset(),
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], dict[str, jax.Array]]:
         """Self-attention block.
 
         Args:
@@ -125,26 +168,31 @@ class Attention(nnx.Module):
           key_mask: bool [B, S] valid keys (S = T without a cache, the cache size with one), or None if all are.
           cache: this layer's (keys, values) buffers [B, S, K, H], or None for a causal forward.
           cache_index: int32 [], the slot the (single) new token is written to; required with `cache`.
+          collect: names of extra values to return (see `causal_attention`); only without a cache.
 
         Returns:
-          The output [B, T, D] and (keys, values): the T new rotated keys/values [B, T, K, H] without a cache, the
-          updated buffers [B, S, K, H] with one.
+          The output [B, T, D]; (keys, values): the T new rotated keys/values [B, T, K, H] without a cache, the
+          updated buffers [B, S, K, H] with one; and the collected values by name.
         """
         batch, length, _ = hidden.shape
         q, k, v = self.project_qkv(hidden)  # pre-RoPE: [B, T, N, H], [B, T, K, H], [B, T, K, H]
-        q = apply_rope(q, positions, self.rope)
-        k = apply_rope(k, positions, self.rope)
+        q_rot = apply_rope(q, positions, self.rope)
+        k_rot = apply_rope(k, positions, self.rope)
         if cache is None:
-            out = self.attend(q, k, v, causal=True, key_mask=key_mask)  # [B, T, N, H]
+            out, collected = self.causal_attention(q, k, v, q_rot, k_rot, key_mask=key_mask, collect=collect)
+            kv = (k_rot, v)  # [B, T, K, H] each
         else:
             if length != 1:
                 raise ValueError(f"decoding with a cache takes one token per step, got T={length}")
+            if collect:
+                raise ValueError(f"a decode step collects nothing, asked for {sorted(collect)}")
             start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)  # [B, S, K, H]
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)  # [B, S, K, H]
-            out = self.attend(q, k, v, causal=False, key_mask=key_mask)  # [B, T, N, H]
+            k_cache = jax.lax.dynamic_update_slice(cache[0], k_rot.astype(cache[0].dtype), start)  # [B, S, K, H]
+            v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)  # [B, S, K, H]
+            out, collected = self.decode_attention(q_rot, k_cache, v_cache, key_mask=key_mask), {}
+            kv = (k_cache, v_cache)
         out = self.o_proj(out.reshape(batch, length, self.num_q_heads * self.head_dim))  # [B, T, D]
-        return out, (k, v)
+        return out, kv, collected
 
 
 class MLP(nnx.Module):
@@ -195,14 +243,21 @@ class DecoderLayer(nnx.Module):
         key_mask: jax.Array | None,
         cache: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """hidden [B, T, D] → [B, T, D], plus the layer's (keys, values); arguments as in `Attention.__call__`."""
-        attention_out, kv = self.self_attn(
-            self.input_layernorm(hidden), positions, key_mask=key_mask, cache=cache, cache_index=cache_index
+        collect: frozenset[str] = frozenset(),
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], dict[str, jax.Array]]:
+        """hidden [B, T, D] → [B, T, D], plus the layer's (keys, values) and collected values; arguments as in
+        `Attention.__call__`."""
+        attention_out, kv, collected = self.self_attn(
+            self.input_layernorm(hidden),
+            positions,
+            key_mask=key_mask,
+            cache=cache,
+            cache_index=cache_index,
+            collect=collect,
         )
         hidden = hidden + attention_out
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
-        return hidden, kv
+        return hidden, kv, collected
 
 
 class DecoderStack(nnx.Module):
@@ -245,11 +300,12 @@ def _call_layer(
     key_mask: jax.Array | None,
     cache: tuple[jax.Array, jax.Array] | None,
     cache_index: jax.Array | None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return layer(hidden, positions, key_mask=key_mask, cache=cache, cache_index=cache_index)
+    collect: frozenset[str],
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array], dict[str, jax.Array]]:
+    return layer(hidden, positions, key_mask=key_mask, cache=cache, cache_index=cache_index, collect=collect)
 
 
-_call_layer_remat = nnx.remat(_call_layer)
+_call_layer_remat = nnx.remat(_call_layer, static_argnums=(6,))
 
 
 class CausalLM(nnx.Module):
@@ -309,7 +365,24 @@ class CausalLM(nnx.Module):
         last_only: bool = False,
         remat: bool = False,
     ) -> tuple[jax.Array, KVCache]:
-        """Logits for `tokens`, and the keys/values they produced.
+        """Logits for `tokens` and the keys/values they produced: `forward` without collected values."""
+        logits, new_cache, _ = self.forward(
+            tokens, attention_mask=attention_mask, positions=positions, cache=cache, last_only=last_only, remat=remat
+        )
+        return logits, new_cache
+
+    def forward(
+        self,
+        tokens: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        remat: bool = False,
+        collect: frozenset[str] | tuple[str, ...] = frozenset(),
+    ) -> tuple[jax.Array, KVCache, tuple[Mapping[str, jax.Array], ...]]:
+        """Logits for `tokens`, the keys/values they produced, and each layer's collected values.
 
         Args:
           tokens: int [B, T].
@@ -319,11 +392,15 @@ class CausalLM(nnx.Module):
           last_only: compute logits for the last position only ([B, 1, V]).
           remat: rematerialise each decoder layer (`nnx.remat`): a backward pass recomputes the layer's activations
             instead of keeping them, so training memory holds one layer's activations plus the L layer inputs.
+          collect: names of per-layer values to return besides the logits (a causal forward of a model whose
+            attention layers produce them, e.g. `seer_jax.seer.SeerCausalLM`); empty for none.
 
         Returns:
-          logits [B, T, V] (or [B, 1, V]) in the compute dtype, and the new `KVCache`: the forward's T slots without a
-          cache, the updated cache with one.
+          logits [B, T, V] (or [B, 1, V]) in the compute dtype; the new `KVCache`: the forward's T slots without a
+          cache, the updated cache with one; and per layer a dict of the collected values (empty dicts when
+          `collect` is empty). Under `jax.jit`, logits nobody uses are never computed.
         """
+        collect = frozenset(collect)
         batch, length = tokens.shape
         if attention_mask is None:
             token_mask = jnp.ones((batch, length), bool)  # [B, T]
@@ -348,13 +425,16 @@ class CausalLM(nnx.Module):
 
         hidden = self.model.embed_tokens(tokens)  # [B, T, D]
         call_layer = _call_layer_remat if remat else _call_layer
-        keys, values = [], []
+        keys, values, collected = [], [], []
         for index, layer in enumerate(self.model.layers):
             layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
             cache_index = None if cache is None else cache.length
-            hidden, (key, value) = call_layer(layer, hidden, positions, key_mask, layer_cache, cache_index)
+            hidden, (key, value), layer_collected = call_layer(
+                layer, hidden, positions, key_mask, layer_cache, cache_index, collect
+            )
             keys.append(key)
             values.append(value)
+            collected.append(layer_collected)
         logits = self.unembed(hidden[:, -1:] if last_only else hidden)  # [B, T, V] (or [B, 1, V])
 
         if cache is None:
@@ -363,4 +443,4 @@ class CausalLM(nnx.Module):
             )
         else:
             new_cache = KVCache(keys=tuple(keys), values=tuple(values), key_mask=key_mask, length=cache.length + length)
-        return logits, new_cache
+        return logits, new_cache, tuple(collected)

@@ -1,10 +1,16 @@
 """Block selection: from block scores [B, N, I, J] to the boolean block mask that sparse attention computes.
 
+This module is the one owner of selection: causal masking, the forced diagonal, `last_block_dense`, the all-dense
+shortcut (`Selection.is_dense`) and the density of a mask (`block_density`). Masks are in each row's own block
+coordinates: with `lengths`, row b's real tokens are its first lengths[b] positions (`seer_jax.seer` moves left
+padding out of the way before selecting).
+
 SeerAttention (SEER_SPEC §4.1) scores every 64×64 (query block i, key block j) pair, per query head, and keeps
   * `nz_ratio` (TopK): the same k = max(1, int((1 − sqrt(1 − nz)) · J)) blocks in every row, chosen on the raw
     masked scores; with causal truncation the kept fraction of the causal triangle ≈ 2r − r² = nz for r = k/J;
   * `threshold`: the blocks whose softmax probability over the row's causal key blocks exceeds the threshold.
-Both optionally keep the last two query-block rows dense (`last_block_dense`) and drop blocks above the diagonal.
+Both optionally keep each row's last two real query-block rows dense (`last_block_dense`) and drop blocks above
+the diagonal.
 
 Unlike the reference implementation, the diagonal block is always kept, so no row is ever empty: the official
 code can select nothing in a row under `threshold` and its kernel then divides 0 by 0 (SEER_SPEC §10.11).
@@ -20,7 +26,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse_attention import causal_block_mask  # also for seer_jax's other modules
+from pallas_kernels.block_sparse_attention import BLOCK_SIZE, causal_block_mask  # also for seer_jax's other modules
 from pallas_kernels.block_topk import block_topk_mask
 
 SparsityMethod = Literal["nz_ratio", "threshold"]
@@ -71,10 +77,12 @@ def masked_softmax(scores: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames="selection")
-def select_blocks(scores: jax.Array, selection: Selection) -> jax.Array:
+def select_blocks(scores: jax.Array, selection: Selection, lengths: jax.Array | None = None) -> jax.Array:
     """Block scores [B, N, I, J] (gate logits, or any score where larger = more important) → bool block mask.
 
-    The result is causal, always contains the diagonal, and has the last two rows dense if asked.
+    The result is causal and always contains the diagonal. With `last_block_dense`, the last NUM_DENSE_LAST_ROWS
+    query-block rows holding real tokens are dense: those of each row's lengths[b] tokens (int [B]), or the last
+    rows of the mask when `lengths` is None.
     """
     num_q_blocks, num_kv_blocks = scores.shape[-2:]
     causal = causal_block_mask(num_q_blocks, num_kv_blocks)
@@ -84,19 +92,34 @@ def select_blocks(scores: jax.Array, selection: Selection) -> jax.Array:
         mask = block_topk_mask(scores, topk_per_row(selection.nz_ratio, num_kv_blocks))
     else:
         mask = masked_softmax(scores) > selection.threshold
-    rows = jnp.arange(num_q_blocks)[:, None]
-    forced = rows == jnp.arange(num_kv_blocks)[None, :]  # the diagonal: never an empty row
+    rows = jnp.arange(num_q_blocks)[:, None]  # [I, 1]
+    forced = rows == jnp.arange(num_kv_blocks)[None, :]  # [I, J] the diagonal: never an empty row
     if selection.last_block_dense:
-        forced = forced | (rows >= num_q_blocks - NUM_DENSE_LAST_ROWS)
+        forced = forced | _last_real_rows(num_q_blocks, scores.shape[0], lengths)[:, None, :, None]  # [B, 1, I, J]
     return (mask | forced) & causal
 
 
-def causal_density(block_mask: jax.Array) -> jax.Array:
-    """Fraction of causal blocks selected, f32 [..., N] (averaged over batch and rows; leading axes kept).
+def _last_real_rows(num_q_blocks: int, batch: int, lengths: jax.Array | None) -> jax.Array:
+    """bool [B, I]: the last NUM_DENSE_LAST_ROWS query-block rows that hold real tokens of each row."""
+    if lengths is None:
+        last_row = jnp.full((batch,), num_q_blocks - 1)  # [B]
+    else:
+        last_row = (lengths - 1) // BLOCK_SIZE  # [B]
+    rows = jnp.arange(num_q_blocks)[None, :]  # [1, I]
+    return (rows > last_row[:, None] - NUM_DENSE_LAST_ROWS) & (rows <= last_row[:, None])  # [B, I]
 
-    block_mask: bool [..., B, N, I, J]; e.g. stack layers first to get a [L, N] table.
+
+def block_density(block_mask: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+    """f32 [N]: selected / causal blocks, pooled over the batch and the query-block rows holding real tokens.
+
+    block_mask: bool [B, N, I, J]; lengths: int [B] real tokens per row in the mask's row coordinates (None: all
+    rows real). Blocks above the diagonal are not counted.
     """
-    num_q_blocks, num_kv_blocks = block_mask.shape[-2:]
-    causal = causal_block_mask(num_q_blocks, num_kv_blocks)
-    selected = jnp.sum(block_mask & causal, axis=(-2, -1), dtype=jnp.float32)  # [..., B, N]
-    return jnp.mean(selected, axis=-2) / jnp.sum(causal)
+    batch, _, num_q_blocks, num_kv_blocks = block_mask.shape
+    if lengths is None:
+        real_rows = jnp.ones((batch, num_q_blocks), bool)  # [B, I]
+    else:
+        real_rows = jnp.arange(num_q_blocks)[None, :] * BLOCK_SIZE < lengths[:, None]  # [B, I]
+    counted = real_rows[:, :, None] & causal_block_mask(num_q_blocks, num_kv_blocks)  # [B, I, J]
+    selected = jnp.sum(block_mask & counted[:, None], axis=(0, 2, 3), dtype=jnp.float32)  # [N]
+    return selected / jnp.sum(counted)

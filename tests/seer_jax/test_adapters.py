@@ -74,6 +74,11 @@ def test_round_trip_is_bit_exact(tmp_path, weights, seer_config):
         assert attached_params[path].get_value() is variable.get_value()  # shared, not copied
     with pytest.raises(CheckpointError, match="already exists"):
         save_adapter(seer, tmp_path / "adapter", base_model="org/tiny-llama")
+    threshold = Selection(method="threshold", threshold=0.02)
+    reselected = attach_gates(bf16_base(), adapter, selection=threshold)
+    assert reselected.seer_config == dataclasses.replace(seer_config, selection=threshold)
+    assert reselected.model.layers[1].self_attn.seer_config.selection == threshold
+    assert_bit_exact(gate_tensors(reselected), gate_tensors(seer))
 
 
 def official_config(**seerattn) -> dict:

@@ -87,8 +87,8 @@ def test_sparse_layer_matches_masked_dense_attention():
     attention = seer_model(SPARSE).model.layers[1].self_attn
     hidden = jnp.asarray(np.random.default_rng(2).standard_normal((2, LENGTH, TINY.hidden_size)), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(LENGTH), (2, LENGTH))
-    out, (keys, _), block_mask = attention.prefill(hidden, positions, key_mask=None)
-    block_mask = np.asarray(block_mask)
+    out, (keys, _), collected = attention(hidden, positions, key_mask=None, collect=frozenset({"block_mask"}))
+    block_mask = np.asarray(collected["block_mask"])
     assert block_mask.sum() < 2 * TINY.num_q_heads * 10  # some of the 10 causal blocks of each head are skipped
 
     q, k, v = (np.asarray(x, np.float64) for x in attention.project_qkv(hidden))
@@ -160,11 +160,13 @@ def test_sources_select_causal_blocks_in_row_coordinates(source):
     _, mask = padded_batch()
     attention = seer_model(dataclasses.replace(SPARSE, source=source)).model.layers[1].self_attn
     hidden = jnp.asarray(np.random.default_rng(5).standard_normal((2, LENGTH, TINY.hidden_size)), jnp.float32)
-    out, _, block_mask = nnx.jit(
-        lambda attention, hidden, mask: attention.prefill(hidden, positions_from_mask(mask), key_mask=mask)
+    out, _, collected = nnx.jit(
+        lambda attention, hidden, mask: attention(
+            hidden, positions_from_mask(mask), key_mask=mask, collect=frozenset({"block_mask"})
+        )
     )(attention, hidden, mask)
     assert np.isfinite(np.asarray(out)).all()
-    block_mask = np.asarray(block_mask)
+    block_mask = np.asarray(collected["block_mask"])
     assert np.diagonal(block_mask, axis1=-2, axis2=-1).all() and not np.triu(block_mask, k=1).any()
     if source == "streaming":  # one block per row (nz 0.3 of 4): the sink, then the diagonal
         np.testing.assert_array_equal(block_mask[:, :, :, 0], True)
@@ -272,9 +274,41 @@ def test_mosaic_kernels_in_the_model():
 
     gate = GateConfig(hidden_size=128)
     dense = forward(base, tokens, mask)
-    every_block = forward(seer_from_base(base, SeerConfig(gate=gate), rngs=nnx.Rngs(1)), tokens, mask)
+    every_block_model = seer_from_base(base, SeerConfig(gate=gate), rngs=nnx.Rngs(1))
+    every_block = forward(every_block_model, tokens, mask)
     assert relative_error(every_block, dense, np.asarray(mask)) <= 2e-2
     sparse = seer_from_base(base, dataclasses.replace(SPARSE, gate=gate), rngs=nnx.Rngs(1))
     assert np.isfinite(np.asarray(forward(sparse, tokens, mask), np.float32)).all()
-    _, targets = nnx.jit(distillation_inputs)(sparse, tokens, None)
+    _, targets = nnx.jit(distillation_inputs)(every_block_model, tokens, None)
     np.testing.assert_allclose(np.asarray(targets[1]).sum(-1), 1.0, atol=1e-3)
+
+
+def test_collect_names_are_checked():
+    """A plain model collects nothing, a SeerAttention model only `COLLECTABLE` names, and a decode step nothing."""
+    tokens = jnp.asarray(random_tokens(6, 1, 70))
+    with pytest.raises(ValueError, match="collects nothing"):
+        base_model().forward(tokens, collect=("density",))
+    with pytest.raises(ValueError, match="cannot collect"):
+        seer_model(SPARSE).forward(tokens, collect=("attention_probs",))
+    _, cache, collected = seer_model(SPARSE).forward(tokens, collect=("density", "block_mask"))
+    assert [sorted(layer) for layer in collected] == [["block_mask", "density"]] * TINY.num_layers
+    with pytest.raises(ValueError, match="decode step collects nothing"):
+        seer_model(SPARSE).forward(tokens[:, :1], cache=cache.padded_to(71), collect=("density",))
+
+
+def test_dense_layers_fuse_attention_and_target_with_dense_gradients():
+    """Below `start_layer`, a forward that collects the target takes the layer's output from the pooling kernel:
+    the logits equal the plain forward's and the gradients of the base weights equal the dense model's."""
+    tokens = jnp.asarray(random_tokens(8, 2, LENGTH))
+    seer = seer_model(dataclasses.replace(SPARSE, start_layer=TINY.num_layers))  # every layer dense
+
+    def loss(model, collect):
+        logits = model.forward(tokens, collect=collect)[0].astype(jnp.float32)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    base_weights = nnx.All(nnx.Param, nnx.Not(GateParam))
+    fused_loss, fused = nnx.value_and_grad(lambda m: loss(m, ("target",)), argnums=nnx.DiffState(0, base_weights))(seer)
+    plain_loss, plain = nnx.value_and_grad(lambda m: loss(m, ()), argnums=nnx.DiffState(0, base_weights))(seer)
+    np.testing.assert_allclose(fused_loss, plain_loss, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

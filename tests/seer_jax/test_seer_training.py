@@ -72,7 +72,7 @@ def test_targets_equal_distillation_inputs_and_lm_loss_never_reaches_the_gates()
     assert logits.shape == (2, LENGTH, TINY.vocab_size) and np.isfinite(np.asarray(logits)).all()
     assert len(gate_logits) == len(targets) == TINY.num_layers
     # Layer 0 sees the same input as in the dense distillation forward; later layers see sparse-attention outputs.
-    _, expected_targets = distillation_inputs(seer, tokens)
+    _, expected_targets = distillation_inputs(seer_model(SeerConfig(gate=GATE)), tokens)  # the same gates, dense
     np.testing.assert_allclose(targets[0], expected_targets[0], rtol=1e-5, atol=1e-7)
     assert not np.allclose(targets[1], expected_targets[1], rtol=1e-3)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seer_jax.sparsity import Selection, causal_density, masked_softmax, select_blocks, topk_per_row
+from seer_jax.sparsity import Selection, block_density, masked_softmax, select_blocks, topk_per_row
 
 
 def _random_scores(seed: int, shape) -> jax.Array:
@@ -19,7 +19,7 @@ def _random_scores(seed: int, shape) -> jax.Array:
 def test_topk_density_matches_target(num_blocks, nz_ratio):
     scores = _random_scores(num_blocks, (2, 3, num_blocks, num_blocks))
     mask = select_blocks(scores, Selection(method="nz_ratio", nz_ratio=nz_ratio))
-    density = np.asarray(causal_density(mask))
+    density = np.asarray(block_density(mask))
     assert density.shape == (3,)
     np.testing.assert_allclose(density, nz_ratio, atol=0.02)
 
@@ -50,7 +50,7 @@ def test_no_row_is_ever_empty_and_mask_is_causal(method, kwargs, last_block_dens
 def test_threshold_is_monotone():
     scores = _random_scores(4, (1, 4, 48, 48))
     densities = [
-        float(np.mean(causal_density(select_blocks(scores, Selection(method="threshold", threshold=t)))))
+        float(np.mean(block_density(select_blocks(scores, Selection(method="threshold", threshold=t)))))
         for t in (0.0, 1e-3, 1e-2, 5e-2, 0.2)
     ]
     assert densities[0] == 1.0
@@ -106,3 +106,31 @@ def test_topk_by_row_bands_equals_full_row_topk(shape):
         if i < num_kv_blocks:
             expected |= {i}  # the diagonal is always kept
         assert set(np.flatnonzero(mask[b, n, i])) == expected, (b, n, i)
+
+
+def test_last_block_dense_keeps_each_rows_last_real_rows():
+    """With lengths, the two dense rows are those of each row's last real tokens (rows 1-2 for 150 tokens, 4-5 for
+    all 384), not the last rows of the padded mask; the rest of the mask is the plain selection."""
+    scores = _random_scores(8, (2, 3, 6, 6))
+    lengths = jnp.asarray([384, 150])
+    selection = Selection(method="nz_ratio", nz_ratio=0.05, last_block_dense=True)
+    mask = np.asarray(select_blocks(scores, selection, lengths))
+    plain = np.asarray(select_blocks(scores, Selection(method="nz_ratio", nz_ratio=0.05)))
+    causal = np.tril(np.ones((6, 6), bool))
+    for row, dense_rows in ((0, [4, 5]), (1, [1, 2])):
+        expected = plain[row].copy()
+        expected[:, dense_rows] = causal[dense_rows]
+        np.testing.assert_array_equal(mask[row], expected)
+    full_rows = select_blocks(scores, selection, jnp.asarray([384, 384]))
+    np.testing.assert_array_equal(full_rows, select_blocks(scores, selection))
+
+
+def test_block_density_counts_real_rows_only():
+    """Rows past a row's real tokens are not counted; without lengths every row is."""
+    mask = np.zeros((2, 1, 4, 4), bool)
+    mask[:, :, np.arange(4), np.arange(4)] = True  # the diagonal: 4 of 10 causal blocks
+    mask[1, 0, 3] = True  # padding rows of row 1 (100 real tokens: rows 0-1) selected in full
+    lengths = jnp.asarray([256, 100])
+    # row 0: 4 of 10 blocks; row 1: rows 0-1 only, 2 of 3 blocks
+    np.testing.assert_allclose(block_density(jnp.asarray(mask), lengths), [(4 + 2) / (10 + 3)])
+    np.testing.assert_allclose(block_density(jnp.asarray(mask)), [(4 + 7) / 20])

@@ -1,9 +1,11 @@
-"""Block scores that need no trained gate: the oracle upper bound and training-free baselines.
+"""Where block scores come from: one registry, `SOURCES`, of the learned gate, the oracle and training-free baselines.
 
-Every function returns float32 scores [B, N, I, J] where larger means more important, exactly like gate logits, so
+Every source returns float32 scores [B, N, I, J] where larger means more important, exactly like gate logits, so
 `seer_jax.sparsity.select_blocks` turns any of them into a block mask. At the same `nz_ratio` every source keeps
 the same number of blocks per row (plus the forced diagonal), so densities match by construction and evaluations
-compare what is selected, not how much.
+compare what is selected, not how much. A source is called with one layer's `ScoreInputs`.
+
+- `gate`: the layer's learned AttnGate on the pre-RoPE q/k (`seer_jax.gate`).
 
 - `oracle_scores`: the true 2D max-pooled attention map of the layer (`attention_with_pooling`, the gate's
   distillation target), as log-probabilities: TopK keeps the blocks with the largest pooled attention, and
@@ -14,14 +16,50 @@ compare what is selected, not how much.
   blocks: TopK with k blocks per row keeps block 0 and the k − 1 blocks ending at the diagonal.
 - `random_scores`: uniform random scores from a key.
 
-`streaming_scores` and `random_scores` are rankings, not logits: use them with `nz_ratio` selection only.
+`streaming` and `random` are rankings, not logits (`RANKING_SOURCES`): use them with `nz_ratio` selection only.
 """
+
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from seer_jax.gate import pool_blocks
+from seer_jax.gate import AttnGate, pool_blocks
 from seer_jax.head_parallel import attention_with_pooling_per_device
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScoreInputs:
+    """One layer's inputs to a block-score source, every row moved to start at its first real token.
+
+    Attributes:
+      q, k: pre-RoPE queries [B, T, N, H] and keys [B, T, K, H] (what the gate sees).
+      q_rot, k_rot, v: rotated queries and keys, and values [B, T, K, H] (what attention sees).
+      lengths: int [B] real tokens per row, or None when every position is real.
+      gate: the layer's AttnGate.
+      key: the layer's `jax.random.key` (the "random" source).
+    """
+
+    q: jax.Array
+    k: jax.Array
+    q_rot: jax.Array
+    k_rot: jax.Array
+    v: jax.Array
+    lengths: jax.Array | None
+    gate: AttnGate
+    key: jax.Array
+
+    @property
+    def block_size(self) -> int:
+        return self.gate.gate_config.block_size
+
+    @property
+    def score_shape(self) -> tuple[int, int, int, int]:
+        """[B, N, I, J] of this layer's scores."""
+        batch, length, num_q_heads = self.q.shape[:3]
+        num_blocks = -(-length // self.block_size)
+        return (batch, num_q_heads, num_blocks, num_blocks)
 
 
 def oracle_scores(q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: int) -> jax.Array:
@@ -58,3 +96,16 @@ def streaming_scores(shape: tuple[int, int, int, int]) -> jax.Array:
 def random_scores(key: jax.Array, shape: tuple[int, int, int, int]) -> jax.Array:
     """f32 scores of `shape` [B, N, I, J], uniform in [0, 1) and independent, from a `jax.random.key`."""
     return jax.random.uniform(key, shape, jnp.float32)
+
+
+ScoreSource = Callable[[ScoreInputs], jax.Array]
+SOURCES: dict[str, ScoreSource] = {
+    "gate": lambda inputs: inputs.gate(inputs.q, inputs.k, lengths=inputs.lengths),
+    "oracle": lambda inputs: oracle_scores(inputs.q_rot, inputs.k_rot, inputs.v, block_size=inputs.block_size),
+    "quest": lambda inputs: quest_scores(
+        inputs.q_rot, inputs.k_rot, block_size=inputs.block_size, lengths=inputs.lengths
+    ),
+    "streaming": lambda inputs: streaming_scores(inputs.score_shape),
+    "random": lambda inputs: random_scores(inputs.key, inputs.score_shape),
+}
+RANKING_SOURCES = ("streaming", "random")  # scores that are rankings, not logits: TopK selection only

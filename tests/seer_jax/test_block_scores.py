@@ -13,11 +13,11 @@ from flax import nnx
 from tokenizers import Tokenizer
 
 from pallas_kernels.attention_with_pooling import attention_with_pooling
-from seer_jax import baselines
+from seer_jax import block_scores
 from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig
 from seer_jax.seer import SeerConfig, seer_from_base
-from seer_jax.sparsity import Selection, causal_density, masked_softmax, select_blocks, topk_per_row
+from seer_jax.sparsity import Selection, block_density, masked_softmax, select_blocks, topk_per_row
 
 NUM_BLOCKS = 64  # J >= 64: TopK density within ±0.02 of the target
 LENGTH = NUM_BLOCKS * 64 - 20  # a ragged last block
@@ -35,12 +35,12 @@ def scores_for(source: str) -> jax.Array:
     q, k, v = random_qkv(0)
     shape = (1, 4, NUM_BLOCKS, NUM_BLOCKS)
     if source == "oracle":
-        return baselines.oracle_scores(q, k, v, block_size=64)
+        return block_scores.oracle_scores(q, k, v, block_size=64)
     if source == "quest":
-        return baselines.quest_scores(q, k, block_size=64)
+        return block_scores.quest_scores(q, k, block_size=64)
     if source == "streaming":
-        return baselines.streaming_scores(shape)
-    return baselines.random_scores(jax.random.key(0), shape)
+        return block_scores.streaming_scores(shape)
+    return block_scores.random_scores(jax.random.key(0), shape)
 
 
 @pytest.mark.parametrize("source", ["oracle", "quest", "streaming", "random"])
@@ -49,12 +49,12 @@ def test_requested_density_and_no_empty_rows(source, nz_ratio):
     scores = scores_for(source)
     assert scores.shape == (1, 4, NUM_BLOCKS, NUM_BLOCKS) and np.isfinite(np.asarray(scores)).all()
     mask = np.asarray(select_blocks(scores, Selection(nz_ratio=nz_ratio)))
-    np.testing.assert_allclose(causal_density(jnp.asarray(mask)), nz_ratio, atol=0.02)
+    np.testing.assert_allclose(block_density(jnp.asarray(mask)), nz_ratio, atol=0.02)
     assert mask.any(axis=-1).all() and np.diagonal(mask, axis1=-2, axis2=-1).all()
 
 
 def test_streaming_keeps_the_sink_and_the_most_recent_blocks():
-    mask = np.asarray(select_blocks(baselines.streaming_scores((1, 1, 64, 64)), Selection(nz_ratio=0.3)))[0, 0]
+    mask = np.asarray(select_blocks(block_scores.streaming_scores((1, 1, 64, 64)), Selection(nz_ratio=0.3)))[0, 0]
     keep = topk_per_row(0.3, 64)
     for row in range(64):
         expected = {0} | set(range(max(0, row - keep + 2), row + 1))
@@ -65,7 +65,7 @@ def test_oracle_is_the_log_of_the_pooled_attention():
     """TopK keeps the largest pooled probabilities; the row softmax (threshold method) is the pooled map itself."""
     q, k, v = random_qkv(1, 300)
     _, pooled = attention_with_pooling(q, k, v)
-    scores = baselines.oracle_scores(q, k, v, block_size=64)
+    scores = block_scores.oracle_scores(q, k, v, block_size=64)
     np.testing.assert_allclose(masked_softmax(scores), pooled, atol=1e-6)
     mask = np.asarray(select_blocks(scores, Selection(nz_ratio=0.5)))
     kept, dropped = np.where(mask, pooled, np.inf).min(-1), np.where(mask, -np.inf, pooled).max(-1)
@@ -75,7 +75,7 @@ def test_oracle_is_the_log_of_the_pooled_attention():
 
 def test_quest_is_the_product_of_mean_pooled_blocks():
     q, k, _ = random_qkv(2, 150)
-    scores = np.asarray(baselines.quest_scores(q, k, block_size=64, lengths=jnp.asarray([130])))
+    scores = np.asarray(block_scores.quest_scores(q, k, block_size=64, lengths=jnp.asarray([130])))
     q, k = np.asarray(q, np.float64)[0, :130], np.asarray(k, np.float64)[0, :130]
     q_mean = np.stack([q[start : start + 64].mean(0) for start in range(0, 130, 64)])  # [3, N, H]
     k_mean = np.stack([k[start : start + 64].mean(0) for start in range(0, 130, 64)])  # [3, K, H]
@@ -85,9 +85,12 @@ def test_quest_is_the_product_of_mean_pooled_blocks():
 
 def test_random_scores_follow_the_key():
     shape = (1, 4, NUM_BLOCKS, NUM_BLOCKS)
-    first, again = baselines.random_scores(jax.random.key(3), shape), baselines.random_scores(jax.random.key(3), shape)
+    first, again = (
+        block_scores.random_scores(jax.random.key(3), shape),
+        block_scores.random_scores(jax.random.key(3), shape),
+    )
     np.testing.assert_array_equal(first, again)
-    assert not np.array_equal(first, baselines.random_scores(jax.random.key(4), shape))
+    assert not np.array_equal(first, block_scores.random_scores(jax.random.key(4), shape))
 
 
 @pytest.mark.testbed

@@ -1,0 +1,73 @@
+"""`SeerConfig`: how a SeerAttention model chooses and computes its prefill blocks (gate structure, selection, score
+source, dense first layers), stored in adapters as `to_dict()`."""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from pallas_kernels.block_sparse_attention import BLOCK_SIZE
+from seer_jax.block_scores import RANKING_SOURCES, SOURCES
+from seer_jax.gate import GateConfig
+from seer_jax.sparsity import Selection
+
+BLOCK_SOURCES: tuple[str, ...] = tuple(SOURCES)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SeerConfig:
+    """How a SeerAttention model chooses and computes its prefill blocks.
+
+    Attributes:
+      gate: the AttnGate structure; its `block_size` must be the kernel's 64.
+      selection: scores → block mask: method ("nz_ratio" | "threshold"), nz_ratio, threshold, last_block_dense.
+      source: where block scores come from, one of `BLOCK_SOURCES` (`seer_jax.block_scores.SOURCES`).
+      start_layer: layers with a smaller index attend densely.
+      seed: seeds the "random" source (each layer folds in its index).
+    """
+
+    gate: GateConfig = dataclasses.field(default_factory=GateConfig)
+    selection: Selection = dataclasses.field(default_factory=Selection)
+    source: str = "gate"
+    start_layer: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.gate, GateConfig):
+            raise ValueError(f"gate must be a GateConfig, got {type(self.gate).__name__}")
+        if not isinstance(self.selection, Selection):
+            raise ValueError(f"selection must be a sparsity.Selection, got {type(self.selection).__name__}")
+        if self.gate.block_size != BLOCK_SIZE:
+            raise ValueError(
+                f"gate.block_size must be {BLOCK_SIZE} (block_sparse_attention computes {BLOCK_SIZE}×{BLOCK_SIZE} "
+                f"blocks), got {self.gate.block_size}"
+            )
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {BLOCK_SOURCES}, got {self.source!r}")
+        if self.source in RANKING_SOURCES and self.selection.method != "nz_ratio":
+            raise ValueError(
+                f"source {self.source!r} ranks blocks without probabilities: use selection method 'nz_ratio', "
+                f"not {self.selection.method!r}"
+            )
+        if not isinstance(self.start_layer, int) or self.start_layer < 0:
+            raise ValueError(f"start_layer must be an int >= 0, got {self.start_layer!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (`from_dict` reads it back)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SeerConfig":
+        """Reads `to_dict`'s output; unknown keys raise `ValueError`."""
+        data = dict(data)
+        gate = _from_fields(GateConfig, data.pop("gate", {}), "seer_config.gate")
+        selection = _from_fields(Selection, data.pop("selection", {}), "seer_config.selection")
+        return _from_fields(cls, {**data, "gate": gate, "selection": selection}, "seer_config")
+
+
+def _from_fields(cls: type, data: Mapping[str, Any], where: str):
+    unknown = sorted(set(data) - {field.name for field in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}")
+    return cls(**data)
