@@ -21,7 +21,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from pallas_kernels.attention_with_pooling import attention_with_pooling
-from pallas_kernels.block_sparse_attention import block_sparse_attention
+from pallas_kernels.block_sparse_attention import (
+    BLOCK_SIZE,
+    block_sparse_attention,
+    block_sparse_attention_implementation,
+)
 from seer_jax.attention import dot_product_attention
 from seer_jax.sharding import BATCH_AXES, HEAD_AXIS
 
@@ -34,6 +38,18 @@ def block_sparse_attention_per_device(q: jax.Array, k: jax.Array, v: jax.Array, 
         return block_sparse_attention(q, k, v, block_mask=block_mask)
 
     return per_device_heads(attention, [(q, "BTNH"), (k, "BSKH"), (v, "BSKH"), (block_mask, "BNIJ")], "BTNH")
+
+
+def sparse_prefill_implementation(
+    batch: int, length: int, *, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: jnp.dtype
+) -> str:
+    """The implementation ("mosaic" or "reference") that `block_sparse_attention_per_device` runs for a prefill of
+    `length` tokens of this shape (per device, as the op sees it); nothing is computed."""
+    num_blocks = -(-length // BLOCK_SIZE)
+    q = jax.ShapeDtypeStruct((batch, length, num_q_heads, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((batch, length, num_kv_heads, head_dim), dtype)
+    mask = jax.ShapeDtypeStruct((batch, num_q_heads, num_blocks, num_blocks), jnp.bool_)
+    return block_sparse_attention_implementation(q, kv, kv, block_mask=mask)
 
 
 def attention_with_pooling_per_device(
