@@ -61,9 +61,9 @@ def num_sms() -> int:
 
 def default_config(*, batch: int, num_kv_heads: int, num_slots: int, head_dim: int) -> Config:
     """One wave of CTAs, one per SM (the ring takes most of its shared memory): as many splits as fit in
-    sms // (B·K) (136 CTAs for 132 SMs would leave 4 for a second wave: 2× the time, measured 0.25 against
-    0.16 ms at B=1, 128k), but at least 4 list slots per split. The ring holds 128 KiB of K/V in flight per SM
-    (4 blocks at head_dim 128, 8 at 64), enough to cover HBM latency at full bandwidth."""
+    sms // (B·K) (136 CTAs for 132 SMs leave 4 for a second wave: B=1, 128k, sparsity 0 took 0.25 ms with 17
+    splits, 0.18 ms with 16), but at least 4 list slots per split. The ring holds 128 KiB of K/V in flight per SM
+    (4 blocks at head_dim 128, 8 at 64): at 128, 4.2 TB/s at B=16, 128k (BENCHMARKS.md, issue 18)."""
     splits = max(1, num_sms() // (batch * num_kv_heads))
     splits = min(splits, max(1, num_slots // 4))
     return Config(num_splits=splits, num_stages=4 if head_dim > 64 else 8)
