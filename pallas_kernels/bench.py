@@ -25,6 +25,7 @@ import logging
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -266,6 +267,11 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
 
 def main(argv: list[str] | None = None) -> Path:
     """Runs the benchmark, prints the table, writes the JSON; returns the JSON's path."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--decode" in args:  # the decode benchmark, with its own flags
+        from pallas_kernels import bench_decode  # imports this module: lazily
+
+        return bench_decode.main([arg for arg in args if arg != "--decode"])
     config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _logger.info("%s", config)

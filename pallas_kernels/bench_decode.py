@@ -1,0 +1,278 @@
+"""Benchmark `block_sparse_decode` against dense decode: `python -m pallas_kernels.bench_decode` (or `bench --decode`).
+
+For each head shape (Llama-3.1-8B: N=32, K=8, H=128; and N=32, K=8, H=64), batch B and context S, one query token
+per row against a full bf16 KV cache (lengths = S for every row, as in SeerAttention-R's benchmark):
+  cudnn        `jax.nn.dot_product_attention(q[:, None], k, v, implementation="cudnn")`: one query, no mask (every
+               row's whole cache is valid, so no length mask is needed).
+  xla          the same call with implementation="xla".
+  sparse s     `block_sparse_decode` with ceil(J·(1 − s)) random distinct blocks per (row, kv head) in random
+               order, the last block always among them (J = S / 64); s = 0 selects every block.
+"best dense" is the fastest of cudnn, xla and sparse 0 in this run; "×" is best dense time / this time. "GB/s"
+counts the K and V bytes of the selected blocks (what the op must read), against the chip's ~4.3 TB/s.
+
+Timing: one decode step is meaningless to time from Python (tens of µs of dispatch), so each case runs `--steps`
+steps unrolled in one jitted function, each step's output fed back as the next step's query (a true dependency:
+nothing is hoisted); the time per step is its wall time / steps, median of `--runs` calls after `--warmup`.
+
+The table goes to stdout row by row; everything is also written as JSON to
+`<output-dir>/<date>-<time>_<device>_<commit>_decode.json`.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import logging
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import dispatch
+from pallas_kernels.bench import _git, _skip_note
+from pallas_kernels.block_sparse_decode import block_sparse_decode, block_sparse_decode_implementation
+from pallas_kernels.inputs import SCORE_STD, input_key
+
+_logger = logging.getLogger(__name__)
+BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HeadShape:
+    name: str
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+HEAD_SHAPES = {
+    "llama3_8b": HeadShape(name="llama3_8b", num_q_heads=32, num_kv_heads=8, head_dim=128),
+    "h64": HeadShape(name="h64", num_q_heads=32, num_kv_heads=8, head_dim=64),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    shapes: tuple[str, ...] = tuple(HEAD_SHAPES)
+    batches: tuple[int, ...] = (1, 8, 16)
+    contexts: tuple[int, ...] = (8192, 32768, 131072)
+    sparsities: tuple[float, ...] = (0.0, 0.5, 0.9)
+    runs: int = 10
+    warmup: int = 2
+    steps: int = 10
+    implementation: dispatch.Implementation | None = "mosaic"
+    output_dir: Path = Path("benchmarks/results")
+    seed: int = 0
+    commit: str | None = None
+
+    def __post_init__(self):
+        unknown = set(self.shapes) - set(HEAD_SHAPES)
+        if unknown:
+            raise ValueError(f"shapes must be among {sorted(HEAD_SHAPES)}, got {sorted(unknown)}")
+        if any(context < 1 or context % BLOCK for context in self.contexts):
+            raise ValueError(f"contexts must be positive multiples of {BLOCK}, got {self.contexts}")
+        if any(not 0.0 <= sparsity < 1.0 for sparsity in self.sparsities):
+            raise ValueError(f"sparsities must be in [0, 1), got {self.sparsities}")
+        if min(self.batches) < 1 or self.runs < 1 or self.warmup < 1 or self.steps < 1:
+            raise ValueError("batches, runs, warmup and steps must be >= 1")
+        dispatch.check_implementation(self.implementation)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Row:
+    shape: str
+    batch: int
+    context: int
+    case: str
+    implementation: str
+    blocks: int | None = None  # selected blocks per (row, kv head)
+    ms: float | None = None  # per decode step
+    gbps: float | None = None  # selected K/V bytes / time
+    speedup_vs_best_dense: float | None = None
+    note: str = ""
+
+
+_HEADER = f"{'shape':<10} {'B':>3} {'S':>7} {'case':<11} {'impl':<9} {'blocks':>6} {'ms':>9} {'GB/s':>7} {'×':>6}  note"
+
+
+def _format_row(row: Row) -> str:
+    def number(value, spec):
+        return format(value, spec) if value is not None else format("-", spec[:2])
+
+    return (
+        f"{row.shape:<10} {row.batch:>3} {row.context:>7} {row.case:<11} {row.implementation:<9} "
+        f"{number(row.blocks, '>6')} {number(row.ms, '>9.4f')} {number(row.gbps, '>7.0f')} "
+        f"{number(row.speedup_vs_best_dense, '>6.2f')}  {row.note}"
+    )
+
+
+def time_step_ms(step: Callable, q, *args, steps: int, runs: int, warmup: int) -> float:
+    """Median ms per call of `step(q, *args) -> out` (out shaped like q), run `steps` times in one jitted loop."""
+
+    @jax.jit
+    def loop(q, *args):
+        for _ in range(steps):  # unrolled: a device while loop would sync with the host on every step
+            q = step(q, *args).astype(q.dtype)
+        return q
+
+    for _ in range(warmup):
+        jax.block_until_ready(loop(q, *args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(loop(q, *args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times) / steps
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def random_selection(key: jax.Array, shape: tuple[int, int], num_kv_blocks: int, num_selected: int):
+    """num_selected distinct random blocks per (b, k) of shape [B, K], in random order, the last block always
+    included: block_index int32 [B, K, num_selected], block_count int32 [B, K] (= num_selected)."""
+    priority = jax.random.uniform(key, (*shape, num_kv_blocks)).at[..., -1].set(-1.0)  # [B, K, J]
+    index = jnp.argsort(priority, axis=-1)[..., :num_selected].astype(jnp.int32)  # [B, K, num_selected]
+    order = jnp.argsort(jax.random.uniform(jax.random.fold_in(key, 1), index.shape), axis=-1)
+    index = jnp.take_along_axis(index, order, axis=-1)
+    return index, jnp.full(shape, num_selected, jnp.int32)
+
+
+def _measure(row: Row, step: Callable, q, *args, kv_bytes: float, config: BenchConfig) -> Row:
+    try:
+        ms = time_step_ms(step, q, *args, steps=config.steps, runs=config.runs, warmup=config.warmup)
+    except (NotImplementedError, RuntimeError, ValueError) as error:  # JaxRuntimeError is a RuntimeError
+        note = _skip_note(error)
+        if note is None and row.implementation != "cudnn":  # cuDNN may be absent or refuse a shape: a note
+            raise
+        return dataclasses.replace(row, note=note or f"skipped: {type(error).__name__}: {str(error)[:120]}")
+    return dataclasses.replace(row, ms=ms, gbps=kv_bytes / ms / 1e6)
+
+
+def bench_case(shape: HeadShape, batch: int, context: int, config: BenchConfig, emit: Callable[[Row], None]):
+    """Dense baselines and every sparsity at one (shape, batch, context); emits rows as they are measured."""
+    key = jax.random.fold_in(jax.random.fold_in(input_key(config.seed), batch), context)
+    q_key, k_key, v_key, index_key = jax.random.split(key, 4)
+    kv_shape = (batch, context, shape.num_kv_heads, shape.head_dim)
+    scale = SCORE_STD**0.5
+    q = (scale * jax.random.normal(q_key, (batch, shape.num_q_heads, shape.head_dim))).astype(jnp.bfloat16)
+    k = (scale * jax.random.normal(k_key, kv_shape)).astype(jnp.bfloat16)
+    v = jax.random.normal(v_key, kv_shape).astype(jnp.bfloat16)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    dense_bytes = 2 * k.size * k.dtype.itemsize
+    common = dict(shape=shape.name, batch=batch, context=context)
+    rows = []
+    for name in ("cudnn", "xla"):
+
+        def dense(q, k, v, name=name):
+            return jax.nn.dot_product_attention(q[:, None], k, v, implementation=name)[:, 0]
+
+        rows.append(_measure(Row(**common, case="dense", implementation=name), dense, q, k, v,
+                             kv_bytes=dense_bytes, config=config))  # fmt: skip
+    num_kv_blocks = context // BLOCK
+    for sparsity in config.sparsities:
+        num_selected = max(1, -(-round(num_kv_blocks * (1 - sparsity) * 1e6) // 1_000_000))
+        index, count = random_selection(index_key, (batch, shape.num_kv_heads), num_kv_blocks, num_selected)
+        row = Row(**common, case=f"sparse {sparsity:.2f}", implementation="", blocks=num_selected)
+        try:
+            implementation = block_sparse_decode_implementation(
+                q, k, v, lengths, index, count, implementation=config.implementation
+            )
+        except NotImplementedError as error:
+            rows.append(dataclasses.replace(row, implementation="mosaic", note=_skip_note(error)))
+            continue
+
+        def sparse(q, k, v, lengths, index, count):
+            return block_sparse_decode(q, k, v, lengths, index, count, implementation=config.implementation)
+
+        kv_bytes = dense_bytes * num_selected / num_kv_blocks
+        row = dataclasses.replace(row, implementation=implementation)
+        rows.append(_measure(row, sparse, q, k, v, lengths, index, count, kv_bytes=kv_bytes, config=config))
+    dense_times = [row.ms for row in rows if row.ms is not None and row.case in ("dense", "sparse 0.00")]
+    best_dense = min(dense_times, default=None)
+    for row in rows:
+        if best_dense is not None and row.ms is not None:
+            row = dataclasses.replace(row, speedup_vs_best_dense=best_dense / row.ms)
+        emit(row)
+
+
+def parse_args(argv: list[str] | None) -> BenchConfig:
+    defaults = BenchConfig()
+    parser = argparse.ArgumentParser(prog="python -m pallas_kernels.bench_decode", description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=defaults.shapes, choices=sorted(HEAD_SHAPES))
+    parser.add_argument("--batches", type=int, nargs="+", default=defaults.batches, help="batch sizes B")
+    parser.add_argument("--contexts", type=int, nargs="+", default=defaults.contexts, help="cache lengths S")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=defaults.sparsities, help="block sparsities")
+    parser.add_argument("--runs", type=int, default=defaults.runs, help="timed loops per case (median reported)")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed loops first (compile, warm-up)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="decode steps per timed loop")
+    parser.add_argument(
+        "--implementation",
+        choices=["auto", *dispatch.IMPLEMENTATIONS],
+        default=defaults.implementation,
+        help="for block_sparse_decode: 'mosaic' (default) skips cases the kernel declines",
+    )
+    parser.add_argument("--output-dir", type=Path, default=defaults.output_dir, help="where the JSON goes")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random inputs")
+    parser.add_argument("--commit", default=None, help="git commit to record when the tree has no .git")
+    args = parser.parse_args(argv)
+    return BenchConfig(
+        shapes=tuple(args.shapes),
+        batches=tuple(args.batches),
+        contexts=tuple(args.contexts),
+        sparsities=tuple(args.sparsities),
+        runs=args.runs,
+        warmup=args.warmup,
+        steps=args.steps,
+        implementation=None if args.implementation == "auto" else args.implementation,
+        output_dir=args.output_dir,
+        seed=args.seed,
+        commit=args.commit,
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Runs the benchmark, prints the table, writes the JSON; returns the JSON's path."""
+    config = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _logger.info("%s", config)
+    device = jax.devices()[0]
+    _logger.info("device: %s, jax %s", device.device_kind, jax.__version__)
+    rows: list[Row] = []
+
+    def emit(row: Row) -> None:
+        rows.append(row)
+        print(_format_row(row), flush=True)
+
+    print(_HEADER, flush=True)
+    for shape_name in config.shapes:
+        for context in config.contexts:
+            for batch in config.batches:
+                bench_case(HEAD_SHAPES[shape_name], batch, context, config, emit)
+
+    now = datetime.datetime.now(datetime.UTC)
+    commit = config.commit or _git("rev-parse", "--short=12", "HEAD") or "unknown"
+    device_name = re.sub(r"[^A-Za-z0-9]+", "-", device.device_kind).strip("-")
+    path = config.output_dir / f"{now:%Y-%m-%d-%H%M%S}_{device_name}_{commit}_decode.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "date": now.isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "head_shapes": {name: dataclasses.asdict(HEAD_SHAPES[name]) for name in config.shapes},
+        "dtype": "bfloat16",
+        "config": dataclasses.asdict(config) | {"output_dir": str(config.output_dir)},
+        "rows": [dataclasses.asdict(row) for row in rows],
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    _logger.info("wrote %s", path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

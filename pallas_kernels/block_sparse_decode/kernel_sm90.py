@@ -1,0 +1,360 @@
+"""Block-sparse decode attention for Hopper (sm_90), written with Pallas Mosaic GPU (flash-decoding split-K).
+
+Algorithm (SeerAttention-R's decode kernel, SEER_R_SPEC §5.3–5.4, on a warp-specialised TMA pipeline):
+  * One CTA per (batch row b, kv head k, split s): grid (B, K, num_splits). The T·G query rows of a kv group
+    (T draft tokens × G query heads, row r = t·G + g) form one 64-row wgmma tile, zero-padded by the wrapper, so
+    every K/V block loaded serves the whole group (decode is memory-bound: the wasted rows cost tensor-core time,
+    which is idle anyway, not bytes).
+  * Split-K over the selected blocks, balanced on the real count: split s of (b, k) takes list slots
+    [s·c, min((s+1)·c, n)) with n = block_count[b, k] and c = ceil(n / num_splits), so a sparse row's work is
+    spread over all its CTAs, and no padding slot is ever read.
+  * A memory warpgroup streams those K/V blocks by TMA into a `num_stages`-deep ring (block ids from the CTA's
+    copy of the list in shared memory); the compute warpgroup runs QKᵀ and PV on the tensor cores with an online
+    softmax in the exp2 domain. Keys past a query's own position (the cache's partial block, draft tokens) are
+    masked with iota on every block, so the list may be in any order.
+  * Each CTA writes its normalised partial output (float32, all 64 rows) and its log2-domain lse; `combine`
+    (XLA, a few µs) merges the splits by their logsumexp. A split with nothing to do writes out 0, lse −inf
+    (weight 0); a query that attends nothing ends as out 0, lse −inf, never NaN: the running max starts at a
+    finite −1e30, so fully masked blocks never make inf − inf.
+
+Layout limits: q [B, T, N, H] with T·G ≤ 64, caches [B, S, K, H] with S a multiple of 64, bf16 or fp16,
+H ∈ {64, 128}, block_size 64, at most 16384 list slots (the list is copied as one TMA box of ≤ 256 × 64 entries).
+Anything else raises NotImplementedError (the dispatcher then runs the reference).
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import dispatch
+
+BLOCK = 64  # keys per K/V block (the gate's block size) and query rows per wgmma tile
+_MAX_SLOTS = 256 * BLOCK  # the block list is copied to shared memory as one TMA box of ≤ 256 × 64 entries
+_LOG2E = math.log2(math.e)
+_M_INIT = -1e30  # running-max floor (log2 domain): finite, so masked blocks give exp2(-inf) = 0, never inf - inf
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Tuning knobs of the decode kernel."""
+
+    num_splits: int  # CTAs per (row, kv head), each over ~1/num_splits of the selected blocks
+    num_stages: int = 4  # depth of the K/V shared-memory ring (64-key blocks in flight per CTA)
+
+    def __post_init__(self):
+        if self.num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the default device (132 on an H200 SXM)."""
+    return getattr(jax.devices()[0], "core_count", 132)
+
+
+def default_config(*, batch: int, num_kv_heads: int, num_slots: int, head_dim: int) -> Config:
+    """One wave of CTAs, one per SM (the ring takes most of its shared memory): as many splits as fit in
+    sms // (B·K) (136 CTAs for 132 SMs leave 4 for a second wave: B=1, 128k, sparsity 0 took 0.25 ms with 17
+    splits, 0.18 ms with 16), but at least 4 list slots per split. The ring holds 128 KiB of K/V in flight per SM
+    (4 blocks at head_dim 128, 8 at 64): at 128, 4.2 TB/s at B=16, 128k (BENCHMARKS.md, issue 18)."""
+    splits = max(1, num_sms() // (batch * num_kv_heads))
+    splits = min(splits, max(1, num_slots // 4))
+    return Config(num_splits=splits, num_stages=4 if head_dim > 64 else 8)
+
+
+def check_supported(q: jax.Array, k_cache: jax.Array, num_slots: int, block_size: int) -> None:
+    """Raises NotImplementedError unless this kernel can run these inputs on the default device."""
+    if not dispatch.hopper_available():
+        raise NotImplementedError(f"the Mosaic GPU kernels need a Hopper (sm_90) GPU, found {jax.devices()[0]}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"Mosaic GPU decode supports bf16/fp16, got {q.dtype}")
+    if q.shape[-1] not in (64, 128):
+        raise NotImplementedError(f"head_dim must be 64 or 128, got {q.shape[-1]}")
+    if block_size != BLOCK:
+        raise NotImplementedError(f"block_size must be {BLOCK}, got {block_size}")
+    num_queries, num_q_heads = q.shape[1], q.shape[2]
+    rows = num_queries * (num_q_heads // k_cache.shape[2])
+    if rows > BLOCK:
+        raise NotImplementedError(f"T · G query rows per kv head must be <= {BLOCK}, got {rows}")
+    if k_cache.shape[1] % BLOCK:
+        raise NotImplementedError(f"the cache length must be a multiple of {BLOCK}, got {k_cache.shape[1]}")
+    if num_slots > _MAX_SLOTS:
+        raise NotImplementedError(f"block lists longer than {_MAX_SLOTS} slots are not supported")
+
+
+def _decode_kernel(
+    # inputs
+    q_ref,  # [B, K, 64, H]: each kv group's T·G query rows, zero-padded to 64
+    k_ref,  # [B, S, K, H]
+    v_ref,  # [B, S, K, H]
+    lengths_ref,  # int32 [B]
+    index_ref,  # int32 [B, K, Mp/64, 64]: block lists, padded to Mp slots
+    count_ref,  # int32 [B, K]
+    # outputs
+    out_ref,  # f32 [B, K, splits, 64, H]: each split's normalised partial output
+    lse_ref,  # f32 [B, K, splits, 64]: each split's logsumexp, log2 domain (−inf: nothing attended)
+    # scratch
+    q_smem,  # [64, H]
+    k_smem,  # [stages, 64, H]
+    v_smem,  # [stages, 64, H]
+    out_smem,  # f32 [64, H]
+    lse_smem,  # f32 [64]
+    index_smem,  # int32 [Mp/64, 64]
+    k_barriers,
+    v_barriers,
+    q_barrier,
+    index_barrier,
+    k_consumed_barriers,
+    v_consumed_barriers,
+    *,
+    sm_scale: float,
+    num_stages: int,
+    num_splits: int,
+    num_queries: int,
+    group: int,
+    interpret: bool,
+):
+    batch = lax.axis_index("batch")
+    kv_head = lax.axis_index("kv_heads")
+    split = lax.axis_index("split")
+    wg = lax.axis_index("wg")
+    count = count_ref[batch, kv_head]
+    per_split = lax.div(count + (num_splits - 1), num_splits)
+    first = split * per_split
+    num_steps = jnp.clip(count - first, 0, per_split)
+    head_dim = q_smem.shape[-1]
+    dtype = q_smem.dtype
+    scale_log2 = sm_scale * _LOG2E
+
+    # Register layouts are Mosaic GPU lowering hints, which jax's GPU interpreter (CPU) cannot lower.
+    def full(shape, value, layout):
+        array = jnp.full(shape, value, jnp.float32)
+        return array if interpret else plgpu.layout_cast(array, layout)
+
+    def iota(dimension):
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), dimension)
+        return plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), dimension, layout=plgpu.Layout.WGMMA)
+
+    def matmul(a, b_smem, transpose_b=False):
+        """a [64, n] (registers or shared memory) @ b_smem [n, m] (or b_smemᵀ) on the tensor cores, f32."""
+        if interpret:  # the interpreter's wgmma takes no transposed operand
+            a = a if isinstance(a, jax.Array) else a[...]
+            b = b_smem[...].T if transpose_b else b_smem[...]
+            return jnp.dot(a, b, preferred_element_type=jnp.float32)
+        b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem
+
+        def scoped(acc_ref):
+            plgpu.wgmma(acc_ref, a, b)
+            return acc_ref[...]
+
+        return pl.run_scoped(scoped, plgpu.ACC((BLOCK, b.shape[1]), jnp.float32))
+
+    def read_block_id(s):
+        slot = first + s
+        return index_smem[lax.div(slot, BLOCK), lax.rem(slot, BLOCK)]
+
+    @pl.when(wg == 0)
+    def _compute_wg():
+        plgpu.set_max_registers(232, action="increase")
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, kv_head], q_smem, q_barrier)
+        # Query row r = t·G + g sits at position lengths[b] − T + t and attends keys up to it.
+        rows = iota(0)
+        cols = iota(1)
+        last_position = lengths_ref[batch] - num_queries
+        limits = last_position + (lax.div(rows, group) if num_queries > 1 else 0)  # [64, 64]: key ≤ limit
+        plgpu.barrier_wait(index_barrier)
+        plgpu.barrier_wait(q_barrier)
+
+        m_i = full((BLOCK,), _M_INIT, plgpu.Layout.WGMMA.reduce(1))
+        l_i = full((BLOCK,), 0, plgpu.Layout.WGMMA.reduce(1))
+        acc = full((BLOCK, head_dim), 0, plgpu.Layout.WGMMA)
+
+        def step(s, carry):
+            acc, m_i, l_i = carry
+            slot = lax.rem(s, num_stages)
+            key_offset = read_block_id(s) * BLOCK
+            plgpu.barrier_wait(k_barriers.at[slot])
+
+            qk = matmul(q_smem, k_smem.at[slot], transpose_b=True)  # [64 rows, 64 keys]
+            plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+            qk = jnp.where(cols + key_offset <= limits, qk * scale_log2, -jnp.inf)
+            m_new = jnp.maximum(m_i, qk.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(qk - lax.broadcast_in_dim(m_new, qk.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            plgpu.barrier_wait(v_barriers.at[slot])
+
+            # PV into a fresh accumulator, added in registers (64 adds per thread; runs in jax's GPU interpreter).
+            pv = matmul(p16, v_smem.at[slot])  # [64 rows, H]
+            plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l_i
+
+        acc, m_i, l_i = lax.fori_loop(0, num_steps, step, (acc, m_i, l_i))
+        empty = l_i == 0  # nothing attended by this row in this split: out 0, lse −inf (weight 0 in `combine`)
+        acc /= lax.broadcast_in_dim(jnp.where(empty, 1.0, l_i), (BLOCK, head_dim), [0])
+        out_smem[...] = acc
+        lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[batch, kv_head, split])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, kv_head, split])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _memory_wg():
+        plgpu.set_max_registers(40, action="decrease")
+        plgpu.copy_gmem_to_smem(index_ref.at[batch, kv_head], index_smem, index_barrier)
+        plgpu.barrier_wait(index_barrier)
+
+        def fetch(s, slot):
+            window = (batch, pl.ds(read_block_id(s) * BLOCK, BLOCK), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[window], k_smem.at[slot], k_barriers.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[window], v_smem.at[slot], v_barriers.at[slot])
+
+        for s in range(num_stages):
+            pl.when(s < num_steps)(functools.partial(fetch, s, s))
+
+        @pl.loop(num_stages, jnp.maximum(num_steps, num_stages))
+        def _refill(s):
+            slot = lax.rem(s, num_stages)
+            plgpu.barrier_wait(k_consumed_barriers.at[slot])
+            plgpu.barrier_wait(v_consumed_barriers.at[slot])
+            fetch(s, slot)
+
+
+def split_partials(
+    q,
+    k_cache,
+    v_cache,
+    lengths,
+    index,
+    count,
+    *,
+    num_queries: int,
+    group: int,
+    sm_scale: float,
+    config: Config,
+    interpret=None,
+):
+    """Runs the kernel. q [B, K, 64, H]: the T·G query rows of each kv group (row t·G + g), zero-padded;
+    index int32 [B, K, Mp/64, 64]: the block lists padded to Mp slots; `interpret`: jax's GPU interpreter params.
+
+    Returns out f32 [B, K, splits, 64, H] and lse f32 [B, K, splits, 64] (log2 domain) per split.
+    """
+    batch, num_kv_heads, _, head_dim = q.shape
+    stages, splits = config.num_stages, config.num_splits
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+
+    def body(q_ref, k_ref, v_ref, lengths_ref, index_ref, count_ref, out_ref, lse_ref):
+        kernel = functools.partial(
+            _decode_kernel,
+            q_ref, k_ref, v_ref, lengths_ref, index_ref, count_ref, out_ref, lse_ref,
+            sm_scale=sm_scale, num_stages=stages, num_splits=splits, num_queries=num_queries, group=group,
+            interpret=interpret is not None,
+        )  # fmt: skip
+
+        def scoped(smem, barriers):
+            kernel(*smem, *barriers)
+
+        pl.run_scoped(
+            scoped,
+            (
+                plgpu.SMEM((BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle)),
+                plgpu.SMEM((stages, BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle)),
+                plgpu.SMEM((stages, BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle)),
+                plgpu.SMEM((BLOCK, head_dim), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)), swizzle)),
+                plgpu.SMEM((BLOCK,), jnp.float32),
+                plgpu.SMEM(index.shape[-2:], jnp.int32),
+            ),
+            (
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=1),
+                plgpu.Barrier(num_barriers=1),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+            ),
+            collective_axes="wg",
+        )
+
+    out_type = (
+        jax.ShapeDtypeStruct((batch, num_kv_heads, splits, BLOCK, head_dim), jnp.float32),
+        jax.ShapeDtypeStruct((batch, num_kv_heads, splits, BLOCK), jnp.float32),
+    )
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=(batch, num_kv_heads, splits),
+        grid_names=("batch", "kv_heads", "split"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=interpret,
+    )(q, k_cache, v_cache, lengths, index, count)
+
+
+def pack_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
+    """q [B, T, N, H] → [B, K, 64, H]: row t·G + g of kv group k holds query t of head k·G + g; rows ≥ T·G are 0."""
+    batch, num_queries, num_q_heads, head_dim = q.shape
+    group = num_q_heads // num_kv_heads
+    rows = q.reshape(batch, num_queries, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)  # [B, K, T, G, H]
+    rows = rows.reshape(batch, num_kv_heads, num_queries * group, head_dim)  # [B, K, T·G, H]
+    return jnp.pad(rows, ((0, 0), (0, 0), (0, BLOCK - num_queries * group), (0, 0)))  # [B, K, 64, H]
+
+
+def combine(out_splits: jax.Array, lse_splits_log2: jax.Array, *, num_queries: int, group: int):
+    """Merges the splits' partials by their logsumexp: out [B, T, N, H] float32, lse [B, N, T] (natural log).
+
+    out_splits f32 [B, K, splits, 64, H] (normalised per split), lse_splits_log2 f32 [B, K, splits, 64].
+    Splits with lse −inf weigh 0; a row whose splits are all empty gets out 0 and lse −inf.
+    """
+    batch, num_kv_heads, _, _, head_dim = out_splits.shape
+    rows = num_queries * group
+    lse = lse_splits_log2[..., :rows] * (1.0 / _LOG2E)  # [B, K, splits, R]
+    lse_max = jnp.max(lse, axis=2)  # [B, K, R]
+    lse_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
+    weights = jnp.exp(lse - lse_max[:, :, None])  # [B, K, splits, R], 0 for empty splits
+    total = jnp.sum(weights, axis=2)  # [B, K, R]
+    out = jnp.einsum("bksr,bksrh->bkrh", weights, out_splits[..., :rows, :])  # [B, K, R, H]
+    out = out / jnp.where(total == 0, 1.0, total)[..., None]
+    lse = jnp.where(total == 0, -jnp.inf, lse_max + jnp.log(jnp.where(total == 0, 1.0, total)))  # [B, K, R]
+    out = out.reshape(batch, num_kv_heads, num_queries, group, head_dim).transpose(0, 2, 1, 3, 4)  # [B, T, K, G, H]
+    out = out.reshape(batch, num_queries, num_kv_heads * group, head_dim)  # [B, T, N, H]
+    lse = lse.reshape(batch, num_kv_heads, num_queries, group).transpose(0, 1, 3, 2)  # [B, K, G, T]
+    return out, lse.reshape(batch, num_kv_heads * group, num_queries)  # [B, N, T]
+
+
+def block_sparse_decode_sm90(
+    q, k_cache, v_cache, lengths, block_index, block_count, *, block_size: int, sm_scale: float,
+    config: Config | None = None, interpret=None,
+):  # fmt: skip
+    """Block-sparse decode on Hopper; the reference's contract. q [B, T, N, H], caches [B, S, K, H], lengths int32
+    [B], block_index int32 [B, K, M], block_count int32 [B, K] → out [B, T, N, H] in q.dtype, lse f32 [B, N, T].
+
+    `interpret` (jax's `InterpretGPUParams`) runs the kernel in jax's GPU interpreter on CPU (tests only).
+    """
+    num_slots = block_index.shape[-1]
+    if interpret is None:
+        check_supported(q, k_cache, num_slots, block_size)
+    batch, num_queries, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    config = config or default_config(batch=batch, num_kv_heads=num_kv_heads, num_slots=num_slots, head_dim=head_dim)
+    padded_slots = -(-num_slots // BLOCK) * BLOCK
+    index = jnp.pad(block_index, ((0, 0), (0, 0), (0, padded_slots - num_slots)))
+    index = index.reshape(batch, num_kv_heads, padded_slots // BLOCK, BLOCK)  # [B, K, Mp/64, 64]
+    out_splits, lse_splits = split_partials(
+        pack_queries(q, num_kv_heads), k_cache, v_cache, lengths, index, block_count,
+        num_queries=num_queries, group=group, sm_scale=sm_scale, config=config, interpret=interpret,
+    )  # fmt: skip
+    out, lse = combine(out_splits, lse_splits, num_queries=num_queries, group=group)
+    return out.astype(q.dtype), lse

@@ -1,0 +1,273 @@
+"""block_sparse_decode: one test body per property, run against every implementation (reference on CPU, the
+Mosaic GPU kernel on the H200 via the `gpu` marker). Expected values come from a float64 NumPy oracle written
+from the semantics, independently of `reference`."""
+
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import dispatch
+from pallas_kernels.block_sparse_decode import (
+    block_sparse_decode,
+    block_sparse_decode_implementation,
+    kernel_sm90,
+)
+from pallas_kernels.inputs import SCORE_STD, input_key
+from tests.pallas_kernels import harness
+
+BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeCase:
+    """q [B, T, N, H], caches [B, S, K, H]; `lengths` per row; `density`: fraction of each row's valid blocks
+    selected (the partial last block always is, as the model side does); `empty`: (b, k) pairs with count 0."""
+
+    name: str
+    num_queries: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    cache_len: int
+    lengths: tuple[int, ...]
+    density: float = 0.5
+    empty: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+
+CASES = (
+    DecodeCase(name="g1_h64_t1", num_queries=1, num_q_heads=2, num_kv_heads=2, head_dim=64, cache_len=256,
+               lengths=(1, 200, 64)),
+    DecodeCase(name="g4_h128_t1", num_queries=1, num_q_heads=8, num_kv_heads=2, head_dim=128, cache_len=512,
+               lengths=(512, 130, 65), empty=((1, 0),)),
+    DecodeCase(name="g8_h64_t1", num_queries=1, num_q_heads=8, num_kv_heads=1, head_dim=64, cache_len=1024,
+               lengths=(1000, 63), density=0.3),
+    DecodeCase(name="g4_h128_t4", num_queries=4, num_q_heads=8, num_kv_heads=2, head_dim=128, cache_len=512,
+               lengths=(300, 3, 129)),
+    DecodeCase(name="g8_h128_t8", num_queries=8, num_q_heads=8, num_kv_heads=1, head_dim=128, cache_len=256,
+               lengths=(256, 70), density=0.7),
+    DecodeCase(name="g1_h64_t2", num_queries=2, num_q_heads=4, num_kv_heads=4, head_dim=64, cache_len=192,
+               lengths=(2, 191), empty=((0, 3), (1, 1))),
+)  # fmt: skip
+GPU_CASES = (
+    DecodeCase(name="llama3_8b_t32768_sparse90", num_queries=1, num_q_heads=32, num_kv_heads=8, head_dim=128,
+               cache_len=32768, lengths=(32768, 20001), density=0.1),
+    DecodeCase(name="g4_h64_t16384_t2_dense", num_queries=2, num_q_heads=16, num_kv_heads=4, head_dim=64,
+               cache_len=16384, lengths=(16384, 9999, 1), density=1.0),
+)  # fmt: skip
+
+
+def _cases(cases, gpu_cases=()):
+    params = [pytest.param("reference", case, id=f"reference-{case.name}") for case in cases]
+    for case in (*cases, *gpu_cases):
+        params.append(pytest.param("mosaic", case, id=f"mosaic-{case.name}", marks=pytest.mark.gpu))
+    return params
+
+
+def _rng(request) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _qkv(request, case: DecodeCase, dtype):
+    q_key, k_key, v_key = jax.random.split(harness.case_key(request), 3)
+    q_shape = (case.batch, case.num_queries, case.num_q_heads, case.head_dim)
+    kv_shape = (case.batch, case.cache_len, case.num_kv_heads, case.head_dim)
+    scale = SCORE_STD**0.5
+    q = scale * jax.random.normal(q_key, q_shape, jnp.float32)
+    k = scale * jax.random.normal(k_key, kv_shape, jnp.float32)
+    v = jax.random.normal(v_key, kv_shape, jnp.float32)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def _selection(rng, case: DecodeCase, *, num_slots=None):
+    """Random shuffled block lists, padded with -1: the partial last block always, each other valid block with
+    probability `density`, and now and then a block wholly beyond the row's length (it must contribute nothing)."""
+    num_blocks = -(-case.cache_len // BLOCK)
+    num_slots = num_slots or num_blocks
+    index = np.full((case.batch, case.num_kv_heads, num_slots), -1, np.int32)
+    count = np.zeros((case.batch, case.num_kv_heads), np.int32)
+    for b, length in enumerate(case.lengths):
+        valid_blocks = -(-length // BLOCK)
+        for k in range(case.num_kv_heads):
+            if (b, k) in case.empty:
+                continue
+            chosen = [j for j in range(valid_blocks - 1) if rng.random() < case.density] + [valid_blocks - 1]
+            if valid_blocks < num_blocks and rng.random() < 0.3:
+                chosen.append(int(rng.integers(valid_blocks, num_blocks)))
+            chosen = rng.permutation(np.asarray(chosen[:num_slots], np.int32))
+            index[b, k, : len(chosen)] = chosen
+            count[b, k] = len(chosen)
+    return jnp.asarray(index), jnp.asarray(count)
+
+
+def _oracle(q, k, v, lengths, index, count, sm_scale):
+    """float64 NumPy: out [B, T, N, H], lse [B, N, T] straight from the semantics, one query at a time."""
+    q, k, v = (np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64) for x in (q, k, v))
+    index, count = np.asarray(index), np.asarray(count)
+    batch, num_queries, num_q_heads, _ = q.shape
+    group = num_q_heads // k.shape[2]
+    out, lse = np.zeros(q.shape), np.full((batch, num_q_heads, num_queries), -np.inf)
+    for b in range(batch):
+        for n in range(num_q_heads):
+            blocks = index[b, n // group, : count[b, n // group]]
+            keys = np.concatenate([np.arange(j * BLOCK, (j + 1) * BLOCK) for j in blocks] or [np.zeros(0, int)])
+            for t in range(num_queries):
+                position = lengths[b] - num_queries + t
+                attended = keys[(keys <= position) & (keys < k.shape[1])]
+                if attended.size == 0:
+                    continue
+                scores = k[b, attended, n // group] @ q[b, t, n] * sm_scale
+                weights = np.exp(scores - scores.max())
+                out[b, t, n] = weights @ v[b, attended, n // group] / weights.sum()
+                lse[b, n, t] = scores.max() + np.log(weights.sum())
+    return out, lse
+
+
+def _dense_decode(q, k, v, lengths, sm_scale):
+    """Plain jnp dense decode over each row's valid cache (causal among the T queries): out [B, T, N, H]."""
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # [B, S, N, H]
+    scores = jnp.einsum("btnh,bsnh->btns", q, k, precision=jax.lax.Precision.HIGHEST) * sm_scale
+    positions = lengths[:, None] - q.shape[1] + jnp.arange(q.shape[1])  # [B, T]
+    allowed = jnp.arange(k.shape[1]) <= positions[:, :, None, None]  # [B, T, 1, S]
+    probs = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("btns,bsnh->btnh", probs, v, precision=jax.lax.Precision.HIGHEST)
+
+
+def _run(implementation, q, k, v, lengths, index, count, **kwargs):
+    def decode():
+        return block_sparse_decode(
+            q, k, v, lengths, index, count, return_lse=True, implementation=implementation, **kwargs
+        )
+
+    harness.poison_device_memory(jax.eval_shape(decode))
+    return decode()
+
+
+@pytest.mark.parametrize(("implementation", "case"), _cases(CASES, GPU_CASES))
+def test_matches_oracle(request, implementation, case):
+    q, k, v = _qkv(request, case, harness.DTYPES[implementation])
+    lengths = jnp.asarray(case.lengths, jnp.int32)
+    index, count = _selection(_rng(request), case)
+    out, lse = _run(implementation, q, k, v, lengths, index, count)
+    expected_out, expected_lse = _oracle(q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    tolerance = harness.TOLERANCES[q.dtype]
+    harness.assert_close(out, expected_out, tolerance, "out")
+    harness.assert_lse_close(lse, expected_lse, tolerance)
+
+
+@pytest.mark.parametrize(("implementation", "case"), _cases(CASES[3:5], GPU_CASES[:1]))
+def test_all_blocks_equals_dense_decode(request, implementation, case):
+    """Sparsity 0 (every block selected, shuffled) is dense decode attention over the valid cache."""
+    q, k, v = _qkv(request, case, harness.DTYPES[implementation])
+    lengths = jnp.asarray(case.lengths, jnp.int32)
+    index, count = _selection(_rng(request), dataclasses.replace(case, density=1.0, empty=()))
+    out = block_sparse_decode(q, k, v, lengths, index, count, implementation=implementation)
+    expected = _dense_decode(q, k, v, lengths, case.head_dim**-0.5)
+    valid = np.asarray(lengths)[:, None] - case.num_queries + np.arange(case.num_queries) >= 0  # [B, T]
+    expected = np.where(valid[..., None, None], np.asarray(expected), 0.0)  # no key at all: 0
+    harness.assert_close(out, expected, harness.TOLERANCES[q.dtype], "out")
+
+
+@pytest.mark.parametrize("implementation", harness.IMPLEMENTATIONS)
+def test_nothing_selected_gives_zeros(request, implementation):
+    case = CASES[1]
+    q, k, v = _qkv(request, case, harness.DTYPES[implementation])
+    lengths = jnp.asarray(case.lengths, jnp.int32)
+    index = jnp.full((case.batch, case.num_kv_heads, 4), -1, jnp.int32)
+    count = jnp.zeros((case.batch, case.num_kv_heads), jnp.int32)
+    out, lse = _run(implementation, q, k, v, lengths, index, count)
+    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), 0.0)
+    assert np.isneginf(np.asarray(lse)).all()
+
+
+@pytest.mark.parametrize("implementation", harness.IMPLEMENTATIONS)
+def test_single_token_layout_padding_and_jit(request, implementation):
+    """q [B, N, H] equals q [B, 1, N, H]; padding slot values change nothing; traced lengths/index work."""
+    case = CASES[2]
+    q, k, v = _qkv(request, case, harness.DTYPES[implementation])
+    lengths = jnp.asarray(case.lengths, jnp.int32)
+    index, count = _selection(_rng(request), case, num_slots=24)
+    out4, lse4 = block_sparse_decode(q, k, v, lengths, index, count, return_lse=True, implementation=implementation)
+    out3, lse3 = block_sparse_decode(
+        q[:, 0], k, v, lengths, index, count, return_lse=True, implementation=implementation
+    )
+    assert out3.shape == q[:, 0].shape and lse3.shape == (case.batch, case.num_q_heads)
+    same = dict(rtol=1e-5, atol=1e-6)  # one computation, up to XLA's fusion choices
+    np.testing.assert_allclose(np.asarray(out3.astype(jnp.float32)), np.asarray(out4[:, 0].astype(jnp.float32)), **same)
+    np.testing.assert_allclose(np.asarray(lse3), np.asarray(lse4[..., 0]), **same)
+    padding = jnp.arange(index.shape[-1]) >= count[..., None]
+    other_padding = jnp.where(padding, 7, index)
+    decode = jax.jit(lambda *args: block_sparse_decode(q[:, 0], k, v, *args, implementation=implementation))
+    out_jit = decode(lengths, other_padding, count)
+    np.testing.assert_allclose(np.asarray(out_jit.astype(jnp.float32)), np.asarray(out3.astype(jnp.float32)), **same)
+
+
+def test_contract_violations_raise():
+    case = CASES[0]
+    q, k, v = _qkv_plain(case)
+    lengths = jnp.asarray(case.lengths, jnp.int32)
+    count = jnp.full((case.batch, case.num_kv_heads), 2, jnp.int32)
+    duplicate = jnp.zeros((case.batch, case.num_kv_heads, 3), jnp.int32)
+    with pytest.raises(ValueError, match="distinct"):
+        block_sparse_decode(q, k, v, lengths, duplicate, count)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        block_sparse_decode(q, k, v, lengths, duplicate.at[..., 1].set(4), count)
+    with pytest.raises(ValueError, match="block_count"):
+        block_sparse_decode(q, k, v, lengths, duplicate, count + 2)
+    with pytest.raises(ValueError, match="lengths"):
+        block_sparse_decode(q, k, v, lengths + 100, duplicate.at[..., 1].set(1), count)
+    with pytest.raises(ValueError, match="T"):
+        block_sparse_decode(jnp.tile(q, (1, 9, 1, 1)), k, v, lengths, duplicate.at[..., 1].set(1), count)
+
+
+def _qkv_plain(case):
+    keys = jax.random.split(input_key(3), 3)
+    q = jax.random.normal(keys[0], (case.batch, case.num_queries, case.num_q_heads, case.head_dim))
+    kv_shape = (case.batch, case.cache_len, case.num_kv_heads, case.head_dim)
+    return q, jax.random.normal(keys[1], kv_shape), jax.random.normal(keys[2], kv_shape)
+
+
+def test_implementation_choice():
+    case = CASES[1]
+    args = [jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) for x in _qkv_plain(case)]
+    args += [
+        jax.ShapeDtypeStruct((case.batch,), jnp.int32),
+        jax.ShapeDtypeStruct((case.batch, case.num_kv_heads, 8), jnp.int32),
+        jax.ShapeDtypeStruct((case.batch, case.num_kv_heads), jnp.int32),
+    ]
+    expected = "mosaic" if dispatch.hopper_available() else "reference"
+    assert block_sparse_decode_implementation(*args) == expected
+    assert block_sparse_decode_implementation(*args, block_size=32) == "reference"  # the kernel declines
+    assert block_sparse_decode_implementation(*args, implementation="reference") == "reference"
+    with pytest.raises(NotImplementedError):
+        block_sparse_decode_implementation(*args, block_size=32, implementation="mosaic")
+
+
+@pytest.mark.slow
+def test_kernel_in_gpu_interpreter(request):
+    """The Mosaic GPU kernel's pipeline, split-K and masking in jax's GPU interpreter (CPU): 2 splits, T = 2."""
+    if dispatch.hopper_available():
+        pytest.skip("the compiled kernel runs on this machine (the gpu-marked cases)")
+    interpret = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    case = DecodeCase(name="interpret", num_queries=2, num_q_heads=4, num_kv_heads=1, head_dim=64, cache_len=256,
+                      lengths=(200, 2), density=0.6)  # fmt: skip
+    q, k, v = _qkv(request, case, jnp.bfloat16)
+    lengths = jnp.asarray(case.lengths, jnp.int32)
+    index, count = _selection(_rng(request), case)
+    out, lse = kernel_sm90.block_sparse_decode_sm90(
+        q, k, v, lengths, index, count, block_size=BLOCK, sm_scale=case.head_dim**-0.5,
+        config=kernel_sm90.Config(num_splits=2, num_stages=2), interpret=interpret.InterpretGPUParams(),
+    )  # fmt: skip
+    expected_out, expected_lse = _oracle(q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5)
+    harness.assert_close(out, expected_out, 1e-2, "out")
+    harness.assert_lse_close(lse, expected_lse, 1e-2)
