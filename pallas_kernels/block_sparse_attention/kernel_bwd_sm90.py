@@ -285,6 +285,7 @@ def _dkv_kernel(
             entry = read_entry(s)
             slot = lax.rem(s, num_stages)
             query_block = pipeline.block_of(entry)
+            branch = pipeline.schedule_branch(entry, wg, kv_block, block=query_block)
             # Always wg (entries are < 2^18), but LLVM cannot prove it: with a constant index it hoists the 16
             # wgmma descriptors of this warpgroup's K and V (32 registers) out of the loop, and ptxas then spilled
             # 212 bytes per thread in the loop (the backward's time in BENCHMARKS.md, "dK/dV spilled registers").
@@ -294,7 +295,7 @@ def _dkv_kernel(
                 functools.partial(grad_block, slot, kv_index, query_block, causal=False),
                 functools.partial(grad_block, slot, kv_index, query_block, causal=True),
             ]
-            return lax.switch(pipeline.schedule_branch(entry, wg, kv_block), branches, carry)
+            return lax.switch(branch, branches, carry)
 
         dk, dv = lax.fori_loop(0, num_steps, step, (dk, dv))
         k_smem[...] = (dk * sm_scale).astype(dtype)

@@ -65,11 +65,13 @@ def block_of(entry):
     return entry & INDEX_MASK
 
 
-def schedule_branch(entry, wg, diagonal_block):
+def schedule_branch(entry, wg, diagonal_block, *, block=None):
     """`SKIP` when warpgroup wg does not use this entry's block, else `DIAGONAL` when the block is
-    `diagonal_block` (it needs causal masking), else `OFF_DIAGONAL`."""
+    `diagonal_block` (it needs causal masking), else `OFF_DIAGONAL`. `block`: `block_of(entry)`, where the caller
+    has it already."""
     used = (entry >> (INDEX_BITS + wg)) & 1
-    return jnp.where(used == 0, SKIP, jnp.where(block_of(entry) == diagonal_block, DIAGONAL, OFF_DIAGONAL))
+    block = block_of(entry) if block is None else block
+    return jnp.where(used == 0, SKIP, jnp.where(block == diagonal_block, DIAGONAL, OFF_DIAGONAL))
 
 
 def skip_kv_slot(slot, k_barriers, v_barriers, k_consumed_barriers, v_consumed_barriers):
