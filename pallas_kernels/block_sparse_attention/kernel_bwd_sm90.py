@@ -132,13 +132,15 @@ def _dq_kernel(
 
         def step(s, dq):
             entry = read_entry(s)
+            used = pipeline.used_by(entry, wg)
             slot = lax.rem(s, num_stages)
+            branch = pipeline.schedule_branch(used, lambda: pipeline.block_of(entry) == q_block)
             branches = [  # indexed by pipeline.SKIP, OFF_DIAGONAL, DIAGONAL
                 functools.partial(skip_block, slot),
                 functools.partial(grad_block, slot, causal=False),
                 functools.partial(grad_block, slot, causal=True),
             ]
-            return lax.switch(pipeline.schedule_branch(entry, wg, q_block), branches, dq)
+            return lax.switch(branch, branches, dq)
 
         dq = lax.fori_loop(0, num_steps, step, dq)
         q_smem[...] = (dq * sm_scale).astype(dtype)
@@ -283,9 +285,10 @@ def _dkv_kernel(
 
         def step(s, carry):
             entry = read_entry(s)
+            used = pipeline.used_by(entry, wg)
             slot = lax.rem(s, num_stages)
             query_block = pipeline.block_of(entry)
-            branch = pipeline.schedule_branch(entry, wg, kv_block, block=query_block)
+            branch = pipeline.schedule_branch(used, lambda: query_block == kv_block)
             # Always wg (entries are < 2^18), but LLVM cannot prove it: with a constant index it hoists the 16
             # wgmma descriptors of this warpgroup's K and V (32 registers) out of the loop, and ptxas then spilled
             # 212 bytes per thread in the loop (the backward's time in BENCHMARKS.md, "dK/dV spilled registers").

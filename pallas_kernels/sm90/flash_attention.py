@@ -167,13 +167,14 @@ def _forward_kernel(
         def sparse_step(s, carry):
             entry = read_entry(s)
             kv_block = pipeline.block_of(entry)
+            used = pipeline.used_by(entry, wg)
             slot = lax.rem(s, num_stages)
             branches = [  # indexed by pipeline.SKIP, OFF_DIAGONAL, DIAGONAL
                 functools.partial(skip_block, slot),
                 functools.partial(attend_block, slot, causal=False),
                 functools.partial(attend_block, slot, causal=True),
             ]
-            return lax.switch(pipeline.schedule_branch(entry, wg, q_block, block=kv_block), branches, carry)
+            return lax.switch(pipeline.schedule_branch(used, lambda: kv_block == q_block), branches, carry)
 
         def sparse_tile(carry):
             return lax.fori_loop(0, num_steps, sparse_step, carry)

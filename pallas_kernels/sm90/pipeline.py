@@ -65,13 +65,18 @@ def block_of(entry):
     return entry & INDEX_MASK
 
 
-def schedule_branch(entry, wg, diagonal_block, *, block=None):
-    """`SKIP` when warpgroup wg does not use this entry's block, else `DIAGONAL` when the block is
-    `diagonal_block` (it needs causal masking), else `OFF_DIAGONAL`. `block`: `block_of(entry)`, where the caller
-    has it already."""
-    used = (entry >> (INDEX_BITS + wg)) & 1
-    block = block_of(entry) if block is None else block
-    return jnp.where(used == 0, SKIP, jnp.where(block == diagonal_block, DIAGONAL, OFF_DIAGONAL))
+def used_by(entry, wg):
+    """1 where warpgroup wg uses the block of a packed schedule entry, else 0."""
+    return (entry >> (INDEX_BITS + wg)) & 1
+
+
+def schedule_branch(used, is_diagonal):
+    """The case of a step: `SKIP` when the warpgroup does not use the block (`used_by` is 0), else `DIAGONAL` when
+    the block is the warpgroup's own diagonal block (it needs causal masking), else `OFF_DIAGONAL`.
+
+    `is_diagonal` is a thunk, so that each kernel keeps its own order of the few scalar ops around it (the sm_90
+    core was factored out of kernels tuned in that order; the generated PTX stays the same)."""
+    return jnp.where(used == 0, SKIP, jnp.where(is_diagonal(), DIAGONAL, OFF_DIAGONAL))
 
 
 def skip_kv_slot(slot, k_barriers, v_barriers, k_consumed_barriers, v_consumed_barriers):
