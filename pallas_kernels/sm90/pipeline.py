@@ -74,8 +74,8 @@ def schedule_branch(used, is_diagonal):
     """The case of a step: `SKIP` when the warpgroup does not use the block (`used_by` is 0), else `DIAGONAL` when
     the block is the warpgroup's own diagonal block (it needs causal masking), else `OFF_DIAGONAL`.
 
-    `is_diagonal` is a thunk, so that each kernel keeps its own order of the few scalar ops around it (the sm_90
-    core was factored out of kernels tuned in that order; the generated PTX stays the same)."""
+    `is_diagonal` is a thunk, evaluated after `used == 0`: each kernel keeps the order of its scalar ops that it had
+    before this core was factored out of it, so that the generated code did not change."""
     return jnp.where(used == 0, SKIP, jnp.where(is_diagonal(), DIAGONAL, OFF_DIAGONAL))
 
 
