@@ -6,7 +6,7 @@ Times, on one sequence with the layer shapes of Llama-3.1-8B (32 query heads, 8 
 a float32 gate of hidden size 128 with random weights), each jit-compiled on its own and then all together:
   gate       pooling (avg of q, max|min|avg of k per 64-token block), projections, block RoPE, scores, causal mask
   select     TopK at `--nz-ratio` (diagonal kept) on the gate's logits
-  schedule   the block-sparse kernel's tile schedule from the mask (`kernel_sm90.tile_schedule`; the model hands
+  schedule   the block-sparse kernel's tile schedule from the mask (`sm90.schedule.tile_schedule`; the model hands
              the kernel its mask, so this is all the index building there is)
   gate path  all three in one program: what SeerAttention adds before the block-sparse kernel
 against cuDNN dense causal attention (`jax.nn.dot_product_attention(..., implementation="cudnn")`) on the same
@@ -24,7 +24,7 @@ from flax import nnx
 
 from benchmarks.prefill import LLAMA_31_8B
 from pallas_kernels.bench import time_ms
-from pallas_kernels.block_sparse_attention.kernel_sm90 import tile_schedule
+from pallas_kernels.sm90.schedule import tile_schedule
 from seer_jax.config import ModelConfig
 from seer_jax.gate import AttnGate, GateConfig
 from seer_jax.sparsity import Selection, select_blocks

@@ -9,6 +9,9 @@ For each length T, on Llama-3.1-8B attention (`shapes.BENCH_SHAPES`: B=1, N=32, 
   pooling      `attention_with_pooling`.
   bwd ...      with `--backward`: the backward alone of dense cuDNN and of each sparse case, timed as forward +
                backward (`jax.vjp` on a random cotangent) minus the same op's forward of this run.
+  topk s       with `--topk`: `block_topk_mask` on random bf16 block scores [B, N, I, I] (as the gate's logits),
+               keeping k = ⌊(1 − √s)·I⌋ blocks per row (about density 1 − s over the causal blocks, as `seer_jax`'s
+               `nz_ratio`): its Pallas Triton kernel against its reference (banded XLA `top_k`) in the same run.
 TFLOP/s counts causal FLOPs, 4·B·T²·H·N / 2, times the achieved block density for the sparse cases. Timing: jitted,
 warm-up calls, then the median of `--runs` calls each ended by `block_until_ready`, on fresh random inputs.
 A case whose implementation raises `NotImplementedError` or runs out of memory is skipped with a note.
@@ -20,6 +23,7 @@ The table goes to stdout row by row; everything is also written as JSON to
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import re
@@ -39,6 +43,7 @@ from pallas_kernels.block_sparse_attention import (
     block_sparse_attention,
     block_sparse_attention_implementation,
 )
+from pallas_kernels.block_topk import block_topk_mask, block_topk_mask_implementation
 from pallas_kernels.inputs import causal_density, input_key, random_block_mask, random_qkv
 from pallas_kernels.shapes import BENCH_SHAPES, AttentionShape
 
@@ -56,6 +61,7 @@ class BenchConfig:
     seed: int = 0
     commit: str | None = None  # recorded in the JSON; None: ask git
     backward: bool = False  # also time the backward of dense cuDNN and of each sparse case
+    topk: bool = False  # also time TopK block selection, kernel against reference
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
@@ -66,7 +72,7 @@ class BenchConfig:
             raise ValueError(f"runs must be >= 1, got {self.runs}")
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the first call compiles), got {self.warmup}")
-        dispatch.check_implementation(self.implementation)
+        dispatch.check_implementation(self.implementation, "mosaic")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -164,12 +170,12 @@ def _backward_row(row: Row, forward: Row, flops: float, dense_bwd_ms: float | No
     )
 
 
-def _implementation(query: Callable, *args, **kwargs) -> tuple[str, str]:
-    """(implementation the op would run, "") or, when an explicitly requested kernel declines, ("mosaic", note)."""
+def _implementation(query: Callable, *args, implementation, **kwargs) -> tuple[str, str]:
+    """(implementation the op would run, "") or, when an explicitly requested kernel declines, (its name, note)."""
     try:
-        return query(*args, **kwargs), ""
+        return query(*args, implementation=implementation, **kwargs), ""
     except NotImplementedError as error:
-        return "mosaic", _skip_note(error)
+        return implementation, _skip_note(error)
 
 
 def bench_length(shape: AttentionShape, config: BenchConfig, emit: Callable[[Row], None]) -> None:
@@ -221,6 +227,43 @@ def bench_length(shape: AttentionShape, config: BenchConfig, emit: Callable[[Row
         pooling = jax.jit(lambda q, k, v: attention_with_pooling(q, k, v, implementation=config.implementation))
         row = _measure(row, flops, dense_ms, pooling, q, k, v, config=config)
     emit(row)
+    if config.topk:
+        bench_topk(shape, config, emit)
+
+
+def bench_topk(shape: AttentionShape, config: BenchConfig, emit: Callable[[Row], None]) -> None:
+    """TopK block selection at one length: the reference, then the kernel (unless `--implementation reference`)."""
+    num_blocks = shape.num_blocks()
+    key = jax.random.fold_in(input_key(config.seed), shape.seq_len + 1)
+    scores = jax.random.normal(key, (shape.batch, shape.num_q_heads, num_blocks, num_blocks), jnp.bfloat16)
+    # This op's kernel is Pallas Triton: the bench's "mosaic" (our kernels) means "triton" here.
+    kernel = {"mosaic": "triton", "reference": None, None: None}[config.implementation]
+    for sparsity in config.sparsities:
+        k = max(1, int((1.0 - sparsity**0.5) * num_blocks))
+        case = f"topk {sparsity:.2f}"
+
+        def topk(scores, implementation, k=k):
+            return block_topk_mask(scores, k, implementation=implementation)
+
+        reference = _measure(
+            Row(seq_len=shape.seq_len, case=case, implementation="reference", note=f"k = {k}"),
+            None,
+            None,
+            jax.jit(functools.partial(topk, implementation="reference")),
+            scores,
+            config=config,
+        )
+        emit(reference)
+        if config.implementation == "reference":
+            continue
+        name, note = _implementation(block_topk_mask_implementation, scores, k, implementation=kernel)
+        row = Row(seq_len=shape.seq_len, case=case, implementation=name, note=note or f"k = {k}")
+        if not note:
+            kernel_fn = jax.jit(functools.partial(topk, implementation=kernel))
+            row = _measure(row, None, None, kernel_fn, scores, config=config)
+            if row.ms is not None and reference.ms is not None:
+                row = dataclasses.replace(row, note=f"{row.note}, {reference.ms / row.ms:.2f}× the reference's speed")
+        emit(row)
 
 
 def _git(*args: str) -> str:
@@ -239,11 +282,13 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed calls first (compile, warm-up)")
     parser.add_argument(
         "--implementation",
-        choices=["auto", *dispatch.IMPLEMENTATIONS],
+        choices=["auto", "mosaic", "reference"],
         default=defaults.implementation,
-        help="for our ops: 'mosaic' (default) skips cases the kernels decline; 'reference' times the jnp reference",
+        help="for our ops: 'mosaic' (default: our kernels, TopK's being Pallas Triton) skips cases the kernels "
+        "decline; 'reference' times the jnp references",
     )
     parser.add_argument("--backward", action="store_true", help="also time the backward passes")
+    parser.add_argument("--topk", action="store_true", help="also time TopK block selection (kernel vs reference)")
     parser.add_argument("--output-dir", type=Path, default=defaults.output_dir, help="where the JSON goes")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random inputs")
     parser.add_argument(
@@ -262,6 +307,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         seed=args.seed,
         commit=args.commit,
         backward=args.backward,
+        topk=args.topk,
     )
 
 

@@ -1,9 +1,12 @@
-"""Choosing between an op's Mosaic GPU kernel and its pure-jnp reference.
+"""Choosing between an op's GPU kernel and its pure-jnp reference.
 
-Policy, shared by every op in this package (`implementation=` argument):
-  None         auto: the Mosaic GPU kernel on a Hopper (sm_90) GPU, the reference elsewhere. A kernel that raises
+Each op has one GPU kernel, named for what it is written in: "mosaic" (Pallas Mosaic GPU: `block_sparse_attention`,
+`attention_with_pooling`) or "triton" (Pallas Triton: `block_topk_mask`). Policy, shared by every op in this
+package (`implementation=` argument):
+  None         auto: the op's kernel on a Hopper (sm_90) GPU, the reference elsewhere. A kernel that raises
                `NotImplementedError` (unsupported shape, dtype or device) falls back to the reference.
-  "mosaic"     the kernel; its `NotImplementedError` propagates.
+  "mosaic" or
+  "triton"     the op's kernel (the other name is a ValueError); its `NotImplementedError` propagates.
   "reference"  the pure-jnp reference, on any device.
 
 The choice is made while tracing (the kernels raise `NotImplementedError` from Python before building anything),
@@ -19,21 +22,27 @@ from typing import Any, Literal, TypeVar
 
 import jax
 
-Implementation = Literal["mosaic", "reference"]
-IMPLEMENTATIONS: tuple[Implementation, ...] = ("mosaic", "reference")
+Kernel = Literal["mosaic", "triton"]
+Implementation = Literal["mosaic", "triton", "reference"]
+IMPLEMENTATIONS: tuple[Implementation, ...] = ("mosaic", "triton", "reference")
+_KERNEL_NAMES: dict[Kernel, str] = {"mosaic": "Pallas Mosaic GPU", "triton": "Pallas Triton"}
 
 _logger = logging.getLogger(__name__)
 _Result = TypeVar("_Result")
 
 
-def check_implementation(implementation: str | None) -> None:
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be None (auto), 'mosaic' or 'reference', got {implementation!r}")
+def check_implementation(implementation: str | None, kernel: Kernel = "mosaic") -> None:
+    """Raises ValueError unless `implementation` is None, "reference" or `kernel` (the op's kernel)."""
+    if implementation is not None and implementation not in (kernel, "reference"):
+        raise ValueError(
+            f"implementation must be None (auto), {kernel!r} (this op's {_KERNEL_NAMES[kernel]} kernel) or "
+            f"'reference', got {implementation!r}"
+        )
 
 
 @functools.cache
 def hopper_available() -> bool:
-    """True when JAX's default device is a Hopper (sm_90) GPU, the only target of our Mosaic GPU kernels."""
+    """True when JAX's default device is a Hopper (sm_90) GPU, where auto dispatch tries the kernels."""
     device = jax.devices()[0]
     return device.platform == "gpu" and getattr(device, "compute_capability", "") in ("9.0", "9.0a")
 
@@ -42,21 +51,29 @@ def run(
     op_name: str,
     implementation: Implementation | None,
     *,
-    mosaic: Callable[[], _Result],
     reference: Callable[[], _Result],
+    mosaic: Callable[[], _Result] | None = None,
+    triton: Callable[[], _Result] | None = None,
 ) -> tuple[Implementation, _Result]:
-    """Calls `mosaic()` or `reference()` following the module's policy; returns (name of the one that ran, result)."""
-    check_implementation(implementation)
+    """Calls the op's kernel (`mosaic()` or `triton()`, exactly one given) or `reference()` following the module's
+    policy; returns (name of the one that ran, result)."""
+    if (mosaic is None) == (triton is None):
+        raise TypeError("pass exactly one kernel: mosaic= or triton=")
+    kernel_name: Kernel = "mosaic" if mosaic is not None else "triton"
+    kernel = mosaic or triton
+    check_implementation(implementation, kernel_name)
     if implementation == "reference" or (implementation is None and not hopper_available()):
         chosen: Implementation = "reference"
         result = reference()
     else:
         try:
-            chosen, result = "mosaic", mosaic()
+            chosen, result = kernel_name, kernel()
         except NotImplementedError as error:
-            if implementation == "mosaic":
+            if implementation == kernel_name:
                 raise
-            _logger.debug("%s: Mosaic GPU kernel declined (%s); falling back to the reference", op_name, error)
+            _logger.debug(
+                "%s: %s kernel declined (%s); falling back to the reference", op_name, _KERNEL_NAMES[kernel_name], error
+            )
             chosen, result = "reference", reference()
     _logger.debug("%s: running the %s implementation", op_name, chosen)
     return chosen, result

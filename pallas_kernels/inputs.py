@@ -5,7 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse_attention.index import causal_block_mask
+from pallas_kernels.blocks import causal_block_mask
 from pallas_kernels.shapes import AttentionShape
 
 # Standard deviation of the scaled scores q·k·H^-0.5 for `random_qkv`'s q and k. Around 2.5 a row's largest

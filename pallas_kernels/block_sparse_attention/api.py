@@ -1,15 +1,12 @@
-"""Public `block_sparse_attention`: argument checks, padding, dispatch, and the custom VJP.
+"""Public `block_sparse_attention`: argument checks, dispatch, and the custom VJP.
 
-Forward: the Mosaic GPU kernel or the reference (see `pallas_kernels.dispatch`). The kernel always receives T a
-multiple of 64: a ragged T is zero-padded here, which changes nothing for the real rows (a padded key c ≥ T is
-causally visible only to padded rows t ≥ T, which are sliced off).
-
-Backward (`jax.custom_vjp`), from the forward's saved (q, k, v, selection, out, lse): the Mosaic GPU kernels
+Forward: the Mosaic GPU kernel (`kernel_sm90`) or the reference (see `pallas_kernels.dispatch`). Backward
+(`jax.custom_vjp`), from the forward's saved (q, k, v, block mask, out, lse): the Mosaic GPU kernels
 (`kernel_bwd_sm90`) or `reference.block_sparse_attention_bwd`, chosen by the same dispatch policy as the forward.
 
-The selection travels as given (a block mask or a `BlockIndex`) and is converted only where needed: the kernels
-build their tile schedules from a mask, the reference reads an index. A mask from `seer_jax` thus never makes the
-mask → index → mask round trip (two scatter passes over [B, N, I, J], about 2.5 ms per layer at 128k).
+Every implementation takes the selection as a bool block mask [B, N, I, J]; a `BlockIndex` is turned into one
+here, once. A mask from `seer_jax` thus goes straight to the kernels' tile schedules, with no mask → index → mask
+round trip. Nothing is padded here: each kernel's wrapper pads T to its own tiles (`pallas_kernels.sm90.schedule`).
 """
 
 import functools
@@ -22,7 +19,6 @@ from pallas_kernels.block_sparse_attention import kernel_bwd_sm90, kernel_sm90, 
 from pallas_kernels.block_sparse_attention.index import (
     BLOCK_SIZE,
     BlockIndex,
-    block_index_from_mask,
     block_mask_from_index,
     check_block_index,
 )
@@ -49,9 +45,9 @@ def block_sparse_attention(
       k, v: [B, S, K, H] keys and values, same dtype as q, S == T, N a multiple of K (GQA: query head n reads
         kv head n // (N / K); K/V are never repeated).
       block_mask: bool [B, N, I, J] with I = J = ceil(T / 64): True where query block i of head n attends key
-        block j. Entries above the diagonal (j > i) are ignored. Converted with `block_index_from_mask`.
+        block j. Entries above the diagonal (j > i) are ignored.
       index: the same selection as a `BlockIndex` (pass exactly one of block_mask and index). Checked against
-        its contract (ranges, order, padding) when concrete, not when traced.
+        its contract (ranges, order, padding) when concrete, not when traced; converted to a mask.
       sm_scale: softmax scale, a Python float; `H ** -0.5` when None.
       return_lse: also return the logsumexp.
       implementation: None (auto), "mosaic" or "reference"; see `pallas_kernels.dispatch`.
@@ -65,7 +61,7 @@ def block_sparse_attention(
     Differentiable in q, k, v (custom VJP, same block structure as the forward, lse cotangent included).
     """
     scale = _check_args(q, k, v, block_mask=block_mask, index=index, sm_scale=sm_scale, implementation=implementation)
-    return _attention(q, k, v, block_mask if index is None else index, scale, return_lse, implementation)
+    return _attention(q, k, v, _as_mask(block_mask if index is None else index), scale, return_lse, implementation)
 
 
 def block_sparse_attention_implementation(
@@ -88,7 +84,11 @@ def block_sparse_attention_implementation(
     scale = _check_args(q, k, v, block_mask=block_mask, index=index, sm_scale=sm_scale, implementation=implementation)
     selection = block_mask if index is None else index
     return dispatch.traced_choice(
-        lambda q, k, v, selection: _forward(q, k, v, selection, scale, return_lse, implementation), q, k, v, selection
+        lambda q, k, v, selection: _forward(q, k, v, _as_mask(selection), scale, return_lse, implementation),
+        q,
+        k,
+        v,
+        selection,
     )
 
 
@@ -111,65 +111,47 @@ def _check_args(q, k, v, *, block_mask, index, sm_scale, implementation) -> floa
     return default_sm_scale(sm_scale, q.shape[-1])
 
 
-def _kernel_mask(selection: jax.Array | BlockIndex) -> jax.Array:
-    """The selection as the bool [B, N, I, J] mask the kernels schedule from (they drop blocks above the diagonal)."""
+def _as_mask(selection: jax.Array | BlockIndex) -> jax.Array:
+    """The selection as the bool [B, N, I, J] mask every implementation takes."""
     return block_mask_from_index(selection) if isinstance(selection, BlockIndex) else selection
 
 
-def _reference_index(selection: jax.Array | BlockIndex) -> BlockIndex:
-    return selection if isinstance(selection, BlockIndex) else block_index_from_mask(selection)
-
-
-def _forward(q, k, v, selection, sm_scale, return_lse, implementation):
-    """(name of the implementation that ran, out or (out, lse)); selection: a block mask or a `BlockIndex`."""
+def _forward(q, k, v, block_mask, sm_scale, return_lse, implementation):
+    """(name of the implementation that ran, out or (out, lse))."""
 
     def mosaic():
-        num_queries = q.shape[1]
-        padding = -num_queries % BLOCK_SIZE
-        if padding:
-            q_, k_, v_ = (jnp.pad(x, ((0, 0), (0, padding), (0, 0), (0, 0))) for x in (q, k, v))
-        else:
-            q_, k_, v_ = q, k, v
-        result = kernel_sm90.block_sparse_attention_sm90(
-            q_, k_, v_, _kernel_mask(selection), sm_scale=sm_scale, return_lse=return_lse
-        )
-        if not return_lse:
-            return result[:, :num_queries]
-        out, lse = result
-        return out[:, :num_queries], lse[..., :num_queries]
+        return kernel_sm90.block_sparse_attention_sm90(q, k, v, block_mask, sm_scale=sm_scale, return_lse=return_lse)
 
     def jnp_reference():
-        out, lse = reference.block_sparse_attention(q, k, v, _reference_index(selection), sm_scale=sm_scale)
+        out, lse = reference.block_sparse_attention(q, k, v, block_mask, sm_scale=sm_scale)
         return (out, lse) if return_lse else out
 
     return dispatch.run(_OP_NAME, implementation, mosaic=mosaic, reference=jnp_reference)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention_vjp(q, k, v, selection, sm_scale, return_lse, implementation):
-    return _forward(q, k, v, selection, sm_scale, return_lse, implementation)[1]
+def _attention_vjp(q, k, v, block_mask, sm_scale, return_lse, implementation):
+    return _forward(q, k, v, block_mask, sm_scale, return_lse, implementation)[1]
 
 
-def _attention_fwd(q, k, v, selection, sm_scale, return_lse, implementation):
-    out, lse = _forward(q, k, v, selection, sm_scale, True, implementation)[1]
-    return ((out, lse) if return_lse else out), (q, k, v, selection, out, lse)
+def _attention_fwd(q, k, v, block_mask, sm_scale, return_lse, implementation):
+    out, lse = _forward(q, k, v, block_mask, sm_scale, True, implementation)[1]
+    return ((out, lse) if return_lse else out), (q, k, v, block_mask, out, lse)
 
 
 def _attention_bwd(sm_scale, return_lse, implementation, residuals, cotangents):
-    q, k, v, selection, out, lse = residuals
+    q, k, v, block_mask, out, lse = residuals
     d_out, d_lse = cotangents if return_lse else (cotangents, jnp.zeros_like(lse))
     tensors = (out, lse, d_out, d_lse)
 
     def mosaic():
-        return kernel_bwd_sm90.block_sparse_attention_bwd_sm90(
-            q, k, v, _kernel_mask(selection), *tensors, sm_scale=sm_scale
-        )
+        return kernel_bwd_sm90.block_sparse_attention_bwd_sm90(q, k, v, block_mask, *tensors, sm_scale=sm_scale)
 
     def jnp_reference():
-        return reference.block_sparse_attention_bwd(q, k, v, _reference_index(selection), *tensors, sm_scale=sm_scale)
+        return reference.block_sparse_attention_bwd(q, k, v, block_mask, *tensors, sm_scale=sm_scale)
 
     _, (dq, dk, dv) = dispatch.run(_OP_NAME + " backward", implementation, mosaic=mosaic, reference=jnp_reference)
-    return dq, dk, dv, None  # the selection is boolean or integer: no cotangent
+    return dq, dk, dv, None  # the block mask is boolean: no cotangent
 
 
 _attention_vjp.defvjp(_attention_fwd, _attention_bwd)

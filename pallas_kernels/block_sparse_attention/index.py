@@ -11,10 +11,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.blocks import BLOCK_SIZE, causal_block_mask
 from pallas_kernels.validation import is_concrete
 
-# Positions per block, for query and key blocks alike: SeerAttention's gates score 64×64 blocks (SEER_SPEC §1.6).
-BLOCK_SIZE = 64
+__all__ = [
+    "BLOCK_SIZE",
+    "BlockIndex",
+    "block_index_from_mask",
+    "block_mask_from_index",
+    "causal_block_mask",
+    "check_block_index",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -41,13 +48,6 @@ class BlockIndex:
     @property
     def num_kv_blocks(self) -> int:
         return self.indices.shape[-1]
-
-
-def causal_block_mask(num_q_blocks: int, num_kv_blocks: int) -> jax.Array:
-    """bool [I, J]: True where key block j may be attended by query block i (j <= i)."""
-    rows = jnp.arange(num_q_blocks)[:, None]
-    cols = jnp.arange(num_kv_blocks)[None, :]
-    return cols <= rows
 
 
 @jax.jit

@@ -1,8 +1,8 @@
 """Backward of block-sparse causal flash attention for Hopper (sm_90), written with Pallas Mosaic GPU.
 
-Recomputation from the forward's logsumexp over the same 64×64 blocks, with the forward's CTA layout (two compute
-warpgroups × 64 rows or keys, one TMA warpgroup, pair schedules from `kernel_sm90.pair_schedule` in which each
-warpgroup skips the blocks only its partner uses):
+Recomputation from the forward's logsumexp over the same 64×64 blocks, with the forward's CTA layout and the
+shared sm_90 core (`pallas_kernels.sm90`: two compute warpgroups × 64 rows or keys, one TMA warpgroup, pair
+schedules from `schedule.pair_schedule` in which each warpgroup skips the blocks only its partner uses):
   * dK/dV: CTA = (batch, query head, key tile of key blocks 2u, 2u+1), looping over the query blocks that
     selected them (the transposed mask). Per block: sᵀ = k qᵀ, pᵀ = exp2(sᵀ·scale·log2 e − lse₂), dv += pᵀ dO,
     dpᵀ = v dOᵀ, dsᵀ = pᵀ ⊙ (dpᵀ − δ), dk += dsᵀ q. dK/dV come out per query head and each GQA group is summed
@@ -10,19 +10,19 @@ warpgroup skips the blocks only its partner uses):
   * dQ, fused (the default up to 192k tokens, FlashAttention-3's layout): the same CTA also computes the block's
     dq partial ds k (dsᵀ staged in shared memory as the transposed A operand) and adds it into an f32 dQ in
     global memory with a TMA reduce-add; XLA scales and casts it. Five matmuls per block instead of the seven of
-    two kernels, for 32 KB of L2 reductions per block and warpgroup (H200, 32k, sparsity 0.5: 25.6–25.8 ms
-    against 28.3 ms).
+    two kernels, for 32 KB of L2 reductions per block and warpgroup (faster than two kernels on the H200:
+    BENCHMARKS.md, "dQ fused into the dK/dV kernel").
   * dQ, separate (longer sequences, where the fused layout's shared memory does not fit): CTA = (batch, query
     head, query tile of query blocks 2t, 2t+1) over the forward's schedule; per block s = q kᵀ and dp = dO vᵀ
     (issued together), p, ds = p ⊙ (dp − δ), dq += ds k.
 δ = rowsum(dO ⊙ out) − d_lse is computed in XLA (the d_lse term makes the logsumexp output differentiable).
 Rows that selected nothing are never visited, so their -inf logsumexp never enters an exp.
 
-Layout limits as the forward (bf16/fp16, H ∈ {64, 128}, T == S ≤ 1M); H = 256 does not fit shared memory.
+Padding as the forward's wrapper (T to whole 128-row tiles, the mask to match). Layout limits as the forward
+(bf16/fp16, T == S ≤ 1M) with H ∈ {64, 128}: H = 256 does not fit shared memory.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +30,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.block_sparse_attention.index import causal_block_mask
-from pallas_kernels.block_sparse_attention.kernel_sm90 import BLOCK, TILE, check_supported, pair_schedule
+from pallas_kernels.sm90 import pipeline, schedule
+from pallas_kernels.sm90.pipeline import LOG2E
+from pallas_kernels.sm90.schedule import BLOCK, TILE
 
-_INDEX_MASK = (1 << 16) - 1  # pair_schedule packs column | used(wg0) << 16 | used(wg1) << 17
-_LOG2E = math.log2(math.e)
 _NUM_STAGES = 3
 # dK/dV keeps two [64, H] f32 accumulators live next to sᵀ and dpᵀ: the compute warpgroups take 240 registers (the
 # memory warpgroup only issues TMA copies), which with the loop-variant K/V index leaves 4 bytes of spills.
@@ -44,13 +43,6 @@ _DKV_COMPUTE_REGISTERS, _DKV_MEMORY_REGISTERS = 240, 24
 # H200's 227 KB with Mosaic's alignment padding; longer sequences take the two-kernel layout.
 _FUSED_NUM_STAGES = 2
 _FUSED_MAX_BLOCKS = 3072
-
-
-def _entry_reader(entries_smem):
-    def read(s):
-        return entries_smem[lax.div(s, BLOCK), lax.rem(s, BLOCK)]
-
-    return read
 
 
 def _dq_kernel(
@@ -87,14 +79,14 @@ def _dq_kernel(
     batch, head, wg = (lax.axis_index(name) for name in ("batch", "heads", "wg"))
     tile = lax.axis_size("tile") - 1 - lax.axis_index("tile")  # heaviest causal tiles first
     num_steps = counts_ref[batch, head, tile]
-    read_entry = _entry_reader(entries_smem)
+    read_entry = pipeline.entry_reader(entries_smem)
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
-    scale_log2 = sm_scale * _LOG2E
+    scale_log2 = sm_scale * LOG2E
 
     @pl.when(wg < 2)
     def _compute_wg():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(pipeline.COMPUTE_REGISTERS, action="increase")
         q_block = 2 * tile + wg
         rows = pl.ds(q_block * BLOCK, BLOCK)
         q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -111,10 +103,7 @@ def _dq_kernel(
         dq = plgpu.layout_cast(jnp.full((BLOCK, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
 
         def skip_block(slot, dq):
-            plgpu.barrier_wait(k_barriers.at[slot])
-            plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-            plgpu.barrier_wait(v_barriers.at[slot])
-            plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+            pipeline.skip_kv_slot(slot, k_barriers, v_barriers, k_consumed_barriers, v_consumed_barriers)
             return dq
 
         def grad_block(slot, dq, *, causal: bool):
@@ -130,9 +119,7 @@ def _dq_kernel(
             s, dp = pl.run_scoped(compute_s_dp, block, block)  # [64 queries, 64 keys] each
             plgpu.barrier_arrive(v_consumed_barriers.at[slot])
             if causal:
-                r = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-                c = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-                s = jnp.where(r >= c, s, -jnp.inf)
+                s = pipeline.causal_mask(s)
             p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(lse, s.shape, [0]))
             ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
 
@@ -145,18 +132,15 @@ def _dq_kernel(
 
         def step(s, dq):
             entry = read_entry(s)
-            used = (entry >> (16 + wg)) & 1
+            used = pipeline.used_by(entry, wg)
             slot = lax.rem(s, num_stages)
-            branch = jnp.where(used == 0, 0, jnp.where((entry & _INDEX_MASK) == q_block, 2, 1))
-            return lax.switch(
-                branch,
-                [
-                    functools.partial(skip_block, slot),
-                    functools.partial(grad_block, slot, causal=False),
-                    functools.partial(grad_block, slot, causal=True),
-                ],
-                dq,
-            )
+            branch = pipeline.schedule_branch(used, lambda: pipeline.block_of(entry) == q_block)
+            branches = [  # indexed by pipeline.SKIP, OFF_DIAGONAL, DIAGONAL
+                functools.partial(skip_block, slot),
+                functools.partial(grad_block, slot, causal=False),
+                functools.partial(grad_block, slot, causal=True),
+            ]
+            return lax.switch(branch, branches, dq)
 
         dq = lax.fori_loop(0, num_steps, step, dq)
         q_smem[...] = (dq * sm_scale).astype(dtype)
@@ -166,25 +150,14 @@ def _dq_kernel(
 
     @pl.when(wg == 2)
     def _memory_wg():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(pipeline.MEMORY_REGISTERS, action="decrease")
         kv_head = lax.div(head, jnp.array(heads_per_kv_head, head.dtype))
-        plgpu.copy_gmem_to_smem(entries_ref.at[batch, head, tile], entries_smem, entries_barrier)
-        plgpu.barrier_wait(entries_barrier)
+        pipeline.load_schedule(entries_ref.at[batch, head, tile], entries_smem, entries_barrier)
 
-        def fetch(s, slot):
-            window = (batch, pl.ds((read_entry(s) & _INDEX_MASK) * BLOCK, BLOCK), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[window], k_smem.at[slot], k_barriers.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[window], v_smem.at[slot], v_barriers.at[slot])
-
-        for s in range(num_stages):
-            pl.when(s < num_steps)(functools.partial(fetch, s, s))
-
-        @pl.loop(num_stages, jnp.maximum(num_steps, num_stages))
-        def _refill(s):
-            slot = lax.rem(s, num_stages)
-            plgpu.barrier_wait(k_consumed_barriers.at[slot])
-            plgpu.barrier_wait(v_consumed_barriers.at[slot])
-            fetch(s, slot)
+        slots = (lambda slot: k_smem.at[slot], lambda slot: v_smem.at[slot])
+        barriers = ((k_barriers, v_barriers), (k_consumed_barriers, v_consumed_barriers))
+        pipeline.stream_kv_blocks((k_ref, v_ref), slots, *barriers, read_entry=read_entry, batch=batch,
+                                  kv_head=kv_head, num_steps=num_steps, num_stages=num_stages)  # fmt: skip
 
 
 def _dkv_kernel(
@@ -227,10 +200,10 @@ def _dkv_kernel(
     # Key tile 0 has the most query blocks below it: the natural order is already heaviest first.
     batch, tile, head, wg = (lax.axis_index(name) for name in ("batch", "tile", "heads", "wg"))
     num_steps = counts_ref[batch, head, tile]
-    read_entry = _entry_reader(entries_smem)
+    read_entry = pipeline.entry_reader(entries_smem)
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
-    scale_log2 = sm_scale * _LOG2E
+    scale_log2 = sm_scale * LOG2E
     kv_head = lax.div(head, jnp.array(heads_per_kv_head, head.dtype))
 
     @pl.when(wg < 2)
@@ -267,10 +240,8 @@ def _dkv_kernel(
                 return acc_ref[...]
 
             st = pl.run_scoped(compute_st, plgpu.ACC((BLOCK, BLOCK), jnp.float32))  # [64 keys, 64 queries]
-            if causal:  # key c is visible to query r iff c <= r
-                c = plgpu.broadcasted_iota(jnp.int32, st.shape, 0, layout=plgpu.Layout.WGMMA)
-                r = plgpu.broadcasted_iota(jnp.int32, st.shape, 1, layout=plgpu.Layout.WGMMA)
-                st = jnp.where(r >= c, st, -jnp.inf)
+            if causal:
+                st = pipeline.causal_mask(st, keys_first=True)
             lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [64 queries]
             pt = jnp.exp2(st * scale_log2 - lax.broadcast_in_dim(lse, st.shape, [1]))
 
@@ -296,7 +267,7 @@ def _dkv_kernel(
         def add_partial_dq(dst16, k_smem, query_block):
             """dq[query block] += ds k of this key block, by TMA reduce-add into dq_acc_ref: dsᵀ goes through shared
             memory (the wgmma's A operand, transposed), the f32 partial through swizzled shared memory (unswizzled,
-            its 8-way bank conflicts made the fused backward slower than two kernels: 29.5 against 28.3 ms)."""
+            its 8-way bank conflicts made the fused backward slower than two kernels; BENCHMARKS.md)."""
             ds_smem, dq_smem = ds_smem2.at[wg], dq_smem2.at[wg]
             ds_smem[...] = dst16
             plgpu.commit_smem()
@@ -314,23 +285,20 @@ def _dkv_kernel(
 
         def step(s, carry):
             entry = read_entry(s)
-            used = (entry >> (16 + wg)) & 1
+            used = pipeline.used_by(entry, wg)
             slot = lax.rem(s, num_stages)
-            query_block = entry & _INDEX_MASK
-            branch = jnp.where(used == 0, 0, jnp.where(query_block == kv_block, 2, 1))
+            query_block = pipeline.block_of(entry)
+            branch = pipeline.schedule_branch(used, lambda: query_block == kv_block)
             # Always wg (entries are < 2^18), but LLVM cannot prove it: with a constant index it hoists the 16
             # wgmma descriptors of this warpgroup's K and V (32 registers) out of the loop, and ptxas then spilled
-            # 212 bytes per thread in the loop (H200, 32k, sparsity 0.5: backward 29.8 → 28.2 ms).
+            # 212 bytes per thread in the loop (the backward's time in BENCHMARKS.md, "dK/dV spilled registers").
             kv_index = wg + (entry >> 30)
-            return lax.switch(
-                branch,
-                [
-                    functools.partial(skip_block, slot),
-                    functools.partial(grad_block, slot, kv_index, query_block, causal=False),
-                    functools.partial(grad_block, slot, kv_index, query_block, causal=True),
-                ],
-                carry,
-            )
+            branches = [  # indexed by pipeline.SKIP, OFF_DIAGONAL, DIAGONAL
+                functools.partial(skip_block, slot),
+                functools.partial(grad_block, slot, kv_index, query_block, causal=False),
+                functools.partial(grad_block, slot, kv_index, query_block, causal=True),
+            ]
+            return lax.switch(branch, branches, carry)
 
         dk, dv = lax.fori_loop(0, num_steps, step, (dk, dv))
         k_smem[...] = (dk * sm_scale).astype(dtype)
@@ -343,25 +311,17 @@ def _dkv_kernel(
     @pl.when(wg == 2)
     def _memory_wg():
         plgpu.set_max_registers(_DKV_MEMORY_REGISTERS, action="decrease")
-        plgpu.copy_gmem_to_smem(entries_ref.at[batch, head, tile], entries_smem, entries_barrier)
-        plgpu.barrier_wait(entries_barrier)
+        pipeline.load_schedule(entries_ref.at[batch, head, tile], entries_smem, entries_barrier)
 
         def fetch(s, slot):
-            rows = pl.ds((read_entry(s) & _INDEX_MASK) * BLOCK, BLOCK)
+            rows = pl.ds(pipeline.block_of(read_entry(s)) * BLOCK, BLOCK)
             sources = (q_ref.at[batch, rows, head], do_ref.at[batch, rows, head])
             sources += (lse_ref.at[batch, head, rows], delta_ref.at[batch, head, rows])
             targets = (q_smem.at[slot], do_smem.at[slot], lse_smem.at[slot], delta_smem.at[slot])
             for n, (src, dst) in enumerate(zip(sources, targets, strict=True)):
                 plgpu.copy_gmem_to_smem(src, dst, ring_barriers.at[n * num_stages + slot])
 
-        for s in range(num_stages):
-            pl.when(s < num_steps)(functools.partial(fetch, s, s))
-
-        @pl.loop(num_stages, jnp.maximum(num_steps, num_stages))
-        def _refill(s):
-            slot = lax.rem(s, num_stages)
-            plgpu.barrier_wait(consumed_barriers.at[slot])
-            fetch(s, slot)
+        pipeline.stream_blocks(fetch, (consumed_barriers,), num_steps=num_steps, num_stages=num_stages)
 
 
 def _launch(kernel, inputs, out_types, scratch, *, num_tiles, batch, num_q_heads):
@@ -375,14 +335,13 @@ def _launch(kernel, inputs, out_types, scratch, *, num_tiles, batch, num_q_heads
     # `pl.kernel` with a Mosaic GPU mesh, not `plgpu.kernel`: the latter's batching wrapper (custom_vmap) rejects
     # writes to a `jax.new_ref` operand, which the fused dQ accumulates into.
     mesh = plgpu.Mesh(
-        grid=(batch, num_q_heads, num_tiles),  # tiles fastest: see `kernel_sm90` on L2 reuse
-        grid_names=("batch", "heads", "tile"),
-        num_threads=3,
+        grid=(batch, num_q_heads, num_tiles),  # tiles fastest: see `sm90.flash_attention` on L2 reuse
+        grid_names=pipeline.GRID_NAMES,
+        num_threads=pipeline.NUM_WARPGROUPS,
         thread_name="wg",
         kernel_name="body",
     )
-    params = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
-    return pl.kernel(body, out_type=out_types, mesh=mesh, compiler_params=params)(*inputs)
+    return pl.kernel(body, out_type=out_types, mesh=mesh, compiler_params=pipeline.compiler_params())(*inputs)
 
 
 def block_sparse_attention_bwd_sm90(
@@ -395,46 +354,43 @@ def block_sparse_attention_bwd_sm90(
     dk, dv [B, T, K, H] (summed over each kv head's group of query heads).
     `fused_dq`: the one-kernel layout (None: whenever its shared memory fits, up to 192k tokens; see the module).
     """
-    check_supported(q, k)
+    pipeline.check_supported(q, k)
     if q.shape[-1] > 128:
         raise NotImplementedError("the Mosaic GPU backward supports head_dim <= 128")
     batch, seq_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     group = num_q_heads // num_kv_heads
-    padded_len = -(-seq_len // TILE) * TILE
+    padded_len = schedule.padded_length(seq_len)
     num_blocks = padded_len // BLOCK
-    pad = ((0, 0), (0, padded_len - seq_len), (0, 0), (0, 0))
-    q_p, k_p, v_p, do_p = (jnp.pad(x, pad) for x in (q, k, v, d_out))
+    q_p, k_p, v_p, do_p = (schedule.pad_rows(x, padded_len) for x in (q, k, v, d_out))
     rows = ((0, 0), (0, 0), (0, padded_len - seq_len))
     # Padded rows carry a zero cotangent; a finite lse there keeps their (unused) probabilities finite.
-    lse_p = jnp.pad(jnp.where(jnp.isfinite(lse), lse, 0.0), rows) * _LOG2E  # [B, N, Tp]
+    lse_p = jnp.pad(jnp.where(jnp.isfinite(lse), lse, 0.0), rows) * LOG2E  # [B, N, Tp]
     delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32)) - d_lse
     delta_p = jnp.pad(delta, rows)  # [B, N, Tp]
-    block_mask = block_mask & causal_block_mask(*block_mask.shape[-2:])  # [B, N, I, J]
-    block_mask = jnp.pad(block_mask, ((0, 0), (0, 0), (0, num_blocks - block_mask.shape[2]),
-                                      (0, num_blocks - block_mask.shape[3])))  # fmt: skip
-    kv_entries, kv_counts = pair_schedule(jnp.swapaxes(block_mask, -1, -2))  # [B, N, J, I]: query blocks per key block
-    tiling = plgpu.TilingTransform((8, 64))
-    swizzle = plgpu.SwizzleTransform(128)
+    block_mask = schedule.pad_block_mask(block_mask, num_blocks)  # [B, N, Ip, Ip]
+    # [B, N, J, I]: the query blocks of each key block
+    kv_entries, kv_counts = schedule.pair_schedule(jnp.swapaxes(block_mask, -1, -2))
     if fused_dq is None:
         fused_dq = num_blocks <= _FUSED_MAX_BLOCKS
     stages = _FUSED_NUM_STAGES if fused_dq else _NUM_STAGES
 
     def rows_smem(n):
-        return plgpu.SMEM((n, BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle))
+        return pipeline.swizzled_smem((n, BLOCK, head_dim), q.dtype)
 
     common = dict(num_tiles=padded_len // TILE, batch=batch, num_q_heads=num_q_heads)
     kernel_args = dict(sm_scale=sm_scale, num_stages=stages, heads_per_kv_head=group)
     if fused_dq:
         dq_acc = jax.new_ref(jnp.zeros(q_p.shape, jnp.float32))  # [B, Tp, N, H]
+        f32_transforms = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
         dq_scratch = (
-            plgpu.SMEM((2, BLOCK, BLOCK), q.dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((2, BLOCK, head_dim), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)), swizzle)),
+            pipeline.swizzled_smem((2, BLOCK, BLOCK), q.dtype),
+            plgpu.SMEM((2, BLOCK, head_dim), jnp.float32, transforms=f32_transforms),
         )
         dkv_inputs, dkv_scratch = (dq_acc,), (dq_scratch,)
     else:
         dkv_inputs = dkv_scratch = ()
-        q_entries, q_counts = pair_schedule(block_mask)
+        q_entries, q_counts = schedule.pair_schedule(block_mask)
         dq = _launch(
             functools.partial(_dq_kernel, **kernel_args),
             (q_p, k_p, v_p, do_p, lse_p, delta_p, q_entries, q_counts),

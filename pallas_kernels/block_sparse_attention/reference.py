@@ -1,20 +1,23 @@
 """Block-sparse causal attention over 64×64 blocks, forward and backward, in pure jnp.
 
-This is the oracle for the Mosaic GPU kernel, the implementation used off Hopper (and the backward everywhere),
-and the statement of semantics. With G = N / K, causal T == S, blocks of 64 positions (I = J = ceil(T / 64)) and a
-`BlockIndex`, query row t (in block i = t // 64) of head n attends key c when
+This is the oracle for the Mosaic GPU kernels, the implementation used off Hopper, and the statement of semantics.
+It takes the kernels' selection type, a bool block mask [B, N, I, J]. With G = N / K, causal T == S, blocks of 64
+positions (I = J = ceil(T / 64)), query row t (in block i = t // 64) of head n attends key c when
 
-    c ≤ t   and   c // 64 ∈ {indices[b, n, i, s] : s < counts[b, n, i]}       ("c is selected for t")
+    c ≤ t   and   block_mask[b, n, i, c // 64]                                    ("c is selected for t")
 
     out[b, t, n] = Σ_{selected c} softmax(q[b, t, n] · k[b, c, n // G] · sm_scale) v[b, c, n // G]     q.dtype
     lse[b, n, t] = log Σ_{selected c} exp(q[b, t, n] · k[b, c, n // G] · sm_scale)    float32, natural log
 
-A row with no selected key (count 0) has out = 0 and lse = -inf. Every row of a block row with count ≥ 1 has at
-least one selected key (the blocks are causal, and the diagonal block holds c = t), so nothing else is empty.
+(entries above the diagonal select nothing). A block row with no selected causal block has out = 0 and lse = -inf;
+every row of a block row that selects one has a selected key (the diagonal block holds c = t, and any block below
+it is wholly visible), so nothing else is empty.
 
-Algorithm: a loop over slots s = 0 .. max(counts) - 1. Step s handles, for every (b, n, i) at once, key block
-indices[b, n, i, s], gathered from kv head n // G (K/V are never repeated to N heads); rows with fewer than s + 1
-selected blocks are masked in that step. Unselected blocks are never read, and the loop ends with the longest row.
+Algorithm: the mask is listed per block row as a `BlockIndex` (`block_index_from_mask`: the selected causal blocks
+ascending, and their count), then a loop over slots s = 0 .. max(counts) - 1. Step s handles, for every (b, n, i)
+at once, key block indices[b, n, i, s], gathered from kv head n // G (K/V are never repeated to N heads); rows with
+fewer than s + 1 selected blocks are masked in that step. Unselected blocks are never read, and the loop ends with
+the longest row.
 The forward is FlashAttention-2's online softmax; the backward recomputes probabilities from the saved lse and
 scatter-adds dk/dv into the selected blocks. Each step's working set is O(B·N·T·H) (the gathered blocks are the
 size of q) and the scores O(B·N·T·64); nothing is O(T·S). The loops have data-dependent trip counts, so these
@@ -26,16 +29,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse_attention.index import BLOCK_SIZE, BlockIndex
+from pallas_kernels.block_sparse_attention.index import BLOCK_SIZE, BlockIndex, block_index_from_mask
 
 # float32 math for real: on GPU, XLA would otherwise run float32 matmuls in TF32 (about 1e-3 relative error).
 _einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 
 
 def block_sparse_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, index: BlockIndex, *, sm_scale: float
+    q: jax.Array, k: jax.Array, v: jax.Array, block_mask: jax.Array, *, sm_scale: float
 ) -> tuple[jax.Array, jax.Array]:
-    """q [B, T, N, H], k/v [B, S, K, H] (T == S), `index` [B, N, I, J] → out [B, T, N, H] (q.dtype), lse [B, N, T]."""
+    """q [B, T, N, H], k/v [B, S, K, H] (T == S), bool block_mask [B, N, I, J] → out [B, T, N, H] (q.dtype),
+    lse [B, N, T]."""
+    index = block_index_from_mask(block_mask)
     batch, num_queries, num_q_heads = q.shape[:3]
     group = num_q_heads // k.shape[2]
     num_blocks = index.num_q_blocks
@@ -74,7 +79,7 @@ def block_sparse_attention_bwd(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    index: BlockIndex,
+    block_mask: jax.Array,
     out: jax.Array,
     lse: jax.Array,
     d_out: jax.Array,
@@ -85,13 +90,14 @@ def block_sparse_attention_bwd(
     """Gradients of `block_sparse_attention` from its outputs' cotangents.
 
     Args:
-      q, k, v, index, sm_scale: the forward's inputs.
+      q, k, v, block_mask, sm_scale: the forward's inputs.
       out: [B, T, N, H], lse: float32 [B, N, T]: the forward's outputs (lse is -inf on empty rows).
       d_out: [B, T, N, H], d_lse: float32 [B, N, T]: cotangents of out and lse.
 
     Returns:
       dq [B, T, N, H] (q.dtype), dk and dv [B, S, K, H] (k.dtype), summed over each kv head's query-head group.
     """
+    index = block_index_from_mask(block_mask)
     num_queries, num_q_heads = q.shape[1:3]
     group = num_q_heads // k.shape[2]
     num_blocks = index.num_q_blocks

@@ -7,8 +7,8 @@ Algorithm, per row of block scores (one Triton program holds `rows` rows of the 
     when at least k keys are ≥ the candidate. That is 32 counting passes over registers, no sort.
   * Keep every key above the threshold, and of the keys equal to it the first `k − count(above)` by column (a
     running count of ties), which is `lax.top_k`'s tie order: lower j first.
-Rows with fewer than k causal blocks keep them all. The scores are read once and the mask written once: at
-I = J = 2048 and 32 heads (128k tokens) this replaces XLA's sort-based `top_k` (4.6 ms in 256-row bands).
+Rows with fewer than k causal blocks keep them all. The scores are read once and the mask written once, where
+XLA's `top_k` sorts every row (the reference; both timed in BENCHMARKS.md, "TopK as a Pallas Triton kernel").
 
 Why Triton rather than Mosaic GPU: this is a row-wise count-and-scan over arbitrary widths with no matrix
 multiply; Pallas Triton lowers reductions and `cumsum` over a [rows, J] register tile directly.

@@ -12,15 +12,14 @@ of the work at I = J = 2048.
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse_attention.index import causal_block_mask
+from pallas_kernels.blocks import causal_block_mask
 
 _MIN_BAND_ROWS = 256  # see `row_bands`
 
 
 def row_bands(num_q_blocks: int) -> list[tuple[int, int]]:
-    """Row ranges [start, stop) of equal length: 256 rows, or I / 8 for I > 2048 (at most 8 top_k calls). Measured
-    on the H200 at I = J = 2048, 32 heads: one band 7.55 ms, bands doubling from 128 rows 5.36 ms, 512 rows
-    4.72 ms, 256 rows 4.57 ms, 128 rows 4.95 ms."""
+    """Row ranges [start, stop) of equal length: 256 rows, or I / 8 for I > 2048 (at most 8 top_k calls). 256 rows
+    were the fastest band size measured on the H200 at I = J = 2048 (BENCHMARKS.md, "TopK alone")."""
     rows = max(_MIN_BAND_ROWS, -(-num_q_blocks // 8))
     return [(start, min(start + rows, num_q_blocks)) for start in range(0, num_q_blocks, rows)]
 

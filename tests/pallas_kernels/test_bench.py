@@ -23,10 +23,17 @@ def test_bench_reference_on_cpu(tmp_path, capsys):
 
 @pytest.mark.skipif(hopper_available(), reason="off Hopper only: the kernels decline and their cases are skipped")
 def test_bench_skips_declined_kernels(tmp_path):
-    path = bench.main(["--lengths", "64", "--sparsities", "0.5", "--runs", "1", "--output-dir", str(tmp_path)])
-    rows = {row["case"]: row for row in json.loads(path.read_text())["rows"]}
-    assert rows["dense"]["ms"] > 0
-    for case in ("sparse 0.50", "pooling"):
+    flags = ["--lengths", "64", "--sparsities", "0.5", "--runs", "1", "--topk", "--output-dir", str(tmp_path)]
+    rows = {(row["case"], row["implementation"]): row for row in json.loads(bench.main(flags).read_text())["rows"]}
+    assert list(rows) == [
+        ("dense", "xla"),
+        ("sparse 0.50", "mosaic"),
+        ("pooling", "mosaic"),
+        ("topk 0.50", "reference"),
+        ("topk 0.50", "triton"),  # TopK's kernel is Pallas Triton, and the bench says so
+    ]
+    assert rows[("dense", "xla")]["ms"] > 0 and rows[("topk 0.50", "reference")]["ms"] > 0
+    for case in (("sparse 0.50", "mosaic"), ("pooling", "mosaic"), ("topk 0.50", "triton")):
         assert rows[case]["ms"] is None
         assert rows[case]["note"].startswith("skipped: NotImplementedError")
 

@@ -1,6 +1,6 @@
 """block_topk_mask: every implementation against a numpy oracle (stable sort of each row's causal scores).
 
-The Pallas Triton kernel runs on CPU through Pallas' interpreter ("interpret"), and compiled on the GPU ("mosaic").
+The Pallas Triton kernel runs on CPU through Pallas' interpreter ("interpret"), and compiled on the GPU ("triton").
 """
 
 import itertools
@@ -14,7 +14,7 @@ from pallas_kernels.block_topk import block_topk_mask, block_topk_mask_implement
 from pallas_kernels.block_topk.kernel_triton import Config, default_config, topk_mask_triton
 from pallas_kernels.inputs import input_key
 
-IMPLEMENTATIONS = ["reference", "interpret", pytest.param("mosaic", marks=pytest.mark.gpu)]
+IMPLEMENTATIONS = ["reference", "interpret", pytest.param("triton", marks=pytest.mark.gpu)]
 
 
 def _oracle(scores: np.ndarray, k: int) -> np.ndarray:
@@ -79,7 +79,7 @@ def test_topk_mask_orders_negative_and_infinite_scores(implementation):
 def test_topk_mask_kernel_at_128k_tokens():
     """The prefill size that motivated the kernel (I = J = 2048, k = 10% of J), four heads, against the reference."""
     scores = _scores(4, (1, 4, 2048, 2048), jnp.bfloat16, ties=True)
-    assert block_topk_mask_implementation(scores, 204) == "mosaic"
+    assert block_topk_mask_implementation(scores, 204) == "triton"
     np.testing.assert_array_equal(
         np.asarray(block_topk_mask(scores, 204)), np.asarray(block_topk_mask(scores, 204, implementation="reference"))
     )
@@ -105,6 +105,8 @@ def test_config_and_arguments_are_checked():
         block_topk_mask(scores, 0)
     with pytest.raises(ValueError, match=r"\[\.\.\., I, J\]"):
         block_topk_mask(jnp.ones((8,)), 2)
+    with pytest.raises(ValueError, match="'triton' \\(this op's Pallas Triton kernel\\)"):
+        block_topk_mask(scores, 2, implementation="mosaic")  # the kernel is not Mosaic GPU: names say what runs
     with pytest.raises(NotImplementedError, match="float16/bfloat16/float32"):
         topk_mask_triton(scores.astype(jnp.int32), 2, interpret=True)
     with pytest.raises(NotImplementedError, match="key blocks per row"):

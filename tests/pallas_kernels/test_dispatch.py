@@ -50,6 +50,20 @@ def test_explicit_choices():
 
 
 @pytest.mark.usefixtures("on_hopper")
+def test_a_triton_kernel_is_named_triton(caplog):
+    """An op whose kernel is Pallas Triton reports and accepts "triton", never "mosaic"."""
+    with caplog.at_level(logging.DEBUG, logger="pallas_kernels.dispatch"):
+        assert dispatch.run("op", None, triton=lambda: 2, reference=lambda: 1) == ("triton", 2)
+        assert dispatch.run("op", None, triton=_declines, reference=lambda: 1) == ("reference", 1)
+    assert "Pallas Triton kernel declined" in caplog.text
+    assert dispatch.run("op", "triton", triton=lambda: 2, reference=lambda: 1) == ("triton", 2)
+    with pytest.raises(ValueError, match="'triton'"):
+        dispatch.run("op", "mosaic", triton=lambda: 2, reference=lambda: 1)
+    with pytest.raises(TypeError, match="exactly one kernel"):
+        dispatch.run("op", None, mosaic=lambda: 2, triton=lambda: 2, reference=lambda: 1)
+
+
+@pytest.mark.usefixtures("on_hopper")
 def test_ops_report_the_fallback_from_their_kernels():
     """On 'Hopper' the kernels are tried; the placeholders decline, so auto reports the reference."""
     q = jax.ShapeDtypeStruct((1, 128, 4, 64), jnp.bfloat16)
