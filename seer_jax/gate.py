@@ -1,6 +1,6 @@
 """SeerAttention's prefill AttnGate: scores every (query block, key block) pair of a layer from its pre-RoPE q and k.
 
-For blocks of `block_size` (64) positions, I = J = ceil(T / 64), per query head (SEER_SPEC §1, §11):
+For blocks of `block_size` (64) positions, I = J = ceil(T / 64), per query head (docs/design.md §4):
 
     pool:   q_pooled [B, I, N, Cq] = concat over the q ops (max | min | avg) of q pooled along each block
             k_pooled [B, J, K, Ck] = concat over the k ops of k pooled along each block
@@ -20,7 +20,7 @@ official `MultiHeadLinear` ([heads, in, out], no bias), so official tensors load
 so `nnx.state(model, GateParam)` selects exactly the gates.
 
 RoPE is the base model's (theta and scaling: llama3, yarn with its cos/sin attention scaling, …) computed for rotary
-dim E (SEER_SPEC §1.4: the reference really rotates over H, the same only because its E = H = 128). Every block sits
+dim E (docs/design.md §6.5: the official code rotates over H, the same only because its E = H = 128). Every block sits
 at its first token, so the offset between two blocks is a multiple of 64.
 
 Pooling is ragged-safe: a partial last block (or a whole prompt shorter than one block) pools only its valid tokens,
@@ -201,7 +201,7 @@ class AttnGate(nnx.Module):
       config: the base model (heads, head_dim, RoPE, initializer_range).
       gate_config: the gate's structure.
       param_dtype: dtype of the weights (computation is float32).
-      rngs: random init, Normal(0, config.initializer_range) as the official gates (SEER_SPEC §1.3).
+      rngs: random init, Normal(0, config.initializer_range) as the official gates (docs/design.md §4).
     """
 
     def __init__(self, config: ModelConfig, gate_config: GateConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):

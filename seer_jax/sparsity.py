@@ -5,7 +5,7 @@ shortcut (`Selection.is_dense`) and the density of a mask (`block_density`). Mas
 coordinates: with `lengths`, row b's real tokens are its first lengths[b] positions (`seer_jax.seer` moves left
 padding out of the way before selecting).
 
-SeerAttention (SEER_SPEC §4.1) scores every 64×64 (query block i, key block j) pair, per query head, and keeps
+SeerAttention (docs/design.md §3) scores every 64×64 (query block i, key block j) pair, per query head, and keeps
   * `nz_ratio` (TopK): the same k = max(1, int((1 − sqrt(1 − nz)) · J)) blocks in every row, chosen on the raw
     masked scores; with causal truncation the kept fraction of the causal triangle ≈ 2r − r² = nz for r = k/J;
   * `threshold`: the blocks whose softmax probability over the row's causal key blocks exceeds the threshold.
@@ -13,10 +13,10 @@ Both optionally keep each row's last two real query-block rows dense (`last_bloc
 the diagonal.
 
 Unlike the reference implementation, the diagonal block is always kept, so no row is ever empty: the official
-code can select nothing in a row under `threshold` and its kernel then divides 0 by 0 (SEER_SPEC §10.11).
+code can select nothing in a row under `threshold` and its kernel then divides 0 by 0 (docs/design.md §6.1).
 
 The scores can come from a learned AttnGate (logits), from the true pooled attention map (the oracle upper
-bound), or from training-free heuristics (`seer_jax.baselines`): selection does not care.
+bound), or from training-free heuristics (`seer_jax.block_scores`): selection does not care.
 """
 
 import dataclasses
@@ -30,7 +30,7 @@ from pallas_kernels.block_sparse_attention import BLOCK_SIZE, causal_block_mask 
 from pallas_kernels.block_topk import block_topk_mask
 
 SparsityMethod = Literal["nz_ratio", "threshold"]
-NUM_DENSE_LAST_ROWS = 2  # `last_block_dense` keeps this many final query-block rows dense (SEER_SPEC §4.1)
+NUM_DENSE_LAST_ROWS = 2  # `last_block_dense` keeps this many final query-block rows dense (docs/design.md §3)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,7 +66,7 @@ class Selection:
 
 
 def topk_per_row(nz_ratio: float, num_kv_blocks: int) -> int:
-    """Blocks kept per query-block row for a target causal density (SEER_SPEC §4.1)."""
+    """Blocks kept per query-block row for a target causal density (docs/design.md §3)."""
     return max(1, int((1.0 - (1.0 - nz_ratio) ** 0.5) * num_kv_blocks))
 
 

@@ -1,7 +1,7 @@
 """Causal attention with SeerAttention's 2D max-pooled attention map, in pure jnp.
 
 This is the oracle for the Mosaic GPU kernel, the implementation used off Hopper, and the statement of semantics
-(SEER_SPEC §2.1, computed in float32 instead of the Triton kernel's bf16 buffers). With G = N / K, causal T == S,
+(docs/design.md §5, computed in float32 instead of the Triton kernel's bf16 buffers). With G = N / K, causal T == S,
 blocks of `block_size` positions (I = J = ceil(T / block_size); the last block may be partial):
 
     p[b, n, t, c]      = softmax over c ≤ t of q[b, t, n] · k[b, c, n // G] · sm_scale      (0 for c > t)

@@ -1,6 +1,6 @@
 """Block-sparse decode attention for Hopper (sm_90), written with Pallas Mosaic GPU (flash-decoding split-K).
 
-Algorithm (SeerAttention-R's decode kernel, SEER_R_SPEC §5.3–5.4, on a warp-specialised TMA pipeline):
+Algorithm (SeerAttention-R's index-based decode kernels, on a warp-specialised TMA pipeline):
   * One CTA per (batch row b, kv head k, split s): grid (B, K, num_splits). The T·G query rows of a kv group
     (T draft tokens × G query heads, row r = t·G + g) form one 64-row wgmma tile, zero-padded by the wrapper, so
     every K/V block loaded serves the whole group (decode is memory-bound: the wasted rows cost tensor-core time,

@@ -3,7 +3,7 @@
 Axes: B batch, T query tokens per row (decode steps, ≤ 8), N query heads, K kv heads, G = N / K, H head_dim,
 S cache positions, M slots of the block list.
 
-Semantics (SeerAttention-R's sparse decode, SEER_R_SPEC §5.1, with right-aligned caches):
+Semantics (SeerAttention-R's sparse decode kernels, with right-aligned caches):
   * Row b's cache holds `lengths[b]` valid positions 0 … lengths[b] − 1; the T queries are its last T tokens, so
     query t sits at position p(b, t) = lengths[b] − T + t (its own key/value already in the cache) and attends
     key c iff 0 ≤ c ≤ p(b, t) and c's block c // block_size is selected for (b, kv head of the query head).
