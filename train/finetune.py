@@ -21,7 +21,7 @@ Output directory (`--out`):
     finetune.json      this run's FinetuneConfig
     config.json        the HF config of the trained model (YaRN applied); a resumed run must match it
     tokenizer files    the tokenizer, saved by transformers
-    checkpoints/       training checkpoints (`train.checkpoints`); `--resume` continues from the newest
+    checkpoints/       training checkpoints (`train.train_checkpoints`); `--resume` continues from the newest
     metrics.jsonl      per-step metrics (`train.trainer`)
     model/             the trained model as a converted directory (float32), written once `--steps` are done
     adapter/           SeerAttention mode: the trained gates (`seer_jax.adapters`)
@@ -62,13 +62,13 @@ from seer_jax.hf_export import EXPORT_DTYPES, save_hf
 from seer_jax.seer import base_of
 from seer_jax.sharding import MeshConfig, build_mesh, check_batch_size
 from seer_jax.sparsity import Selection
-from train.checkpoints import CHECKPOINTS_DIR
 from train.data import LoaderConfig, PackedLoader
 from train.lm_loss import next_token_loss, seer_next_token_loss
 from train.mesh_flags import add_mesh_arguments, mesh_from_args
 from train.model_source import PRESETS, YarnConfig, apply_yarn, build_model, preset_config, read_hf_config
 from train.optimizer import SCHEDULES, OptimizerConfig, build_optimizer
 from train.token_corpus import CorpusConfig, load_corpus, load_tokenizer
+from train.train_checkpoints import CHECKPOINTS_DIR
 from train.train_step import LossFn
 from train.trainer import StepRecord, TrainingDivergedError, TrainLoopConfig, TrainResult, fit, peak_device_memory_gib
 
