@@ -1,39 +1,44 @@
 """Gate self-distillation (SEER_SPEC §2–§3): train the AttnGates of a frozen model to predict its own attention.
 
-For every layer, one dense forward with `attention_with_pooling` gives the layer's true output and the row-normalised
-2D max-pooled attention map [B, N, I, J] (the target); the gate scores the same layer's pooled pre-RoPE q/k. The loss
-is the official V2/HEAD one:
+    result = distill(DistillConfig(model=..., corpus=..., loader=..., optimizer=GATE_OPTIMIZER, loop=...))
 
-    loss = 10 · Σ_layers KL(target ‖ softmax(gate logits)) over key blocks, on query-block rows i ≥ I // 4,
-           averaged over every element B·N·(I − I//4)·J (torch `KLDivLoss` 'mean', zeros included, SEER_SPEC §10.16)
+For every layer, one dense forward with `attention_with_pooling` gives the layer's true output and the pooled
+attention map (the target); the gate scores the same layer's pooled pre-RoPE q/k; the loss is their KL
+(`train.losses.distillation_loss`). Only `GateParam` variables train: `train.trainer.fit(..., trainable=GateParam)`
+differentiates and optimises them alone (the optimizer holds no state for the frozen base). The optimizer is the
+project's one recipe (`train.optimizer`) with the gates' settings, `GATE_OPTIMIZER`: AdamW at 1e-3, cosine decay
+after 20 warm-up steps, no weight decay, gradients clipped to norm 1.0 (SEER_SPEC §3.3); base weights bf16.
 
-Only `GateParam` variables train: `train.trainer.fit(..., trainable=GateParam)` differentiates and optimises them
-alone (the optimizer holds no state for the frozen base), and the base forward sits under `stop_gradient`, so no
-base activation is kept for a backward pass: memory grows with sequence length like inference. AdamW at 1e-3, cosine
-decay after 20 warm-up steps, no weight decay, gradients clipped to norm 1.0 (SEER_SPEC §3.3); base weights bf16.
+The run directory (`loop.out_dir`) holds checkpoints and `metrics.jsonl` (`train.trainer`) and, at the end, the gate
+adapter in `out_dir/adapter` (`seer_jax.adapters`).
 """
 
 import dataclasses
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from seer_jax.adapters import save_adapter
 from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig, GateParam
-from seer_jax.seer import SeerCausalLM, SeerConfig, distillation_inputs, gate_logits, seer_from_base
+from seer_jax.seer import SeerCausalLM, SeerConfig, seer_from_base
 from seer_jax.sharding import MeshConfig, build_mesh, check_batch_size
 from train.data import LoaderConfig, LoaderState, PackedLoader
+from train.losses import distillation_loss
+from train.optimizer import OptimizerConfig, build_optimizer
 from train.token_corpus import CorpusConfig, load_corpus
 from train.trainer import StepRecord, TrainLoopConfig, TrainResult, fit
 
 ADAPTER_DIR = "adapter"
+# The gates' optimizer (SEER_SPEC §3.3: HF Trainer's AdamW, cosine decay to 0, max_grad_norm 1.0).
+GATE_OPTIMIZER = OptimizerConfig(
+    learning_rate=1e-3, warmup_steps=20, schedule="cosine", beta2=0.999, weight_decay=0.0, grad_clip_norm=1.0
+)
+DTYPES = ("bfloat16", "float32")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,104 +47,43 @@ class DistillConfig:
 
     Attributes:
       model: base model directory (Hugging Face or converted by `convert.hf_to_flax`).
-      data: local text data (see `train.documents`); tokenized with `tokenizer_dir` (default: the model's).
-      out_dir: checkpoints, `metrics.jsonl` and, at the end, the gate adapter in `out_dir/adapter`.
-      seq_len: tokens per packed row, a multiple of 64. batch_size: rows per step. steps: optimizer steps.
-      learning_rate, warmup_steps, weight_decay, max_grad_norm: AdamW with linear warm-up and cosine decay to 0.
+      corpus: local text data (see `train.documents`) and its tokenizer (usually the model directory's).
+      loader: tokens per packed row (a multiple of 64), rows per step, data order seed.
+      optimizer: the gates' AdamW and its schedule (`GATE_OPTIMIZER` with the run's rate and warm-up).
+      loop: steps, checkpoints, the run directory (`out_dir`), resume.
       loss_scale: multiplies the summed per-layer KL (the official 10).
-      gate: the AttnGate structure. seed: gate initialisation, data order.
+      gate: the AttnGate structure. seed: gate initialisation and the run's PRNG key.
       dtype: base weights and compute ("bfloat16" or "float32"); gates always train in float32.
-      checkpoint_every: steps between checkpoints. resume: continue from the newest checkpoint in out_dir.
       mesh: train on a device mesh (`seer_jax.sharding`: data, fsdp, tensor), or None: one device.
     """
 
     model: Path
-    data: tuple[Path, ...]
-    out_dir: Path
-    tokenizer_dir: Path | None = None
-    text_field: str = "text"
-    cache_dir: Path | None = None
-    seq_len: int = 8192
-    batch_size: int = 1
-    steps: int = 500
-    learning_rate: float = 1e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    corpus: CorpusConfig
+    loader: LoaderConfig
+    optimizer: OptimizerConfig = GATE_OPTIMIZER
+    loop: TrainLoopConfig
     loss_scale: float = 10.0
     gate: GateConfig = dataclasses.field(default_factory=GateConfig)
     seed: int = 0
     dtype: str = "bfloat16"
-    checkpoint_every: int = 100
-    resume: bool = False
     mesh: MeshConfig | None = None
 
     def __post_init__(self):
-        if not self.data:
-            raise ValueError("data: give at least one file or directory")
-        if self.seq_len <= 0 or self.seq_len % 64:
-            raise ValueError(f"seq_len: {self.seq_len} must be a positive multiple of 64 (the gate's block size)")
-        for name in ("batch_size", "steps", "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: {getattr(self, name)} must be positive")
-        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps: {self.warmup_steps} must be in [0, steps={self.steps})")
-        for name in ("learning_rate", "max_grad_norm", "loss_scale"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: {getattr(self, name)} must be positive")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: {self.weight_decay} must be >= 0")
-        if self.dtype not in ("bfloat16", "float32"):
+        if self.optimizer.warmup_steps >= self.loop.total_steps:
+            raise ValueError(
+                f"warmup_steps: {self.optimizer.warmup_steps} must be in [0, steps={self.loop.total_steps})"
+            )
+        if self.loss_scale <= 0:
+            raise ValueError(f"loss_scale: {self.loss_scale} must be positive")
+        if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} must be 'bfloat16' or 'float32'")
         if self.mesh is not None:
-            check_batch_size(self.batch_size, self.mesh)
+            check_batch_size(self.loader.batch_size, self.mesh)
 
-
-def gate_kl_loss(
-    logits: Sequence[jax.Array], targets: Sequence[jax.Array], *, scale: float
-) -> tuple[jax.Array, jax.Array]:
-    """`scale` · Σ_layers mean KL(target ‖ softmax(logits)) on rows i ≥ I // 4; returns (loss, per-layer KL [L]).
-
-    logits, targets: per layer f32 [B, N, I, J]; targets are row-normalised and zero above the diagonal, where the
-    gate's logits are masked, so those entries add exactly 0 (a target 0 contributes 0, as xlogy(0, ·) = 0).
-    """
-    per_layer = []
-    for layer_logits, target in zip(logits, targets, strict=True):
-        first_row = layer_logits.shape[-2] // 4  # the first quarter of query-block rows is dropped (SEER_SPEC §3.1)
-        log_q = jax.nn.log_softmax(layer_logits[..., first_row:, :].astype(jnp.float32), axis=-1)
-        p = target[..., first_row:, :].astype(jnp.float32)
-        kl = jax.scipy.special.xlogy(p, p) - p * log_q  # [B, N, I - I//4, J]
-        per_layer.append(jnp.mean(kl))
-    per_layer = jnp.stack(per_layer)
-    return scale * jnp.sum(per_layer), per_layer
-
-
-def distillation_loss(*, scale: float) -> Callable[[SeerCausalLM, jax.Array, jax.Array], tuple[jax.Array, dict]]:
-    """The `train.trainer` loss function: `(model, tokens [B, T], rng) -> (loss, metrics)`."""
-
-    def loss_fn(model: SeerCausalLM, tokens: jax.Array, rng: jax.Array):
-        del rng  # deterministic
-        features, targets = jax.lax.stop_gradient(distillation_inputs(model, tokens))
-        loss, per_layer = gate_kl_loss(gate_logits(model, features), targets, scale=scale)
-        metrics = {f"kl/layer_{i}": kl for i, kl in enumerate(per_layer)}
-        return loss, metrics
-
-    return loss_fn
-
-
-def gate_optimizer(config: DistillConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=config.steps,
-        end_value=0.0,
-    )
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm),
-        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay),
-    )
-    return optimizer, schedule
+    @property
+    def adapter_dir(self) -> Path:
+        """Where the run writes the trained gates."""
+        return Path(self.loop.out_dir) / ADAPTER_DIR
 
 
 def build_seer_model(config: DistillConfig, mesh: Mesh | None = None) -> SeerCausalLM:
@@ -165,40 +109,27 @@ def distill(
     *,
     model: SeerCausalLM | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
-    on_tokenize: Callable[[int], None] | None = None,
 ) -> DistillResult:
     """Runs the distillation and writes the adapter; `model` defaults to `build_seer_model(config)`."""
-    adapter_dir = Path(config.out_dir) / ADAPTER_DIR
+    adapter_dir = config.adapter_dir
     mesh = None if config.mesh is None else build_mesh(config.mesh)
-    if adapter_dir.exists() and not config.resume:
-        raise ValueError(f"out_dir: {config.out_dir} already holds a finished run's adapter; choose a new directory")
-    corpus = load_corpus(
-        CorpusConfig(
-            paths=config.data,
-            tokenizer_dir=config.tokenizer_dir or config.model,
-            text_field=config.text_field,
-            cache_dir=config.cache_dir,
-        ),
-        on_batch=on_tokenize,
-    )
-    loader_config = LoaderConfig(seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
-    PackedLoader(corpus, loader_config)  # fail on too little data before building or compiling anything
+    if adapter_dir.exists() and not config.loop.resume:
+        raise ValueError(
+            f"out_dir: {config.loop.out_dir} already holds a finished run's adapter; choose a new directory"
+        )
+    corpus = load_corpus(config.corpus)
+    PackedLoader(corpus, config.loader)  # fail on too little data before building or compiling anything
 
     def make_loader(state: LoaderState) -> PackedLoader:
-        return PackedLoader(corpus, loader_config, state=state)
+        return PackedLoader(corpus, config.loader, state=state)
 
     model = model if model is not None else build_seer_model(config, mesh)
-    optimizer, schedule = gate_optimizer(config)
+    optimizer, schedule = build_optimizer(config.optimizer, config.loop.total_steps)
     result = fit(
         model,
         loss_fn=distillation_loss(scale=config.loss_scale),
         optimizer=optimizer,
-        config=TrainLoopConfig(
-            out_dir=config.out_dir,
-            total_steps=config.steps,
-            checkpoint_every=config.checkpoint_every,
-            resume=config.resume,
-        ),
+        config=config.loop,
         make_loader=make_loader,
         trainable=GateParam,
         learning_rate=schedule,

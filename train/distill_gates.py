@@ -3,14 +3,15 @@
     python -m train.distill_gates --model DIR --data FILES... --out DIR [--seq-len 8192 --steps 500 ...]
 
 distils AttnGates for the model (Hugging Face or converted directory) on local text data (see `train.documents`)
-and writes the gate adapter to `OUT/adapter` (load it with `seer_jax.adapters.load_seer_model`). Checkpoints,
-`metrics.jsonl` and resume (`--resume`) as in every trainer of this project; SIGINT/SIGTERM save and stop.
-`--eval-data FILES` then measures perplexity vs. block density (`train.eval_ppl`) into `OUT/eval`.
+and writes the gate adapter to `OUT/adapter` (load it with `seer_jax.adapters.load_seer_model`); the command line of
+`train.distill.distill`. Checkpoints, `metrics.jsonl` and resume (`--resume`) as in every trainer of this project;
+SIGINT/SIGTERM save and stop. `--eval-data FILES` then measures perplexity vs. block density (`train.perplexity`)
+into `OUT/eval`.
 `--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains on several devices (`seer_jax.sharding`);
 `--distributed` joins a multi-host job first.
 
 With no `--model`, it runs the embedded demo end to end, with no download: a small Llama pretrained on the
-running interpreter's standard-library sources (`train.demo_model`, cached in `--demo-cache`, default
+running interpreter's standard-library sources (`train.demo`, cached in `--demo-cache`, default
 ~/.cache/seer-jax/demo), gate distillation on the same corpus, and the perplexity-vs-density table (gates against
 the oracle and the training-free baselines) on held-out standard-library modules, written to `OUT/eval` (default
 DEMO_CACHE/distill; a previous demo run there is replaced).
@@ -22,16 +23,16 @@ import logging
 import shutil
 from pathlib import Path
 
-from tqdm import tqdm
-
 from seer_jax.gate import GateConfig
-from train.demo_corpus import DemoCorpusConfig, build_demo_corpus
-from train.demo_model import DemoModelConfig, pretrain_demo_model
-from train.distill import ADAPTER_DIR, DistillConfig, DistillResult, distill
-from train.eval_ppl import EvalConfig, evaluate
-from train.finetune import progress_bar
-from train.mesh_flags import add_mesh_arguments, mesh_from_args
-from train.trainer import TrainingDivergedError, peak_device_memory_gib
+from train.data import LoaderConfig
+from train.demo.corpus import DemoCorpusConfig, build_demo_corpus
+from train.demo.model import DemoModelConfig, pretrain_demo_model
+from train.distill import DTYPES, GATE_OPTIMIZER, DistillConfig, DistillResult, distill
+from train.flags import add_corpus_arguments, add_mesh_arguments, mesh_from_args
+from train.perplexity import EvalConfig, evaluate
+from train.progress import configure_logging, evaluation_progress, training_progress
+from train.token_corpus import CorpusConfig
+from train.trainer import TrainingDivergedError, TrainLoopConfig, peak_device_memory_gib
 
 # The embedded demo: distil and evaluate at 1024 tokens (16 blocks per row; the demo model trains at 512 tokens, so
 # this also exercises positions beyond its training length, within its 2048 maximum).
@@ -41,45 +42,47 @@ DEMO_EVAL = dict(lengths=(1024,), num_docs=8, nz_ratios=(0.5, 0.3, 0.2), thresho
 log = logging.getLogger("train.distill_gates")
 
 
-def add_distill_arguments(parser: argparse.ArgumentParser, defaults: DistillConfig | None = None) -> None:
-    """The distillation flags (shared with the demo entry point)."""
-    d = defaults
-    parser.add_argument("--data", type=Path, nargs="+", help="document files or directories (txt, jsonl[.gz], parquet)")
-    parser.add_argument("--tokenizer-dir", type=Path, help="tokenizer directory (default: --model)")
-    parser.add_argument("--text-field", default="text", help="text column of json/jsonl/parquet data")
-    parser.add_argument("--corpus-cache", type=Path, help="cache directory for the tokenized corpus")
-    parser.add_argument("--seq-len", type=int, default=d.seq_len if d else 8192, help="tokens per row (× 64)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size if d else 1, help="rows per step")
-    parser.add_argument("--steps", type=int, default=d.steps if d else 500, help="optimizer steps")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (SPEC §3.3: 1e-3)")
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps if d else 20, help="linear warm-up")
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a `DistillConfig` (the demo overrides some defaults, `DEMO_DISTILL`)."""
+    add_corpus_arguments(parser, data_required=False)
+    parser.add_argument("--seq-len", type=int, default=8192, help="tokens per row (× 64)")
+    parser.add_argument("--batch-size", type=int, default=1, help="rows per step")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps")
+    parser.add_argument(
+        "--lr", type=float, default=GATE_OPTIMIZER.learning_rate, help="peak learning rate (SPEC §3.3: 1e-3)"
+    )
+    parser.add_argument("--warmup-steps", type=int, default=GATE_OPTIMIZER.warmup_steps, help="linear warm-up")
     parser.add_argument("--gate-type", default="Qavg_Kmaxminavg", help="Q<ops>_K<ops> with ops from max, min, avg")
     parser.add_argument("--gate-hidden-size", type=int, default=128, help="gate hidden size E (128: as released)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="base model dtype")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="base model dtype")
     parser.add_argument("--seed", type=int, default=0, help="gate init and data order")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     add_mesh_arguments(parser)
 
 
-def distill_config_from_args(args: argparse.Namespace, *, model: Path, data: tuple[Path, ...], out: Path):
+def distill_config_from_args(
+    args: argparse.Namespace,
+    *,
+    model: Path,
+    data: tuple[Path, ...],
+    out: Path,
+    corpus_cache: Path | None,
+    dtype: str,
+) -> DistillConfig:
     return DistillConfig(
         model=model,
-        data=data,
-        out_dir=out,
-        tokenizer_dir=args.tokenizer_dir,
-        text_field=args.text_field,
-        cache_dir=args.corpus_cache,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
+        corpus=CorpusConfig(
+            paths=data, tokenizer_dir=args.tokenizer_dir or model, text_field=args.text_field, cache_dir=corpus_cache
+        ),
+        loader=LoaderConfig(seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed),
+        optimizer=dataclasses.replace(GATE_OPTIMIZER, learning_rate=args.lr, warmup_steps=args.warmup_steps),
+        loop=TrainLoopConfig(
+            out_dir=out, total_steps=args.steps, checkpoint_every=args.checkpoint_every, resume=args.resume
+        ),
         gate=GateConfig(gate_type=args.gate_type, hidden_size=args.gate_hidden_size),
         seed=args.seed,
-        dtype=args.dtype,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
+        dtype=dtype,
         mesh=mesh_from_args(args, log),
     )
 
@@ -87,7 +90,7 @@ def distill_config_from_args(args: argparse.Namespace, *, model: Path, data: tup
 def run_distillation(config: DistillConfig) -> DistillResult:
     """Runs `distill` with a progress bar and logs throughput and peak device memory."""
     log.info("%s", config)
-    bar, on_step = progress_bar(config.steps)
+    bar, on_step = training_progress(config.loop.total_steps)
     with bar:
         result = distill(config, on_step=on_step)
     record = result.train.last_record
@@ -104,15 +107,7 @@ def run_distillation(config: DistillConfig) -> DistillResult:
 def run_evaluation(config: EvalConfig, out_dir: Path) -> None:
     """Perplexity vs. density with a progress bar; writes `out_dir` and prints the markdown table."""
     log.info("%s", config)
-    with tqdm(desc="eval", unit="forward", dynamic_ncols=True) as bar:
-
-        def progress(tasks):
-            bar.reset(total=len(tasks))
-            for task in tasks:
-                yield task
-                bar.update()
-
-        result = evaluate(config, progress=progress)
+    result = evaluate(config, progress=evaluation_progress)
     paths = result.write(out_dir)
     print(result.to_markdown(), flush=True)
     log.info("wrote %s", ", ".join(str(path) for path in paths.values()))
@@ -122,7 +117,7 @@ def run_demo(args: argparse.Namespace) -> None:
     """The embedded default: pretrain (cached) → distil → evaluate, on the standard-library corpus."""
     cache = args.demo_cache
     log.info("demo: pretraining (or reusing) the small Llama in %s", cache)
-    bar, on_step = progress_bar(DemoModelConfig(cache_dir=cache).steps)
+    bar, on_step = training_progress(DemoModelConfig(cache_dir=cache).steps)
     with bar:
         demo = pretrain_demo_model(DemoModelConfig(cache_dir=cache), on_step=on_step)
     log.info("demo model %s: held-out perplexity %.1f", demo.model_dir, demo.eval_perplexity)
@@ -130,14 +125,20 @@ def run_demo(args: argparse.Namespace) -> None:
     out = args.out or cache / "distill"
     if out.exists() and not args.resume:
         shutil.rmtree(out)
-    config = distill_config_from_args(args, model=demo.model_dir, data=(corpus.train_path,), out=out)
-    config = dataclasses.replace(config, cache_dir=args.corpus_cache or cache / "tokens", dtype="float32")
+    config = distill_config_from_args(
+        args,
+        model=demo.model_dir,
+        data=(corpus.train_path,),
+        out=out,
+        corpus_cache=args.corpus_cache or cache / "tokens",
+        dtype="float32",
+    )
     run_distillation(config)
     eval_config = EvalConfig(
         model=demo.model_dir,
         data=(corpus.eval_path,),
-        gates=out / ADAPTER_DIR,
-        cache_dir=config.cache_dir,
+        gates=config.adapter_dir,
+        cache_dir=config.corpus.cache_dir,
         seed=args.seed,
         **DEMO_EVAL,
     )
@@ -154,8 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo-cache", type=Path, default=demo_cache, help="the demo's model and corpus cache")
     add_distill_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
-    log.setLevel(logging.INFO)
+    configure_logging()
     try:
         if args.model is None:
             if args.data:
@@ -167,13 +167,20 @@ def main(argv: list[str] | None = None) -> None:
             return
         if not args.data or args.out is None:
             parser.error("--model needs --data and --out")
-        config = distill_config_from_args(args, model=args.model, data=tuple(args.data), out=args.out)
+        config = distill_config_from_args(
+            args,
+            model=args.model,
+            data=tuple(args.data),
+            out=args.out,
+            corpus_cache=args.corpus_cache,
+            dtype=args.dtype,
+        )
         run_distillation(config)
         if args.eval_data:
             eval_config = EvalConfig(
                 model=args.model,
                 data=tuple(args.eval_data),
-                gates=args.out / ADAPTER_DIR,
+                gates=config.adapter_dir,
                 tokenizer_dir=args.tokenizer_dir,
                 text_field=args.text_field,
                 cache_dir=args.corpus_cache,

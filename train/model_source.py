@@ -26,7 +26,7 @@ from seer_jax.rope import RopeConfig
 
 # Architectures to train from scratch; `vocab_size` and the special tokens come from the tokenizer.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The embedded demo's model (`train.demo_model`): a small Llama that trains on the standard-library corpus in
+    # The embedded demo's model (`train.demo.model`): a small Llama that trains on the standard-library corpus in
     # about two minutes on 2 CPU cores. Four query heads share two kv heads (G = 2); head_dim 64 like the large
     # Llamas and the kernels' tested shapes (so N·H = 256 > D). Hidden 128 rather than 256: at this budget
     # (~300k tokens) the narrower model is twice as fast per token and reaches a lower loss.

@@ -1,6 +1,6 @@
 """Perplexity-vs-density results: one row per (method, sparsity setting, length), as JSON, a markdown table and a plot.
 
-`train.eval_ppl.evaluate` fills an `EvalResult`; `EvalResult.write(out_dir)` saves
+`train.perplexity.evaluate` fills an `EvalResult`; `EvalResult.write(out_dir)` saves
 
     results.json          {"config": ..., "environment": {"versions", "device"}, "num_docs": {L: n},
                            "rows": [PplRow as a dict, ...]}

@@ -10,7 +10,7 @@
 * **Data.** `make_loader(LoaderState)` returns an iterator of int32 token batches [B, T] with a `state` property
   (`train.data.PackedLoader`); the loop asks for the position after each batch, so checkpoints resume the data
   stream exactly. The next batch is read while the device runs the current step.
-* **Checkpoints** (`train.checkpoints`) every `checkpoint_every` steps, after the last step, and when stopped by a
+* **Checkpoints** (`train.train_checkpoints`) every `checkpoint_every` steps, after the last step, and when stopped by a
   signal; the last `keep_checkpoints` are kept. They hold the trainable variables, the optimizer state, the step,
   the RNG key and the data position; frozen variables are not saved (they come from the base model).
 * **Resume.** With `resume=True` the run continues from the newest checkpoint in `out_dir` (or starts at step 0
@@ -46,8 +46,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from seer_jax.sharding import logical_rules, shard_batch, shard_model, tree_shardings
-from train.checkpoints import TrainCheckpointer
 from train.data import LoaderState
+from train.train_checkpoints import TrainCheckpointer
 from train.train_step import LossFn, StepFn, TrainState, build_train_step, init_train_state, split_trainable
 
 METRICS_FILE = "metrics.jsonl"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from train.bpe_tokenizer import train_bpe_tokenizer
-from train.demo_corpus import collect_stdlib_files
+from train.demo.bpe_tokenizer import train_bpe_tokenizer
+from train.demo.corpus import collect_stdlib_files
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

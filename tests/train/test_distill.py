@@ -1,4 +1,4 @@
-"""Gate distillation: the KL loss against NumPy, learning, frozen base, optimizer scope, bit-exact resume."""
+"""Gate distillation: learning, frozen base, optimizer scope, bit-exact resume, config errors."""
 
 import dataclasses
 import json
@@ -15,7 +15,10 @@ from seer_jax.model import CausalLM
 from seer_jax.seer import SeerConfig, seer_from_base
 from tests.seer_jax.tiny_models import random_module
 from tests.train.tiny import write_docs
-from train.distill import ADAPTER_DIR, DistillConfig, distill, gate_kl_loss
+from train.data import LoaderConfig
+from train.distill import ADAPTER_DIR, GATE_OPTIMIZER, DistillConfig, distill
+from train.token_corpus import CorpusConfig
+from train.trainer import TrainLoopConfig
 
 MODEL_CONFIG = {
     "model_type": "llama",
@@ -35,41 +38,6 @@ MODEL_CONFIG = {
 GATE = GateConfig(hidden_size=32)  # = head_dim: single-linear mode, as the released gates
 
 
-def _numpy_kl(logits, target):
-    first = logits.shape[-2] // 4
-    z = logits[..., first:, :].astype(np.float64)
-    log_q = z - z.max(-1, keepdims=True)
-    log_q = log_q - np.log(np.exp(log_q).sum(-1, keepdims=True))
-    p = target[..., first:, :].astype(np.float64)
-    terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - log_q), 0.0)
-    return terms.mean()
-
-
-def test_kl_loss_matches_numpy():
-    rng = np.random.default_rng(0)
-    logits, targets = [], []
-    for num_blocks in (9, 16):
-        causal = np.tril(np.ones((num_blocks, num_blocks), bool))
-        raw = np.where(causal, rng.random((2, 3, num_blocks, num_blocks)), 0.0)
-        targets.append(raw / raw.sum(-1, keepdims=True))
-        logits.append(np.where(causal, rng.standard_normal(raw.shape) * 2, -1e9))
-    loss, per_layer = gate_kl_loss(
-        [jnp.asarray(x, jnp.float32) for x in logits], [jnp.asarray(x, jnp.float32) for x in targets], scale=10.0
-    )
-    expected = [_numpy_kl(lg, tg) for lg, tg in zip(logits, targets, strict=True)]
-    np.testing.assert_allclose(per_layer, expected, rtol=1e-5)
-    np.testing.assert_allclose(loss, 10.0 * sum(expected), rtol=1e-5)
-
-
-def test_kl_loss_is_zero_when_the_gate_matches_the_target():
-    causal = np.tril(np.ones((8, 8), bool))
-    target = np.where(causal, np.random.default_rng(1).random((1, 2, 8, 8)) + 0.1, 0.0)
-    target /= target.sum(-1, keepdims=True)
-    logits = np.where(causal, np.log(np.where(causal, target, 1.0)), -1e9)
-    loss, _ = gate_kl_loss([jnp.asarray(logits, jnp.float32)], [jnp.asarray(target, jnp.float32)], scale=10.0)
-    assert abs(float(loss)) < 1e-5
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, stdlib_texts, tokenizer_dir):
     root = tmp_path_factory.mktemp("distill_data")
@@ -86,21 +54,15 @@ def _model():
     return seer_from_base(base, SeerConfig(gate=GATE), rngs=nnx.Rngs(1), gate_param_dtype=jnp.float32)
 
 
-def _config(data, out_dir, steps, **overrides):
+def _config(data, out_dir, steps, *, seq_len=512, warmup_steps=1, resume=False, **overrides):
     root, tokenizer_dir = data
     config = DistillConfig(
         model=root / "unused",  # the tests pass the model in
-        data=(root / "docs.jsonl.gz",),
-        tokenizer_dir=tokenizer_dir,
-        cache_dir=root / "cache",
-        out_dir=out_dir,
-        seq_len=512,
-        batch_size=2,
-        steps=steps,
-        learning_rate=1e-3,
-        warmup_steps=1,
+        corpus=CorpusConfig(paths=(root / "docs.jsonl.gz",), tokenizer_dir=tokenizer_dir, cache_dir=root / "cache"),
+        loader=LoaderConfig(seq_len=seq_len, batch_size=2),
+        optimizer=dataclasses.replace(GATE_OPTIMIZER, learning_rate=1e-3, warmup_steps=warmup_steps),
+        loop=TrainLoopConfig(out_dir=out_dir, total_steps=steps, checkpoint_every=2, resume=resume),
         gate=GATE,
-        checkpoint_every=2,
         dtype="float32",
     )
     return dataclasses.replace(config, **overrides)

@@ -1,5 +1,6 @@
 """`python -m train.finetune --seer-gates`: SeerAttention fine-tuning (block-sparse attention, LM + gate loss)."""
 
+import dataclasses
 import json
 
 import jax
@@ -11,9 +12,11 @@ from seer_jax.adapters import load_seer_model
 from seer_jax.checkpoint import is_converted
 from seer_jax.gate import GateConfig
 from tests.train.tiny import write_docs
-from train.distill import DistillConfig, distill
+from train.data import LoaderConfig
+from train.distill import GATE_OPTIMIZER, DistillConfig, distill
 from train.finetune import main
-from train.trainer import read_metrics
+from train.token_corpus import CorpusConfig
+from train.trainer import TrainLoopConfig, read_metrics
 
 TINY = {
     "model_type": "llama",
@@ -45,14 +48,10 @@ def gated_model(tmp_path_factory, stdlib_texts, tokenizer_dir):
     distill(
         DistillConfig(
             model=root / "pretrain" / "model",
-            data=(data,),
-            tokenizer_dir=tokenizer_dir,
-            cache_dir=root / "cache",
-            out_dir=root / "distill",
-            seq_len=256,
-            batch_size=2,
-            steps=4,
-            warmup_steps=1,
+            corpus=CorpusConfig(paths=(data,), tokenizer_dir=tokenizer_dir, cache_dir=root / "cache"),
+            loader=LoaderConfig(seq_len=256, batch_size=2),
+            optimizer=dataclasses.replace(GATE_OPTIMIZER, warmup_steps=1),
+            loop=TrainLoopConfig(out_dir=root / "distill", total_steps=4, checkpoint_every=100),
             gate=GateConfig(hidden_size=32),
             dtype="float32",
         )

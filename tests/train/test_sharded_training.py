@@ -25,12 +25,11 @@ from seer_jax.sparsity import Selection
 from tests.seer_jax.tiny_models import TINY, random_module, random_tokens
 from tests.train.test_distill import MODEL_CONFIG
 from tests.train.tiny import write_docs
-from train.checkpoints import TrainCheckpointer
 from train.data import LoaderState
-from train.distill import distillation_loss
 from train.distill_gates import main as distill_main
 from train.eval_ppl import main as eval_main
-from train.lm_loss import next_token_loss, seer_next_token_loss
+from train.losses import distillation_loss, next_token_loss, seer_next_token_loss
+from train.train_checkpoints import TrainCheckpointer
 from train.train_step import init_train_state, split_trainable
 from train.trainer import TrainLoopConfig, fit, read_metrics
 

@@ -17,10 +17,10 @@ import pytest
 from flax import nnx
 
 from tests.train.tiny import LOADER, loader_factory, synthetic_corpus, tiny_model
-from train.checkpoints import CHECKPOINTS_DIR
 from train.data import LoaderState, PackedLoader
-from train.lm_loss import next_token_loss
+from train.losses import next_token_loss
 from train.optimizer import OptimizerConfig, build_optimizer
+from train.train_checkpoints import CHECKPOINTS_DIR
 from train.train_step import build_train_step, init_train_state, split_trainable
 from train.trainer import METRICS_FILE, TrainingDivergedError, TrainLoopConfig, fit, read_metrics, run_training
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from train.bpe_tokenizer import train_bpe_tokenizer
 from train.data import LoaderConfig, PackedLoader
-from train.demo_corpus import (
+from train.demo.bpe_tokenizer import train_bpe_tokenizer
+from train.demo.corpus import (
     DemoCorpusConfig,
     build_demo_corpus,
     collect_stdlib_files,

@@ -1,5 +1,7 @@
-"""The `--mesh` and `--distributed` flags shared by the training and evaluation CLIs.
+"""Command-line flags that several CLIs share: the data source, and the device mesh.
 
+    --data PATH...                   document files or directories (`train.documents`)
+    --tokenizer-dir, --text-field, --corpus-cache
     --mesh data=1,fsdp=2,tensor=2    run on a device mesh (`seer_jax.sharding`); left out: one device
     --distributed                    first join a multi-host job (`jax.distributed.initialize()`, which reads the
                                      cluster's environment: SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS & co.)
@@ -9,10 +11,25 @@ The mesh spans every device of every process; its axis sizes must multiply to th
 
 import argparse
 import logging
+from pathlib import Path
 
 import jax
 
 from seer_jax.sharding import MeshConfig, build_mesh
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser, *, data_required: bool) -> None:
+    """The flags of a `train.token_corpus.CorpusConfig` (the tokenizer defaults to the model's, `--model`)."""
+    parser.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        required=data_required,
+        help="document files or directories (txt, jsonl[.gz], parquet)",
+    )
+    parser.add_argument("--tokenizer-dir", type=Path, help="tokenizer directory (default: --model)")
+    parser.add_argument("--text-field", default="text", help="text column of json/jsonl/parquet data")
+    parser.add_argument("--corpus-cache", type=Path, help="cache directory for the tokenized corpus")
 
 
 def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ by name. The held-out part is the `round(eval_fraction * n)` documents (at least
 sorts first: deterministic for a given Python version, independent of the file system's listing order.
 
 Written into `cache_dir`: `train.jsonl.gz` and `eval.jsonl.gz` (`{"name", "text"}` per line), `tokenizer/`
-(`tokenizer.json` + `tokenizer_config.json`, trained on the train part only; see `train.bpe_tokenizer`), and
+(`tokenizer.json` + `tokenizer_config.json`, trained on the train part only; see `train.demo.bpe_tokenizer`), and
 `manifest.json`. The manifest records the Python version, a hash of the collected files (paths and contents)
 and the settings; a later build with the same manifest reuses the files. The manifest is written last, and
 removed first when rebuilding, so an interrupted build is never reused.
@@ -34,7 +34,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from train.bpe_tokenizer import train_bpe_tokenizer
+from train.demo.bpe_tokenizer import train_bpe_tokenizer
 
 _FORMAT_VERSION = 1
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "__pycache__"})

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from seer_jax.checkpoint import load_model
-from train.demo_model import MANIFEST_FILE, DemoModelConfig, pretrain_demo_model
+from train.demo.model import MANIFEST_FILE, DemoModelConfig, pretrain_demo_model
 from train.model_source import PRESETS
 from train.trainer import read_metrics
 

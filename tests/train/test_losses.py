@@ -1,4 +1,5 @@
-"""The causal-LM loss: its value against a direct computation, and remat's gradients against plain autodiff."""
+"""The losses: cross-entropy against a direct computation, remat's gradients against plain autodiff, the gates' KL
+against NumPy."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from tests.train.tiny import VOCAB, tiny_model
-from train.lm_loss import evaluate_loss, next_token_loss
+from train.losses import evaluate_loss, gate_kl_loss, next_token_loss
 
 
 def test_loss_is_the_mean_next_token_cross_entropy():
@@ -42,3 +43,38 @@ def test_remat_gives_the_same_loss_and_gradients():
         return sum(eqn.primitive.name in ("checkpoint", "remat", "remat2") for eqn in equations)
 
     assert checkpointed(True) == 2 and checkpointed(False) == 0
+
+
+def _numpy_kl(logits, target):
+    first = logits.shape[-2] // 4
+    z = logits[..., first:, :].astype(np.float64)
+    log_q = z - z.max(-1, keepdims=True)
+    log_q = log_q - np.log(np.exp(log_q).sum(-1, keepdims=True))
+    p = target[..., first:, :].astype(np.float64)
+    terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - log_q), 0.0)
+    return terms.mean()
+
+
+def test_kl_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits, targets = [], []
+    for num_blocks in (9, 16):
+        causal = np.tril(np.ones((num_blocks, num_blocks), bool))
+        raw = np.where(causal, rng.random((2, 3, num_blocks, num_blocks)), 0.0)
+        targets.append(raw / raw.sum(-1, keepdims=True))
+        logits.append(np.where(causal, rng.standard_normal(raw.shape) * 2, -1e9))
+    loss, per_layer = gate_kl_loss(
+        [jnp.asarray(x, jnp.float32) for x in logits], [jnp.asarray(x, jnp.float32) for x in targets], scale=10.0
+    )
+    expected = [_numpy_kl(lg, tg) for lg, tg in zip(logits, targets, strict=True)]
+    np.testing.assert_allclose(per_layer, expected, rtol=1e-5)
+    np.testing.assert_allclose(loss, 10.0 * sum(expected), rtol=1e-5)
+
+
+def test_kl_loss_is_zero_when_the_gate_matches_the_target():
+    causal = np.tril(np.ones((8, 8), bool))
+    target = np.where(causal, np.random.default_rng(1).random((1, 2, 8, 8)) + 0.1, 0.0)
+    target /= target.sum(-1, keepdims=True)
+    logits = np.where(causal, np.log(np.where(causal, target, 1.0)), -1e9)
+    loss, _ = gate_kl_loss([jnp.asarray(logits, jnp.float32)], [jnp.asarray(target, jnp.float32)], scale=10.0)
+    assert abs(float(loss)) < 1e-5

@@ -1,10 +1,10 @@
 """The embedded demo's model: a small Llama pretrained from scratch on the standard-library corpus, cached.
 
-    python -m train.demo_model --cache-dir DIR [--steps N]
+    demo = pretrain_demo_model(DemoModelConfig(cache_dir=...))      # the CLI: `python -m train.demo`
 
-`pretrain_demo_model(DemoModelConfig(cache_dir=...))` builds the demo corpus (`train.demo_corpus`), trains the
-`demo-llama` preset (`train.model_source.PRESETS`: 4 layers, hidden 128, 4 query / 2 kv heads of 64, vocabulary
-4096 from the corpus tokenizer, default RoPE) with `train.finetune` in float32, and evaluates it on the held-out
+`pretrain_demo_model` builds the demo corpus (`train.demo.corpus`), trains the `demo-llama` preset
+(`train.model_source.PRESETS`: 4 layers, hidden 128, 4 query / 2 kv heads of 64, vocabulary 4096 from the corpus
+tokenizer, default RoPE) with `train.lm_training.finetune` in float32, and evaluates it on the held-out
 documents. Cache layout under `cache_dir`:
 
     corpus/            the demo corpus and its tokenizer
@@ -24,10 +24,8 @@ attention is block-sparse already: for queries 256-511 of held-out text, the top
 against ~31% for uniform causal attention.
 """
 
-import argparse
 import dataclasses
 import json
-import logging
 import math
 import shutil
 from collections.abc import Callable
@@ -35,9 +33,9 @@ from pathlib import Path
 
 from seer_jax.checkpoint import load_model
 from train.data import LoaderConfig, eval_windows
-from train.demo_corpus import DemoCorpusConfig, build_demo_corpus
-from train.finetune import FinetuneConfig, finetune, progress_bar
-from train.lm_loss import evaluate_loss
+from train.demo.corpus import DemoCorpusConfig, build_demo_corpus
+from train.lm_training import FinetuneConfig, finetune
+from train.losses import evaluate_loss
 from train.optimizer import OptimizerConfig
 from train.token_corpus import CorpusConfig, load_corpus
 from train.trainer import StepRecord, TrainLoopConfig, read_metrics
@@ -46,8 +44,6 @@ PRESET = "demo-llama"
 MANIFEST_FILE = "demo_model.json"
 # Held-out evaluation: the first `seq_len` tokens of up to this many evaluation documents.
 EVAL_DOCS = 16
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,46 +144,3 @@ def pretrain_demo_model(config: DemoModelConfig, *, on_step: Callable[[StepRecor
     }
     manifest_path.write_text(json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
     return DemoModel(model_dir=model_dir, reused=False, **results)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.demo_model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-dir", type=Path, required=True, help="where the corpus, run and model are cached")
-    defaults = DemoModelConfig(cache_dir=Path())
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
-    parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per row")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per step")
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak learning rate")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="init and data order")
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
-    log.setLevel(logging.INFO)
-    try:
-        config = DemoModelConfig(
-            cache_dir=args.cache_dir,
-            steps=args.steps,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            seed=args.seed,
-        )
-        log.info("%s", config)
-        bar, on_step = progress_bar(config.steps)
-        with bar:
-            demo = pretrain_demo_model(config, on_step=on_step)
-    except (ValueError, OSError, RuntimeError) as error:
-        raise SystemExit(f"error: {error}") from None
-    log.info(
-        "%s %s: train loss %.3f, held-out loss %.3f (perplexity %.1f), %.0f s of training at %.0f tokens/s",
-        "reused" if demo.reused else "trained",
-        demo.model_dir,
-        demo.train_loss,
-        demo.eval_loss,
-        demo.eval_perplexity,
-        demo.train_seconds,
-        demo.tokens_per_second,
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -21,7 +21,8 @@ from seer_jax.gate import GateConfig, GateParam
 from seer_jax.seer import SeerCausalLM, SeerConfig, seer_with_abstract_gates
 from seer_jax.sparsity import topk_per_row
 from tests.seer_jax.tiny_models import random_module
-from train.eval_ppl import EvalConfig, evaluate, main
+from train.eval_ppl import main
+from train.perplexity import EvalConfig, evaluate
 from train.ppl_results import JSON_FILE, MARKDOWN_FILE, PLOT_FILE
 from train.token_corpus import load_tokenizer
 

@@ -1,4 +1,5 @@
-"""Training checkpoints: the trainable state and the data position, saved with Orbax so a run resumes exactly.
+"""Training-state checkpoints for resume: the trainable state and the data position, saved with Orbax so a run
+continues exactly where it stopped. Model weights (converted or HF directories) are `seer_jax.checkpoint`'s.
 
 Layout (`CheckpointManager` under `<out_dir>/checkpoints`):
 

@@ -1,0 +1,442 @@
+"""Perplexity vs. block density: the dense model, SeerAttention gates and training-free baselines (SEER_SPEC §7).
+
+    result = evaluate(EvalConfig(model=..., data=..., gates=...))     # the CLI: `python -m train.eval_ppl`
+
+Protocol: for each length L, the first L tokens (BOS + text) of each of the first `num_docs` documents that hold at
+least L tokens (`train.data.eval_windows`); each document's mean NLL over its L − 1 next-token predictions; PPL =
+exp(mean over documents of those means). Sparse prefill uses `last_block_dense=False`, as the original PPL runs.
+
+Methods: "dense" is the base model with its own attention implementation (the reference). Every other method is a
+`SeerCausalLM` over the same weights whose layers >= start_layer select blocks from one source: "gate" (the adapter
+given as `gates`, ours or the official format), "oracle", "quest", "streaming", "random" (`seer_jax.baselines`).
+Each sparse method runs TopK at every `nz_ratio`, so all sources keep the same k blocks per row, plus the diagonal
+block where TopK left it out (`seer_jax.sparsity`): densities match up to that block. `thresholds` apply to the gate
+only, whose density is then whatever it selects. The achieved density (mean over layers >= start_layer and heads)
+comes from the same forward as the NLL (`seer_jax.seer.logits_and_density`).
+
+Each (method, setting, L) is compiled once and reused for every batch of `batch_size` documents (a smaller last
+batch compiles once more). Settings that keep every block (nz_ratio 1, threshold 0) share one forward: no source is
+consulted then. The result (`train.ppl_results.EvalResult`) writes results.json, ppl_vs_density.md and
+ppl_vs_density.png and renders the markdown table.
+"""
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import logging
+import platform
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pallas_kernels.block_sparse_attention import BLOCK_SIZE, block_sparse_attention_implementation
+from seer_jax.adapters import Adapter, attach_gates, read_adapter
+from seer_jax.attention import IMPLEMENTATIONS
+from seer_jax.checkpoint import load_model
+from seer_jax.config import ModelConfig
+from seer_jax.gate import GateConfig, GateParam
+from seer_jax.model import CausalLM
+from seer_jax.seer import SeerCausalLM, SeerConfig, logits_and_density, seer_with_abstract_gates
+from seer_jax.sharding import MeshConfig, batch_rows, build_mesh, logical_rules, shard_batch, tree_shardings
+from seer_jax.sparsity import Selection
+from train.data import eval_windows
+from train.losses import next_token_nll
+from train.ppl_results import EvalResult, PplRow
+from train.token_corpus import CorpusConfig, load_corpus
+
+Method = Literal["dense", "gate", "oracle", "quest", "streaming", "random"]
+METHODS: tuple[Method, ...] = ("dense", "gate", "oracle", "quest", "streaming", "random")
+DTYPES = ("bfloat16", "float32")
+_VERSIONED = ("jax", "jaxlib", "flax", "numpy", "transformers", "seer-jax")
+
+log = logging.getLogger(__name__)
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """What to evaluate.
+
+    Attributes:
+      model: a Hugging Face or converted model directory (`seer_jax.checkpoint.load_model`).
+      data: data files or directories (`train.documents` formats).
+      gates: a gate adapter directory (ours or official), or None: the "gate" method is then skipped.
+      tokenizer_dir: the tokenizer; None means `model`.
+      text_field: the text column of the data.
+      cache_dir: where the tokenized corpus is cached; None tokenizes every time.
+      lengths: window lengths L (BOS included), each >= 2.
+      num_docs: documents per length (the first that are at least L tokens long).
+      nz_ratios: TopK target densities in (0, 1], run for every sparse method.
+      thresholds: gate-only threshold settings in [0, 1).
+      methods: the methods to run, in order; None means all, with "gate" only when `gates` is given.
+      start_layer: layers below it stay dense; None means the adapter's start_layer (0 without an adapter).
+      seed: seeds the "random" source.
+      batch_size: documents per forward.
+      dtype: compute and weight dtype; default bfloat16 on GPU, float32 elsewhere.
+      attention: the dense attention implementation (`seer_jax.attention`); default cudnn on GPU, xla elsewhere.
+      mesh: run on a device mesh (`seer_jax.sharding`; batches split over data × fsdp when they divide it), or
+        None: one device.
+    """
+
+    model: Path
+    data: tuple[Path, ...]
+    gates: Path | None = None
+    tokenizer_dir: Path | None = None
+    text_field: str = "text"
+    cache_dir: Path | None = None
+    lengths: tuple[int, ...] = (2048, 8192)
+    num_docs: int = 16
+    nz_ratios: tuple[float, ...] = (0.5, 0.4, 0.3, 0.2, 0.1)
+    thresholds: tuple[float, ...] = ()
+    methods: tuple[Method, ...] | None = None
+    start_layer: int | None = None
+    seed: int = 0
+    batch_size: int = 4
+    dtype: str = dataclasses.field(default_factory=lambda: "bfloat16" if _on_gpu() else "float32")
+    attention: str = dataclasses.field(default_factory=lambda: "cudnn" if _on_gpu() else "xla")
+    mesh: MeshConfig | None = None
+
+    def __post_init__(self):
+        if not Path(self.model).is_dir():
+            raise ValueError(f"model: {self.model} is not a directory; pass a Hugging Face or converted model")
+        if not self.data:
+            raise ValueError("data: no data paths given")
+        if self.gates is not None and not Path(self.gates).is_dir():
+            raise ValueError(f"gates: {self.gates} is not a directory; pass a gate adapter directory")
+        if not self.lengths or any(not isinstance(n, int) or n < 2 for n in self.lengths):
+            raise ValueError(f"lengths: need at least one int >= 2 (BOS + one predicted token), got {self.lengths}")
+        if len(set(self.lengths)) != len(self.lengths):
+            raise ValueError(f"lengths: {self.lengths} repeats a length")
+        if self.num_docs <= 0:
+            raise ValueError(f"num_docs: {self.num_docs} must be positive")
+        if any(not 0.0 < ratio <= 1.0 for ratio in self.nz_ratios) or len(set(self.nz_ratios)) != len(self.nz_ratios):
+            raise ValueError(f"nz_ratios: each must be in (0, 1], without repeats, got {self.nz_ratios}")
+        if any(not 0.0 <= t < 1.0 for t in self.thresholds) or len(set(self.thresholds)) != len(self.thresholds):
+            raise ValueError(f"thresholds: each must be in [0, 1), without repeats, got {self.thresholds}")
+        if self.methods is not None:
+            unknown = [m for m in self.methods if m not in METHODS]
+            if not self.methods or unknown or len(set(self.methods)) != len(self.methods):
+                raise ValueError(f"methods: need distinct methods from {METHODS}, got {self.methods}")
+            if "gate" in self.methods and self.gates is None:
+                raise ValueError("methods: 'gate' needs gates (an adapter directory)")
+        if self.thresholds and "gate" not in self.methods_to_run:
+            raise ValueError("thresholds: apply to the gate method only, which is not run (pass gates / 'gate')")
+        if not self.nz_ratios:
+            idle = [m for m in self.methods_to_run if m != "dense" and not (m == "gate" and self.thresholds)]
+            if idle:
+                raise ValueError(f"nz_ratios: empty, so methods {idle} have no setting to run")
+        if self.start_layer is not None and (not isinstance(self.start_layer, int) or self.start_layer < 0):
+            raise ValueError(f"start_layer: must be an int >= 0 or None, got {self.start_layer!r}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size: {self.batch_size} must be positive")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention: must be one of {IMPLEMENTATIONS}, got {self.attention!r}")
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            raise ValueError("attention: cudnn runs bfloat16 only; use dtype bfloat16 or attention xla")
+
+    @property
+    def methods_to_run(self) -> tuple[Method, ...]:
+        """`methods`, or all of them ("gate" only with an adapter)."""
+        if self.methods is not None:
+            return self.methods
+        return tuple(m for m in METHODS if m != "gate" or self.gates is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: paths as strings, tuples as lists."""
+        values = {field.name: _jsonable(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        return values | {"methods": list(self.methods_to_run)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, MeshConfig):
+        return str(value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One row's model: a method and its selection (None for dense)."""
+
+    method: str
+    selection: Selection | None = None
+
+    @property
+    def label(self) -> str:
+        if self.selection is None:
+            return self.method
+        if self.selection.method == "nz_ratio":
+            return f"{self.method} nz {self.selection.nz_ratio:g}"
+        return f"{self.method} threshold {self.selection.threshold:g}"
+
+    @property
+    def computed_as(self) -> "Setting":
+        """The setting whose forward gives this one's numbers: a selection that keeps every block (nz_ratio 1,
+        threshold 0) never consults its source (`SeerAttention.prefill`), so one forward serves every method."""
+        if self.selection is not None and self.selection.is_dense:
+            return _EVERY_BLOCK
+        return self
+
+
+_EVERY_BLOCK = Setting("every block", Selection(nz_ratio=1.0, last_block_dense=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTask:
+    """One forward: batch `batch` (of `num_batches`) of the length-`length` windows, under `setting` (a
+    `Setting.computed_as`)."""
+
+    length: int
+    setting: Setting
+    batch: int
+    num_batches: int
+
+    def __str__(self) -> str:
+        return f"L={self.length} {self.setting.label} [{self.batch + 1}/{self.num_batches}]"
+
+
+def _settings(config: EvalConfig) -> list[Setting]:
+    """The (method, selection) pairs `evaluate` runs, in order: dense, then each method's nz_ratios, thresholds."""
+    settings = []
+    for method in config.methods_to_run:
+        if method == "dense":
+            settings.append(Setting("dense"))
+            continue
+        for ratio in config.nz_ratios:
+            settings.append(Setting(method, Selection(method="nz_ratio", nz_ratio=ratio, last_block_dense=False)))
+        if method == "gate":
+            for threshold in config.thresholds:
+                selection = Selection(method="threshold", threshold=threshold, last_block_dense=False)
+                settings.append(Setting(method, selection))
+    return settings
+
+
+def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Iterable[EvalTask]] = iter) -> EvalResult:
+    """Runs every (length, method, setting) of `config` and returns the results.
+
+    progress: wraps the list of all forwards (length × setting × batch), e.g. `tqdm`.
+    Raises ValueError when a length exceeds the model's positions or every document, when the tokenizer's ids do
+    not fit the model's vocabulary, or when the adapter does not fit the model (`CheckpointError`).
+    """
+    if config.gates is None and config.methods is None:
+        log.info("no gates given: skipping the 'gate' method")
+    dtype = jnp.dtype(config.dtype)
+    mesh = None if config.mesh is None else build_mesh(config.mesh)
+    base, model_config = load_model(  # the sparse models share these (placed) arrays
+        config.model, dtype=dtype, param_dtype=dtype, attention_implementation=config.attention, mesh=mesh
+    )
+    too_long = [length for length in config.lengths if length > model_config.max_position_embeddings]
+    if too_long:
+        raise ValueError(
+            f"lengths: {too_long} exceed the model's max_position_embeddings ({model_config.max_position_embeddings})"
+        )
+    adapter = None if config.gates is None else read_adapter(config.gates)
+    start_layer = config.start_layer
+    if start_layer is None:
+        start_layer = 0 if adapter is None else adapter.seer_config.start_layer
+    if start_layer >= model_config.num_layers:
+        raise ValueError(
+            f"start_layer: {start_layer} leaves none of the model's {model_config.num_layers} layers sparse"
+        )
+
+    windows = _windows(config, vocab_size=model_config.vocab_size)
+    settings = _settings(config)
+    forwards = list(dict.fromkeys(setting.computed_as for setting in settings))
+    models = _Models(base, adapter, start_layer=start_layer, seed=config.seed, mesh=mesh)
+    batches = {length: _batches(tokens, config.batch_size) for length, tokens in windows.items()}
+    tasks = [
+        EvalTask(length, setting, index, len(batches[length]))
+        for length in config.lengths
+        for setting in forwards
+        for index in range(len(batches[length]))
+    ]
+    kernels = {}  # length → the block_sparse_attention implementation the sparse forwards run
+    if any(setting.method != "dense" for setting in forwards):
+        for length, length_batches in batches.items():
+            kernels[str(length)] = _sparse_kernel(model_config, len(length_batches[0]), length, dtype)
+            log.info("L=%d: block_sparse_attention runs its %s implementation", length, kernels[str(length)])
+    doc_nll: dict[tuple[int, Setting], list[np.ndarray]] = {}
+    density_sum: dict[tuple[int, Setting], np.ndarray] = {}
+    seconds: dict[tuple[int, Setting], float] = {}
+    precision = jax.default_matmul_precision("highest") if dtype == jnp.float32 else contextlib.nullcontext()
+    # Built before the mesh becomes the context: NNX would read the weights' logical axis names as mesh axes then.
+    sparse_models = {setting: models.get(setting) for setting in forwards if setting.method != "dense"}
+    on_mesh = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+    with precision, on_mesh:  # float32 means float32: GPUs would otherwise run its matmuls as TF32
+        for task in progress(tasks):
+            key = (task.length, task.setting)
+            tokens = _place(batches[task.length][task.batch], mesh)
+            start = time.perf_counter()
+            if task.setting.method == "dense":
+                nll = np.asarray(_dense_nll(base, tokens))
+                density = np.ones((model_config.num_layers, model_config.num_q_heads))
+            else:
+                nll, density = (np.asarray(x) for x in _sparse_nll(sparse_models[task.setting], tokens))
+            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+            doc_nll.setdefault(key, []).append(nll)
+            # Unpadded rows of one length all have the same causal blocks, so the pooled density of a batch weighs
+            # each row equally: weighting batches by their rows gives the mean over documents.
+            density_sum[key] = density_sum.get(key, 0.0) + density * len(nll)
+
+    rows = []
+    for length in config.lengths:
+        for setting in settings:
+            key = (length, setting.computed_as)
+            nll = np.concatenate(doc_nll[key])
+            density = density_sum[key] / len(nll)  # [L, N]
+            rows.append(_row(setting, length, nll, density, start_layer=start_layer, seconds=seconds[key]))
+    return EvalResult(
+        rows=tuple(rows),
+        config=config.to_dict() | {"start_layer": start_layer},
+        environment=_environment() | {"block_sparse_attention": kernels},
+        num_docs={length: len(tokens) for length, tokens in windows.items()},
+        title=f"{Path(config.model).name}, {', '.join(Path(p).name for p in config.data)}",
+    )
+
+
+class _Models:
+    """Builds (once) the `SeerCausalLM` of each sparse setting over the base model's weights.
+
+    Every model carries the same gate weights: the adapter's, or zeros when there is none (only the "gate" source
+    reads them, and it is not run without an adapter). Zeros avoid a random init, which compiles per weight shape.
+    With a mesh, the gates are placed on it like the (already placed) base weights.
+    """
+
+    def __init__(self, base: CausalLM, adapter: Adapter | None, *, start_layer: int, seed: int, mesh: Mesh | None):
+        self.base, self.start_layer, self.seed = base, start_layer, seed
+        if adapter is None:
+            self.gate_config = GateConfig(hidden_size=base.config.head_dim)
+            placeholder = seer_with_abstract_gates(base, SeerConfig(gate=self.gate_config))
+            abstract = nnx.state(placeholder, GateParam)
+            self.gates = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), abstract)
+        else:
+            self.gate_config = adapter.seer_config.gate
+            self.gates = nnx.state(attach_gates(base, adapter), GateParam)
+        if mesh is not None:
+            self.gates = jax.device_put(self.gates, tree_shardings(self.gates, mesh, logical_rules(base.config, mesh)))
+        self._built: dict[Setting, SeerCausalLM] = {}
+
+    def get(self, setting: Setting) -> SeerCausalLM:
+        if setting not in self._built:
+            seer_config = SeerConfig(
+                gate=self.gate_config,
+                selection=setting.selection,
+                # Keeping every block, no source is consulted: any one builds that forward.
+                source="gate" if setting.selection.is_dense else setting.method,
+                start_layer=self.start_layer,
+                seed=self.seed,
+            )
+            model = seer_with_abstract_gates(self.base, seer_config)
+            nnx.update(model, self.gates)
+            self._built[setting] = model
+        return self._built[setting]
+
+
+def _windows(config: EvalConfig, *, vocab_size: int) -> dict[int, np.ndarray]:
+    """length → [n, length] int32 evaluation windows (`train.data.eval_windows`) of the tokenized data."""
+    corpus = load_corpus(
+        CorpusConfig(
+            paths=tuple(Path(p) for p in config.data),
+            tokenizer_dir=Path(config.tokenizer_dir or config.model),
+            text_field=config.text_field,
+            cache_dir=config.cache_dir,
+        )
+    )
+    windows = {length: eval_windows(corpus, length=length, num_docs=config.num_docs) for length in config.lengths}
+    for length, tokens in windows.items():
+        if len(tokens) < config.num_docs:
+            log.warning("only %d documents hold %d tokens (asked for %d)", len(tokens), length, config.num_docs)
+        if tokens.max() >= vocab_size:
+            raise ValueError(
+                f"tokenizer: token id {tokens.max()} is outside the model's vocabulary ({vocab_size}); "
+                "pass the model's tokenizer (tokenizer_dir)"
+            )
+    return windows
+
+
+def _row(
+    setting: Setting, length: int, nll: np.ndarray, density: np.ndarray, *, start_layer: int, seconds: float
+) -> PplRow:
+    """A result row from per-document NLLs [n] and the density table [L, N]."""
+    selection = setting.selection
+    if selection is None:
+        sparsity, target = "dense", None
+    else:
+        sparsity = selection.method
+        target = selection.nz_ratio if selection.method == "nz_ratio" else selection.threshold
+    return PplRow(
+        method=setting.method,
+        sparsity=sparsity,
+        target=target,
+        length=length,
+        doc_nll=tuple(float(x) for x in nll),
+        density=float(np.mean(density[start_layer:])),
+        layer_density=tuple(float(x) for x in density.mean(axis=1)),
+        seconds=seconds,
+    )
+
+
+def _place(tokens: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """A batch [B, T] on the device, or split over the mesh's data × fsdp when they divide B (else replicated)."""
+    if mesh is None:
+        return jnp.asarray(tokens)
+    if tokens.shape[0] % batch_rows(mesh) == 0:
+        return shard_batch(tokens, mesh)
+    return jax.device_put(tokens, NamedSharding(mesh, PartitionSpec()))
+
+
+def _batches(tokens: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [tokens[start : start + batch_size] for start in range(0, len(tokens), batch_size)]
+
+
+def _mean_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """f32 [B]: each row's mean NLL of tokens 1..T−1 under logits [B, T, V] at positions 0..T−2."""
+    return jnp.mean(next_token_nll(logits, tokens), axis=-1)
+
+
+@nnx.jit
+def _dense_nll(model: CausalLM, tokens: jax.Array) -> jax.Array:
+    logits, _ = model(tokens)  # [B, T, V]
+    return _mean_nll(logits, tokens)
+
+
+@nnx.jit
+def _sparse_nll(model: SeerCausalLM, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits, density = logits_and_density(model, tokens)  # [B, T, V], [L, N]
+    return _mean_nll(logits, tokens), density
+
+
+def _sparse_kernel(model_config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> str:
+    """Which implementation ("mosaic" or "reference") `block_sparse_attention` ran for this length."""
+    num_blocks = -(-length // BLOCK_SIZE)
+    q = jax.ShapeDtypeStruct((batch, length, model_config.num_q_heads, model_config.head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((batch, length, model_config.num_kv_heads, model_config.head_dim), dtype)
+    mask = jax.ShapeDtypeStruct((batch, model_config.num_q_heads, num_blocks, num_blocks), jnp.bool_)
+    return block_sparse_attention_implementation(q, kv, kv, block_mask=mask)
+
+
+def _environment() -> dict[str, Any]:
+    versions = {"python": platform.python_version()}
+    for package in _VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    devices = jax.devices()
+    device = {"platform": devices[0].platform, "kind": devices[0].device_kind, "count": len(devices)}
+    return {"versions": versions, "device": device}
