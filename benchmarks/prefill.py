@@ -29,7 +29,8 @@ from flax import nnx
 from seer_jax.config import ModelConfig
 from seer_jax.gate import GateConfig
 from seer_jax.model import CausalLM
-from seer_jax.seer import SeerConfig, seer_from_base
+from seer_jax.seer import seer_from_base
+from seer_jax.seer_config import SeerConfig
 from seer_jax.sparsity import Selection
 
 # meta-llama/Llama-3.1-8B config.json (the fields the model reads).

@@ -4,15 +4,15 @@
 #   bash benchmarks/testbed_acceptance.sh TESTBED RUN_DIR STAGE...
 #
 # Stages, in order (each reads what the earlier ones wrote under RUN_DIR):
-#   distill    gates for seer-tiny-llama on distill_code at 8192 tokens (SEER_SPEC §3.3)
+#   distill    gates for seer-tiny-llama on distill_code at 8192 tokens (docs/design.md §5)
 #   eval       PPL vs. density on eval_stdlib at L = 2048, 8192: dense, gate (TopK and thresholds), baselines
-#   yarn-dense YaRN 8k -> 32k fine-tuning, dense attention (SEER_SPEC §8, the baseline)
+#   yarn-dense YaRN 8k -> 32k fine-tuning, dense attention (docs/design.md §5, the baseline)
 #   yarn-seer  the same with SeerAttention at nz_ratio 0.5, gates initialised from `distill`
 #   eval32k-dense  PPL at 32k of the dense-YaRN model
 #   eval32k-seer   PPL at 32k of the SeerAttention-YaRN model: dense, its gates and the oracle at 0.5/0.3/0.1
 #
 # Sizes come from the environment so the same script smoke-tests on a CPU (tiny values) and runs on the H200
-# (the defaults below). The fine-tuning recipe is SEER_SPEC §8's shape (YaRN factor 4 from 8192, linear schedule,
+# (the defaults below). The fine-tuning recipe is docs/design.md §5's shape (YaRN factor 4 from 8192, linear schedule,
 # warmup 20, remat) scaled to a 26M-parameter model: 200 steps x 4 rows x 32768 tokens at lr 5e-5. The testbed
 # has Llama-3.1 (`llama3`) RoPE, which YaRN replaces (--yarn-replace-scaling).
 set -euo pipefail

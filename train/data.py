@@ -1,6 +1,6 @@
 """Packed language-model rows from a tokenized corpus, resumable, plus evaluation windows.
 
-Packing (as in the SeerAttention prefill pipeline, §3.3 of the spec, but without pad tokens): each epoch the
+Packing (as in the SeerAttention prefill pipeline, docs/design.md §5, but without pad tokens): each epoch the
 documents (each `[BOS] text EOS`, see `train.token_corpus`) are put in a seeded random order and concatenated
 into one stream, which is cut into rows of exactly `seq_len` tokens. Rows therefore cross document boundaries;
 the EOS/BOS pair marks them. The stream's tail of `num_tokens % seq_len` tokens that does not fill a row is

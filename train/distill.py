@@ -1,4 +1,4 @@
-"""Gate self-distillation (SEER_SPEC §2–§3): train the AttnGates of a frozen model to predict its own attention.
+"""Gate self-distillation (docs/design.md §5): train the AttnGates of a frozen model to predict its own attention.
 
     result = distill(DistillConfig(model=..., corpus=..., loader=..., optimizer=GATE_OPTIMIZER, loop=...))
 
@@ -7,7 +7,7 @@ attention map (the target); the gate scores the same layer's pooled pre-RoPE q/k
 (`train.losses.distillation_loss`). Only `GateParam` variables train: `train.trainer.fit(..., trainable=GateParam)`
 differentiates and optimises them alone (the optimizer holds no state for the frozen base). The optimizer is the
 project's one recipe (`train.optimizer`) with the gates' settings, `GATE_OPTIMIZER`: AdamW at 1e-3, cosine decay
-after 20 warm-up steps, no weight decay, gradients clipped to norm 1.0 (SEER_SPEC §3.3); base weights bf16.
+after 20 warm-up steps, no weight decay, gradients clipped to norm 1.0 (docs/design.md §5); base weights bf16.
 
 The run directory (`loop.out_dir`) holds checkpoints and `metrics.jsonl` (`train.trainer`) and, at the end, the gate
 adapter in `out_dir/adapter` (`seer_jax.adapters`).
@@ -25,7 +25,8 @@ from jax.sharding import Mesh
 from seer_jax.adapters import save_adapter
 from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig, GateParam
-from seer_jax.seer import SeerCausalLM, SeerConfig, seer_from_base
+from seer_jax.seer import SeerCausalLM, seer_from_base
+from seer_jax.seer_config import SeerConfig
 from seer_jax.sharding import MeshConfig, build_mesh, check_batch_size
 from train.data import LoaderConfig, LoaderState, PackedLoader
 from train.losses import distillation_loss
@@ -34,7 +35,7 @@ from train.token_corpus import CorpusConfig, load_corpus
 from train.trainer import StepRecord, TrainLoopConfig, TrainResult, fit
 
 ADAPTER_DIR = "adapter"
-# The gates' optimizer (SEER_SPEC §3.3: HF Trainer's AdamW, cosine decay to 0, max_grad_norm 1.0).
+# The gates' optimizer (docs/design.md §5: HF Trainer's AdamW, cosine decay to 0, max_grad_norm 1.0).
 GATE_OPTIMIZER = OptimizerConfig(
     learning_rate=1e-3, warmup_steps=20, schedule="cosine", beta2=0.999, weight_decay=0.0, grad_clip_norm=1.0
 )

@@ -49,7 +49,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="rows per step")
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps")
     parser.add_argument(
-        "--lr", type=float, default=GATE_OPTIMIZER.learning_rate, help="peak learning rate (SPEC §3.3: 1e-3)"
+        "--lr", type=float, default=GATE_OPTIMIZER.learning_rate, help="peak learning rate (the official recipe: 1e-3)"
     )
     parser.add_argument("--warmup-steps", type=int, default=GATE_OPTIMIZER.warmup_steps, help="linear warm-up")
     parser.add_argument("--gate-type", default="Qavg_Kmaxminavg", help="Q<ops>_K<ops> with ops from max, min, avg")

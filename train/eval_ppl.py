@@ -1,4 +1,4 @@
-"""Perplexity vs. block density: the dense model, SeerAttention gates and training-free baselines (SEER_SPEC §7).
+"""Perplexity vs. block density: the dense model, SeerAttention gates and training-free baselines (docs/design.md §7).
 
     python -m train.eval_ppl --model DIR [--gates DIR] --data PATHS... --out DIR
         [--lengths 2048 8192] [--num-docs 16] [--nz-ratios 0.5 0.4 0.3 0.2 0.1] [--thresholds ...]

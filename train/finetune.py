@@ -6,9 +6,9 @@
     python -m train.finetune --preset demo-llama --tokenizer-dir TOK --data PATH... --seq-len 512 --batch-size 8 \\
         --steps 100 --lr 3e-3 --warmup-steps 10 --out runs/demo
 
-The command line of `train.lm_training.finetune` (what trains, the output directory `--out`, SeerAttention mode:
-see there). The model comes from `--model` (a converted or HF directory), or is initialised at random from
-`--init-config config.json` or `--preset`. `--yarn-factor` rewrites its RoPE to YaRN before training (SPEC §8).
+The command line of `train.lm_training.finetune` (what trains, the output directory `--out`, SeerAttention mode: see
+there). The model comes from `--model` (a converted or HF directory), or is initialised at random from `--init-
+config config.json` or `--preset`. `--yarn-factor` rewrites its RoPE to YaRN before training (docs/design.md §5).
 `--remat` recomputes each decoder layer in the backward pass. `--seer-gates ADAPTER` attaches distilled gates
 (`train.distill_gates`) and trains with block-sparse attention at `--nz-ratio` (TopK, 0.5 by default), the gates
 also with `--gate-loss-scale` (10) × their distillation loss.
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, required=True, help="rows per step")
     parser.add_argument("--seed", type=int, default=0, help="data order, random init and the run's PRNG key")
     parser.add_argument("--steps", type=int, required=True, help="total optimizer steps")
-    parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (SPEC §8: 1e-5)")
+    parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (the official recipe: 1e-5)")
     parser.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps")
     parser.add_argument("--schedule", choices=SCHEDULES, default="linear", help="decay after the warmup")
     parser.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the last step")
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         help="attention implementation (default: cudnn on GPUs, else xla)",
     )
     parser.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass")
-    parser.add_argument("--yarn-factor", type=float, help="YaRN context extension factor (SPEC §8: 4)")
+    parser.add_argument("--yarn-factor", type=float, help="YaRN context extension factor (the official recipe: 4)")
     parser.add_argument(
         "--yarn-original-max-positions", type=int, help="context the model was trained for (default: its config's)"
     )
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export-hf", type=Path, help="also write the trained model as an HF directory here")
     parser.add_argument("--export-dtype", choices=EXPORT_DTYPES, default="bfloat16", help="dtype of the HF export")
     parser.add_argument("--seer-gates", type=Path, help="gate adapter: train with SeerAttention (block-sparse)")
-    parser.add_argument("--nz-ratio", type=float, default=0.5, help="SeerAttention TopK block density (SPEC §8: 0.5)")
+    parser.add_argument(
+        "--nz-ratio", type=float, default=0.5, help="SeerAttention TopK block density (official recipe: 0.5)"
+    )
     parser.add_argument("--gate-loss-scale", type=float, default=10.0, help="weight of the gates' distillation loss")
     add_mesh_arguments(parser)
     args = parser.parse_args(argv)

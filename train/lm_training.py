@@ -5,13 +5,13 @@
 The command line is `python -m train.finetune`; the embedded demo (`train.demo`) pretrains its model with it too.
 The model comes from `model_dir` (a converted or HF directory, `seer_jax.checkpoint.load_model`), or is initialised
 at random from `init_config` (an HF config.json) or `preset` (`train.model_source.PRESETS`). `yarn` rewrites its
-RoPE to YaRN before training (SPEC §8). Every parameter trains, in float32 master weights; the forward and backward
-run in `compute_dtype` (RMSNorm statistics, attention softmax and the loss stay float32). `remat` recomputes each
-decoder layer in the backward pass (`nnx.remat`, dense and SeerAttention mode), trading compute for activation
-memory. The optimizer is the project's one recipe (`train.optimizer`: AdamW with warmup and linear or cosine decay
-and global-norm clipping); the loss is mean next-token cross-entropy over packed rows (`train.losses`), a seam:
-`finetune(config, loss_fn=...)` trains the same model with another loss. Data are packed rows of `train.data`; the
-loop is `train.trainer`.
+RoPE to YaRN before training (docs/design.md §5). Every parameter trains, in float32 master weights; the forward and
+backward run in `compute_dtype` (RMSNorm statistics, attention softmax and the loss stay float32). `remat`
+recomputes each decoder layer in the backward pass (`nnx.remat`, dense and SeerAttention mode), trading compute for
+activation memory. The optimizer is the project's one recipe (`train.optimizer`: AdamW with warmup and linear or
+cosine decay and global-norm clipping); the loss is mean next-token cross-entropy over packed rows (`train.losses`),
+a seam: `finetune(config, loss_fn=...)` trains the same model with another loss. Data are packed rows of
+`train.data`; the loop is `train.trainer`.
 
 Output directory (`loop.out_dir`):
 
@@ -23,7 +23,7 @@ Output directory (`loop.out_dir`):
     model/             the trained model as a converted directory (float32), written once all steps are done
     adapter/           SeerAttention mode: the trained gates (`seer_jax.adapters`)
 
-SeerAttention mode (SEER_SPEC §8, `seer`): attaches distilled gates (`train.distill`) and trains with block-sparse
+SeerAttention mode (docs/design.md §5, `seer`): attaches distilled gates (`train.distill`) and trains with block-sparse
 attention at `nz_ratio` (TopK): every weight trains with the LM loss, and the gates also with `gate_loss_scale` ×
 their distillation loss against the true pooled attention (`train.losses.seer_next_token_loss`). The base weights go
 to `model/` as usual and the gates to `adapter/`.
@@ -82,8 +82,10 @@ class SeerTuning:
     def __post_init__(self):
         if not Path(self.gates).is_dir():
             raise ValueError(f"gates: {self.gates} is not a directory; pass a gate adapter (train.distill_gates)")
-        if not 0.0 < self.nz_ratio <= 1.0:
-            raise ValueError(f"nz_ratio: {self.nz_ratio} must be in (0, 1]")
+        try:
+            Selection(method="nz_ratio", nz_ratio=self.nz_ratio)  # the one place a selection setting is checked
+        except ValueError as error:
+            raise ValueError(f"nz_ratio: {error}") from None
         if self.gate_loss_scale <= 0:
             raise ValueError(f"gate_loss_scale: {self.gate_loss_scale} must be positive")
 

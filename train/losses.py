@@ -13,10 +13,10 @@ T a multiple of the gate block size) and the last position's logits are dropped.
 the log-softmax, so a bf16 model's loss is computed in float32. `next_token_nll` is the one per-position NLL: the
 training losses, `evaluate_loss` and the perplexity evaluation (`train.perplexity`) all reduce it.
 
-Gate distillation (SEER_SPEC §2–§3, the official V2/HEAD loss):
+Gate distillation (docs/design.md §5, the official V2/HEAD loss):
 
     loss = 10 · Σ_layers KL(target ‖ softmax(gate logits)) over key blocks, on query-block rows i ≥ I // 4,
-           averaged over every element B·N·(I − I//4)·J (torch `KLDivLoss` 'mean', zeros included, SEER_SPEC §10.16)
+           averaged over every element B·N·(I − I//4)·J (torch `KLDivLoss` 'mean', zeros included, docs/design.md §5)
 
 where the target is the layer's row-normalised 2D max-pooled attention map [B, N, I, J] from a dense forward with
 `attention_with_pooling`, and the gate scores the same layer's pooled pre-RoPE q/k.
@@ -62,7 +62,7 @@ def gate_kl_loss(
     """
     per_layer = []
     for layer_logits, target in zip(logits, targets, strict=True):
-        first_row = layer_logits.shape[-2] // 4  # the first quarter of query-block rows is dropped (SEER_SPEC §3.1)
+        first_row = layer_logits.shape[-2] // 4  # the first quarter of query-block rows is dropped (docs/design.md §5)
         log_q = jax.nn.log_softmax(layer_logits[..., first_row:, :].astype(jnp.float32), axis=-1)
         p = target[..., first_row:, :].astype(jnp.float32)
         kl = jax.scipy.special.xlogy(p, p) - p * log_q  # [B, N, I - I//4, J]
@@ -91,7 +91,7 @@ def distillation_loss(*, scale: float) -> LossFn:
 def seer_next_token_loss(
     model: SeerCausalLM, tokens: jax.Array, rng: jax.Array, *, gate_loss_scale: float, remat: bool = False
 ) -> tuple[jax.Array, Metrics]:
-    """The SeerAttention fine-tuning loss (SEER_SPEC §8): next-token cross-entropy of the block-sparse model plus
+    """The SeerAttention fine-tuning loss (docs/design.md §5): next-token cross-entropy of the block-sparse model plus
     `gate_loss_scale` × the gates' distillation loss against the true pooled attention (`gate_kl_loss`).
 
     The gates see detached q/k and their TopK masks are not differentiable, so the LM loss trains the base model

@@ -4,7 +4,7 @@ A run is described by an HF config dict (what `config.json` holds), because that
 carry; `ModelConfig.from_hf` reads the architecture from it. The dict comes from a model directory (converted or
 HF), from a `config.json` to train from scratch, or from a named preset (`PRESETS`, whose vocabulary and special
 tokens are filled in from the tokenizer). `apply_yarn` rewrites its RoPE settings for YaRN context extension
-(SPEC §8) before the model is built: only RoPE and `max_position_embeddings` change, never a weight's shape.
+(docs/design.md §5) before the model is built: only RoPE and `max_position_embeddings` change, never a weight's shape.
 """
 
 import copy
@@ -95,7 +95,7 @@ def preset_config(name: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, An
 
 
 def apply_yarn(hf_config: Mapping[str, Any], yarn: YarnConfig) -> dict[str, Any]:
-    """A copy of `hf_config` with YaRN RoPE scaling (SPEC §8) in transformers-5 form.
+    """A copy of `hf_config` with YaRN RoPE scaling (docs/design.md §5) in transformers-5 form.
 
     `rope_parameters` becomes {rope_type: yarn, rope_theta, factor, original_max_position_embeddings} (the legacy
     `rope_theta` / `rope_scaling` keys are dropped) and `max_position_embeddings` becomes factor × original.
@@ -108,7 +108,8 @@ def apply_yarn(hf_config: Mapping[str, Any], yarn: YarnConfig) -> dict[str, Any]
     if model_config.rope.rope_type != "default" and not yarn.replace_scaling:
         raise ValueError(
             f"yarn: the model already scales RoPE ({model_config.rope.rope_type!r}); YaRN would replace that "
-            "scaling (SPEC §8 starts from Meta-Llama-3-8B, default RoPE): pass --yarn-replace-scaling to do so"
+            "scaling (the official recipe starts from Meta-Llama-3-8B, default RoPE): pass --yarn-replace-scaling "
+            "to do so"
         )
     original = yarn.original_max_position_embeddings or model_config.max_position_embeddings
     out = {

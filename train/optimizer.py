@@ -1,7 +1,7 @@
 """The one optimizer recipe of every training job: AdamW with warmup and a decay schedule, gradient clipping and
 weight decay on matrices only.
 
-HF Trainer's AdamW (SPEC §3.2, §3.3, §8: `max_grad_norm` 1.0, warmup then linear or cosine decay), in optax; gate
+HF Trainer's AdamW (docs/design.md §5: `max_grad_norm` 1.0, warmup then linear or cosine decay), in optax; gate
 distillation runs it with `train.distill.GATE_OPTIMIZER`, full fine-tuning with `python -m train.finetune`'s flags:
 
     clip_by_global_norm(grad_clip_norm) → adamw(schedule, b1, b2, eps, weight_decay, mask=ndim >= 2)

@@ -1,4 +1,4 @@
-"""Perplexity vs. block density: the dense model, SeerAttention gates and training-free baselines (SEER_SPEC §7).
+"""Perplexity vs. block density: the dense model, SeerAttention gates and training-free baselines (docs/design.md §7).
 
     result = evaluate(EvalConfig(model=..., data=..., gates=...))     # the CLI: `python -m train.eval_ppl`
 
@@ -8,7 +8,7 @@ exp(mean over documents of those means). Sparse prefill uses `last_block_dense=F
 
 Methods: "dense" is the base model with its own attention implementation (the reference). Every other method is a
 `SeerCausalLM` over the same weights whose layers >= start_layer select blocks from one source: "gate" (the adapter
-given as `gates`, ours or the official format), "oracle", "quest", "streaming", "random" (`seer_jax.baselines`).
+given as `gates`, ours or the official format), "oracle", "quest", "streaming", "random" (`seer_jax.block_scores`).
 Each sparse method runs TopK at every `nz_ratio`, so all sources keep the same k blocks per row, plus the diagonal
 block where TopK left it out (`seer_jax.sparsity`): densities match up to that block. `thresholds` apply to the gate
 only, whose density is then whatever it selects. The achieved density (mean over layers >= start_layer and heads)
@@ -28,7 +28,7 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +36,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pallas_kernels.block_sparse_attention import BLOCK_SIZE, block_sparse_attention_implementation
 from seer_jax.adapters import Adapter, attach_gates, read_adapter
 from seer_jax.attention import IMPLEMENTATIONS
 from seer_jax.checkpoint import load_model
 from seer_jax.config import ModelConfig
 from seer_jax.gate import GateConfig, GateParam
+from seer_jax.head_parallel import sparse_prefill_implementation
 from seer_jax.model import CausalLM
-from seer_jax.seer import SeerCausalLM, SeerConfig, logits_and_density, seer_with_abstract_gates
+from seer_jax.seer import SeerCausalLM, logits_and_density, seer_with_abstract_gates
+from seer_jax.seer_config import BLOCK_SOURCES, SeerConfig
 from seer_jax.sharding import MeshConfig, batch_rows, build_mesh, logical_rules, shard_batch, tree_shardings
 from seer_jax.sparsity import Selection
 from train.data import eval_windows
@@ -51,8 +52,8 @@ from train.losses import next_token_nll
 from train.ppl_results import EvalResult, PplRow
 from train.token_corpus import CorpusConfig, load_corpus
 
-Method = Literal["dense", "gate", "oracle", "quest", "streaming", "random"]
-METHODS: tuple[Method, ...] = ("dense", "gate", "oracle", "quest", "streaming", "random")
+# "dense" (the base model) and one method per block-score source (`seer_jax.block_scores.SOURCES`)
+METHODS: tuple[str, ...] = ("dense", *BLOCK_SOURCES)
 DTYPES = ("bfloat16", "float32")
 _VERSIONED = ("jax", "jaxlib", "flax", "numpy", "transformers", "seer-jax")
 
@@ -98,7 +99,7 @@ class EvalConfig:
     num_docs: int = 16
     nz_ratios: tuple[float, ...] = (0.5, 0.4, 0.3, 0.2, 0.1)
     thresholds: tuple[float, ...] = ()
-    methods: tuple[Method, ...] | None = None
+    methods: tuple[str, ...] | None = None
     start_layer: int | None = None
     seed: int = 0
     batch_size: int = 4
@@ -119,10 +120,15 @@ class EvalConfig:
             raise ValueError(f"lengths: {self.lengths} repeats a length")
         if self.num_docs <= 0:
             raise ValueError(f"num_docs: {self.num_docs} must be positive")
-        if any(not 0.0 < ratio <= 1.0 for ratio in self.nz_ratios) or len(set(self.nz_ratios)) != len(self.nz_ratios):
-            raise ValueError(f"nz_ratios: each must be in (0, 1], without repeats, got {self.nz_ratios}")
-        if any(not 0.0 <= t < 1.0 for t in self.thresholds) or len(set(self.thresholds)) != len(self.thresholds):
-            raise ValueError(f"thresholds: each must be in [0, 1), without repeats, got {self.thresholds}")
+        for field, method in (("nz_ratios", "nz_ratio"), ("thresholds", "threshold")):
+            values = getattr(self, field)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{field}: {values} repeats a value")
+            for value in values:
+                try:
+                    Selection(method=method, **{method: value})  # the one place a selection setting is checked
+                except ValueError as error:
+                    raise ValueError(f"{field}: {error}") from None
         if self.methods is not None:
             unknown = [m for m in self.methods if m not in METHODS]
             if not self.methods or unknown or len(set(self.methods)) != len(self.methods):
@@ -147,7 +153,7 @@ class EvalConfig:
             raise ValueError("attention: cudnn runs bfloat16 only; use dtype bfloat16 or attention xla")
 
     @property
-    def methods_to_run(self) -> tuple[Method, ...]:
+    def methods_to_run(self) -> tuple[str, ...]:
         """`methods`, or all of them ("gate" only with an adapter)."""
         if self.methods is not None:
             return self.methods
@@ -187,7 +193,8 @@ class Setting:
     @property
     def computed_as(self) -> "Setting":
         """The setting whose forward gives this one's numbers: a selection that keeps every block (nz_ratio 1,
-        threshold 0) never consults its source (`SeerAttention.prefill`), so one forward serves every method."""
+        threshold 0) never consults its source (`SeerAttention.causal_attention`), so one forward serves every
+        method."""
         if self.selection is not None and self.selection.is_dense:
             return _EVERY_BLOCK
         return self
@@ -422,12 +429,15 @@ def _sparse_nll(model: SeerCausalLM, tokens: jax.Array) -> tuple[jax.Array, jax.
 
 
 def _sparse_kernel(model_config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> str:
-    """Which implementation ("mosaic" or "reference") `block_sparse_attention` ran for this length."""
-    num_blocks = -(-length // BLOCK_SIZE)
-    q = jax.ShapeDtypeStruct((batch, length, model_config.num_q_heads, model_config.head_dim), dtype)
-    kv = jax.ShapeDtypeStruct((batch, length, model_config.num_kv_heads, model_config.head_dim), dtype)
-    mask = jax.ShapeDtypeStruct((batch, model_config.num_q_heads, num_blocks, num_blocks), jnp.bool_)
-    return block_sparse_attention_implementation(q, kv, kv, block_mask=mask)
+    """Which implementation ("mosaic" or "reference") block-sparse prefill ran for this length."""
+    return sparse_prefill_implementation(
+        batch,
+        length,
+        num_q_heads=model_config.num_q_heads,
+        num_kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim,
+        dtype=dtype,
+    )
 
 
 def _environment() -> dict[str, Any]:

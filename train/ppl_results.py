@@ -65,7 +65,7 @@ class PplRow:
 
     @property
     def ppl(self) -> float:
-        """exp(mean over documents of the per-document mean NLL), SEER_SPEC §7."""
+        """exp(mean over documents of the per-document mean NLL), docs/design.md §7."""
         return math.exp(self.mean_nll)
 
     @property
