@@ -38,7 +38,7 @@ def resolve_model_path(name: str | Path, *, flag: str = "--model") -> Path:
     text = str(name)
     match = _HUB_ID.match(text)
     if path.exists() or match is None or text.startswith("."):
-        raise ModelPathError(f"{flag} {text}: no such directory; pass a model directory or a Hugging Face hub id")
+        raise ModelPathError(f"{flag} {text} is not a directory; pass a model directory or a Hugging Face hub id")
     # Imported here: huggingface_hub is only needed for hub ids, and command lines import this module early.
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
