@@ -25,7 +25,8 @@ CHAT_TEMPLATE = (
 TEXT = (
     "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
     "The quick brown fox jumps over the lazy dog. Sparse attention computes only the blocks that matter.",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, item):\n        self.items.append(item)\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n"
+    "    def push(self, item):\n        self.items.append(item)\n",
 )
 
 
