@@ -83,13 +83,11 @@ def test_greedy_output_equals_generate(model_dir, capsys):
 
 def test_gates_at_a_dense_selection_equal_dense(model_dir, adapter_dir, capsys):
     """Without --model the adapter's base model is loaded; nz_ratio=1 computes every block (density 1.0) and gives
-    the dense text; the adapter's own selection (nz_ratio 0.3) computes fewer blocks."""
+    the dense text. (The adapter's own sparse selection: test_pipeline.)"""
     options = ("--prompt", PROMPT, "--max-new-tokens", NEW_TOKENS)
     dense, _ = run_cli(capsys, "--model", model_dir, *options)
     every_block, summary = run_cli(capsys, "--gates", adapter_dir, "--selection", "nz_ratio=1.0", *options)
     assert every_block == dense and float(summary[3]) == 1.0
-    _, summary = run_cli(capsys, "--gates", adapter_dir, *options)
-    assert 0 < float(summary[3]) < 0.9
 
 
 def test_chat_template_from_stdin(model_dir, capsys, monkeypatch):
