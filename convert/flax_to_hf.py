@@ -3,10 +3,11 @@
     python -m convert.flax_to_hf --model DIR --out DIR [--dtype bfloat16|float32] [--max-shard-gb 5]
 
 `--model` is a converted directory (`convert.hf_to_flax`, or the `model/` a `train.finetune` run writes); an HF
-directory works too. The output holds `config.json` (the model's, RoPE settings such as YaRN included, `dtype` set),
-safetensors weights under HF names in HF's [out, in] layout (sharded with an index beyond `--max-shard-gb`; no
-`lm_head` with tied embeddings) and the tokenizer files (`seer_jax.hf_export`). It appears only when complete; on
-any error the command prints one line saying what to do and exits with status 1.
+directory or a hub id in the local Hugging Face cache (`seer_jax.model_path`) works too. The output holds
+`config.json` (the model's, RoPE settings such as YaRN included, `dtype` set), safetensors weights under HF names in
+HF's [out, in] layout (sharded with an index beyond `--max-shard-gb`; no `lm_head` with tied embeddings) and the
+tokenizer with its chat template and generation_config.json (`seer_jax.model_files`). It appears only when complete;
+on any error the command prints one line saying what to do and exits with status 1.
 """
 
 import argparse
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from seer_jax.checkpoint import load_model
 from seer_jax.hf_export import EXPORT_DTYPES, save_hf
 from seer_jax.hf_weights import CheckpointError
+from seer_jax.model_path import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ def export(config: ExportConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m convert.flax_to_hf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="converted model directory")
+    parser.add_argument("--model", required=True, help="converted model directory (or HF directory, hub id)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
     parser.add_argument(
         "--dtype", default="bfloat16", help=f"dtype of the written weights: {' or '.join(EXPORT_DTYPES)}"
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
     log.setLevel(logging.INFO)
     try:
-        config = ExportConfig(model_dir=args.model, out_dir=args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb)
+        model_dir = resolve_model_path(args.model)
+        config = ExportConfig(model_dir=model_dir, out_dir=args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb)
         log.info("%s", config)
         export(config)
     except (ValueError, OSError, CheckpointError) as error:

@@ -1,12 +1,13 @@
 """Convert a Hugging Face Llama-family checkpoint to a seer-jax (Orbax) directory, without torch.
 
-    python -m convert.hf_to_flax --hf-dir DIR --out DIR [--dtype bfloat16|float32]
+    python -m convert.hf_to_flax --hf-dir DIR_OR_HUB_ID --out DIR [--dtype bfloat16|float32]
 
 Reads `config.json` and the safetensors weights (a single `model.safetensors` or shards listed in
-`model.safetensors.index.json`) one tensor at a time, checks that every tensor maps to a parameter, every parameter
-is filled and every shape matches, and writes the directory described in `seer_jax.checkpoint` (params as Orbax,
-config.json and tokenizer files copied). The output appears only when complete; on any error the command prints one
-line saying what to do and exits with status 1.
+`model.safetensors.index.json`; a hub id is read from the local Hugging Face cache, offline: `seer_jax.model_path`)
+one tensor at a time, checks that every tensor maps to a parameter, every parameter is filled and every shape
+matches, and writes the directory described in `seer_jax.checkpoint` (params as Orbax; config.json, the tokenizer
+with its chat template and generation_config.json copied: `seer_jax.model_files`). The output appears only when
+complete; on any error the command prints one line saying what to do and exits with status 1.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from seer_jax.checkpoint import load_model, save_converted
+from seer_jax.model_path import resolve_model_path
 
 DTYPES = ("bfloat16", "float32")
 
@@ -50,7 +52,9 @@ def convert(config: ConvertConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m convert.hf_to_flax", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hf-dir", type=Path, required=True, help="Hugging Face model directory")
+    parser.add_argument(
+        "--hf-dir", required=True, help="Hugging Face model directory, or a hub id in the local Hugging Face cache"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
     parser.add_argument("--dtype", default="bfloat16", help=f"dtype of the saved weights: {' or '.join(DTYPES)}")
     args = parser.parse_args(argv)
@@ -59,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
     log.setLevel(logging.INFO)
     try:
-        config = ConvertConfig(hf_dir=args.hf_dir, out_dir=args.out, dtype=args.dtype)
+        hf_dir = resolve_model_path(args.hf_dir, flag="--hf-dir")
+        config = ConvertConfig(hf_dir=hf_dir, out_dir=args.out, dtype=args.dtype)
         log.info("%s", config)
         convert(config)
     except (ValueError, OSError) as error:  # CheckpointError is a ValueError

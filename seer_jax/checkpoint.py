@@ -5,7 +5,8 @@ A converted directory, written by `save_converted` (the `convert.hf_to_flax` CLI
     config.json         the HF config, verbatim (read with `ModelConfig.from_hf`)
     params/             Orbax checkpoint of the `nnx.Param` state as a pure dict (state paths as keys)
     seer_jax.json       {"format": 1, "param_dtype": ...}; written last, so its presence means the directory is complete
-    tokenizer files     copied from the HF directory when present
+    tokenizer files     the tokenizer, its chat template and generation_config.json, copied from the HF directory
+                        (`seer_jax.model_files`)
 
 `load_model(path)` detects which kind of directory it is given, builds the model abstractly with `nnx.eval_shape` (no
 random init) and fills it, so loading needs memory for the weights only.
@@ -26,14 +27,12 @@ from jax.sharding import Mesh
 from seer_jax.config import ModelConfig
 from seer_jax.hf_weights import CheckpointError, load_hf_state
 from seer_jax.model import CausalLM
+from seer_jax.model_files import copy_model_files
 from seer_jax.sharding import logical_rules, tree_shardings
 
 MARKER_FILE = "seer_jax.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
-# Files a model directory carries besides config.json and the weights; copied along by `save_converted` and the HF
-# export.
-COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def abstract_model(
@@ -141,9 +140,7 @@ def save_converted(model: CausalLM, out_dir: str | Path, *, hf_dir: str | Path) 
             checkpointer.save(staging / PARAMS_DIR, params)
             checkpointer.wait_until_finished()
         shutil.copyfile(hf_dir / "config.json", staging / "config.json")
-        for name in COPIED_FILES:
-            if (hf_dir / name).is_file():
-                shutil.copyfile(hf_dir / name, staging / name)
+        copy_model_files(hf_dir, staging)
         marker = {"format": FORMAT_VERSION, "param_dtype": str(dtypes.pop())}
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         staging.rename(out_dir)

@@ -6,7 +6,7 @@ with tied embeddings has no `lm_head` parameter, so none is written, as `save_pr
 
     config.json                          the given HF config, with `dtype` set to the weights' dtype
     model.safetensors                    or model-0000i-of-0000n.safetensors + model.safetensors.index.json
-    tokenizer / generation files         copied from `copy_from` when present (`seer_jax.checkpoint.COPIED_FILES`)
+    tokenizer / generation files         copied from `copy_from` when present (`seer_jax.model_files`)
 
 Shards hold at most `max_shard_bytes` (one tensor larger than that gets a shard of its own); tensors are cast and
 moved to the host one shard at a time. Everything is written to a temporary sibling directory that is renamed to
@@ -25,10 +25,10 @@ import numpy as np
 from flax import nnx
 from safetensors.flax import save_file
 
-from seer_jax.checkpoint import COPIED_FILES
 from seer_jax.config import ModelConfig
 from seer_jax.hf_weights import INDEX_FILE, SINGLE_FILE, CheckpointError, hf_name_to_state_path, state_path_to_hf_name
 from seer_jax.model import CausalLM
+from seer_jax.model_files import copy_model_files
 
 EXPORT_DTYPES = ("bfloat16", "float32")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # save_pretrained's default shard size
@@ -70,9 +70,7 @@ def save_hf(
         config = {key: value for key, value in hf_config.items() if key != "torch_dtype"}
         (staging / "config.json").write_text(json.dumps({**config, "dtype": dtype}, indent=2) + "\n")
         if copy_from is not None:
-            for name in COPIED_FILES:
-                if (Path(copy_from) / name).is_file():
-                    shutil.copyfile(Path(copy_from) / name, staging / name)
+            copy_model_files(copy_from, staging)
         staging.rename(out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

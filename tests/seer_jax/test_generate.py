@@ -1,15 +1,20 @@
 """`generate` and `sample_tokens`: EOS handling against HF, sampling, bf16."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from seer_jax.checkpoint import load_model
-from seer_jax.generate import generate, prefill, sample_tokens
+from seer_jax.generate import TokenStream, generate, prefill, sample_tokens
+from seer_jax.model import CausalLM
 from tests.seer_jax.hf_reference import LENGTH, PAD_TOKEN, hf_logits, relative_error
+from tests.seer_jax.tiny_models import TINY, random_module, random_tokens
 
 PROBS = np.asarray([0.4, 0.3, 0.2, 0.1])
 
@@ -96,3 +101,30 @@ def test_invalid_arguments(hf_checkpoint):
         generate(model, tokens, max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="max_length"):
         prefill(model, tokens, max_length=3)
+
+
+def stream_tokens(stream: TokenStream) -> np.ndarray:
+    """The stream's steps as int32 [B, steps]."""
+    return np.stack([np.asarray(step) for step in stream], axis=1)
+
+
+def test_token_stream_equals_generate():
+    """Sampling (temperature and top-p) on a left-padded batch, with an EOS that ends row 0 early: the stream yields
+    generate's columns, then stops where generate does. One layer: compiling is most of this test's time."""
+    config = dataclasses.replace(TINY, num_layers=1)
+    model = random_module(lambda: CausalLM(config, rngs=nnx.Rngs(0)), 3, weight_std=0.3)
+    tokens = jnp.asarray(random_tokens(0, 2, 12))
+    mask = jnp.asarray(np.arange(12)[None, :] >= np.array([[0], [5]]))  # row 1: 5 padding tokens
+    options = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, rng=jax.random.key(7), pad_token_id=0)
+    free_stream = TokenStream(model, tokens, mask, eos_token_id=(), collect=(), **options)
+    free = stream_tokens(free_stream)
+    assert free.shape == (2, 6) and free_stream.compile_seconds > 0
+    assert free_stream.collected == ({},)  # one layer, nothing asked for
+    eos = int(free[0, 2])  # row 0 ends at step 2 at the latest
+    expected = np.asarray(generate(model, tokens, mask, eos_token_id=eos, **options))
+    streamed = stream_tokens(TokenStream(model, tokens, mask, eos_token_id=eos, **options))
+    np.testing.assert_array_equal(streamed, expected[:, : streamed.shape[1]])
+    assert (expected[:, streamed.shape[1] :] == 0).all()  # generate had stopped there too
+    np.testing.assert_array_equal(
+        streamed[0, :3][: list(streamed[0]).index(eos) + 1], free[0, : list(streamed[0]).index(eos) + 1]
+    )

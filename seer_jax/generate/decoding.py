@@ -13,10 +13,16 @@ none, which lets cuDNN attention run unmasked). RoPE positions count real tokens
     generate(model, tokens, attention_mask=None, *, max_new_tokens, temperature=0.0, top_p=1.0,
              eos_token_id=None, pad_token_id=None, rng=None) -> int32 [B, max_new_tokens]
     sample_tokens(logits, rng, *, temperature, top_p) -> int32 [B]
+    TokenStream(model, tokens, attention_mask=None, *, max_new_tokens, ..., collect=())  iterates generate's tokens
+                                                                                        step by step: int32 [B]
+
+`TokenStream` is for streaming output: the same tokens as `generate` for the same arguments, one Python step per
+token (the cache donated to each step), compiled ahead of time so that its timings separate compilation from work.
 """
 
 import functools
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,19 +92,7 @@ def generate(
       int32 [B, max_new_tokens]: the generated tokens; after a row emits an EOS token, `pad_token_id`. Generation
       stops early once every row has finished; the remaining columns hold `pad_token_id`.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
-    if temperature > 0 and rng is None:
-        raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
-    config = model.config
-    if eos_token_id is None:
-        eos_ids = config.eos_token_ids
-    else:
-        eos_ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    eos_ids, pad_token_id = _check_sampling(model, max_new_tokens, temperature, top_p, rng, eos_token_id, pad_token_id)
     graphdef, state = nnx.split(model)
     return _generate_jit(
         graphdef,
@@ -112,6 +106,81 @@ def generate(
         eos_ids=eos_ids,
         pad_token_id=int(pad_token_id),
     )
+
+
+class TokenStream:
+    """`generate`, one decode step per `next()`: yields int32 [B], the tokens `generate` returns column by column for
+    the same arguments, and stops after `max_new_tokens` steps or once every row has emitted an EOS token (a
+    finished row yields `pad_token_id`).
+
+    Construction compiles the prefill and the decode step ahead of time (`compile_seconds`; a later stream of the
+    same shapes and settings reuses them). The first `next()` runs the prefill and samples the first token; each
+    later one feeds the previous token and donates the cache to the step. Arguments as `generate`'s, plus
+    `collect`: names of per-layer values the prefill returns besides its logits (`CausalLM.forward`; "density"
+    for a `seer_jax.seer.SeerCausalLM`), in `collected` after the first step.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        rng: jax.Array | None = None,
+        collect: Sequence[str] = (),
+    ):
+        eos_ids, pad_token_id = _check_sampling(
+            model, max_new_tokens, temperature, top_p, rng, eos_token_id, pad_token_id
+        )
+        self.max_new_tokens = max_new_tokens
+        self.collected: tuple[Mapping[str, jax.Array], ...] = ()
+        self._tokens, self._attention_mask = jnp.asarray(tokens), attention_mask
+        self._rng = jax.random.key(0) if rng is None else rng
+        self._step = 0
+        self._token = self._done = self._cache = None
+        graphdef, self._state = nnx.split(model)
+        sampling = dict(temperature=float(temperature), top_p=float(top_p), eos_ids=eos_ids)
+        start = time.perf_counter()
+        # The last generated token is never fed back, so the cache needs max_new_tokens - 1 free slots.
+        max_length = self._tokens.shape[1] + max_new_tokens - 1
+        prefill = _stream_prefill_jit.lower(
+            graphdef,
+            self._state,
+            self._tokens,
+            attention_mask,
+            self._rng,
+            max_length=max_length,
+            collect=tuple(sorted(collect)),
+            **sampling,
+        )
+        token, done, cache, rng, _ = prefill.out_info
+        self._prefill = prefill.compile()
+        self._decode = _stream_decode_jit.lower(
+            graphdef, self._state, token, done, cache, rng, pad_token_id=int(pad_token_id), **sampling
+        ).compile()
+        self.compile_seconds = time.perf_counter() - start
+
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> jax.Array:
+        if self._step == 0:
+            self._token, self._done, self._cache, self._rng, self.collected = self._prefill(
+                self._state, self._tokens, self._attention_mask, self._rng
+            )
+        elif self._step >= self.max_new_tokens or bool(jnp.all(self._done)):
+            raise StopIteration
+        else:
+            self._token, self._done, self._cache, self._rng = self._decode(
+                self._state, self._token, self._done, self._cache, self._rng
+            )
+        self._step += 1
+        return self._token
 
 
 def sample_tokens(logits: jax.Array, rng: jax.Array, *, temperature: float, top_p: float) -> jax.Array:
@@ -134,14 +203,48 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, *, temperature: float, top_
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _check_sampling(
+    model: CausalLM,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    rng: jax.Array | None,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int | None,
+) -> tuple[tuple[int, ...], int]:
+    """Validates `generate`'s settings; returns (EOS ids, pad id) with the defaults its docstring gives."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
+    config = model.config
+    if eos_token_id is None:
+        eos_ids = config.eos_token_ids
+    else:
+        eos_ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    return eos_ids, int(pad_token_id)
+
+
 def _prefill(
-    model: CausalLM, tokens: jax.Array, attention_mask: jax.Array | None, *, max_length: int, return_all_logits: bool
-) -> tuple[jax.Array, KVCache]:
+    model: CausalLM,
+    tokens: jax.Array,
+    attention_mask: jax.Array | None,
+    *,
+    max_length: int,
+    return_all_logits: bool,
+    collect: tuple[str, ...] = (),
+) -> tuple[jax.Array, KVCache, tuple[Mapping[str, jax.Array], ...]]:
     if max_length < tokens.shape[1]:
         raise ValueError(f"max_length ({max_length}) must be at least the prompt length ({tokens.shape[1]})")
-    logits, cache = model(tokens, attention_mask=attention_mask, last_only=not return_all_logits)
+    logits, cache, collected = model.forward(
+        tokens, attention_mask=attention_mask, last_only=not return_all_logits, collect=collect
+    )
     logits = logits if return_all_logits else logits[:, -1]  # [B, T, V] or [B, V]
-    return logits, cache.padded_to(max_length)
+    return logits, cache.padded_to(max_length), collected
 
 
 def _decode(model: CausalLM, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -152,7 +255,7 @@ def _decode(model: CausalLM, tokens: jax.Array, cache: KVCache) -> tuple[jax.Arr
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("max_length", "return_all_logits"))
 def _prefill_jit(graphdef, state, tokens, attention_mask, *, max_length, return_all_logits):
     model = nnx.merge(graphdef, state)
-    return _prefill(model, tokens, attention_mask, max_length=max_length, return_all_logits=return_all_logits)
+    return _prefill(model, tokens, attention_mask, max_length=max_length, return_all_logits=return_all_logits)[:2]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -174,7 +277,7 @@ def _generate_jit(
     eos = jnp.asarray(eos_ids, jnp.int32)  # [number of EOS tokens]
 
     # The last generated token is never fed back, so the cache needs max_new_tokens - 1 free slots.
-    logits, cache = _prefill(
+    logits, cache, _ = _prefill(
         model, tokens, attention_mask, max_length=prompt_length + max_new_tokens - 1, return_all_logits=False
     )
     rng, step_rng = jax.random.split(rng)
@@ -196,3 +299,31 @@ def _generate_jit(
 
     carry = (jnp.asarray(1, jnp.int32), generated, token, cache, done, rng)
     return jax.lax.while_loop(unfinished, step_once, carry)[1]
+
+
+@functools.partial(
+    jax.jit, static_argnums=0, static_argnames=("max_length", "collect", "temperature", "top_p", "eos_ids")
+)
+def _stream_prefill_jit(
+    graphdef, state, tokens, attention_mask, rng, *, max_length, collect, temperature, top_p, eos_ids
+):
+    model = nnx.merge(graphdef, state)
+    logits, cache, collected = _prefill(
+        model, tokens, attention_mask, max_length=max_length, return_all_logits=False, collect=collect
+    )
+    rng, step_rng = jax.random.split(rng)
+    token = sample_tokens(logits, step_rng, temperature=temperature, top_p=top_p)  # [B]
+    return token, jnp.isin(token, jnp.asarray(eos_ids, jnp.int32)), cache, rng, collected
+
+
+@functools.partial(
+    jax.jit,
+    static_argnums=0,
+    static_argnames=("temperature", "top_p", "eos_ids", "pad_token_id"),
+    donate_argnames=("cache",),
+)
+def _stream_decode_jit(graphdef, state, token, done, cache, rng, *, temperature, top_p, eos_ids, pad_token_id):
+    logits, cache = _decode(nnx.merge(graphdef, state), token, cache)
+    rng, step_rng = jax.random.split(rng)
+    token = jnp.where(done, pad_token_id, sample_tokens(logits, step_rng, temperature=temperature, top_p=top_p))
+    return token, done | jnp.isin(token, jnp.asarray(eos_ids, jnp.int32)), cache, rng
