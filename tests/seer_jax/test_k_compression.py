@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from seer_jax.k_compression import KCompressionCache
+from seer_jax.decode_gate import DecodeAttnGate
+from seer_jax.k_compression import KCompressionCache, append_token, compress_prompt
 from seer_jax.kv_cache import KVCache
 from tests.seer_jax.decode_models import DECODE_BLOCK, base_model, decode_model, padded_batch, with_decode
-from tests.seer_jax.tiny_models import TINY, random_tokens
+from tests.seer_jax.tiny_models import TINY, random_module, random_tokens
 
 PROMPT, STEPS = 40, 30  # rows of 40 and 27 real tokens, then 30 decode steps: blocks complete at different steps
 
@@ -95,3 +96,32 @@ def test_capacity_grows_with_the_kv_cache_and_memory_per_token():
     assert jax.tree.structure(plain) == jax.tree.structure(
         KVCache(keys=plain.keys, values=plain.values, key_mask=plain.key_mask, length=plain.length)
     )
+
+
+@pytest.mark.parametrize("rope_at_block_end", [False, True])
+def test_append_token_completes_exactly_its_block(rope_at_block_end):
+    """Row 0 holds 15 tokens, row 1 holds 4: the next token completes row 0's block 0 (pooled from exactly its 16
+    keys and rotated at its first position, or at its last with `rope_at_block_end`) and only enters row 1's
+    remainder."""
+    config = with_decode(rope_at_block_end=rope_at_block_end)
+    gate = random_module(
+        lambda: DecodeAttnGate(TINY, config, param_dtype=jnp.float32, rngs=nnx.Rngs(0)), 3, weight_std=0.3
+    )
+    k = jnp.asarray(np.random.default_rng(4).standard_normal((2, 16, TINY.num_kv_heads, TINY.head_dim)), jnp.float32)
+    lengths = jnp.asarray([15, 4])
+    new = jnp.stack([k[0, 15:], k[1, 4:5]])  # [B, 1, K, H]
+
+    @nnx.jit
+    def prefill_append_and_recompute(gate, k, new, lengths):
+        cache = compress_prompt(gate, k, lengths).padded_to(32)
+        position = 15 if rope_at_block_end else 0
+        expected = gate.keys(gate.pool(k[:1]), jnp.full((1, 1), position))[0, 0]  # [K, E]
+        return cache, append_token(cache, gate, new, lengths), expected
+
+    cache, after, expected = prefill_append_and_recompute(gate, k, new, lengths)
+    assert not np.asarray(cache.blocks).any()
+    np.testing.assert_allclose(np.asarray(after.blocks[0, 0]), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    assert not np.asarray(after.blocks[0, 1:]).any() and not np.asarray(after.blocks[1]).any()
+    assert not np.asarray(after.remainder[0]).any()  # cleared once its block is complete
+    np.testing.assert_array_equal(np.asarray(after.remainder[1, :5]), np.asarray(k[1, :5]))
+    assert not np.asarray(after.remainder[1, 5:]).any()
