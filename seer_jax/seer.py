@@ -299,7 +299,8 @@ class SeerAttention(Attention):
 
 
 class SeerCausalLM(CausalLM):
-    """A `CausalLM` whose attention layers are `SeerAttention`s (block-sparse prefill, dense decode).
+    """A `CausalLM` whose attention layers are `SeerAttention`s (block-sparse prefill; block-sparse decode with
+    `seer_config.decode`, dense without).
 
     Args:
       config: the base architecture (sliding-window models are not supported).
