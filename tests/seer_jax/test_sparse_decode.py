@@ -22,8 +22,9 @@ from tests.seer_jax.decode_models import (
 from tests.seer_jax.tiny_models import TINY
 
 PROMPT, NEW = 40, 30  # rows of 40 and 27 real tokens; 30 new tokens cross two block boundaries in each row
-# One block chosen by top-k, no sink: every step attends 1 or 2 blocks of up to 5, so generation changes.
-SMALL = with_decode(token_budget=DECODE_BLOCK, force_sink=False)
+# One block chosen by top-k, no sink: every step of layer 1 attends 1 or 2 blocks of up to 5, so generation changes;
+# layer 0 decodes densely. (One model for several tests: their compiled `generate` is shared.)
+SMALL = with_decode(token_budget=DECODE_BLOCK, force_sink=False, start_layer=1)
 decode_logits_and_density = nnx.jit(decode_logits_and_density)
 
 
@@ -61,7 +62,7 @@ def test_small_budget_generation_is_teacher_forced_decoding():
     """A one-block budget changes the tokens; they are finite-logit argmaxes of teacher-forced sparse decoding of
     themselves, whose density report matches the block count; layers below start_layer decode densely."""
     tokens, mask = padded_batch(PROMPT)
-    model = decode_model(with_decode(token_budget=DECODE_BLOCK, force_sink=False, start_layer=1))
+    model = decode_model(SMALL)
     generated = greedy(model, tokens, mask)
     assert (generated != greedy(base_model(), tokens, mask)).any()
     logits, density = decode_logits_and_density(model, tokens, mask, jnp.asarray(generated))
@@ -77,8 +78,8 @@ def test_left_padded_row_decodes_as_alone():
     """Blocks count each row's own tokens: a left-padded row generates what it generates unpadded."""
     tokens, mask = padded_batch(PROMPT)
     model = decode_model(SMALL)
-    together = greedy(model, tokens, mask, new_tokens=20)
-    np.testing.assert_array_equal(together[1:], greedy(model, tokens[1:, 13:], None, new_tokens=20))
+    together = greedy(model, tokens, mask)
+    np.testing.assert_array_equal(together[1:], greedy(model, tokens[1:, 13:], None))
 
 
 @pytest.mark.parametrize("prefill", [DENSE_PREFILL, SPARSE_PREFILL], ids=["dense-prefill", "sparse-prefill"])
@@ -93,4 +94,4 @@ def test_prefill_and_decode_combinations_under_jit(prefill, decode):
     if decode is not None:  # decode sparsity does not depend on the prefill's
         _, density = decode_logits_and_density(model, tokens, mask, jnp.asarray(generated))
         expected = expected_density(np.asarray([150, 130]), 8, chosen=1)
-        np.testing.assert_allclose(np.asarray(density), expected, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(density), [1.0, expected], rtol=1e-6)
