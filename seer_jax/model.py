@@ -31,12 +31,17 @@ then hands them to one of two hooks, which a subclass overrides to change the at
 - `causal_attention(...)` without a cache (here: dense, `seer_jax.attention.dot_product_attention`);
 - `decode_attention(...)` with one (here: dense over the filled cache slots).
 
+A layer may keep state for decoding besides its keys and values (SeerAttention-R's compressed keys): the hook
+`decode_state` builds it from a causal forward's pre-RoPE keys (here: None), the `KVCache` carries it
+(`decode_states`), and `decode_attention` receives and returns it.
+
 `collect` names per-layer values that a subclass can produce besides its output (`seer_jax.seer.COLLECTABLE`:
-gate features, gate logits, distillation targets, block density, block masks); `forward` returns them, one dict
-per layer. The plain model collects nothing.
+gate features, gate logits, distillation targets, block density, block masks; `seer_jax.seer.DECODE_COLLECTABLE`
+on a decode step); `forward` returns them, one dict per layer. The plain model collects nothing.
 """
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -144,11 +149,41 @@ class Attention(nnx.Module):
             raise ValueError(f"a dense Attention layer collects nothing, asked for {sorted(collect)}")
         return self.attend(q_rot, k_rot, v, causal=True, key_mask=key_mask), {}
 
+    def decode_state(self, k: jax.Array, *, key_mask: jax.Array | None) -> Any:
+        """The state a decode step of this layer needs besides the KV cache, built from a causal forward's pre-RoPE
+        keys k [B, T, K, H] (key_mask: bool [B, T] left padding, or None); None: a plain layer needs none."""
+        del k, key_mask
+        return None
+
     def decode_attention(
-        self, q_rot: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, key_mask: jax.Array
-    ) -> jax.Array:
-        """One decode step's attention: rotated q [B, 1, N, H] over the cache [B, S, K, H] → [B, 1, N, H]."""
-        return self.attend(q_rot, k_cache, v_cache, causal=False, key_mask=key_mask)
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        q_rot: jax.Array,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        *,
+        key_mask: jax.Array,
+        state: Any,
+        collect: frozenset[str],
+    ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+        """One decode step's attention: dense here.
+
+        Args:
+          q, k: the new token's pre-RoPE query [B, 1, N, H] and key [B, 1, K, H] (a gate's inputs).
+          q_rot: q after RoPE.
+          k_cache, v_cache: the cache [B, S, K, H], the new token's rotated key and value already written.
+          key_mask: bool [B, S], the real slots (the new token's included).
+          state: the layer's decode state (`decode_state`, updated by earlier steps).
+          collect: names of extra per-layer values to return; a plain `Attention` has none.
+
+        Returns:
+          The attention output [B, 1, N, H] (before o_proj), the updated state, and the collected values by name.
+        """
+        del q, k  # the pre-RoPE q/k feed gates, which a plain attention layer has none of
+        if collect:
+            raise ValueError(f"a dense Attention layer's decode step collects nothing, asked for {sorted(collect)}")
+        return self.attend(q_rot, k_cache, v_cache, causal=False, key_mask=key_mask), state, {}
 
     def __call__(
         self,
@@ -156,23 +191,24 @@ class Attention(nnx.Module):
         positions: jax.Array,
         *,
         key_mask: jax.Array | None,
-        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache: tuple[jax.Array, jax.Array, Any] | None = None,
         cache_index: jax.Array | None = None,
         collect: frozenset[str] = frozenset(),
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], dict[str, jax.Array]]:
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any], dict[str, jax.Array]]:
         """Self-attention block.
 
         Args:
           hidden: [B, T, D], already normalised.
           positions: int [B, T] RoPE positions.
           key_mask: bool [B, S] valid keys (S = T without a cache, the cache size with one), or None if all are.
-          cache: this layer's (keys, values) buffers [B, S, K, H], or None for a causal forward.
+          cache: this layer's (keys, values) buffers [B, S, K, H] and decode state, or None for a causal forward.
           cache_index: int32 [], the slot the (single) new token is written to; required with `cache`.
-          collect: names of extra values to return (see `causal_attention`); only without a cache.
+          collect: names of extra values to return (see `causal_attention` and `decode_attention`).
 
         Returns:
-          The output [B, T, D]; (keys, values): the T new rotated keys/values [B, T, K, H] without a cache, the
-          updated buffers [B, S, K, H] with one; and the collected values by name.
+          The output [B, T, D]; (keys, values, decode state): the T new rotated keys/values [B, T, K, H] and the
+          state `decode_state` builds from them without a cache, the updated buffers [B, S, K, H] and state with
+          one; and the collected values by name.
         """
         batch, length, _ = hidden.shape
         q, k, v = self.project_qkv(hidden)  # pre-RoPE: [B, T, N, H], [B, T, K, H], [B, T, K, H]
@@ -180,17 +216,17 @@ class Attention(nnx.Module):
         k_rot = apply_rope(k, positions, self.rope)
         if cache is None:
             out, collected = self.causal_attention(q, k, v, q_rot, k_rot, key_mask=key_mask, collect=collect)
-            kv = (k_rot, v)  # [B, T, K, H] each
+            kv = (k_rot, v, self.decode_state(k, key_mask=key_mask))  # [B, T, K, H] each, and the state
         else:
             if length != 1:
                 raise ValueError(f"decoding with a cache takes one token per step, got T={length}")
-            if collect:
-                raise ValueError(f"a decode step collects nothing, asked for {sorted(collect)}")
             start = (0, cache_index, 0, 0)
             k_cache = jax.lax.dynamic_update_slice(cache[0], k_rot.astype(cache[0].dtype), start)  # [B, S, K, H]
             v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)  # [B, S, K, H]
-            out, collected = self.decode_attention(q_rot, k_cache, v_cache, key_mask=key_mask), {}
-            kv = (k_cache, v_cache)
+            out, state, collected = self.decode_attention(
+                q, k, q_rot, k_cache, v_cache, key_mask=key_mask, state=cache[2], collect=collect
+            )
+            kv = (k_cache, v_cache, state)
         out = self.o_proj(out.reshape(batch, length, self.num_q_heads * self.head_dim))  # [B, T, D]
         return out, kv, collected
 
@@ -241,12 +277,12 @@ class DecoderLayer(nnx.Module):
         positions: jax.Array,
         *,
         key_mask: jax.Array | None,
-        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache: tuple[jax.Array, jax.Array, Any] | None = None,
         cache_index: jax.Array | None = None,
         collect: frozenset[str] = frozenset(),
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], dict[str, jax.Array]]:
-        """hidden [B, T, D] → [B, T, D], plus the layer's (keys, values) and collected values; arguments as in
-        `Attention.__call__`."""
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any], dict[str, jax.Array]]:
+        """hidden [B, T, D] → [B, T, D], plus the layer's (keys, values, decode state) and collected values;
+        arguments as in `Attention.__call__`."""
         attention_out, kv, collected = self.self_attn(
             self.input_layernorm(hidden),
             positions,
@@ -298,10 +334,10 @@ def _call_layer(
     hidden: jax.Array,
     positions: jax.Array,
     key_mask: jax.Array | None,
-    cache: tuple[jax.Array, jax.Array] | None,
+    cache: tuple[jax.Array, jax.Array, Any] | None,
     cache_index: jax.Array | None,
     collect: frozenset[str],
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array], dict[str, jax.Array]]:
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any], dict[str, jax.Array]]:
     return layer(hidden, positions, key_mask=key_mask, cache=cache, cache_index=cache_index, collect=collect)
 
 
@@ -392,8 +428,8 @@ class CausalLM(nnx.Module):
           last_only: compute logits for the last position only ([B, 1, V]).
           remat: rematerialise each decoder layer (`nnx.remat`): a backward pass recomputes the layer's activations
             instead of keeping them, so training memory holds one layer's activations plus the L layer inputs.
-          collect: names of per-layer values to return besides the logits (a causal forward of a model whose
-            attention layers produce them, e.g. `seer_jax.seer.SeerCausalLM`); empty for none.
+          collect: names of per-layer values to return besides the logits (a forward of a model whose attention
+            layers produce them, e.g. `seer_jax.seer.SeerCausalLM`); empty for none.
 
         Returns:
           logits [B, T, V] (or [B, 1, V]) in the compute dtype; the new `KVCache`: the forward's T slots without a
@@ -425,22 +461,34 @@ class CausalLM(nnx.Module):
 
         hidden = self.model.embed_tokens(tokens)  # [B, T, D]
         call_layer = _call_layer_remat if remat else _call_layer
-        keys, values, collected = [], [], []
+        keys, values, states, collected = [], [], [], []
         for index, layer in enumerate(self.model.layers):
-            layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
+            layer_cache = None if cache is None else (cache.keys[index], cache.values[index], cache.decode_state(index))
             cache_index = None if cache is None else cache.length
-            hidden, (key, value), layer_collected = call_layer(
+            hidden, (key, value, state), layer_collected = call_layer(
                 layer, hidden, positions, key_mask, layer_cache, cache_index, collect
             )
             keys.append(key)
             values.append(value)
+            states.append(state)
             collected.append(layer_collected)
+        decode_states = tuple(states) if any(state is not None for state in states) else None
         logits = self.unembed(hidden[:, -1:] if last_only else hidden)  # [B, T, V] (or [B, 1, V])
 
         if cache is None:
             new_cache = KVCache(
-                keys=tuple(keys), values=tuple(values), key_mask=token_mask, length=jnp.asarray(length, jnp.int32)
+                keys=tuple(keys),
+                values=tuple(values),
+                key_mask=token_mask,
+                length=jnp.asarray(length, jnp.int32),
+                decode_states=decode_states,
             )
         else:
-            new_cache = KVCache(keys=tuple(keys), values=tuple(values), key_mask=key_mask, length=cache.length + length)
+            new_cache = KVCache(
+                keys=tuple(keys),
+                values=tuple(values),
+                key_mask=key_mask,
+                length=cache.length + length,
+                decode_states=decode_states,
+            )
         return logits, new_cache, tuple(collected)

@@ -1,18 +1,30 @@
-"""SeerAttention models: a `CausalLM` whose attention layers carry an AttnGate and prefill block-sparsely.
+"""SeerAttention models: a `CausalLM` whose attention layers carry an AttnGate and prefill block-sparsely, and
+optionally a SeerAttention-R decode gate with which they decode block-sparsely.
 
     SeerCausalLM(CausalLM)
       model.layers[i].self_attn: SeerAttention(Attention)     q/k/v/o projections as in `Attention`
         attn_gate: AttnGate                                     mask_linear_k (+ mask_linear_q) weights, GateParam
+        decode_gate: DecodeAttnGate | None                      attngate_linear_q/k (+ attngate_q/knorm), GateParam
 
-so the gates sit at the official paths (`model.layers.{i}.self_attn.attn_gate.mask_linear_k.weight`).
+so the prefill gates sit at the official paths (`model.layers.{i}.self_attn.attn_gate.mask_linear_k.weight`) and
+the decode gates at the official SeerAttention-R paths with `attn_gate` read as `decode_gate`
+(`seer_jax.decode_gate.official_name`).
 
-One forward. `SeerAttention` overrides only `causal_attention`, the attention of a forward without a cache; the
-projections, RoPE, the layer loop and decoding are `seer_jax.model`'s. In layers i >= `start_layer`:
+One forward. `SeerAttention` overrides `causal_attention`, the attention of a forward without a cache, and the two
+decode hooks (`decode_state`, `decode_attention`); the projections, RoPE, the layer loop and the decode loop are
+`seer_jax.model`'s and `seer_jax.generate`'s. In layers i >= `start_layer`:
     block scores [B, N, I, J] from the configured source (`seer_jax.block_scores.SOURCES`) → `select_blocks`
     (`seer_jax.sparsity`) → `block_sparse_attention` on the rotated q/k and v.
 Layers below `start_layer` attend densely; their gates exist (an adapter holds every layer's weights) but select
-nothing. Decode steps are dense in every layer. With a dense selection (nz_ratio 1, threshold 0) every causal block
-is computed and the logits equal the dense model's.
+nothing. With a dense selection (nz_ratio 1, threshold 0) every causal block is computed and the logits equal the
+dense model's.
+
+Sparse decoding (`seer_config.decode`, docs/design.md "Sparse decoding"). `decode_state` compresses the prompt's
+pre-RoPE keys into a `KCompressionCache` (`seer_jax.k_compression`), which the `KVCache` carries; each decode step
+(`decode_attention`) adds the new key to it, scores the compressed blocks with the decode gate, selects blocks
+(`seer_jax.decode_selection`) and attends the selected blocks only (dense attention under the selection's key
+mask). Layers below `decode.start_layer` decode densely and keep no compressed keys. Without `decode`, decode steps
+are dense in every layer. Prefill and decode sparsity are independent: either can be dense.
 
 What else a layer produces is asked for by name (`CausalLM.forward(..., collect=...)`, names in `COLLECTABLE`):
     "gate_features"  the gate's `GateFeatures` (block-pooled pre-RoPE q/k): distillation's input
@@ -21,6 +33,8 @@ What else a layer produces is asked for by name (`CausalLM.forward(..., collect=
                      target (docs/design.md, "Distillation"); no gradient flows into it
     "density"        f32 [N], the fraction of causal blocks computed over the query blocks holding real tokens
     "block_mask"     bool [B, N, I, J], the computed blocks in each row's own block coordinates
+On a decode step a layer collects `DECODE_COLLECTABLE`:
+    "decode_blocks"  f32 [2]: the blocks attended and the blocks holding real tokens, summed over rows and kv heads
 A layer that attends densely (below `start_layer`, or a selection keeping every block) and is asked for the target
 gets its output and the target from one `attention_with_pooling` call: distillation's forward is the base model's.
 The functions at the end of this module are that forward with a fixed `collect`.
@@ -39,16 +53,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from seer_jax.attention import dot_product_attention
 from seer_jax.block_scores import SOURCES, ScoreInputs
 from seer_jax.config import ModelConfig
+from seer_jax.decode_gate import DecodeAttnGate
+from seer_jax.decode_selection import available_blocks, decode_key_mask, select_decode_blocks
 from seer_jax.gate import AttnGate, GateFeatures, GateParam
 from seer_jax.head_parallel import attention_with_pooling_per_device, block_sparse_attention_per_device
+from seer_jax.k_compression import KCompressionCache, append_token, compress_prompt
 from seer_jax.model import Attention, CausalLM
 from seer_jax.seer_config import SeerConfig
 from seer_jax.sparsity import block_density as mask_density
 from seer_jax.sparsity import causal_block_mask, select_blocks
 
 COLLECTABLE = ("gate_features", "gate_logits", "target", "density", "block_mask")
+DECODE_COLLECTABLE = ("decode_blocks",)
 
 
 class RowLayout:
@@ -75,7 +94,8 @@ class RowLayout:
 
 
 class SeerAttention(Attention):
-    """`Attention` with an AttnGate (`attn_gate`) and block-sparse prefill; decode steps stay dense.
+    """`Attention` with an AttnGate (`attn_gate`) and block-sparse prefill, and with `seer_config.decode` a decode
+    gate (`decode_gate`) and block-sparse decode steps; otherwise decode steps are dense.
 
     Args:
       config, attention_implementation, dtype, param_dtype, rngs: as for `Attention`; the gate's weights use
@@ -99,6 +119,10 @@ class SeerAttention(Attention):
             config, attention_implementation=attention_implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.attn_gate = AttnGate(config, seer_config.gate, param_dtype=param_dtype, rngs=rngs)
+        decode = seer_config.decode
+        self.decode_gate = (
+            None if decode is None else DecodeAttnGate(config, decode, param_dtype=param_dtype, rngs=rngs)
+        )
         self.seer_config = seer_config
         self.layer_index = layer_index
 
@@ -106,6 +130,85 @@ class SeerAttention(Attention):
     def is_sparse(self) -> bool:
         """Whether this layer's prefill is block-sparse (layer_index >= start_layer)."""
         return self.layer_index >= self.seer_config.start_layer
+
+    @property
+    def is_sparse_decode(self) -> bool:
+        """Whether this layer's decode steps are block-sparse (a decode config and layer_index >= its start_layer)."""
+        decode = self.seer_config.decode
+        return decode is not None and self.layer_index >= decode.start_layer
+
+    def decode_state(self, k: jax.Array, *, key_mask: jax.Array | None) -> KCompressionCache | None:
+        """The prompt's compressed keys in a layer that decodes sparsely (None otherwise); arguments as
+        `Attention.decode_state`."""
+        if not self.is_sparse_decode:
+            return None
+        batch, length = k.shape[:2]
+        rows = RowLayout(key_mask, length)
+        lengths = jnp.full((batch,), length, jnp.int32) if rows.lengths is None else rows.lengths  # [B]
+        return compress_prompt(self.decode_gate, rows.align(k), lengths)
+
+    def decode_attention(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        q_rot: jax.Array,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        *,
+        key_mask: jax.Array,
+        state: KCompressionCache | None,
+        collect: frozenset[str],
+    ) -> tuple[jax.Array, KCompressionCache | None, dict[str, jax.Array]]:
+        """A decode step over the blocks the decode gate selects (dense below `decode.start_layer` or without a
+        decode config); arguments as `Attention.decode_attention`, `collect` from `DECODE_COLLECTABLE`."""
+        unknown = sorted(collect - set(DECODE_COLLECTABLE))
+        if unknown:
+            raise ValueError(
+                f"cannot collect {unknown} on a decode step: a SeerAttention layer collects {DECODE_COLLECTABLE}"
+            )
+        lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)  # [B] real tokens, the new one included
+        decode = self.seer_config.decode
+        block_size = self.seer_config.gate.block_size if decode is None else decode.block_size
+        available = self.num_kv_heads * jnp.sum(available_blocks(lengths, block_size))
+        if not self.is_sparse_decode:
+            out = self.attend(q_rot, k_cache, v_cache, causal=False, key_mask=key_mask)  # [B, 1, N, H]
+            selected = available
+        else:
+            index = lengths - 1  # [B] the new token's place among the row's real tokens (its RoPE position)
+            state = append_token(state, self.decode_gate, k, index)
+            q_gate = self.decode_gate.query(q, index[:, None])[:, 0]  # [B, K, E]
+            block_mask = select_decode_blocks(self.decode_gate.scores(q_gate, state.blocks), lengths, decode)
+            allowed = decode_key_mask(block_mask, key_mask, decode.block_size)  # [B, K, S]
+            out = self._attend_selected(q_rot, k_cache, v_cache, allowed)  # [B, 1, N, H]
+            selected = jnp.sum(block_mask)
+        collected = {}
+        if "decode_blocks" in collect:
+            collected["decode_blocks"] = jnp.stack([selected, available]).astype(jnp.float32)  # [2]
+        return out, state, collected
+
+    def _attend_selected(
+        self, q_rot: jax.Array, k_cache: jax.Array, v_cache: jax.Array, allowed: jax.Array
+    ) -> jax.Array:
+        """Rotated q [B, 1, N, H] over the cache [B, S, K, H] where allowed (bool [B, K, S]) → [B, 1, N, H].
+
+        Dense attention with each kv head's key mask: the kv heads are folded into the batch. Exact, O(S) per step;
+        `pallas_kernels.block_sparse_decode` on `decode_block_index(block_mask)` reads the selected blocks only.
+        """
+        batch, _, num_q_heads, head_dim = q_rot.shape
+        num_keys, num_kv_heads = k_cache.shape[1:3]
+        group = num_q_heads // num_kv_heads
+        q = q_rot.reshape(batch, num_kv_heads, group, head_dim).reshape(batch * num_kv_heads, 1, group, head_dim)
+        k = k_cache.transpose(0, 2, 1, 3).reshape(batch * num_kv_heads, num_keys, 1, head_dim)  # [B·K, S, 1, H]
+        v = v_cache.transpose(0, 2, 1, 3).reshape(batch * num_kv_heads, num_keys, 1, head_dim)  # [B·K, S, 1, H]
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            causal=False,
+            key_mask=allowed.reshape(batch * num_kv_heads, num_keys),
+            implementation=self.attention_implementation,
+        )  # [B·K, 1, G, H]
+        return out.reshape(batch, 1, num_q_heads, head_dim)  # [B, 1, N, H]
 
     def causal_attention(
         self,
@@ -196,7 +299,8 @@ class SeerAttention(Attention):
 
 
 class SeerCausalLM(CausalLM):
-    """A `CausalLM` whose attention layers are `SeerAttention`s (block-sparse prefill, dense decode).
+    """A `CausalLM` whose attention layers are `SeerAttention`s (block-sparse prefill; block-sparse decode with
+    `seer_config.decode`, dense without).
 
     Args:
       config: the base architecture (sliding-window models are not supported).
@@ -221,6 +325,11 @@ class SeerCausalLM(CausalLM):
         if seer_config.start_layer > config.num_layers:
             raise ValueError(
                 f"seer_config.start_layer ({seer_config.start_layer}) exceeds the model's {config.num_layers} layers"
+            )
+        if seer_config.decode is not None and seer_config.decode.start_layer > config.num_layers:
+            raise ValueError(
+                f"seer_config.decode.start_layer ({seer_config.decode.start_layer}) exceeds the model's "
+                f"{config.num_layers} layers"
             )
         super().__init__(
             config, attention_implementation=attention_implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -282,6 +391,10 @@ def seer_from_base(
     param_dtype = gate_param_dtype or base.model.layers[0].self_attn.q_proj.kernel.get_value().dtype
     for layer in seer.model.layers:
         layer.self_attn.attn_gate = AttnGate(base.config, seer_config.gate, param_dtype=param_dtype, rngs=rngs)
+        if seer_config.decode is not None:
+            layer.self_attn.decode_gate = DecodeAttnGate(
+                base.config, seer_config.decode, param_dtype=param_dtype, rngs=rngs
+            )
     return seer
 
 
@@ -309,6 +422,38 @@ def logits_and_density(
     """The model's logits [B, T, V] and `block_density` f32 [L, N] from one prefill (perplexity at a density)."""
     logits, collected = _collect(model, tokens, attention_mask, ("density",))
     return logits, jnp.stack([layer["density"] for layer in collected])  # [B, T, V], [L, N]
+
+
+def decode_logits_and_density(
+    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None, continuation: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Teacher-forced decoding of a continuation, step by step as `seer_jax.generate.generate` decodes.
+
+    Prefills `tokens` (int [B, T], left padding in `attention_mask`), then feeds continuation[:, :-1] (int [B, C],
+    C >= 2) one token per decode step into a cache of T + C − 1 slots, as `generate` with max_new_tokens = C does;
+    with a generation's own tokens every step selects what that generation selected.
+
+    Returns:
+      logits f32-or-compute-dtype [B, C, V], logits[:, i] predicting continuation[:, i]; and the decode density
+      f32 [L]: per layer, the blocks attended over the blocks holding real tokens (the current one included),
+      summed over decode steps, rows and kv heads (1.0 in a layer that decodes densely).
+    """
+    if not isinstance(model, SeerCausalLM):
+        raise ValueError(f"expected a SeerCausalLM, got {type(model).__name__}")
+    length, num_new = tokens.shape[1], continuation.shape[1]
+    if num_new < 2:
+        raise ValueError(f"the continuation needs at least 2 tokens (1 decode step), got {num_new}")
+    logits, cache = model(tokens, attention_mask=attention_mask, last_only=True)  # [B, 1, V]
+    cache = cache.padded_to(length + num_new - 1)
+
+    def step(cache, token):
+        step_logits, cache, collected = model.forward(token[:, None], cache=cache, collect=DECODE_COLLECTABLE)
+        return cache, (step_logits[:, 0], jnp.stack([layer["decode_blocks"] for layer in collected]))
+
+    _, (step_logits, blocks) = jax.lax.scan(step, cache, continuation[:, :-1].T)  # [C − 1, B, V], [C − 1, L, 2]
+    logits = jnp.concatenate([logits, step_logits.transpose(1, 0, 2)], axis=1)  # [B, C, V]
+    blocks = jnp.sum(blocks, axis=0)  # [L, 2]
+    return logits, blocks[:, 0] / blocks[:, 1]
 
 
 def distillation_inputs(

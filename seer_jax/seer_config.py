@@ -1,5 +1,5 @@
 """`SeerConfig`: how a SeerAttention model chooses and computes its prefill blocks (gate structure, selection, score
-source, dense first layers), stored in adapters as `to_dict()`."""
+source, dense first layers) and, optionally, its decode blocks (`DecodeConfig`), stored in adapters as `to_dict()`."""
 
 import dataclasses
 from collections.abc import Mapping
@@ -7,6 +7,7 @@ from typing import Any
 
 from pallas_kernels.block_sparse_attention import BLOCK_SIZE
 from seer_jax.block_scores import RANKING_SOURCES, SOURCES
+from seer_jax.decode_config import DecodeConfig
 from seer_jax.gate import GateConfig
 from seer_jax.sparsity import Selection
 
@@ -15,7 +16,7 @@ BLOCK_SOURCES: tuple[str, ...] = tuple(SOURCES)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SeerConfig:
-    """How a SeerAttention model chooses and computes its prefill blocks.
+    """How a SeerAttention model chooses and computes its prefill blocks and, optionally, its decode blocks.
 
     Attributes:
       gate: the AttnGate structure; its `block_size` must be the kernel's 64.
@@ -23,6 +24,8 @@ class SeerConfig:
       source: where block scores come from, one of `BLOCK_SOURCES` (`seer_jax.block_scores.SOURCES`).
       start_layer: layers with a smaller index attend densely.
       seed: seeds the "random" source (each layer folds in its index).
+      decode: the decode gates and their selection (SeerAttention-R), or None: decode steps attend densely and
+        the model has no decode gates.
     """
 
     gate: GateConfig = dataclasses.field(default_factory=GateConfig)
@@ -30,6 +33,7 @@ class SeerConfig:
     source: str = "gate"
     start_layer: int = 0
     seed: int = 0
+    decode: DecodeConfig | None = None
 
     def __post_init__(self):
         if not isinstance(self.gate, GateConfig):
@@ -52,6 +56,8 @@ class SeerConfig:
             raise ValueError(f"start_layer must be an int >= 0, got {self.start_layer!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.decode is not None and not isinstance(self.decode, DecodeConfig):
+            raise ValueError(f"decode must be a DecodeConfig or None, got {type(self.decode).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (`from_dict` reads it back)."""
@@ -63,7 +69,10 @@ class SeerConfig:
         data = dict(data)
         gate = _from_fields(GateConfig, data.pop("gate", {}), "seer_config.gate")
         selection = _from_fields(Selection, data.pop("selection", {}), "seer_config.selection")
-        return _from_fields(cls, {**data, "gate": gate, "selection": selection}, "seer_config")
+        decode = data.pop("decode", None)
+        if decode is not None:
+            decode = _from_fields(DecodeConfig, decode, "seer_config.decode")
+        return _from_fields(cls, {**data, "gate": gate, "selection": selection, "decode": decode}, "seer_config")
 
 
 def _from_fields(cls: type, data: Mapping[str, Any], where: str):

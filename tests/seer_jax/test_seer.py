@@ -87,7 +87,7 @@ def test_sparse_layer_matches_masked_dense_attention():
     attention = seer_model(SPARSE).model.layers[1].self_attn
     hidden = jnp.asarray(np.random.default_rng(2).standard_normal((2, LENGTH, TINY.hidden_size)), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(LENGTH), (2, LENGTH))
-    out, (keys, _), collected = attention(hidden, positions, key_mask=None, collect=frozenset({"block_mask"}))
+    out, (keys, _, _), collected = attention(hidden, positions, key_mask=None, collect=frozenset({"block_mask"}))
     block_mask = np.asarray(collected["block_mask"])
     assert block_mask.sum() < 2 * TINY.num_q_heads * 10  # some of the 10 causal blocks of each head are skipped
 
@@ -284,7 +284,8 @@ def test_mosaic_kernels_in_the_model():
 
 
 def test_collect_names_are_checked():
-    """A plain model collects nothing, a SeerAttention model only `COLLECTABLE` names, and a decode step nothing."""
+    """A plain model collects nothing, a SeerAttention model only `COLLECTABLE` names, and on a decode step only
+    `DECODE_COLLECTABLE` names."""
     tokens = jnp.asarray(random_tokens(6, 1, 70))
     with pytest.raises(ValueError, match="collects nothing"):
         base_model().forward(tokens, collect=("density",))
@@ -292,7 +293,7 @@ def test_collect_names_are_checked():
         seer_model(SPARSE).forward(tokens, collect=("attention_probs",))
     _, cache, collected = seer_model(SPARSE).forward(tokens, collect=("density", "block_mask"))
     assert [sorted(layer) for layer in collected] == [["block_mask", "density"]] * TINY.num_layers
-    with pytest.raises(ValueError, match="decode step collects nothing"):
+    with pytest.raises(ValueError, match="on a decode step"):
         seer_model(SPARSE).forward(tokens[:, :1], cache=cache.padded_to(71), collect=("density",))
 
 

@@ -1,0 +1,85 @@
+"""Block selection at decode: decode-gate scores [B, K, J] → the key blocks each (row, kv head) attends.
+
+Blocks are in each row's own coordinates (`seer_jax.k_compression`): a row with n real tokens (the one being decoded
+included) has blocks 0 … c, c = (n − 1) // block_size its current (open or just completed) block. Per step, layer,
+row and kv head (shared by the kv head's G query heads), SEER_R_SPEC §3 with the deviations of docs/design.md,
+"Sparse decoding":
+
+  * scored blocks: the completed earlier blocks j < c. The current block is not scored (training never scores the
+    block holding its query; the official inference scores a zero placeholder there, SEER_R_SPEC §7.4).
+  * forced blocks: the current block always; block 0 (the attention sink) with `force_sink`; the blocks holding the
+    row's last `sliding_window` tokens.
+  * "token_budget": top-k of the scored blocks that are not forced, k = token_budget // block_size (all of them
+    when fewer), on float32 logits without a softmax (ties to the lower block); forced blocks come on top.
+  * "threshold": the scored blocks whose softmax probability over all scored blocks exceeds the threshold.
+
+`decode_key_mask` turns a selection into the key mask of the masked dense attention that computes it exactly;
+`decode_block_index` into the (block_index, block_count) lists of `pallas_kernels.block_sparse_decode`.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from seer_jax.decode_config import DecodeConfig
+from seer_jax.gate import MASKED_LOGIT
+from seer_jax.model import positions_from_mask
+
+
+def select_decode_blocks(scores: jax.Array, lengths: jax.Array, config: DecodeConfig) -> jax.Array:
+    """Decode-gate logits float32 [B, K, J] and the real tokens of each row int [B] (the decoded one included)
+    → bool [B, K, J], the attended blocks (module docstring). Blocks past the current one are never attended."""
+    num_blocks = scores.shape[-1]
+    block_size = config.block_size
+    blocks = jnp.arange(num_blocks)[None, :]  # [1, J]
+    current = ((lengths - 1) // block_size)[:, None]  # [B, 1]
+    scored = blocks < current  # [B, J]
+    forced = blocks == current  # [B, J]
+    if config.force_sink:
+        forced = forced | (blocks == 0)
+    if config.sliding_window:
+        first = (jnp.maximum(lengths - config.sliding_window, 0) // block_size)[:, None]  # [B, 1]
+        forced = forced | ((blocks >= first) & (blocks <= current))
+    scores = scores.astype(jnp.float32)
+    if config.method == "token_budget":
+        candidates = (scored & ~forced)[:, None, :]  # [B, 1, J]
+        count = min(config.budget_blocks, num_blocks)
+        chosen = jnp.zeros(scores.shape, bool)  # [B, K, J]
+        if count:
+            _, top = jax.lax.top_k(jnp.where(candidates, scores, -jnp.inf), count)  # [B, K, count]
+            chosen = jnp.any(top[..., None] == jnp.arange(num_blocks), axis=-2) & candidates  # [B, K, J]
+    else:
+        probs = jax.nn.softmax(jnp.where(scored[:, None, :], scores, MASKED_LOGIT), axis=-1)  # [B, K, J]
+        chosen = (probs > config.threshold) & scored[:, None, :]
+    return chosen | forced[:, None, :]
+
+
+def available_blocks(lengths: jax.Array, block_size: int) -> jax.Array:
+    """int32 [B]: the blocks holding a row's real tokens (the current one included), the denominator of density."""
+    return ((lengths - 1) // block_size + 1).astype(jnp.int32)
+
+
+def decode_key_mask(block_mask: jax.Array, key_mask: jax.Array, block_size: int) -> jax.Array:
+    """bool [B, K, S]: the KV-cache slots a selection attends.
+
+    block_mask: bool [B, K, J], blocks in own coordinates; key_mask: bool [B, S], the cache's real slots (left
+    padding and empty slots False). Slot s of row b is the row's real token number positions_from_mask(key_mask)[b, s]
+    and belongs to that number's block.
+    """
+    block_of_slot = positions_from_mask(key_mask) // block_size  # [B, S]
+    block_of_slot = jnp.minimum(block_of_slot, block_mask.shape[-1] - 1)
+    selected = jnp.take_along_axis(block_mask, block_of_slot[:, None, :], axis=-1)  # [B, K, S]
+    return selected & key_mask[:, None, :]
+
+
+def decode_block_index(block_mask: jax.Array, num_slots: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """A selection bool [B, K, J] → (block_index int32 [B, K, M], block_count int32 [B, K]), the block lists of
+    `pallas_kernels.block_sparse_decode`: per (row, kv head) the selected block ids ascending in slots
+    0 … block_count − 1, −1 after. M = num_slots (default J) must be at least the largest count; extra
+    selected blocks beyond M would be dropped, so callers size M from the selection's bound."""
+    num_blocks = block_mask.shape[-1]
+    num_slots = num_blocks if num_slots is None else num_slots
+    order = jnp.argsort(~block_mask, axis=-1, stable=True).astype(jnp.int32)  # [B, K, J]: selected first
+    order = jnp.pad(order, [(0, 0), (0, 0), (0, max(num_slots - num_blocks, 0))])[..., :num_slots]  # [B, K, M]
+    count = jnp.minimum(jnp.sum(block_mask, axis=-1, dtype=jnp.int32), num_slots)  # [B, K]
+    index = jnp.where(jnp.arange(order.shape[-1]) < count[..., None], order, -1)  # [B, K, M]
+    return index, count

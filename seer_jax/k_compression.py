@@ -1,0 +1,118 @@
+"""`KCompressionCache`: a layer's decode-gate keys, one per completed key block, kept beside the KV cache.
+
+Blocks are counted in each row's own coordinates, as the prefill side counts them (`seer.RowLayout`): block j of
+row b holds its real tokens j·block_size … (j+1)·block_size − 1, whatever the left padding of the batch. A block's
+gate key is final: pooled pre-RoPE k (the decode gate's k ops) → attngate_linear_k → knorm → RoPE at the block's
+first position j·block_size (`DecodeAttnGate.keys`).
+
+    prefill (`compress_prompt`):  every complete block of the prompt compressed at once; the open block's raw
+                                  pre-RoPE keys go to `remainder`, slots 0 … n % block_size − 1.
+    decode step (`append_token`): the new token's pre-RoPE key goes to remainder slot n % block_size (n its index
+                                  in the row); when it completes block n // block_size, exactly that block's
+                                  block_size raw keys are pooled into `blocks` and the remainder is cleared.
+
+Why a raw-key remainder rather than re-reading the KV cache: the KV cache holds rotated keys, rounded to the compute
+dtype after rotation; un-rotating them would give the gate keys that differ from the ones the prefill pooled (and
+from training's), and a YaRN attention factor would have to be divided out. The remainder makes a block completed by
+decoding bit-for-bit the pooling of the same pre-RoPE keys as a prompt block, for block_size · K · H values per row.
+
+Memory per layer, for a cache of S positions (J = ceil(S / block_size) block slots), in the compute dtype
+(`itemsize` bytes, 2 for bf16):
+    blocks     J · K · E · itemsize           = K · E · itemsize / block_size bytes per token
+    remainder  block_size · K · H · itemsize  fixed per row (one open block)
+against 2 · K · H · itemsize bytes per token for the KV cache: a ratio of E / (2 · H · block_size), 1/128 for the
+released gates (E = H = 128, block_size 64). Qwen3-8B (K = 8, bf16): 32 bytes per token per layer (the KV cache
+4096), plus 128 KiB of remainder per row per layer.
+
+Fixed capacity and static shapes: `padded_to` grows the block slots with the KV cache; unused slots are zeros.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from seer_jax.decode_gate import DecodeAttnGate
+from seer_jax.gate import block_positions
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KCompressionCache:
+    """One layer's compressed keys (module docstring).
+
+    Attributes:
+      blocks: [B, J, K, E] gate keys of each row's completed blocks, in its own block coordinates; zeros in the
+        slots of blocks not yet completed.
+      remainder: [B, block_size, K, H] pre-RoPE keys of each row's open block, token n at slot n % block_size;
+        zeros in the slots past the open block's tokens.
+    """
+
+    blocks: jax.Array
+    remainder: jax.Array
+
+    @property
+    def block_size(self) -> int:
+        return self.remainder.shape[1]
+
+    def padded_to(self, max_length: int) -> "KCompressionCache":
+        """The same cache with block slots for a KV cache of `max_length` positions (ceil(max_length / block_size))."""
+        extra = -(-max_length // self.block_size) - self.blocks.shape[1]
+        if extra < 0:
+            raise ValueError(f"cannot shrink {self.blocks.shape[1]} compressed blocks to max_length={max_length}")
+        blocks = jnp.pad(self.blocks, [(0, 0), (0, extra), (0, 0), (0, 0)])  # [B, J', K, E]
+        return KCompressionCache(blocks=blocks, remainder=self.remainder)
+
+
+def compress_prompt(gate: DecodeAttnGate, k: jax.Array, lengths: jax.Array) -> KCompressionCache:
+    """The compressed keys of a prompt.
+
+    Args:
+      gate: the layer's decode gate.
+      k: pre-RoPE keys [B, T, K, H], each row's real tokens first (row-aligned: `seer.RowLayout.align`).
+      lengths: int [B], the real tokens of each row.
+
+    Returns:
+      A cache with ceil(T / block_size) block slots: blocks 0 … lengths // block_size − 1 filled.
+    """
+    batch, length = k.shape[:2]
+    block_size = gate.decode_config.block_size
+    num_blocks = -(-length // block_size)
+    pooled = gate.pool(k, lengths=lengths)  # [B, J, K, Ck]
+    keys = gate.keys(pooled, block_positions(batch, num_blocks, block_size))  # [B, J, K, E]
+    complete = lengths // block_size  # [B]
+    done = (jnp.arange(num_blocks)[None, :] < complete[:, None])[:, :, None, None]  # [B, J, 1, 1]
+    blocks = jnp.where(done, keys, 0.0).astype(k.dtype)  # [B, J, K, E]
+    padded = jnp.pad(k, [(0, 0), (0, block_size), (0, 0), (0, 0)])  # [B, T + block_size, K, H]
+    slots = jnp.arange(block_size)  # [block_size]
+    source = complete[:, None] * block_size + slots[None, :]  # [B, block_size]
+    remainder = jnp.take_along_axis(padded, source[:, :, None, None], axis=1)  # [B, block_size, K, H]
+    is_open = (slots[None, :] < (lengths - complete * block_size)[:, None])[:, :, None, None]  # [B, block_size, 1, 1]
+    return KCompressionCache(blocks=blocks, remainder=jnp.where(is_open, remainder, 0).astype(k.dtype))
+
+
+def append_token(cache: KCompressionCache, gate: DecodeAttnGate, k: jax.Array, index: jax.Array) -> KCompressionCache:
+    """Adds one decoded token per row.
+
+    Args:
+      cache: the layer's compressed keys before the token.
+      gate: the layer's decode gate.
+      k: the token's pre-RoPE key [B, 1, K, H].
+      index: int [B], the token's index among the row's real tokens (its RoPE position).
+
+    Returns:
+      The cache with the token in the remainder, or, when it completes its block, that block compressed.
+    """
+    num_blocks = cache.blocks.shape[1]
+    block_size = cache.block_size
+    slot = index % block_size  # [B]
+    at_slot = (jnp.arange(block_size)[None, :] == slot[:, None])[:, :, None, None]  # [B, block_size, 1, 1]
+    remainder = jnp.where(at_slot, k.astype(cache.remainder.dtype), cache.remainder)  # [B, block_size, K, H]
+    block = index // block_size  # [B]
+    completes = slot == block_size - 1  # [B]
+    position = index if gate.decode_config.rope_at_block_end else block * block_size  # [B]
+    key = gate.keys(gate.pool(remainder), position[:, None])  # [B, 1, K, E]
+    at_block = (jnp.arange(num_blocks)[None, :] == block[:, None]) & completes[:, None]  # [B, J]
+    blocks = jnp.where(at_block[:, :, None, None], key.astype(cache.blocks.dtype), cache.blocks)  # [B, J, K, E]
+    remainder = jnp.where(completes[:, None, None, None], 0, remainder).astype(cache.remainder.dtype)
+    return KCompressionCache(blocks=blocks, remainder=remainder)

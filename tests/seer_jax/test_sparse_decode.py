@@ -1,0 +1,97 @@
+"""Sparse decoding through `generate`: a budget covering the context equals dense generation token for token; small
+budgets change tokens but stay finite and match teacher-forced decoding; left-padded rows decode as alone; the
+decode density report; prefill dense or sparse × decode dense or sparse under jit."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from seer_jax.generate import generate
+from seer_jax.seer import decode_logits_and_density
+from tests.seer_jax.decode_models import (
+    DECODE,
+    DECODE_BLOCK,
+    DENSE_PREFILL,
+    SPARSE_PREFILL,
+    base_model,
+    decode_model,
+    padded_batch,
+    with_decode,
+)
+from tests.seer_jax.tiny_models import TINY
+
+PROMPT, NEW = 40, 30  # rows of 40 and 27 real tokens; 30 new tokens cross two block boundaries in each row
+# One block chosen by top-k, no sink: every step of layer 1 attends 1 or 2 blocks of up to 5, so generation changes;
+# layer 0 decodes densely. (One model for several tests: their compiled `generate` is shared.)
+SMALL = with_decode(token_budget=DECODE_BLOCK, force_sink=False, start_layer=1)
+decode_logits_and_density = nnx.jit(decode_logits_and_density)
+
+
+def greedy(model, tokens, mask, new_tokens: int = NEW) -> np.ndarray:
+    return np.asarray(generate(model, tokens, mask, max_new_tokens=new_tokens, eos_token_id=()))
+
+
+@pytest.mark.parametrize(
+    "decode,padded",
+    [(DECODE, True), (with_decode(method="threshold", threshold=0.0, sliding_window=20), False)],
+    ids=["budget-left-padded", "threshold-unpadded"],
+)
+def test_full_budget_generation_equals_dense(decode, padded):
+    """Every block selected (GQA, one unpadded and one left-padded row; or no padding and no mask): the greedy
+    tokens are the dense model's, and the density report says 1."""
+    tokens, mask = padded_batch(PROMPT, (0, 13) if padded else (0, 0))
+    mask = mask if padded else None
+    dense = greedy(base_model(), tokens, mask)
+    sparse = greedy(decode_model(decode), tokens, mask)
+    np.testing.assert_array_equal(sparse, dense)
+    if padded:
+        _, density = decode_logits_and_density(decode_model(decode), tokens, mask, jnp.asarray(sparse))
+        np.testing.assert_array_equal(np.asarray(density), 1.0)
+
+
+def expected_density(prompt_lengths: np.ndarray, new_tokens: int, chosen: int) -> float:
+    """Density of a top-k of `chosen` blocks + the current block, no sink, no window: per step and row,
+    min(chosen, c) + 1 of c + 1 blocks, c the current block (every kv head alike)."""
+    lengths = prompt_lengths[:, None] + 1 + np.arange(new_tokens - 1)[None, :]  # [B, steps] with the fed token
+    current = (lengths - 1) // DECODE_BLOCK
+    return float(np.sum(np.minimum(chosen, current) + 1) / np.sum(current + 1))
+
+
+def test_small_budget_generation_is_teacher_forced_decoding():
+    """A one-block budget changes the tokens; they are finite-logit argmaxes of teacher-forced sparse decoding of
+    themselves, whose density report matches the block count; layers below start_layer decode densely."""
+    tokens, mask = padded_batch(PROMPT)
+    model = decode_model(SMALL)
+    generated = greedy(model, tokens, mask)
+    assert (generated != greedy(base_model(), tokens, mask)).any()
+    logits, density = decode_logits_and_density(model, tokens, mask, jnp.asarray(generated))
+    logits = np.asarray(logits)
+    assert logits.shape == (2, NEW, TINY.vocab_size) and np.isfinite(logits).all()
+    np.testing.assert_array_equal(np.argmax(logits, axis=-1), generated)
+    expected = expected_density(np.asarray([PROMPT, PROMPT - 13]), NEW, chosen=1)
+    np.testing.assert_allclose(np.asarray(density), [1.0, expected], rtol=1e-6)
+    assert expected < 0.75
+
+
+def test_left_padded_row_decodes_as_alone():
+    """Blocks count each row's own tokens: a left-padded row generates what it generates unpadded."""
+    tokens, mask = padded_batch(PROMPT)
+    model = decode_model(SMALL)
+    together = greedy(model, tokens, mask)
+    np.testing.assert_array_equal(together[1:], greedy(model, tokens[1:, 13:], None))
+
+
+@pytest.mark.parametrize("prefill", [DENSE_PREFILL, SPARSE_PREFILL], ids=["dense-prefill", "sparse-prefill"])
+@pytest.mark.parametrize("decode", [None, SMALL], ids=["dense-decode", "sparse-decode"])
+def test_prefill_and_decode_combinations_under_jit(prefill, decode):
+    """Block-sparse or dense prefill (prefill gates, 64-token blocks) × block-sparse or dense decode (decode gates)
+    in one compiled `generate`; prompts of 3 prefill blocks."""
+    tokens, mask = padded_batch(150, (0, 20))
+    model = decode_model(decode, prefill)
+    generated = greedy(model, tokens, mask, new_tokens=8)
+    assert generated.shape == (2, 8) and ((generated >= 0) & (generated < TINY.vocab_size)).all()
+    if decode is not None:  # decode sparsity does not depend on the prefill's
+        _, density = decode_logits_and_density(model, tokens, mask, jnp.asarray(generated))
+        expected = expected_density(np.asarray([150, 130]), 8, chosen=1)
+        np.testing.assert_allclose(np.asarray(density), [1.0, expected], rtol=1e-6)
