@@ -12,7 +12,7 @@ This project's format, a directory written by `save_adapter`:
     gates/               Orbax checkpoint of {name: array}           (weights "orbax")
     gates.safetensors    the same tensors                             (weights "safetensors")
 
-The official format (microsoft/SeerAttention prefill adapters, docs/design.md §8), read by `read_adapter` too:
+The official format (microsoft/SeerAttention prefill adapters, docs/design.md §9), read by `read_adapter` too:
 
     config.json                       the base config plus `seerattn_*` keys and `base_model`
     attn_gate_weights.pth             torch state dict of the gate tensors (reading it needs torch:
@@ -58,7 +58,7 @@ OFFICIAL_SAFETENSORS = "attn_gate_weights.safetensors"
 FORMAT_VERSION = 1
 WeightsFormat = Literal["orbax", "safetensors"]
 
-# Official prefill config keys and their defaults at the official HEAD (docs/design.md §8).
+# Official prefill config keys and their defaults at the official HEAD (docs/design.md §9).
 _OFFICIAL_DEFAULTS = {
     "seerattn_sparsity_method": "threshold",
     "seerattn_threshold": 0.0,

@@ -1,7 +1,7 @@
 """`DecodeConfig`: the structure of SeerAttention-R's decode gate and how its scores select key blocks at decode.
 
 Stored in `SeerConfig.decode` (None: decode steps are dense). The official config key of each field is given in
-parentheses (SEER_R_SPEC §1.7); fields without one are this project's (docs/design.md, "Sparse decoding").
+parentheses (docs/design.md §8); fields without one are this project's (docs/design.md, "Sparse decoding").
 """
 
 import dataclasses
@@ -19,7 +19,7 @@ _K_POOLING = re.compile(r"K(?P<ops>(?:max|min|avg)+)")
 class DecodeConfig:
     """A decode gate's structure and its selection.
 
-    Gate (SEER_R_SPEC §1):
+    Gate (docs/design.md §8):
       q_head_pooling: how the G query heads of a kv group become one gate query (`seerattn_q_head_pooling_type`):
         "Qproj" (a (G·H → E) linear per kv head, weight [K, G, H, E]), "Qavgproj" (group mean, then [K, H, E]) or
         "Qavg" (group mean, no weight; needs E == H).
@@ -31,16 +31,17 @@ class DecodeConfig:
       use_rope: rotate the gate's q (at the token's position) and blocks (at their first position)
         (`seerattn_use_rope`).
       rope_at_block_end: rotate a block completed while decoding at its last position, as the official code does
-        (SEER_R_SPEC §7.2), to reproduce its numbers; False (the paper, training and prefill) rotates at its first.
+        (docs/design.md §8, deviation 1), to reproduce its numbers; False (the paper, training and prefill) rotates
+        at its first.
 
-    Selection (SEER_R_SPEC §3; docs/design.md, "Sparse decoding"):
+    Selection (docs/design.md §8):
       method: "token_budget" (`seerattn_sparsity_method` 'token_budget') or "threshold".
       token_budget: tokens chosen per step by top-k, as token_budget // block_size blocks
         (`seerattn_token_budget`); forced blocks come on top.
       threshold: keep blocks whose softmax probability over the scored blocks exceeds it (`seerattn_threshold`).
       force_sink: always attend the row's first block (the attention sink; the official kernel does).
       sliding_window: always attend the blocks holding the row's last `sliding_window` tokens; 0 for none
-        (`seerattn_sliding_window_size`, dead in the official code, SEER_R_SPEC §7.9).
+        (`seerattn_sliding_window_size`, dead in the official code).
       start_layer: layers with a smaller index decode densely (`seerattn_start_layer`).
     The block of the current token is always attended.
     """

@@ -1,6 +1,6 @@
 """SeerAttention-R's decode AttnGate: one score per (row, kv head, key block) for the token being decoded.
 
-From the pre-RoPE q and k of a layer (after Qwen2's bias and Qwen3's q/k norm, as the prefill gate), SEER_R_SPEC §1:
+From the pre-RoPE q and k of a layer (after Qwen2's bias and Qwen3's q/k norm, as the prefill gate), docs/design.md §8:
 
     query:  q_gate [B, T, K, E] = per kv head, its G query heads pooled (`q_head_pooling`):
               Qproj     Σ_g q[k·G + g] @ Wq[k, g]           attngate_linear_q.weight [K, G, H, E]
@@ -33,7 +33,7 @@ DECODE_GATE = "decode_gate"  # the attribute of a layer's attention that holds i
 OFFICIAL_GATE = "attn_gate"  # where the official SeerAttention-R code keeps it
 # The decode gates' weights alone (to train or save them apart from the prefill gates).
 DECODE_GATE_PARAMS = nnx.All(GateParam, nnx.PathContains(DECODE_GATE))
-GATE_NORM_EPS = 1e-6  # the official attngate_qnorm / attngate_knorm epsilon (SEER_R_SPEC §1.4)
+GATE_NORM_EPS = 1e-6  # the official attngate_qnorm / attngate_knorm epsilon
 
 
 def official_name(name: str) -> str:

@@ -2,11 +2,10 @@
 
 Blocks are in each row's own coordinates (`seer_jax.k_compression`): a row with n real tokens (the one being decoded
 included) has blocks 0 … c, c = (n − 1) // block_size its current (open or just completed) block. Per step, layer,
-row and kv head (shared by the kv head's G query heads), SEER_R_SPEC §3 with the deviations of docs/design.md,
-"Sparse decoding":
+row and kv head (shared by the kv head's G query heads), as docs/design.md §8 describes:
 
   * scored blocks: the completed earlier blocks j < c. The current block is not scored (training never scores the
-    block holding its query; the official inference scores a zero placeholder there, SEER_R_SPEC §7.4).
+    block holding its query; the official inference scores a zero placeholder there).
   * forced blocks: the current block always; block 0 (the attention sink) with `force_sink`; the blocks holding the
     row's last `sliding_window` tokens.
   * "token_budget": top-k of the scored blocks that are not forced, k = token_budget // block_size (all of them
