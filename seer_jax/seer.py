@@ -37,7 +37,7 @@ On a decode step a layer collects `DECODE_COLLECTABLE`:
     "decode_blocks"  f32 [2]: the blocks attended and the blocks holding real tokens, summed over rows and kv heads
 A layer that attends densely (below `start_layer`, or a selection keeping every block) and is asked for the target
 gets its output and the target from one `attention_with_pooling` call: distillation's forward is the base model's.
-The functions at the end of this module are that forward with a fixed `collect`.
+`seer_jax.forwards` holds that forward with each use's fixed `collect` (distillation, fine-tuning, evaluation).
 
 Left padding. The block-sparse kernel has no key mask, so each row is moved to start at its first real token
 (padding rotated to the end of the row), attended there, and moved back; blocks, gate pooling and RoPE block
@@ -46,8 +46,6 @@ unpadded and never attends to padding (docs/design.md, "Deviations"). TopK keeps
 with J counted over the padded length, as the official code, so the shorter rows of a padded batch come out denser.
 Padding positions get finite garbage, as in the dense model. `attention_mask` must be left padding.
 """
-
-from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +56,7 @@ from seer_jax.block_scores import SOURCES, ScoreInputs
 from seer_jax.config import ModelConfig
 from seer_jax.decode_gate import DecodeAttnGate
 from seer_jax.decode_selection import available_blocks, decode_key_mask, select_decode_blocks
-from seer_jax.gate import AttnGate, GateFeatures, GateParam
+from seer_jax.gate import AttnGate, GateParam
 from seer_jax.head_parallel import attention_with_pooling_per_device, block_sparse_attention_per_device
 from seer_jax.k_compression import KCompressionCache, append_token, compress_prompt
 from seer_jax.model import Attention, CausalLM
@@ -396,96 +394,3 @@ def seer_from_base(
                 base.config, seer_config.decode, param_dtype=param_dtype, rngs=rngs
             )
     return seer
-
-
-def _collect(
-    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None, names: tuple[str, ...], **options
-) -> tuple[jax.Array, tuple[Mapping[str, jax.Array], ...]]:
-    if not isinstance(model, SeerCausalLM):
-        raise ValueError(f"expected a SeerCausalLM, got {type(model).__name__}")
-    logits, _, collected = model.forward(tokens, attention_mask=attention_mask, collect=names, **options)
-    return logits, collected
-
-
-def block_density(model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-    """f32 [L, N]: the fraction of causal 64×64 blocks each layer and head computes in this batch's prefill.
-
-    Counts the query blocks holding real tokens of each row, pooled over the batch; 1.0 in dense layers.
-    tokens: int [B, T]; attention_mask: bool [B, T] left padding, or None.
-    """
-    return logits_and_density(model, tokens, attention_mask)[1]
-
-
-def logits_and_density(
-    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """The model's logits [B, T, V] and `block_density` f32 [L, N] from one prefill (perplexity at a density)."""
-    logits, collected = _collect(model, tokens, attention_mask, ("density",))
-    return logits, jnp.stack([layer["density"] for layer in collected])  # [B, T, V], [L, N]
-
-
-def decode_logits_and_density(
-    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None, continuation: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Teacher-forced decoding of a continuation, step by step as `seer_jax.generate.generate` decodes.
-
-    Prefills `tokens` (int [B, T], left padding in `attention_mask`), then feeds continuation[:, :-1] (int [B, C],
-    C >= 2) one token per decode step into a cache of T + C − 1 slots, as `generate` with max_new_tokens = C does;
-    with a generation's own tokens every step selects what that generation selected.
-
-    Returns:
-      logits f32-or-compute-dtype [B, C, V], logits[:, i] predicting continuation[:, i]; and the decode density
-      f32 [L]: per layer, the blocks attended over the blocks holding real tokens (the current one included),
-      summed over decode steps, rows and kv heads (1.0 in a layer that decodes densely).
-    """
-    if not isinstance(model, SeerCausalLM):
-        raise ValueError(f"expected a SeerCausalLM, got {type(model).__name__}")
-    length, num_new = tokens.shape[1], continuation.shape[1]
-    if num_new < 2:
-        raise ValueError(f"the continuation needs at least 2 tokens (1 decode step), got {num_new}")
-    logits, cache = model(tokens, attention_mask=attention_mask, last_only=True)  # [B, 1, V]
-    cache = cache.padded_to(length + num_new - 1)
-
-    def step(cache, token):
-        step_logits, cache, collected = model.forward(token[:, None], cache=cache, collect=DECODE_COLLECTABLE)
-        return cache, (step_logits[:, 0], jnp.stack([layer["decode_blocks"] for layer in collected]))
-
-    _, (step_logits, blocks) = jax.lax.scan(step, cache, continuation[:, :-1].T)  # [C − 1, B, V], [C − 1, L, 2]
-    logits = jnp.concatenate([logits, step_logits.transpose(1, 0, 2)], axis=1)  # [B, C, V]
-    blocks = jnp.sum(blocks, axis=0)  # [L, 2]
-    return logits, blocks[:, 0] / blocks[:, 1]
-
-
-def distillation_inputs(
-    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None = None
-) -> tuple[tuple[GateFeatures, ...], tuple[jax.Array, ...]]:
-    """Per layer, the gate's `GateFeatures` and its target (the true pooled attention map, f32 [B, N, I, J]).
-
-    The targets are those of the model's own forward. Distillation gives the model a dense selection (the default
-    `Selection()`): every layer then computes the base model's attention and its target in one kernel. Call it
-    outside the differentiated function (under `jax.lax.stop_gradient`): the loss needs only
-    `gate_logits(model, features)` and the targets.
-    """
-    _, collected = _collect(model, tokens, attention_mask, ("gate_features", "target"))
-    return tuple(layer["gate_features"] for layer in collected), tuple(layer["target"] for layer in collected)
-
-
-def sparse_training_forward(
-    model: SeerCausalLM, tokens: jax.Array, *, remat: bool = False
-) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-    """Logits [B, T, V] of the block-sparse model, and per layer the gate logits and their pooled-attention targets
-    (everything the fine-tuning loss needs, from one forward over unpadded rows). The output is differentiable in
-    the base weights; the gate logits see detached q/k (the LM loss never reaches the gate) and the targets are
-    detached. `remat` recomputes each decoder layer in the backward pass (`nnx.remat`)."""
-    logits, collected = _collect(model, tokens, None, ("gate_logits", "target"), remat=remat)
-    return logits, tuple(layer["gate_logits"] for layer in collected), tuple(layer["target"] for layer in collected)
-
-
-def gate_logits(model: SeerCausalLM, features: Sequence[GateFeatures]) -> tuple[jax.Array, ...]:
-    """Each layer's gate logits f32 [B, N, I, J] from its `GateFeatures` (`AttnGate.score`)."""
-    layers = model.model.layers
-    if len(features) != len(layers):
-        raise ValueError(f"expected GateFeatures for each of the {len(layers)} layers, got {len(features)}")
-    return tuple(
-        layer.self_attn.attn_gate.score(layer_features) for layer, layer_features in zip(layers, features, strict=True)
-    )

@@ -30,8 +30,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from seer_jax.forwards import distillation_inputs, gate_logits, sparse_training_forward
 from seer_jax.model import CausalLM
-from seer_jax.seer import SeerCausalLM, distillation_inputs, gate_logits, sparse_training_forward
+from seer_jax.seer import SeerCausalLM
 from train.train_step import LossFn, Metrics
 
 

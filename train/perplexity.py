@@ -12,7 +12,7 @@ given as `gates`, ours or the official format), "oracle", "quest", "streaming", 
 Each sparse method runs TopK at every `nz_ratio`, so all sources keep the same k blocks per row, plus the diagonal
 block where TopK left it out (`seer_jax.sparsity`): densities match up to that block. `thresholds` apply to the gate
 only, whose density is then whatever it selects. The achieved density (mean over layers >= start_layer and heads)
-comes from the same forward as the NLL (`seer_jax.seer.logits_and_density`).
+comes from the same forward as the NLL (`seer_jax.forwards.logits_and_density`).
 
 Each (method, setting, L) is compiled once and reused for every batch of `batch_size` documents (a smaller last
 batch compiles once more). Settings that keep every block (nz_ratio 1, threshold 0) share one forward: no source is
@@ -40,10 +40,11 @@ from seer_jax.adapters import Adapter, attach_gates, read_adapter
 from seer_jax.attention import IMPLEMENTATIONS
 from seer_jax.checkpoint import load_model
 from seer_jax.config import ModelConfig
+from seer_jax.forwards import logits_and_density
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.head_parallel import sparse_prefill_implementation
 from seer_jax.model import CausalLM
-from seer_jax.seer import SeerCausalLM, logits_and_density, seer_with_abstract_gates
+from seer_jax.seer import SeerCausalLM, seer_with_abstract_gates
 from seer_jax.seer_config import BLOCK_SOURCES, SeerConfig
 from seer_jax.sharding import MeshConfig, batch_rows, build_mesh, logical_rules, shard_batch, tree_shardings
 from seer_jax.sparsity import Selection

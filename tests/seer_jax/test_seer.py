@@ -12,19 +12,12 @@ from flax import nnx
 
 from pallas_kernels.attention_with_pooling import attention_with_pooling
 from pallas_kernels.block_sparse_attention import block_sparse_attention_implementation
+from seer_jax.forwards import block_density, distillation_inputs, gate_logits, logits_and_density
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.generate import generate
 from seer_jax.model import CausalLM, positions_from_mask
 from seer_jax.rope import apply_rope
-from seer_jax.seer import (
-    SeerCausalLM,
-    SeerConfig,
-    block_density,
-    distillation_inputs,
-    gate_logits,
-    logits_and_density,
-    seer_from_base,
-)
+from seer_jax.seer import SeerCausalLM, SeerConfig, seer_from_base
 from seer_jax.sparsity import Selection
 from tests.seer_jax.hf_reference import relative_error
 from tests.seer_jax.tiny_models import HOPPER_TINY, TINY, hopper_base_model, random_module, random_tokens

@@ -7,9 +7,10 @@ import optax
 import pytest
 from flax import nnx
 
+from seer_jax.forwards import distillation_inputs, sparse_training_forward
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.model import CausalLM
-from seer_jax.seer import SeerConfig, distillation_inputs, seer_from_base, sparse_training_forward
+from seer_jax.seer import SeerConfig, seer_from_base
 from seer_jax.sparsity import Selection
 from tests.seer_jax.test_seer import GATE, base_model, seer_model
 from tests.seer_jax.tiny_models import TINY, hopper_base_model, random_tokens

@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from seer_jax.forwards import distillation_inputs, gate_logits, logits_and_density
 from seer_jax.gate import GateConfig, GateParam
-from seer_jax.seer import SeerCausalLM, SeerConfig, distillation_inputs, gate_logits, logits_and_density
+from seer_jax.seer import SeerCausalLM, SeerConfig
 from seer_jax.sharding import (
     MeshConfig,
     build_mesh,

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from seer_jax.forwards import distillation_inputs, logits_and_density
 from seer_jax.gate import GateConfig
-from seer_jax.seer import SeerConfig, distillation_inputs, logits_and_density, seer_from_base
+from seer_jax.seer import SeerConfig, seer_from_base
 from seer_jax.sharding import MeshConfig, build_mesh, logical_rules, shard_batch, shard_model
 from seer_jax.sparsity import Selection
 from tests.seer_jax.test_seer_training import training_loss

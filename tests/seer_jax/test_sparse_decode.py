@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from seer_jax.forwards import decode_logits_and_density
 from seer_jax.generate import generate
-from seer_jax.seer import decode_logits_and_density
 from tests.seer_jax.decode_models import (
     DECODE,
     DECODE_BLOCK,
