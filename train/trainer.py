@@ -22,10 +22,10 @@
 * **Divergence.** A non-finite loss or gradient norm raises `TrainingDivergedError` before anything of that step
   is saved, so the newest checkpoint is the last good state.
 * **Metrics.** Every `log_every` steps (and at the last step) one JSON line is appended to `out_dir/metrics.jsonl`:
-  `step`, the step's own `loss`, `grad_norm`, `lr` and any other metric the step returns, `tokens_per_second`
-  over the steps since the previous line, and `elapsed_seconds` of training across resumes. On resume, lines
-  after the restored step are dropped, so the file always describes the run that produced the parameters.
-  `on_step(StepRecord)` is called after every step (for a progress bar).
+  `step`, the step's own `loss`, `grad_norm`, `lr` and any other metric the step returns (null where NaN/inf:
+  the file is strict JSON), `tokens_per_second` over the steps since the previous line, and `elapsed_seconds` of
+  training across resumes. On resume, lines after the restored step are dropped, so the file always describes
+  the run that produced the parameters. `on_step(StepRecord)` is called after every step (for a progress bar).
 """
 
 import contextlib
@@ -225,7 +225,7 @@ def run_training(
                 )
                 diverged = _divergence(metrics)
                 if step % config.log_every == 0 or step == config.total_steps or stopping or diverged:
-                    metrics_file.write(json.dumps(_metrics_line(last_record)) + "\n")
+                    metrics_file.write(json.dumps(_metrics_line(last_record), allow_nan=False) + "\n")
                     metrics_file.flush()
                     window_tokens, window_start = 0, time.perf_counter()
                 if diverged:
@@ -268,9 +268,10 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 
 def _metrics_line(record: StepRecord) -> dict:
+    # A NaN/inf metric is written as null: bare NaN is not JSON, and other readers (jq, JavaScript) reject it.
     return {
         "step": record.step,
-        **record.metrics,
+        **{name: value if math.isfinite(value) else None for name, value in record.metrics.items()},
         "tokens_per_second": record.tokens_per_second,
         "elapsed_seconds": record.elapsed_seconds,
     }

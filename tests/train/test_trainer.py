@@ -147,7 +147,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, corpus, tmp_pa
         run(setup, corpus, tmp_path, make_loader=make_loader, checkpoint_every=2)
     assert sorted(int(p.name) for p in (tmp_path / CHECKPOINTS_DIR).iterdir()) == [2, 4]
     lines = read_metrics(tmp_path)
-    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5] and np.isnan(lines[-1]["loss"])
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5] and lines[-1]["loss"] is None
+    for line in (tmp_path / METRICS_FILE).read_text().splitlines():  # strict JSON: no bare NaN
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"metrics.jsonl holds a bare {name}"))
 
     # Resuming (here without the bad batch) continues from step 4 and drops the diverged step's metrics line.
     result = run(setup, corpus, tmp_path, resume=True, checkpoint_every=2)
