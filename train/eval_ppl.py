@@ -237,7 +237,8 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
 
     progress: wraps the list of all forwards (length × setting × batch), e.g. `tqdm`.
     Raises ValueError when a length exceeds the model's positions or every document, when the tokenizer's ids do
-    not fit the model's vocabulary, or when the adapter does not fit the model (`CheckpointError`).
+    not fit the model's vocabulary, when the adapter does not fit the model (`CheckpointError`), or at the first
+    forward whose loss is NaN/inf.
     """
     if config.gates is None and config.methods is None:
         log.info("no gates given: skipping the 'gate' method")
@@ -294,6 +295,7 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
             else:
                 nll, density = (np.asarray(x) for x in _sparse_nll(sparse_models[task.setting], tokens))
             seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+            _check_finite(nll, task)
             doc_nll.setdefault(key, []).append(nll)
             # Unpadded rows of one length all have the same causal blocks, so the pooled density of a batch weighs
             # each row equally: weighting batches by their rows gives the mean over documents.
@@ -395,6 +397,16 @@ def _row(
         layer_density=tuple(float(x) for x in density.mean(axis=1)),
         seconds=seconds,
     )
+
+
+def _check_finite(nll: np.ndarray, task: EvalTask) -> None:
+    """Stops the evaluation at the first forward whose NLL [B] is NaN/inf: a perplexity from it would be NaN."""
+    bad = np.flatnonzero(~np.isfinite(nll))
+    if bad.size:
+        raise ValueError(
+            f"forward {task}: the NLL of document(s) {bad.tolist()} of the batch is {nll[bad[0]]}; the model's "
+            "or the gates' weights hold NaN/inf, or the dtype overflows (evaluate in float32)"
+        )
 
 
 def _place(tokens: np.ndarray, mesh: Mesh | None) -> jax.Array:

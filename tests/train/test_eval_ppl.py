@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
@@ -268,3 +269,21 @@ def test_testbed_dense_ppl_matches_hugging_face(testbed_dir, tmp_path):
     reference = math.exp(float(nll.mean()))
     assert ours.ppl == pytest.approx(reference, rel=1e-3)
     np.testing.assert_allclose(ours.doc_nll, nll.numpy(), rtol=1e-3)
+
+
+def test_a_non_finite_loss_stops_the_evaluation_naming_the_forward(model_dir, data_file, tmp_path, capsys):
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    for file in model_dir.iterdir():
+        (poisoned / file.name).write_bytes(file.read_bytes())
+    weights = safetensors.numpy.load_file(poisoned / "model.safetensors")
+    weights["model.norm.weight"][:] = np.nan
+    safetensors.numpy.save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    args = ["--model", poisoned, "--data", data_file, "--lengths", LENGTH, "--num-docs", NUM_DOCS]
+    args += ["--methods", "dense", "--dtype", "float32", "--attention", "xla", "--out", tmp_path / "out"]
+    with pytest.raises(SystemExit) as raised:
+        main([str(arg) for arg in args])
+    message = raised.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert f"forward L={LENGTH} dense [1/1]" in message and "NaN/inf" in message, message
+    assert not (tmp_path / "out").exists()
