@@ -28,6 +28,7 @@ model with `seer_jax.checkpoint.load_model`. To change the sparsity settings of 
 import dataclasses
 import json
 import logging
+import pickle
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -133,38 +134,78 @@ def save_adapter(
 
 
 def read_adapter(directory: str | Path) -> Adapter:
-    """Reads an adapter in this project's format or the official one (detected from the files present)."""
+    """Reads an adapter in this project's format or the official one (detected from the files present).
+
+    Raises `CheckpointError` (one line naming the file) for a malformed or incomplete adapter, and for gate weights
+    that hold NaN or inf.
+    """
     directory = Path(directory)
     if (directory / ADAPTER_FILE).is_file():
-        return _read_own(directory)
-    if (directory / "config.json").is_file():
-        return _read_official(directory)
-    raise CheckpointError(
-        f"{directory} holds neither {ADAPTER_FILE} nor an official SeerAttention config.json; pass an adapter directory"
-    )
+        adapter = _read_own(directory)
+    elif (directory / "config.json").is_file():
+        adapter = _read_official(directory)
+    else:
+        raise CheckpointError(
+            f"{directory} holds neither {ADAPTER_FILE} nor an official SeerAttention config.json; pass an adapter "
+            "directory"
+        )
+    check_finite_gates(adapter.tensors, directory)
+    return adapter
+
+
+def check_finite_gates(tensors: Mapping[str, jax.Array | np.ndarray], directory: str | Path) -> None:
+    """Raises `CheckpointError` naming the gate tensors of `directory` that hold NaN or inf."""
+    bad = sorted(name for name, value in tensors.items() if not np.isfinite(np.asarray(value, np.float32)).all())
+    if bad:
+        raise CheckpointError(
+            f"{directory}: gate tensor(s) {_listing(bad)} hold NaN/inf; the run that wrote them diverged or the file "
+            "is corrupt: use an earlier adapter or retrain the gates"
+        )
 
 
 def _read_own(directory: Path) -> Adapter:
-    marker = json.loads((directory / ADAPTER_FILE).read_text())
+    path = directory / ADAPTER_FILE
+    try:
+        marker = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); the adapter is corrupt: re-export it") from error
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"{path} holds {type(marker).__name__}, not a JSON object; re-export the adapter")
     if marker.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"{directory} was written in adapter format {marker.get('format')}, this code reads {FORMAT_VERSION}"
         )
+    missing = [key for key in ("base_model", "seer_config", "weights", "tensors") if key not in marker]
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(map(repr, missing))} entry; the adapter is incomplete")
     listing, weights = marker["tensors"], marker["weights"]
     if weights not in ("orbax", "safetensors"):
-        raise CheckpointError(f"{directory / ADAPTER_FILE} names an unknown weights format {weights!r}")
-    if weights == "orbax":
+        raise CheckpointError(f"{path} names an unknown weights format {weights!r}")
+    try:
         target = {name: jax.ShapeDtypeStruct(tuple(entry["shape"]), entry["dtype"]) for name, entry in listing.items()}
-        with ocp.StandardCheckpointer() as checkpointer:
-            tensors = checkpointer.restore((directory / ORBAX_DIR).absolute(), target)
+        seer_config = SeerConfig.from_dict(marker["seer_config"])
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} has a malformed tensors or seer_config entry ({error!r})") from error
+    if weights == "orbax":
+        tensors = _restore_orbax(directory / ORBAX_DIR, target)
     else:
         tensors = _read_safetensors(directory / SAFETENSORS_FILE)
         found = {name: {"shape": list(value.shape), "dtype": str(value.dtype)} for name, value in tensors.items()}
         if found != listing:
             raise CheckpointError(f"{directory / SAFETENSORS_FILE} does not hold the tensors {ADAPTER_FILE} lists")
-    return Adapter(
-        seer_config=SeerConfig.from_dict(marker["seer_config"]), base_model=marker["base_model"], tensors=tensors
-    )
+    return Adapter(seer_config=seer_config, base_model=marker["base_model"], tensors=tensors)
+
+
+def _restore_orbax(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is missing; the adapter is incomplete: re-export it")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path.absolute(), target)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path} cannot be read ({_first_line(error)}); the adapter is corrupt: re-export it"
+        ) from None
 
 
 def seer_config_from_official(config: Mapping[str, Any]) -> SeerConfig:
@@ -228,7 +269,18 @@ def _read_pth(path: Path) -> dict[str, np.ndarray]:
             f"reading {path.name} needs torch: pip install 'seer-jax[torch]' "
             f"(or save its tensors as {OFFICIAL_SAFETENSORS})"
         ) from error
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds pickled Python objects besides tensors and is refused: unpickling them could run "
+            f"arbitrary code (torch.load weights_only); save its tensors as a plain state dict or as "
+            f"{OFFICIAL_SAFETENSORS}"
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable torch file ({_first_line(error)}); it is truncated or corrupt"
+        ) from None
     if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
     # numpy has no bfloat16: go through float32 (exact) and back to ml_dtypes' bfloat16.
@@ -301,3 +353,9 @@ def load_seer_model(
 def _listing(names: list[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown}, … ({len(names) - limit} more)"
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message (library errors can run to pages), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

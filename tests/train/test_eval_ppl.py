@@ -5,6 +5,7 @@ import dataclasses
 import gzip
 import json
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -21,6 +22,7 @@ from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.seer import SeerCausalLM, SeerConfig, seer_with_abstract_gates
 from seer_jax.sparsity import topk_per_row
+from tests.seer_jax.test_adapters import bad_adapters
 from tests.seer_jax.tiny_models import random_module
 from train.eval_ppl import EvalConfig, evaluate, main
 from train.ppl_results import JSON_FILE, MARKDOWN_FILE, PLOT_FILE
@@ -287,3 +289,13 @@ def test_a_non_finite_loss_stops_the_evaluation_naming_the_forward(model_dir, da
     assert isinstance(message, str) and "\n" not in message, message
     assert f"forward L={LENGTH} dense [1/1]" in message and "NaN/inf" in message, message
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_adapter_files_exit_with_one_line(model_dir, data_file, tmp_path):
+    for name, (directory, match) in bad_adapters(tmp_path / "adapters").items():
+        args = ["--model", model_dir, "--gates", directory, "--data", data_file, "--lengths", LENGTH]
+        args += ["--methods", "gate", "--dtype", "float32", "--attention", "xla", "--out", tmp_path / "out"]
+        with pytest.raises(SystemExit) as raised:
+            main([str(arg) for arg in args])
+        message = raised.value.code
+        assert isinstance(message, str) and "\n" not in message and re.search(match, message), (name, message)
