@@ -30,7 +30,6 @@ import json
 import logging
 import pickle
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +48,7 @@ from seer_jax.hf_weights import CheckpointError
 from seer_jax.model import CausalLM
 from seer_jax.seer import SeerCausalLM, SeerConfig, seer_with_abstract_gates
 from seer_jax.sparsity import Selection
+from seer_jax.staging import new_staging_dir
 
 ADAPTER_FILE = "seer_adapter.json"
 ORBAX_DIR = "gates"
@@ -110,7 +110,7 @@ def save_adapter(
         raise CheckpointError(f"{directory} already exists; choose a new adapter directory or remove it")
     tensors = gate_tensors(model)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+    staging = new_staging_dir(directory)
     try:
         if weights == "orbax":
             with ocp.StandardCheckpointer() as checkpointer:

@@ -13,7 +13,6 @@ random init) and fills it, so loading needs memory for the weights only.
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from seer_jax.config import ModelConfig
 from seer_jax.hf_weights import CheckpointError, load_hf_state
 from seer_jax.model import CausalLM
 from seer_jax.sharding import logical_rules, tree_shardings
+from seer_jax.staging import new_staging_dir
 
 MARKER_FILE = "seer_jax.json"
 PARAMS_DIR = "params"
@@ -135,7 +135,7 @@ def save_converted(model: CausalLM, out_dir: str | Path, *, hf_dir: str | Path) 
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(params)}
     if len(dtypes) != 1:
         raise ValueError(f"all parameters must share one dtype to be saved, got {sorted(map(str, dtypes))}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    staging = new_staging_dir(out_dir)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, params)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from seer_jax.staging import new_staging_dir
 from train.documents import Documents, open_documents
 
 _FORMAT_VERSION = 1
@@ -165,7 +166,7 @@ def _cache_key(documents: Documents, tokenizer: PreTrainedTokenizerBase) -> str:
 
 def _write_entry(entry: Path, corpus: TokenizedCorpus, documents: Documents, config: CorpusConfig) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    staging = new_staging_dir(entry)
     np.save(staging / "tokens.npy", corpus.tokens)
     np.save(staging / "doc_starts.npy", corpus.doc_starts)
     meta = {
