@@ -7,6 +7,9 @@ Reads `config.json` and the safetensors weights (a single `model.safetensors` or
 is filled and every shape matches, and writes the directory described in `seer_jax.checkpoint` (params as Orbax,
 config.json and tokenizer files copied). The output appears only when complete; on any error the command prints one
 line saying what to do and exits with status 1.
+
+Safetensors files carry no checksum: a flipped byte inside tensor data converts silently. Verify the files against
+the SHA-256 their source lists (the Hugging Face Hub shows one per LFS file) before converting.
 """
 
 import argparse

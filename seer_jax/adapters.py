@@ -46,6 +46,7 @@ from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.hf_weights import CheckpointError
 from seer_jax.model import CausalLM
+from seer_jax.orbax_errors import READ_ERRORS, describe_read_error
 from seer_jax.seer import SeerCausalLM, SeerConfig, seer_with_abstract_gates
 from seer_jax.sparsity import Selection
 from seer_jax.staging import new_staging_dir
@@ -202,10 +203,8 @@ def _restore_orbax(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(path.absolute(), target)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise CheckpointError(
-            f"{path} cannot be read ({_first_line(error)}); the adapter is corrupt: re-export it"
-        ) from None
+    except READ_ERRORS as error:
+        raise CheckpointError(f"{describe_read_error(path, error)}; the adapter is corrupt: re-export it") from None
 
 
 def seer_config_from_official(config: Mapping[str, Any]) -> SeerConfig:

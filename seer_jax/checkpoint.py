@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from seer_jax.config import ModelConfig
 from seer_jax.hf_weights import CheckpointError, load_hf_state
 from seer_jax.model import CausalLM
+from seer_jax.orbax_errors import READ_ERRORS, describe_read_error
 from seer_jax.sharding import logical_rules, tree_shardings
 from seer_jax.staging import new_staging_dir
 
@@ -102,7 +103,10 @@ def load_model(
 
 
 def _restore_converted(path: Path, state: nnx.State, shardings: nnx.State | None) -> None:
-    marker = json.loads((path / MARKER_FILE).read_text())
+    try:
+        marker = json.loads((path / MARKER_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path / MARKER_FILE} is not valid JSON ({error}); convert the model again") from None
     if marker.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written in format {marker.get('format')}, this code reads {FORMAT_VERSION}; re-convert it"
@@ -116,8 +120,14 @@ def _restore_converted(path: Path, state: nnx.State, shardings: nnx.State | None
             target,
             nnx.to_pure_dict(shardings),
         )
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore((path / PARAMS_DIR).absolute(), target)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore((path / PARAMS_DIR).absolute(), target)
+    except READ_ERRORS as error:
+        raise CheckpointError(
+            f"{describe_read_error(path / PARAMS_DIR, error)}; the converted model {path} is corrupt: convert it "
+            "again (python -m convert.hf_to_flax) or restore it from a copy"
+        ) from None
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda value, leaf: value.astype(leaf.dtype), restored, abstract))
 
 
