@@ -13,9 +13,10 @@
 * **Checkpoints** (`train.checkpoints`) every `checkpoint_every` steps, after the last step, and when stopped by a
   signal; the last `keep_checkpoints` are kept. They hold the trainable variables, the optimizer state, the step,
   the RNG key and the data position; frozen variables are not saved (they come from the base model).
-* **Resume.** With `resume=True` the run continues from the newest checkpoint in `out_dir` (or starts at step 0
-  when there is none) and is bit-exact: N steps, stop, resume, N more steps give the same parameters and losses
-  as 2N straight steps. Without it, an `out_dir` holding checkpoints is refused.
+* **Resume.** With `resume=True` the run continues from the newest checkpoint in `out_dir` that reads back (a
+  damaged newer one is set aside with a warning; or starts at step 0 when there is none) and is bit-exact: N
+  steps, stop, resume, N more steps give the same parameters and losses as 2N straight steps. Without it, an
+  `out_dir` holding checkpoints is refused.
 * **Signals.** SIGINT or SIGTERM lets the current step finish, saves a checkpoint and returns with
   `TrainResult.stopped_by` set to the signal's name (a second SIGINT interrupts at once). Handlers are installed
   only while the loop runs, and only from the main thread.
@@ -195,8 +196,9 @@ def run_training(
             )
         data, elapsed = LoaderState(), 0.0
         if latest is not None:
-            restored = checkpointer.restore(latest, state)
+            restored = checkpointer.restore_newest_intact(state)  # falls back past damaged ones, with a warning
             state, data, elapsed = restored.state, restored.data, restored.elapsed_seconds
+            latest = int(state.step)
         start_step = int(state.step)
         _truncate_metrics(metrics_path, after_step=start_step)
         checkpoint_step = latest

@@ -5,6 +5,7 @@ its own copy of the same initial parameters.
 """
 
 import json
+import logging
 import os
 import signal
 
@@ -17,7 +18,7 @@ import pytest
 from flax import nnx
 
 from tests.train.tiny import LOADER, loader_factory, synthetic_corpus, tiny_model
-from train.checkpoints import CHECKPOINTS_DIR
+from train.checkpoints import CHECKPOINTS_DIR, DAMAGED_DIR
 from train.data import LoaderState, PackedLoader
 from train.lm_loss import next_token_loss
 from train.optimizer import OptimizerConfig, build_optimizer
@@ -197,3 +198,27 @@ def test_a_filter_trains_only_its_variables_and_the_optimizer_holds_no_state_for
 def test_an_empty_filter_is_refused():
     with pytest.raises(ValueError, match="selects no variable"):
         split_trainable(tiny_model(), nnx.PathContains("no_such_layer"))
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(setup, corpus, straight, tmp_path, caplog):
+    run(setup, corpus, tmp_path)  # checkpoints at steps 6 and 8 are kept
+    for file in (tmp_path / CHECKPOINTS_DIR / "8").rglob("*"):
+        if file.is_file() and file.parent.name == "d":
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="train.checkpoints"):
+        result = run(setup, corpus, tmp_path, resume=True)
+    assert result.start_step == 6 and result.step == TOTAL_STEPS
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert "checkpoint step 8 is damaged" in warning and "damaged_checkpoints/8" in warning, warning
+    assert (tmp_path / DAMAGED_DIR / "8").is_dir()
+    assert sorted(int(p.name) for p in (tmp_path / CHECKPOINTS_DIR).iterdir()) == [6, 8]
+    straight_params = jax.tree.leaves(straight[0].state.params)
+    for ours, reference in zip(jax.tree.leaves(result.state.params), straight_params, strict=True):
+        np.testing.assert_array_equal(ours, reference)
+
+    for step in ("6", "8"):  # every checkpoint damaged: one line saying so
+        for file in (tmp_path / CHECKPOINTS_DIR / step).rglob("*"):
+            if file.is_file() and file.parent.name == "d":
+                file.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no intact checkpoint in .* \(damaged: steps \[8, 6\]"):
+        run(setup, corpus, tmp_path, resume=True)
