@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
     log.setLevel(logging.INFO)
+    logging.getLogger("train.trainer").setLevel(logging.INFO)  # the step a resumed run continues from
     try:
         if args.model is None:
             if args.data:

@@ -412,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     # this CLI's own INFO lines are shown, not the libraries'.
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
     log.setLevel(logging.INFO)
+    logging.getLogger("train.trainer").setLevel(logging.INFO)  # the step a resumed run continues from
     try:
         config = config_from_args(args)
         log.info("%s", config)

@@ -32,6 +32,7 @@
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import signal
 import threading
@@ -52,6 +53,8 @@ from train.data import LoaderState
 from train.train_step import LossFn, StepFn, TrainState, build_train_step, init_train_state, split_trainable
 
 METRICS_FILE = "metrics.jsonl"
+
+_log = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -199,6 +202,7 @@ def run_training(
             restored = checkpointer.restore_newest_intact(state)  # falls back past damaged ones, with a warning
             state, data, elapsed = restored.state, restored.data, restored.elapsed_seconds
             latest = int(state.step)
+            _log.info("resuming from the checkpoint of step %d in %s", latest, checkpointer.directory)
         start_step = int(state.step)
         _truncate_metrics(metrics_path, after_step=start_step)
         checkpoint_step = latest

@@ -205,10 +205,11 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(setup, corpus, strai
     for file in (tmp_path / CHECKPOINTS_DIR / "8").rglob("*"):
         if file.is_file() and file.parent.name == "d":
             file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING, logger="train.checkpoints"):
+    with caplog.at_level(logging.INFO):
         result = run(setup, corpus, tmp_path, resume=True)
     assert result.start_step == 6 and result.step == TOTAL_STEPS
     (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert f"resuming from the checkpoint of step 6 in {tmp_path / CHECKPOINTS_DIR}" in caplog.messages
     assert "checkpoint step 8 is damaged" in warning and "damaged_checkpoints/8" in warning, warning
     assert (tmp_path / DAMAGED_DIR / "8").is_dir()
     assert sorted(int(p.name) for p in (tmp_path / CHECKPOINTS_DIR).iterdir()) == [6, 8]
