@@ -29,11 +29,17 @@ from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.seer import SeerCausalLM, SeerConfig, distillation_inputs, gate_logits, seer_from_base
 from seer_jax.sharding import MeshConfig, build_mesh, check_batch_size
+from train.checkpoints import CHECKPOINTS_DIR
 from train.data import LoaderConfig, LoaderState, PackedLoader
+from train.run_config import store_run_config
 from train.token_corpus import CorpusConfig, load_corpus
 from train.trainer import StepRecord, TrainLoopConfig, TrainResult, fit
 
 ADAPTER_DIR = "adapter"
+RUN_CONFIG_FILE = "distill.json"
+# What a resume may change (`train.run_config`); every other field must match. The cosine schedule decays over
+# `steps`, so steps may not change.
+MAY_CHANGE_ON_RESUME = ("out_dir", "cache_dir", "checkpoint_every", "resume", "mesh")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -172,6 +178,8 @@ def distill(
     mesh = None if config.mesh is None else build_mesh(config.mesh)
     if adapter_dir.exists() and not config.resume:
         raise ValueError(f"out_dir: {config.out_dir} already holds a finished run's adapter; choose a new directory")
+    resuming = config.resume and (Path(config.out_dir) / CHECKPOINTS_DIR).is_dir()
+    store_run_config(Path(config.out_dir) / RUN_CONFIG_FILE, config, resume=resuming, may_change=MAY_CHANGE_ON_RESUME)
     corpus = load_corpus(
         CorpusConfig(
             paths=config.data,

@@ -58,7 +58,12 @@ def add_distill_arguments(parser: argparse.ArgumentParser, defaults: DistillConf
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="base model dtype")
     parser.add_argument("--seed", type=int, default=0, help="gate init and data order")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out, with the same settings (stored in OUT/distill.json): only "
+        "--out, --corpus-cache, --checkpoint-every and the mesh may change",
+    )
     add_mesh_arguments(parser)
 
 

@@ -68,6 +68,7 @@ from train.lm_loss import next_token_loss, seer_next_token_loss
 from train.mesh_flags import add_mesh_arguments, mesh_from_args
 from train.model_source import PRESETS, YarnConfig, apply_yarn, build_model, preset_config, read_hf_config
 from train.optimizer import SCHEDULES, OptimizerConfig, build_optimizer
+from train.run_config import store_run_config
 from train.token_corpus import CorpusConfig, load_corpus, load_tokenizer
 from train.train_step import LossFn
 from train.trainer import StepRecord, TrainingDivergedError, TrainLoopConfig, TrainResult, fit, peak_device_memory_gib
@@ -285,9 +286,19 @@ def _prepare_out_dir(
             f"resume: {config_path} describes another model than this run's; resume with the same model settings"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RUN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")
+    resuming = config.loop.resume and (out_dir / CHECKPOINTS_DIR).is_dir()
+    store_run_config(out_dir / RUN_CONFIG_FILE, config, resume=resuming, may_change=may_change_on_resume(config))
     config_path.write_text(json.dumps(hf_config, indent=2) + "\n")
     tokenizer.save_pretrained(str(out_dir))
+
+
+def may_change_on_resume(config: FinetuneConfig) -> tuple[str, ...]:
+    """The `FinetuneConfig` fields a resume may change (`train.run_config`): outputs, caches, logging, the mesh and
+    how the same numbers are computed; `loop.total_steps` only under the constant schedule, whose rates do not
+    depend on it (linear and cosine decay over the total)."""
+    fields = ("loop.out_dir", "loop.checkpoint_every", "loop.keep_checkpoints", "loop.log_every", "loop.resume")
+    fields += ("corpus.cache_dir", "attention_implementation", "remat", "export_hf_dir", "export_dtype", "mesh")
+    return fields + (("loop.total_steps",) if config.optimizer.schedule == "constant" else ())
 
 
 def progress_bar(total_steps: int) -> tuple[tqdm, Callable[[StepRecord], None]]:
@@ -400,7 +411,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100, help="save a checkpoint every this many steps")
     parser.add_argument("--keep-checkpoints", type=int, default=3, help="how many checkpoints to keep")
     parser.add_argument("--log-every", type=int, default=1, help="metrics line every this many steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out, with the same settings (stored in OUT/finetune.json): "
+        "only --out, --corpus-cache, --checkpoint-every, --keep-checkpoints, --log-every, --attention, --remat, "
+        "--export-hf, --export-dtype and the mesh may change, and --steps under --schedule constant",
+    )
     parser.add_argument("--export-hf", type=Path, help="also write the trained model as an HF directory here")
     parser.add_argument("--export-dtype", choices=EXPORT_DTYPES, default="bfloat16", help="dtype of the HF export")
     parser.add_argument("--seer-gates", type=Path, help="gate adapter: train with SeerAttention (block-sparse)")

@@ -2,6 +2,7 @@
 fine-tuning the result; outputs, export and the errors that must stop a run early."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -134,3 +135,21 @@ def test_errors_stop_before_training(inputs, scratch_run, tmp_path):
         *config, *common_args(inputs, tmp_path / "c", 3), "--yarn-replace-scaling"
     )
     assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def _with(args: list, flag: str, value) -> list:
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+def test_resume_refuses_changed_settings_and_accepts_allowed_ones(inputs, scratch_run, tmp_path):
+    shutil.copytree(scratch_run / "run", tmp_path / "run")
+    config = ("--init-config", inputs[0] / "config.json", "--yarn-factor", "2", "--resume")
+    args = common_args(inputs, tmp_path / "run", 3)
+    message = failure(*config, *_with(_with(_with(args, "--lr", "5e-2"), "--batch-size", "4"), "--steps", "5"))
+    for change in ("loader.batch_size 2 → 4", "loop.total_steps 3 → 5", "optimizer.learning_rate 0.01 → 0.05"):
+        assert change in message, message
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2", "3"]
+    run(*config, *_with(args, "--checkpoint-every", "5"))  # another --out, no --remat, no export: allowed
+    assert json.loads((tmp_path / "run" / "finetune.json").read_text())["loop"]["checkpoint_every"] == 5
