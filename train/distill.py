@@ -159,11 +159,12 @@ def build_seer_model(config: DistillConfig, mesh: Mesh | None = None) -> SeerCau
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistillResult:
-    """model: the model with trained gates. train: the loop's result. adapter_dir: the exported gates."""
+    """model: the model with trained gates. train: the loop's result. adapter_dir: the exported gates (None when a
+    signal stopped the run: the checkpoint holds the gates, and a resumed run exports them once finished)."""
 
     model: SeerCausalLM
     train: TrainResult
-    adapter_dir: Path
+    adapter_dir: Path | None
 
 
 def distill(
@@ -173,7 +174,8 @@ def distill(
     on_step: Callable[[StepRecord], None] | None = None,
     on_tokenize: Callable[[int], None] | None = None,
 ) -> DistillResult:
-    """Runs the distillation and writes the adapter; `model` defaults to `build_seer_model(config)`."""
+    """Runs the distillation and writes the adapter (unless a signal stopped it); `model` defaults to
+    `build_seer_model(config)`."""
     adapter_dir = Path(config.out_dir) / ADAPTER_DIR
     mesh = None if config.mesh is None else build_mesh(config.mesh)
     if adapter_dir.exists() and not config.resume:
@@ -214,6 +216,8 @@ def distill(
         on_step=on_step,
         mesh=mesh,
     )
+    if result.stopped_by is not None:  # half-trained gates are not exported as if final; resume to finish
+        return DistillResult(model=model, train=result, adapter_dir=None)
     if adapter_dir.exists():  # a resumed run that had already finished: replace its adapter with this one
         shutil.rmtree(adapter_dir)
     save_adapter(model, adapter_dir, base_model=str(config.model), weights="safetensors")

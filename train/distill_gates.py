@@ -4,7 +4,8 @@
 
 distils AttnGates for the model (Hugging Face or converted directory) on local text data (see `train.documents`)
 and writes the gate adapter to `OUT/adapter` (load it with `seer_jax.adapters.load_seer_model`). Checkpoints,
-`metrics.jsonl` and resume (`--resume`) as in every trainer of this project; SIGINT/SIGTERM save and stop.
+`metrics.jsonl` and resume (`--resume`) as in every trainer of this project; SIGINT/SIGTERM save a checkpoint and
+stop with exit status 130/143 without writing the adapter (`--resume` finishes the run and writes it).
 `--eval-data FILES` then measures perplexity vs. block density (`train.eval_ppl`) into `OUT/eval`.
 `--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains on several devices (`seer_jax.sharding`);
 `--distributed` joins a multi-host job first.
@@ -20,6 +21,7 @@ import argparse
 import dataclasses
 import logging
 import shutil
+import signal
 from pathlib import Path
 
 from tqdm import tqdm
@@ -101,7 +103,12 @@ def run_distillation(config: DistillConfig) -> DistillResult:
     if (peak := peak_device_memory_gib()) is not None:
         log.info("peak device memory: %.2f GiB (the fullest local device)", peak)
     if result.train.stopped_by is not None:
-        log.info("stopped by %s; rerun with --resume to continue", result.train.stopped_by)
+        log.info(
+            "stopped by %s after step %d; checkpoint saved, no adapter written; rerun with --resume to finish",
+            result.train.stopped_by,
+            result.train.step,
+        )
+        raise SystemExit(128 + signal.Signals[result.train.stopped_by])  # 130 for SIGINT, 143 for SIGTERM
     log.info("wrote %s", result.adapter_dir)
     return result
 

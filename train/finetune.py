@@ -35,7 +35,8 @@ and the gates also with `--gate-loss-scale` (10) × their distillation loss agai
 sharded over fsdp and tensor, batches over data × fsdp; `--distributed` joins a multi-host job first.
 
 `--export-hf DIR` also writes the trained model as a Hugging Face directory (`seer_jax.hf_export`). SIGINT/SIGTERM
-stop after the current step with a checkpoint saved; rerun with `--resume` to continue. A NaN/inf loss stops the
+stop after the current step with a checkpoint saved, write no model, adapter or export, and exit with status 130/143;
+rerun with `--resume` to continue. A NaN/inf loss stops the
 run with the last good checkpoint kept. Errors print one line and exit with status 1.
 """
 
@@ -45,6 +46,7 @@ import functools
 import json
 import logging
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -450,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
             result.train.step,
             config.loop.out_dir,
         )
-        return
+        raise SystemExit(128 + signal.Signals[result.train.stopped_by])  # 130 for SIGINT, 143 for SIGTERM
     log.info("wrote %s", result.model_dir)
     if result.hf_dir is not None:
         log.info("wrote %s", result.hf_dir)

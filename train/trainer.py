@@ -19,7 +19,8 @@
   `out_dir` holding checkpoints is refused.
 * **Signals.** SIGINT or SIGTERM lets the current step finish, saves a checkpoint and returns with
   `TrainResult.stopped_by` set to the signal's name (a second SIGINT interrupts at once). Handlers are installed
-  only while the loop runs, and only from the main thread.
+  from the restore until the last checkpoint is on disk, and only from the main thread; a signal at any moment
+  leaves either a complete checkpoint or none.
 * **Divergence.** A non-finite loss or gradient norm raises `TrainingDivergedError` before anything of that step
   is saved, so the newest checkpoint is the last good state.
 * **Metrics.** Every `log_every` steps (and at the last step) one JSON line is appended to `out_dir/metrics.jsonl`:
@@ -103,8 +104,9 @@ class StepRecord:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainResult:
     """state: the final train state. start_step: the step the run started (or resumed) at. stopped_by: the signal
-    name when interrupted, else None (total_steps reached). last_record: the last step's record (None if no step
-    ran). checkpoint_step: the newest checkpoint's step.
+    name when interrupted (the checkpoint of the last step is complete; a signal that arrives while the last step's
+    checkpoint is written counts too, though total_steps were reached), else None (total_steps reached).
+    last_record: the last step's record (None if no step ran). checkpoint_step: the newest checkpoint's step.
     """
 
     state: TrainState
@@ -190,7 +192,9 @@ def run_training(
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / METRICS_FILE
-    with TrainCheckpointer(out_dir, keep=config.keep_checkpoints) as checkpointer:
+    # The signal handlers outlive the checkpointer, whose exit waits for the last save: a signal then lets the save
+    # finish (no half-written checkpoint) and is reported in `stopped_by`.
+    with _StopRequest() as stop, TrainCheckpointer(out_dir, keep=config.keep_checkpoints) as checkpointer:
         latest = checkpointer.latest_step()
         if latest is not None and not config.resume:
             raise ValueError(
@@ -208,7 +212,7 @@ def run_training(
         checkpoint_step = latest
         last_record, stopped_by = None, None
         loader = make_loader(data)
-        with _StopRequest() as stop, metrics_path.open("a") as metrics_file:
+        with metrics_path.open("a") as metrics_file:
             step = start_step
             batch, position = (next(loader), loader.state) if step < config.total_steps else (None, data)
             run_start = window_start = time.perf_counter()
@@ -248,6 +252,7 @@ def run_training(
                 if stopping:
                     stopped_by = stopping
                     break
+    stopped_by = stopped_by or stop.signal_name  # a signal after the last step's decision, during the final save
     return TrainResult(
         state=state,
         start_step=start_step,

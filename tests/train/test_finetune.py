@@ -2,7 +2,9 @@
 fine-tuning the result; outputs, export and the errors that must stop a run early."""
 
 import json
+import os
 import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,8 @@ from flax import nnx
 
 from seer_jax.checkpoint import is_converted, load_model
 from tests.train.tiny import write_docs
-from train.finetune import main
+from train import finetune as finetune_module
+from train.finetune import main, progress_bar
 from train.trainer import read_metrics
 
 TINY = {
@@ -153,3 +156,23 @@ def test_resume_refuses_changed_settings_and_accepts_allowed_ones(inputs, scratc
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2", "3"]
     run(*config, *_with(args, "--checkpoint-every", "5"))  # another --out, no --remat, no export: allowed
     assert json.loads((tmp_path / "run" / "finetune.json").read_text())["loop"]["checkpoint_every"] == 5
+
+
+def test_a_signal_mid_run_saves_exits_130_and_exports_nothing(inputs, tmp_path, monkeypatch):
+    def stop_after_step_1(total_steps):
+        bar, on_step = progress_bar(total_steps)
+
+        def on_step_then_sigint(record):
+            on_step(record)
+            if record.step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        return bar, on_step_then_sigint
+
+    monkeypatch.setattr(finetune_module, "progress_bar", stop_after_step_1)
+    args = common_args(inputs, tmp_path / "run", 3)
+    with pytest.raises(SystemExit) as raised:
+        run("--init-config", inputs[0] / "config.json", "--yarn-factor", "2", *args, "--export-hf", tmp_path / "hf")
+    assert raised.value.code == 130
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "hf").exists()

@@ -8,6 +8,9 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -223,3 +226,37 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(setup, corpus, strai
                 file.write_bytes(b"")
     with pytest.raises(ValueError, match=r"no intact checkpoint in .* \(damaged: steps \[8, 6\]"):
         run(setup, corpus, tmp_path, resume=True)
+
+
+SIGNAL_DURING_FINAL_SAVE = """
+import os, signal, sys
+from pathlib import Path
+import optax
+import train.checkpoints as checkpoints
+from tests.train.tiny import loader_factory, synthetic_corpus, tiny_model
+from train.lm_loss import next_token_loss
+from train.trainer import TrainLoopConfig, fit
+
+close = checkpoints.TrainCheckpointer.close
+def close_after_a_signal(self):  # SIGTERM just after the last step, while its checkpoint is being written
+    os.kill(os.getpid(), signal.SIGTERM)
+    close(self)
+checkpoints.TrainCheckpointer.close = close_after_a_signal
+config = TrainLoopConfig(out_dir=Path(sys.argv[1]), total_steps=2, checkpoint_every=2)
+result = fit(tiny_model(), loss_fn=next_token_loss, optimizer=optax.adamw(1e-2), config=config,
+             make_loader=loader_factory(synthetic_corpus()))
+print("stopped_by", result.stopped_by, "step", result.step)
+"""
+
+
+def test_a_signal_during_the_final_save_leaves_a_complete_checkpoint(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_DURING_FINAL_SAVE, str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopped_by SIGTERM step 2" in done.stdout
+    assert [p.name for p in (tmp_path / CHECKPOINTS_DIR).iterdir()] == ["2"]  # complete: no *.orbax-checkpoint-tmp
