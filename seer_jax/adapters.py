@@ -7,7 +7,8 @@ and, double-linear only, `…attn_gate.mask_linear_q.weight` ([N, Cq, E]); see `
 This project's format, a directory written by `save_adapter`:
 
     seer_adapter.json    {"format": 1, "base_model": <HF id or path>, "seer_config": SeerConfig.to_dict(),
-                          "weights": "orbax" | "safetensors", "tensors": {name: {"shape": [...], "dtype": ...}}};
+                          "weights": "orbax" | "safetensors", "tensors": {name: {"shape": [...], "dtype": ...}},
+                          "base_identity": {"config", "fingerprint"} (`seer_jax.base_identity`; optional)};
                          written last, so its presence means the directory is complete
     gates/               Orbax checkpoint of {name: array}           (weights "orbax")
     gates.safetensors    the same tensors                             (weights "safetensors")
@@ -42,6 +43,7 @@ import safetensors.flax
 from flax import nnx
 from safetensors import SafetensorError
 
+from seer_jax.base_identity import base_identity, check_base_identity, official_identity
 from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.hf_weights import CheckpointError
@@ -83,11 +85,14 @@ class Adapter:
       seer_config: how the gated model selects blocks (gate structure included).
       base_model: the HF id or path of the base model the gates were trained on, or None if unknown.
       tensors: official tensor name → array [heads, in, E].
+      base_identity: the base model's config and weight fingerprint (`seer_jax.base_identity`), None if unknown;
+        `check_base_identity(adapter.base_identity, base, ...)` compares it with a base before attaching.
     """
 
     seer_config: SeerConfig
     base_model: str | None
     tensors: Mapping[str, jax.Array | np.ndarray]
+    base_identity: Mapping[str, Any] | None = None
 
 
 def gate_tensors(model: SeerCausalLM) -> dict[str, jax.Array]:
@@ -126,6 +131,7 @@ def save_adapter(
             "seer_config": model.seer_config.to_dict(),
             "weights": weights,
             "tensors": listing,
+            "base_identity": base_identity(model),
         }
         (staging / ADAPTER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         staging.rename(directory)
@@ -194,7 +200,12 @@ def _read_own(directory: Path) -> Adapter:
         found = {name: {"shape": list(value.shape), "dtype": str(value.dtype)} for name, value in tensors.items()}
         if found != listing:
             raise CheckpointError(f"{directory / SAFETENSORS_FILE} does not hold the tensors {ADAPTER_FILE} lists")
-    return Adapter(seer_config=seer_config, base_model=marker["base_model"], tensors=tensors)
+    return Adapter(
+        seer_config=seer_config,
+        base_model=marker["base_model"],
+        tensors=tensors,
+        base_identity=marker.get("base_identity"),
+    )
 
 
 def _restore_orbax(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
@@ -250,7 +261,12 @@ def _read_official(directory: Path) -> Adapter:
         tensors = _read_pth(directory / OFFICIAL_PTH)
     else:
         raise CheckpointError(f"{directory} has no {OFFICIAL_PTH} or {OFFICIAL_SAFETENSORS}")
-    return Adapter(seer_config=seer_config_from_official(config), base_model=config.get("base_model"), tensors=tensors)
+    return Adapter(
+        seer_config=seer_config_from_official(config),
+        base_model=config.get("base_model"),
+        tensors=tensors,
+        base_identity=official_identity(config),
+    )
 
 
 def _read_safetensors(path: Path) -> dict[str, jax.Array]:
@@ -333,9 +349,11 @@ def load_seer_model(
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype | None = None,
     attention_implementation: str = "xla",
+    allow_other_base: bool = False,
 ) -> SeerCausalLM:
     """Loads an adapter and its base model (`base_path`, else the adapter's `base_model`, which must then be a
-    local converted or Hugging Face directory) and attaches the gates; dtypes as in `checkpoint.load_model`."""
+    local converted or Hugging Face directory) and attaches the gates; dtypes as in `checkpoint.load_model`.
+    A base other than the one the adapter recorded is refused (`CheckpointError`) unless `allow_other_base`."""
     adapter = read_adapter(adapter_dir)
     if base_path is None:
         if adapter.base_model is None or not Path(adapter.base_model).is_dir():
@@ -346,6 +364,7 @@ def load_seer_model(
     base, _ = load_model(
         base_path, dtype=dtype, param_dtype=param_dtype, attention_implementation=attention_implementation
     )
+    check_base_identity(adapter.base_identity, base, adapter=str(adapter_dir), allow_other_base=allow_other_base)
     return attach_gates(base, adapter)
 
 

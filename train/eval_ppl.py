@@ -45,6 +45,7 @@ from tqdm import tqdm
 from pallas_kernels.block_sparse_attention import BLOCK_SIZE, block_sparse_attention_implementation
 from seer_jax.adapters import Adapter, attach_gates, read_adapter
 from seer_jax.attention import IMPLEMENTATIONS
+from seer_jax.base_identity import check_base_identity
 from seer_jax.checkpoint import load_model
 from seer_jax.config import ModelConfig
 from seer_jax.gate import GateConfig, GateParam
@@ -92,6 +93,8 @@ class EvalConfig:
       attention: the dense attention implementation (`seer_jax.attention`); default cudnn on GPU, xla elsewhere.
       mesh: run on a device mesh (`seer_jax.sharding`; batches split over data × fsdp when they divide it), or
         None: one device.
+      allow_other_base: attach the gates even to a base other than the one the adapter recorded (its config or
+        weights differ, `seer_jax.base_identity`); otherwise that is an error.
     """
 
     model: Path
@@ -111,6 +114,7 @@ class EvalConfig:
     dtype: str = dataclasses.field(default_factory=lambda: "bfloat16" if _on_gpu() else "float32")
     attention: str = dataclasses.field(default_factory=lambda: "cudnn" if _on_gpu() else "xla")
     mesh: MeshConfig | None = None
+    allow_other_base: bool = False
 
     def __post_init__(self):
         if not Path(self.model).is_dir():
@@ -253,6 +257,10 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
             f"lengths: {too_long} exceed the model's max_position_embeddings ({model_config.max_position_embeddings})"
         )
     adapter = None if config.gates is None else read_adapter(config.gates)
+    if adapter is not None:
+        check_base_identity(
+            adapter.base_identity, base, adapter=str(config.gates), allow_other_base=config.allow_other_base
+        )
     start_layer = config.start_layer
     if start_layer is None:
         start_layer = 0 if adapter is None else adapter.seer_config.start_layer
@@ -467,6 +475,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.eval_ppl", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="Hugging Face or converted model directory")
     parser.add_argument("--gates", type=Path, help="gate adapter directory (ours or official); else no 'gate'")
+    parser.add_argument(
+        "--allow-other-base", action="store_true", help="use the gates on a base other than the one they recorded"
+    )
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="data files or directories")
     parser.add_argument("--text-field", default="text", help="text column of the data")
     parser.add_argument("--tokenizer-dir", type=Path, help="tokenizer directory (default: --model)")
@@ -495,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
             model=args.model,
             data=tuple(args.data),
             gates=args.gates,
+            allow_other_base=args.allow_other_base,
             tokenizer_dir=args.tokenizer_dir,
             text_field=args.text_field,
             cache_dir=args.cache_dir,

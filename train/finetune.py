@@ -58,6 +58,7 @@ from transformers import PreTrainedTokenizerBase
 
 from seer_jax.adapters import attach_gates, read_adapter, save_adapter
 from seer_jax.attention import IMPLEMENTATIONS
+from seer_jax.base_identity import check_base_identity
 from seer_jax.checkpoint import save_converted
 from seer_jax.config import ModelConfig
 from seer_jax.hf_export import EXPORT_DTYPES, save_hf
@@ -87,11 +88,13 @@ log = logging.getLogger(__name__)
 class SeerTuning:
     """SeerAttention fine-tuning. gates: a gate adapter directory for the model (e.g. from `train.distill_gates`).
     nz_ratio: TopK causal block density of the sparse attention. gate_loss_scale: weight of the gates' loss.
+    allow_other_base: attach the gates even to a base other than the one they recorded (`seer_jax.base_identity`).
     """
 
     gates: Path
     nz_ratio: float = 0.5
     gate_loss_scale: float = 10.0
+    allow_other_base: bool = False
 
     def __post_init__(self):
         if not Path(self.gates).is_dir():
@@ -222,6 +225,9 @@ def finetune(
     )
     if config.seer is not None:
         adapter = read_adapter(config.seer.gates)
+        check_base_identity(
+            adapter.base_identity, model, adapter=str(config.seer.gates), allow_other_base=config.seer.allow_other_base
+        )
         selection = Selection(method="nz_ratio", nz_ratio=config.seer.nz_ratio)
         seer_config = dataclasses.replace(adapter.seer_config, selection=selection, source="gate")
         model = attach_gates(model, dataclasses.replace(adapter, seer_config=seer_config))
@@ -300,6 +306,7 @@ def may_change_on_resume(config: FinetuneConfig) -> tuple[str, ...]:
     depend on it (linear and cosine decay over the total)."""
     fields = ("loop.out_dir", "loop.checkpoint_every", "loop.keep_checkpoints", "loop.log_every", "loop.resume")
     fields += ("corpus.cache_dir", "attention_implementation", "remat", "export_hf_dir", "export_dtype", "mesh")
+    fields += ("seer.allow_other_base",)
     return fields + (("loop.total_steps",) if config.optimizer.schedule == "constant" else ())
 
 
@@ -365,7 +372,12 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         export_dtype=args.export_dtype,
         seer=None
         if args.seer_gates is None
-        else SeerTuning(gates=args.seer_gates, nz_ratio=args.nz_ratio, gate_loss_scale=args.gate_loss_scale),
+        else SeerTuning(
+            gates=args.seer_gates,
+            nz_ratio=args.nz_ratio,
+            gate_loss_scale=args.gate_loss_scale,
+            allow_other_base=args.allow_other_base,
+        ),
         mesh=mesh_from_args(args, log),
     )
 
@@ -425,6 +437,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seer-gates", type=Path, help="gate adapter: train with SeerAttention (block-sparse)")
     parser.add_argument("--nz-ratio", type=float, default=0.5, help="SeerAttention TopK block density (SPEC §8: 0.5)")
     parser.add_argument("--gate-loss-scale", type=float, default=10.0, help="weight of the gates' distillation loss")
+    parser.add_argument(
+        "--allow-other-base", action="store_true", help="use --seer-gates on a base other than the one they recorded"
+    )
     add_mesh_arguments(parser)
     args = parser.parse_args(argv)
     # force: an imported library may have configured the root logger already. The root stays at WARNING, so only

@@ -299,3 +299,22 @@ def test_bad_adapter_files_exit_with_one_line(model_dir, data_file, tmp_path):
             main([str(arg) for arg in args])
         message = raised.value.code
         assert isinstance(message, str) and "\n" not in message and re.search(match, message), (name, message)
+
+
+def test_gates_on_another_base_are_refused_unless_allowed(model_dir, gates_dir, data_file, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for file in model_dir.iterdir():
+        (other / file.name).write_bytes(file.read_bytes())
+    weights = safetensors.numpy.load_file(other / "model.safetensors")
+    weights["model.layers.0.self_attn.k_proj.weight"] *= 2.0  # another checkpoint of the same architecture
+    safetensors.numpy.save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    args = ["--model", other, "--gates", gates_dir, "--data", data_file, "--lengths", LENGTH, "--num-docs", 1]
+    args += ["--methods", "gate", "--nz-ratios", "0.5", "--dtype", "float32", "--attention", "xla"]
+    with pytest.raises(SystemExit) as raised:
+        main([str(arg) for arg in [*args, "--out", tmp_path / "refused"]])
+    message = raised.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert f"the gate adapter {gates_dir} was trained on another base model: the weights differ" in message
+    main([str(arg) for arg in [*args, "--out", tmp_path / "allowed", "--allow-other-base"]])
+    assert (tmp_path / "allowed" / JSON_FILE).is_file()
