@@ -3,6 +3,7 @@ fine-tuning the result; outputs, export and the errors that must stop a run earl
 
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -15,6 +16,7 @@ import transformers
 from flax import nnx
 
 from seer_jax.checkpoint import is_converted, load_model
+from tests.seer_jax.test_adapters import bad_adapters
 from tests.train.tiny import write_docs
 from train import finetune as finetune_module
 from train.finetune import main, progress_bar
@@ -176,3 +178,15 @@ def test_a_signal_mid_run_saves_exits_130_and_exports_nothing(inputs, tmp_path, 
     assert raised.value.code == 130
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
     assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "hf").exists()
+
+
+def test_bad_seer_gates_exit_with_one_line(inputs, tmp_path):
+    cases = bad_adapters(tmp_path / "adapters")
+    for name in ("no_tensors_key", "truncated_pth", "pickle_pth", "nan_gates"):
+        directory, match = cases[name]
+        args = common_args(inputs, tmp_path / name, 2)
+        message = failure(
+            "--init-config", inputs[0] / "config.json", "--yarn-factor", "2", *args, "--seer-gates", directory
+        )
+        assert re.search(match, message), (name, message)
+        assert not (tmp_path / name / "checkpoints").exists()
