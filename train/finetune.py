@@ -289,7 +289,7 @@ def _prepare_out_dir(
     config_path = out_dir / "config.json"
     if not config.loop.resume and (out_dir / CHECKPOINTS_DIR).exists():
         raise ValueError(f"out_dir: {out_dir} already holds checkpoints; resume from them or choose a new directory")
-    if config.loop.resume and config_path.is_file() and json.loads(config_path.read_text()) != hf_config:
+    if config.loop.resume and config_path.is_file() and _read_json(config_path) != hf_config:
         raise ValueError(
             f"resume: {config_path} describes another model than this run's; resume with the same model settings"
         )
@@ -298,6 +298,13 @@ def _prepare_out_dir(
     store_run_config(out_dir / RUN_CONFIG_FILE, config, resume=resuming, may_change=may_change_on_resume(config))
     config_path.write_text(json.dumps(hf_config, indent=2) + "\n")
     tokenizer.save_pretrained(str(out_dir))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore it or start a new run") from None
 
 
 def may_change_on_resume(config: FinetuneConfig) -> tuple[str, ...]:

@@ -291,7 +291,17 @@ def _metrics_line(record: StepRecord) -> dict:
 def _truncate_metrics(path: Path, *, after_step: int) -> None:
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number == len(lines):  # the last line, cut short by a killed run: dropped
+                break
+            raise ValueError(f"{path}:{number}: not a metrics line of this run; remove the line to resume") from None
+        if step <= after_step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -260,3 +260,14 @@ def test_a_signal_during_the_final_save_leaves_a_complete_checkpoint(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "stopped_by SIGTERM step 2" in done.stdout
     assert [p.name for p in (tmp_path / CHECKPOINTS_DIR).iterdir()] == ["2"]  # complete: no *.orbax-checkpoint-tmp
+
+
+def test_resume_drops_a_metrics_line_cut_short_and_names_a_bad_one(setup, corpus, tmp_path):
+    run(setup, corpus, tmp_path, checkpoint_every=4)
+    metrics = tmp_path / METRICS_FILE
+    metrics.write_text(metrics.read_text() + '{"step": 9, "lo')  # a killed run's last, partial line
+    run(setup, corpus, tmp_path, resume=True)
+    assert [line["step"] for line in read_metrics(tmp_path)] == list(range(1, TOTAL_STEPS + 1))
+    metrics.write_text("garbage\n" + metrics.read_text())
+    with pytest.raises(ValueError, match=rf"{METRICS_FILE}:1: not a metrics line of this run"):
+        run(setup, corpus, tmp_path, resume=True)
