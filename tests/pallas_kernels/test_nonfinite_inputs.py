@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.attention_with_pooling import attention_with_pooling
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.inputs import pattern_block_mask, random_qkv
 from pallas_kernels.shapes import TEST_SHAPES
@@ -65,3 +66,26 @@ def test_nonfinite_input_propagates_like_dense_attention(request, implementation
 def _clean(q, k, v):
     """The inputs with the poisoned entries replaced by 0 (they matter only on the poisoned rows)."""
     return tuple(jnp.where(jnp.isfinite(x), x, 0) for x in (q, k, v))
+
+
+@pytest.mark.parametrize("implementation", harness.IMPLEMENTATIONS)
+@pytest.mark.parametrize("poison", sorted(POISONS))
+@pytest.mark.parametrize(("tensor", "position"), CASES[:2])
+def test_nonfinite_input_propagates_through_attention_with_pooling(request, implementation, poison, tensor, position):
+    q, k, v = random_qkv(harness.case_key(request), SHAPE, harness.DTYPES[implementation])
+    q, k, v = _poisoned(q, k, v, tensor, position, POISONS[poison])
+    out, pooled, lse = attention_with_pooling(q, k, v, return_lse=True, implementation=implementation)
+    out, pooled, lse = (np.asarray(x.astype(jnp.float32)) for x in (out, pooled, lse))
+
+    group = SHAPE.num_q_heads // SHAPE.num_kv_heads
+    poisoned_rows = np.zeros((SHAPE.batch, SHAPE.num_q_heads, SHAPE.seq_len), bool)  # [B, N, T]
+    if tensor == "q":
+        poisoned_rows[0, 0, position] = True
+    else:
+        poisoned_rows[0, :group, position:] = True  # every later row of the kv head's query heads sees key c
+    rows_nonfinite = ~np.isfinite(out).all(axis=-1).transpose(0, 2, 1)  # [B, N, T]
+    np.testing.assert_array_equal(rows_nonfinite, poisoned_rows, err_msg="non-finite rows differ from dense's")
+    assert not np.isfinite(lse[poisoned_rows]).any() and np.isfinite(lse[~poisoned_rows]).all()
+    block_rows = np.pad(poisoned_rows, ((0, 0), (0, 0), (0, -SHAPE.seq_len % 64)))
+    clean_blocks = ~block_rows.reshape(*poisoned_rows.shape[:2], -1, 64).any(axis=-1)  # [B, N, I]
+    assert np.isfinite(pooled[clean_blocks]).all(), "a query block without poisoned rows has a non-finite pooled row"
