@@ -8,6 +8,9 @@ one tensor at a time, checks that every tensor maps to a parameter, every parame
 matches, and writes the directory described in `seer_jax.checkpoint` (params as Orbax; config.json, the tokenizer
 with its chat template and generation_config.json copied: `seer_jax.model_files`). The output appears only when
 complete; on any error the command prints one line saying what to do and exits with status 1.
+
+Safetensors files carry no checksum: a flipped byte inside tensor data converts silently. Verify the files against
+the SHA-256 their source lists (the Hugging Face Hub shows one per LFS file) before converting.
 """
 
 import argparse

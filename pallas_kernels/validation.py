@@ -13,6 +13,10 @@ def check_causal_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
         raise ValueError(f"k and v must have the same shape [B, S, K, H], got {k.shape} and {v.shape}")
     batch, num_queries, num_q_heads, head_dim = q.shape
     _, num_keys, num_kv_heads, _ = k.shape
+    sizes = {"batch": batch, "num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
+    empty = [name for name, size in sizes.items() if size == 0]
+    if empty:  # else `H ** -0.5` or `N % K` divides by zero
+        raise ValueError(f"{', '.join(empty)} must be at least 1, got q {q.shape} and k/v {k.shape}")
     if k.shape[0] != batch:
         raise ValueError(f"q and k/v must have the same batch size, got {batch} and {k.shape[0]}")
     if k.shape[3] != head_dim:

@@ -7,7 +7,8 @@ and, double-linear only, `…attn_gate.mask_linear_q.weight` ([N, Cq, E]); see `
 This project's format, a directory written by `save_adapter`:
 
     seer_adapter.json    {"format": 1, "base_model": <HF id or path>, "seer_config": SeerConfig.to_dict(),
-                          "weights": "orbax" | "safetensors", "tensors": {name: {"shape": [...], "dtype": ...}}};
+                          "weights": "orbax" | "safetensors", "tensors": {name: {"shape": [...], "dtype": ...}},
+                          "base_identity": {"config", "fingerprint"} (`seer_jax.base_identity`; optional)};
                          written last, so its presence means the directory is complete
     gates/               Orbax checkpoint of {name: array}           (weights "orbax")
     gates.safetensors    the same tensors                             (weights "safetensors")
@@ -28,8 +29,8 @@ shapes exact) and returns a `SeerCausalLM` sharing the base model's weights, sel
 import dataclasses
 import json
 import logging
+import pickle
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -42,13 +43,16 @@ import safetensors.flax
 from flax import nnx
 from safetensors import SafetensorError
 
+from seer_jax.base_identity import base_identity, check_base_identity, official_identity
 from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.hf_weights import CheckpointError
 from seer_jax.model import CausalLM
+from seer_jax.orbax_errors import READ_ERRORS, describe_read_error
 from seer_jax.seer import SeerCausalLM, seer_with_abstract_gates
 from seer_jax.seer_config import SeerConfig
 from seer_jax.sparsity import Selection
+from seer_jax.staging import new_staging_dir
 
 ADAPTER_FILE = "seer_adapter.json"
 ORBAX_DIR = "gates"
@@ -82,11 +86,14 @@ class Adapter:
       seer_config: how the gated model selects blocks (gate structure included).
       base_model: the HF id or path of the base model the gates were trained on, or None if unknown.
       tensors: official tensor name → array [heads, in, E].
+      base_identity: the base model's config and weight fingerprint (`seer_jax.base_identity`), None if unknown;
+        `check_base_identity(adapter.base_identity, base, ...)` compares it with a base before attaching.
     """
 
     seer_config: SeerConfig
     base_model: str | None
     tensors: Mapping[str, jax.Array | np.ndarray]
+    base_identity: Mapping[str, Any] | None = None
 
 
 def gate_tensors(model: SeerCausalLM) -> dict[str, jax.Array]:
@@ -110,7 +117,7 @@ def save_adapter(
         raise CheckpointError(f"{directory} already exists; choose a new adapter directory or remove it")
     tensors = gate_tensors(model)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+    staging = new_staging_dir(directory)
     try:
         if weights == "orbax":
             with ocp.StandardCheckpointer() as checkpointer:
@@ -125,6 +132,7 @@ def save_adapter(
             "seer_config": model.seer_config.to_dict(),
             "weights": weights,
             "tensors": listing,
+            "base_identity": base_identity(model),
         }
         (staging / ADAPTER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         staging.rename(directory)
@@ -134,38 +142,81 @@ def save_adapter(
 
 
 def read_adapter(directory: str | Path) -> Adapter:
-    """Reads an adapter in this project's format or the official one (detected from the files present)."""
+    """Reads an adapter in this project's format or the official one (detected from the files present).
+
+    Raises `CheckpointError` (one line naming the file) for a malformed or incomplete adapter, and for gate weights
+    that hold NaN or inf.
+    """
     directory = Path(directory)
     if (directory / ADAPTER_FILE).is_file():
-        return _read_own(directory)
-    if (directory / "config.json").is_file():
-        return _read_official(directory)
-    raise CheckpointError(
-        f"{directory} holds neither {ADAPTER_FILE} nor an official SeerAttention config.json; pass an adapter directory"
-    )
+        adapter = _read_own(directory)
+    elif (directory / "config.json").is_file():
+        adapter = _read_official(directory)
+    else:
+        raise CheckpointError(
+            f"{directory} holds neither {ADAPTER_FILE} nor an official SeerAttention config.json; pass an adapter "
+            "directory"
+        )
+    check_finite_gates(adapter.tensors, directory)
+    return adapter
+
+
+def check_finite_gates(tensors: Mapping[str, jax.Array | np.ndarray], directory: str | Path) -> None:
+    """Raises `CheckpointError` naming the gate tensors of `directory` that hold NaN or inf."""
+    bad = sorted(name for name, value in tensors.items() if not np.isfinite(np.asarray(value, np.float32)).all())
+    if bad:
+        raise CheckpointError(
+            f"{directory}: gate tensor(s) {_listing(bad)} hold NaN/inf; the run that wrote them diverged or the file "
+            "is corrupt: use an earlier adapter or retrain the gates"
+        )
 
 
 def _read_own(directory: Path) -> Adapter:
-    marker = json.loads((directory / ADAPTER_FILE).read_text())
+    path = directory / ADAPTER_FILE
+    try:
+        marker = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); the adapter is corrupt: re-export it") from error
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"{path} holds {type(marker).__name__}, not a JSON object; re-export the adapter")
     if marker.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"{directory} was written in adapter format {marker.get('format')}, this code reads {FORMAT_VERSION}"
         )
+    missing = [key for key in ("base_model", "seer_config", "weights", "tensors") if key not in marker]
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(map(repr, missing))} entry; the adapter is incomplete")
     listing, weights = marker["tensors"], marker["weights"]
     if weights not in ("orbax", "safetensors"):
-        raise CheckpointError(f"{directory / ADAPTER_FILE} names an unknown weights format {weights!r}")
-    if weights == "orbax":
+        raise CheckpointError(f"{path} names an unknown weights format {weights!r}")
+    try:
         target = {name: jax.ShapeDtypeStruct(tuple(entry["shape"]), entry["dtype"]) for name, entry in listing.items()}
-        with ocp.StandardCheckpointer() as checkpointer:
-            tensors = checkpointer.restore((directory / ORBAX_DIR).absolute(), target)
+        seer_config = SeerConfig.from_dict(marker["seer_config"])
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} has a malformed tensors or seer_config entry ({error!r})") from error
+    if weights == "orbax":
+        tensors = _restore_orbax(directory / ORBAX_DIR, target)
     else:
         tensors = _read_safetensors(directory / SAFETENSORS_FILE)
         found = {name: {"shape": list(value.shape), "dtype": str(value.dtype)} for name, value in tensors.items()}
         if found != listing:
             raise CheckpointError(f"{directory / SAFETENSORS_FILE} does not hold the tensors {ADAPTER_FILE} lists")
     return Adapter(
-        seer_config=SeerConfig.from_dict(marker["seer_config"]), base_model=marker["base_model"], tensors=tensors
+        seer_config=seer_config,
+        base_model=marker["base_model"],
+        tensors=tensors,
+        base_identity=marker.get("base_identity"),
     )
+
+
+def _restore_orbax(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is missing; the adapter is incomplete: re-export it")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path.absolute(), target)
+    except READ_ERRORS as error:
+        raise CheckpointError(f"{describe_read_error(path, error)}; the adapter is corrupt: re-export it") from None
 
 
 def seer_config_from_official(config: Mapping[str, Any]) -> SeerConfig:
@@ -211,7 +262,12 @@ def _read_official(directory: Path) -> Adapter:
         tensors = _read_pth(directory / OFFICIAL_PTH)
     else:
         raise CheckpointError(f"{directory} has no {OFFICIAL_PTH} or {OFFICIAL_SAFETENSORS}")
-    return Adapter(seer_config=seer_config_from_official(config), base_model=config.get("base_model"), tensors=tensors)
+    return Adapter(
+        seer_config=seer_config_from_official(config),
+        base_model=config.get("base_model"),
+        tensors=tensors,
+        base_identity=official_identity(config),
+    )
 
 
 def _read_safetensors(path: Path) -> dict[str, jax.Array]:
@@ -229,7 +285,18 @@ def _read_pth(path: Path) -> dict[str, np.ndarray]:
             f"reading {path.name} needs torch: pip install 'seer-jax[torch]' "
             f"(or save its tensors as {OFFICIAL_SAFETENSORS})"
         ) from error
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds pickled Python objects besides tensors and is refused: unpickling them could run "
+            f"arbitrary code (torch.load weights_only); save its tensors as a plain state dict or as "
+            f"{OFFICIAL_SAFETENSORS}"
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable torch file ({_first_line(error)}); it is truncated or corrupt"
+        ) from None
     if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
     # numpy has no bfloat16: go through float32 (exact) and back to ml_dtypes' bfloat16.
@@ -288,9 +355,11 @@ def load_seer_model(
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype | None = None,
     attention_implementation: str = "xla",
+    allow_other_base: bool = False,
 ) -> SeerCausalLM:
     """Loads an adapter and its base model (`base_path`, else the adapter's `base_model`, which must then be a
-    local converted or Hugging Face directory) and attaches the gates; dtypes as in `checkpoint.load_model`."""
+    local converted or Hugging Face directory) and attaches the gates; dtypes as in `checkpoint.load_model`.
+    A base other than the one the adapter recorded is refused (`CheckpointError`) unless `allow_other_base`."""
     adapter = read_adapter(adapter_dir)
     if base_path is None:
         if adapter.base_model is None or not Path(adapter.base_model).is_dir():
@@ -301,9 +370,16 @@ def load_seer_model(
     base, _ = load_model(
         base_path, dtype=dtype, param_dtype=param_dtype, attention_implementation=attention_implementation
     )
+    check_base_identity(adapter.base_identity, base, adapter=str(adapter_dir), allow_other_base=allow_other_base)
     return attach_gates(base, adapter)
 
 
 def _listing(names: list[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown}, … ({len(names) - limit} more)"
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message (library errors can run to pages), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

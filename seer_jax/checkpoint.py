@@ -14,7 +14,6 @@ random init) and fills it, so loading needs memory for the weights only.
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -28,7 +27,9 @@ from seer_jax.config import ModelConfig
 from seer_jax.hf_weights import CheckpointError, load_hf_state
 from seer_jax.model import CausalLM
 from seer_jax.model_files import copy_model_files
+from seer_jax.orbax_errors import READ_ERRORS, describe_read_error
 from seer_jax.sharding import logical_rules, tree_shardings
+from seer_jax.staging import new_staging_dir
 
 MARKER_FILE = "seer_jax.json"
 PARAMS_DIR = "params"
@@ -101,7 +102,10 @@ def load_model(
 
 
 def _restore_converted(path: Path, state: nnx.State, shardings: nnx.State | None) -> None:
-    marker = json.loads((path / MARKER_FILE).read_text())
+    try:
+        marker = json.loads((path / MARKER_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path / MARKER_FILE} is not valid JSON ({error}); convert the model again") from None
     if marker.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written in format {marker.get('format')}, this code reads {FORMAT_VERSION}; re-convert it"
@@ -115,8 +119,14 @@ def _restore_converted(path: Path, state: nnx.State, shardings: nnx.State | None
             target,
             nnx.to_pure_dict(shardings),
         )
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore((path / PARAMS_DIR).absolute(), target)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore((path / PARAMS_DIR).absolute(), target)
+    except READ_ERRORS as error:
+        raise CheckpointError(
+            f"{describe_read_error(path / PARAMS_DIR, error)}; the converted model {path} is corrupt: convert it "
+            "again (python -m convert.hf_to_flax) or restore it from a copy"
+        ) from None
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda value, leaf: value.astype(leaf.dtype), restored, abstract))
 
 
@@ -134,7 +144,7 @@ def save_converted(model: CausalLM, out_dir: str | Path, *, hf_dir: str | Path) 
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(params)}
     if len(dtypes) != 1:
         raise ValueError(f"all parameters must share one dtype to be saved, got {sorted(map(str, dtypes))}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    staging = new_staging_dir(out_dir)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, params)

@@ -132,6 +132,8 @@ class ModelConfig:
             if hf.get(key) is None:
                 raise ValueError(f"config.json is missing {key!r}")
         num_q_heads = hf["num_attention_heads"]
+        if not isinstance(num_q_heads, int) or num_q_heads <= 0:  # before hidden_size // num_q_heads below
+            raise ValueError(f"config.json num_attention_heads must be a positive int, got {num_q_heads!r}")
         head_dim = hf.get("head_dim")
         if head_dim is None:
             if hf["hidden_size"] % num_q_heads:
@@ -157,7 +159,7 @@ class ModelConfig:
             intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"],
             num_q_heads=num_q_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_q_heads,
+            num_kv_heads=hf.get("num_key_value_heads", num_q_heads),  # 0 is refused, not read as "absent"
             head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=RopeConfig.from_hf(hf),

@@ -15,7 +15,6 @@ moved to the host one shard at a time. Everything is written to a temporary sibl
 
 import json
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from seer_jax.config import ModelConfig
 from seer_jax.hf_weights import INDEX_FILE, SINGLE_FILE, CheckpointError, hf_name_to_state_path, state_path_to_hf_name
 from seer_jax.model import CausalLM
 from seer_jax.model_files import copy_model_files
+from seer_jax.staging import new_staging_dir
 
 EXPORT_DTYPES = ("bfloat16", "float32")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # save_pretrained's default shard size
@@ -64,7 +64,7 @@ def save_hf(
         raise CheckpointError(f"{out_dir} already exists; choose a new output directory or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors = _hf_tensors(model)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    staging = new_staging_dir(out_dir)
     try:
         _write_weights(staging, tensors, jnp.dtype(dtype), max_shard_bytes)
         config = {key: value for key, value in hf_config.items() if key != "torch_dtype"}

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seer_jax.adapters import attach_gates, read_adapter
+from seer_jax.base_identity import check_base_identity
 from seer_jax.checkpoint import load_model
 from seer_jax.generate import TokenStream
 from seer_jax.model import CausalLM
@@ -334,6 +335,7 @@ def load(
     attention: str | None = None,
     tokenizer: str | Path | None = None,
     max_length: int | None = None,
+    allow_other_base: bool = False,
 ) -> Generator:
     """Loads a model, its tokenizer and optionally gates; see the module docstring.
 
@@ -345,6 +347,8 @@ def load(
       attention: dense attention implementation, one of `ATTENTION`; None: `default_attention()`.
       tokenizer: the tokenizer's directory or hub id; None: the model's.
       max_length: the longest prompt plus completion to accept; None: the model's `max_position_embeddings`.
+      allow_other_base: attach the gates even to a base other than the one the adapter recorded
+        (`seer_jax.base_identity`); otherwise that raises `CheckpointError`.
     """
     dtype = dtype or default_dtype()
     attention = attention or default_attention()
@@ -365,6 +369,7 @@ def load(
     if adapter is not None:
         if isinstance(selection, str):
             selection = parse_selection(selection, adapter.seer_config.selection)
+        check_base_identity(adapter.base_identity, base, adapter=str(gates), allow_other_base=allow_other_base)
         lm = attach_gates(base, adapter, selection=selection)
     tokenizer_dir = model_dir if tokenizer is None else resolve_model_path(tokenizer, flag="--tokenizer")
     return Generator(

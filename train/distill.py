@@ -31,7 +31,9 @@ from seer_jax.sharding import MeshConfig, build_mesh, check_batch_size
 from train.data import LoaderConfig, LoaderState, PackedLoader
 from train.losses import distillation_loss
 from train.optimizer import OptimizerConfig, build_optimizer
+from train.run_config import store_run_config
 from train.token_corpus import CorpusConfig, load_corpus
+from train.train_checkpoints import CHECKPOINTS_DIR
 from train.trainer import StepRecord, TrainLoopConfig, TrainResult, fit
 
 ADAPTER_DIR = "adapter"
@@ -40,6 +42,10 @@ GATE_OPTIMIZER = OptimizerConfig(
     learning_rate=1e-3, warmup_steps=20, schedule="cosine", beta2=0.999, weight_decay=0.0, grad_clip_norm=1.0
 )
 DTYPES = ("bfloat16", "float32")
+RUN_CONFIG_FILE = "distill.json"
+# What a resume may change (`train.run_config`); every other field must match. The cosine schedule decays over
+# `loop.total_steps`, so the step count may not change.
+MAY_CHANGE_ON_RESUME = ("loop.out_dir", "corpus.cache_dir", "loop.checkpoint_every", "loop.resume", "mesh")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,11 +104,12 @@ def build_seer_model(config: DistillConfig, mesh: Mesh | None = None) -> SeerCau
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistillResult:
-    """model: the model with trained gates. train: the loop's result. adapter_dir: the exported gates."""
+    """model: the model with trained gates. train: the loop's result. adapter_dir: the exported gates (None when a
+    signal stopped the run: the checkpoint holds the gates, and a resumed run exports them once finished)."""
 
     model: SeerCausalLM
     train: TrainResult
-    adapter_dir: Path
+    adapter_dir: Path | None
 
 
 def distill(
@@ -111,13 +118,17 @@ def distill(
     model: SeerCausalLM | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> DistillResult:
-    """Runs the distillation and writes the adapter; `model` defaults to `build_seer_model(config)`."""
+    """Runs the distillation and writes the adapter (unless a signal stopped it); `model` defaults to
+    `build_seer_model(config)`."""
     adapter_dir = config.adapter_dir
     mesh = None if config.mesh is None else build_mesh(config.mesh)
     if adapter_dir.exists() and not config.loop.resume:
         raise ValueError(
             f"out_dir: {config.loop.out_dir} already holds a finished run's adapter; choose a new directory"
         )
+    out_dir = Path(config.loop.out_dir)
+    resuming = config.loop.resume and (out_dir / CHECKPOINTS_DIR).is_dir()
+    store_run_config(out_dir / RUN_CONFIG_FILE, config, resume=resuming, may_change=MAY_CHANGE_ON_RESUME)
     corpus = load_corpus(config.corpus)
     PackedLoader(corpus, config.loader)  # fail on too little data before building or compiling anything
 
@@ -138,6 +149,8 @@ def distill(
         on_step=on_step,
         mesh=mesh,
     )
+    if result.stopped_by is not None:  # half-trained gates are not exported as if final; resume to finish
+        return DistillResult(model=model, train=result, adapter_dir=None)
     if adapter_dir.exists():  # a resumed run that had already finished: replace its adapter with this one
         shutil.rmtree(adapter_dir)
     save_adapter(model, adapter_dir, base_model=str(config.model), weights="safetensors")

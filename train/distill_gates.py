@@ -5,7 +5,8 @@
 distils AttnGates for the model (Hugging Face or converted directory) on local text data (see `train.documents`)
 and writes the gate adapter to `OUT/adapter` (load it with `seer_jax.adapters.load_seer_model`); the command line of
 `train.distill.distill`. Checkpoints, `metrics.jsonl` and resume (`--resume`) as in every trainer of this project;
-SIGINT/SIGTERM save and stop. `--eval-data FILES` then measures perplexity vs. block density (`train.perplexity`)
+SIGINT/SIGTERM save a checkpoint and stop with exit status 130/143 without writing the adapter (`--resume` finishes
+the run and writes it). `--eval-data FILES` then measures perplexity vs. block density (`train.perplexity`)
 into `OUT/eval`.
 `--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains on several devices (`seer_jax.sharding`);
 `--distributed` joins a multi-host job first.
@@ -21,9 +22,11 @@ import argparse
 import dataclasses
 import logging
 import shutil
+import signal
 from pathlib import Path
 
 from seer_jax.gate import GateConfig
+from seer_jax.model_path import resolve_model_path
 from train.data import LoaderConfig
 from train.demo.corpus import DemoCorpusConfig, build_demo_corpus
 from train.demo.model import DemoModelConfig, pretrain_demo_model
@@ -57,7 +60,12 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="base model dtype")
     parser.add_argument("--seed", type=int, default=0, help="gate init and data order")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out, with the same settings (stored in OUT/distill.json): only "
+        "--out, --corpus-cache, --checkpoint-every and the mesh may change",
+    )
     add_mesh_arguments(parser)
 
 
@@ -99,7 +107,12 @@ def run_distillation(config: DistillConfig) -> DistillResult:
     if (peak := peak_device_memory_gib()) is not None:
         log.info("peak device memory: %.2f GiB (the fullest local device)", peak)
     if result.train.stopped_by is not None:
-        log.info("stopped by %s; rerun with --resume to continue", result.train.stopped_by)
+        log.info(
+            "stopped by %s after step %d; checkpoint saved, no adapter written; rerun with --resume to finish",
+            result.train.stopped_by,
+            result.train.step,
+        )
+        raise SystemExit(128 + signal.Signals[result.train.stopped_by])  # 130 for SIGINT, 143 for SIGTERM
     log.info("wrote %s", result.adapter_dir)
     return result
 
@@ -147,7 +160,9 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.distill_gates", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="base model directory (HF or converted); none: the demo")
+    parser.add_argument(
+        "--model", help="base model directory (HF or converted) or a hub id in the local HF cache; none: the demo"
+    )
     parser.add_argument("--out", type=Path, help="run directory (checkpoints, metrics, adapter, eval)")
     parser.add_argument("--eval-data", type=Path, nargs="+", help="held-out documents: evaluate PPL vs. density")
     parser.add_argument("--eval-lengths", type=int, nargs="+", default=[2048, 8192], help="evaluation lengths L")
@@ -167,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         if not args.data or args.out is None:
             parser.error("--model needs --data and --out")
+        args.model = resolve_model_path(args.model)
+        args.tokenizer_dir = args.tokenizer_dir and resolve_model_path(args.tokenizer_dir, flag="--tokenizer-dir")
         config = distill_config_from_args(
             args,
             model=args.model,

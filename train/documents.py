@@ -17,12 +17,15 @@ the only reader is one tokenization pass, whose result `train.token_corpus` cach
 """
 
 import dataclasses
+import gzip
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
+import pyarrow
 
 _SUFFIX_FORMATS = {
     ".txt": "text",
@@ -48,8 +51,12 @@ class Documents:
     dataset: datasets.Dataset | datasets.IterableDataset
 
     def text_batches(self, batch_size: int) -> Iterator[list[str]]:
-        """Yields the document texts in source order, `batch_size` at a time (the last batch may be short)."""
-        for batch in self.dataset.iter(batch_size=batch_size):
+        """Yields the document texts in source order, `batch_size` at a time (the last batch may be short).
+
+        Raises ValueError naming the file (and line) when a file turns out unreadable while streaming: a truncated
+        or bad gzip stream, text that is not UTF-8, malformed JSON.
+        """
+        for batch in _naming_bad_files(self.dataset.iter(batch_size=batch_size), self.files):
             texts = batch[self.text_field]
             for text in texts:
                 if not isinstance(text, str):
@@ -94,16 +101,19 @@ def open_documents(paths: Sequence[str | os.PathLike], *, text_field: str = "tex
         options = {"sample_by": "document"} if builder == "text" else {}
         # A streaming builder only leaves a lock file in its cache dir, and reading never touches it again.
         with tempfile.TemporaryDirectory() as builder_cache:
-            dataset = datasets.load_dataset(
-                builder,
-                data_files=[str(f) for f in nonempty],
-                split="train",
-                streaming=True,
-                cache_dir=builder_cache,
-                **options,
-            )
+            try:  # the builder reads the first file to infer its features
+                dataset = datasets.load_dataset(
+                    builder,
+                    data_files=[str(f) for f in nonempty],
+                    split="train",
+                    streaming=True,
+                    cache_dir=builder_cache,
+                    **options,
+                )
+            except _READ_ERRORS as error:
+                raise ValueError(_locate_read_error(files, error)) from None
 
-    first = next(iter(dataset), None)
+    first = next(_naming_bad_files(iter(dataset), files), None)
     if first is None:
         raise ValueError(f"no documents in {_describe(files)}")
     if text_field not in first:
@@ -152,3 +162,47 @@ def _all_files(directory: Path) -> list[Path]:
 def _describe(files: Sequence[Path]) -> str:
     shown = ", ".join(str(f) for f in files[:3])
     return shown if len(files) <= 3 else f"{shown} and {len(files) - 3} more files"
+
+
+# What a streaming read raises on a bad file: EOFError (truncated gzip), OSError (gzip.BadGzipFile), UnicodeDecodeError,
+# pyarrow's ArrowInvalid (malformed JSON; a ValueError).
+_READ_ERRORS = (EOFError, OSError, UnicodeDecodeError, pyarrow.ArrowException)
+
+
+def _naming_bad_files(records: Iterator, files: Sequence[Path]) -> Iterator:
+    """`records`, with a read error turned into one ValueError line naming the bad file (and line)."""
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except _READ_ERRORS as error:
+            raise ValueError(_locate_read_error(files, error)) from None
+        yield record
+
+
+def _locate_read_error(files: Sequence[Path], error: BaseException) -> str:
+    """Re-reads the text files one by one (only after a failure) to say which file and line is bad."""
+    for path in files:
+        name = path.name.lower()
+        if not name.endswith((".txt", ".json", ".jsonl", ".json.gz", ".jsonl.gz")):
+            continue
+        opener = gzip.open if name.endswith(".gz") else open
+        line_number = 0
+        try:
+            with opener(path, "rb") as f:
+                for raw in f:
+                    line_number += 1
+                    text = raw.decode("utf-8")
+                    if name.endswith((".jsonl", ".jsonl.gz")) and text.strip():
+                        json.loads(text)
+        except EOFError:
+            return f"{path}: the gzip stream is truncated (it ends before its end-of-stream marker); re-download it"
+        except gzip.BadGzipFile as bad:
+            return f"{path}: not a valid gzip file ({bad}); re-download it or drop the .gz suffix"
+        except UnicodeDecodeError as bad:
+            return f"{path}:{line_number}: not UTF-8 text ({bad.reason} at byte {bad.start}); re-encode it as UTF-8"
+        except json.JSONDecodeError as bad:
+            return f"{path}:{line_number}: malformed JSON ({bad.msg} at column {bad.colno}); fix or remove the line"
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return f"cannot read {_describe(files)}: {reason}"

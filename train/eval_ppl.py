@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from seer_jax.attention import IMPLEMENTATIONS
+from seer_jax.model_path import resolve_model_path
 from train.flags import add_mesh_arguments, mesh_from_args
 from train.perplexity import DTYPES, METHODS, EvalConfig, evaluate
 from train.progress import configure_logging, evaluation_progress
@@ -24,11 +25,16 @@ log = logging.getLogger("train.eval_ppl")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.eval_ppl", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="Hugging Face or converted model directory")
-    parser.add_argument("--gates", type=Path, help="gate adapter directory (ours or official); else no 'gate'")
+    parser.add_argument(
+        "--model", required=True, help="Hugging Face or converted model directory, or a hub id in the local HF cache"
+    )
+    parser.add_argument("--gates", help="gate adapter directory (ours or official), or a cached hub id; else no 'gate'")
+    parser.add_argument(
+        "--allow-other-base", action="store_true", help="use the gates on a base other than the one they recorded"
+    )
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="data files or directories")
     parser.add_argument("--text-field", default="text", help="text column of the data")
-    parser.add_argument("--tokenizer-dir", type=Path, help="tokenizer directory (default: --model)")
+    parser.add_argument("--tokenizer-dir", help="tokenizer directory or cached hub id (default: --model)")
     parser.add_argument("--cache-dir", type=Path, help="tokenized-corpus cache directory")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192], help="window lengths, BOS included")
     parser.add_argument("--num-docs", type=int, default=16, help="documents per length")
@@ -48,10 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     chosen = {name: value for name in ("dtype", "attention") if (value := getattr(args, name)) is not None}
     try:
         config = EvalConfig(
-            model=args.model,
+            model=resolve_model_path(args.model),
             data=tuple(args.data),
-            gates=args.gates,
-            tokenizer_dir=args.tokenizer_dir,
+            gates=args.gates and resolve_model_path(args.gates, flag="--gates"),
+            allow_other_base=args.allow_other_base,
+            tokenizer_dir=None
+            if args.tokenizer_dir is None
+            else resolve_model_path(args.tokenizer_dir, flag="--tokenizer-dir"),
             text_field=args.text_field,
             cache_dir=args.cache_dir,
             lengths=tuple(args.lengths),

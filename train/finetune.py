@@ -15,18 +15,21 @@ also with `--gate-loss-scale` (10) × their distillation loss.
 
 `--mesh data=D,fsdp=F,tensor=T` trains on a device mesh (`seer_jax.sharding`); `--distributed` joins a multi-host
 job first. `--export-hf DIR` also writes the trained model as a Hugging Face directory. SIGINT/SIGTERM stop after
-the current step with a checkpoint saved; rerun with `--resume` to continue. A NaN/inf loss stops the run with the
+the current step with a checkpoint saved, write no model, adapter or export, and exit with status 130/143; rerun
+with `--resume` to continue. A NaN/inf loss stops the run with the
 last good checkpoint kept. Errors print one line and exit with status 1.
 """
 
 import argparse
 import logging
+import signal
 from pathlib import Path
 
 import jax
 
 from seer_jax.attention import IMPLEMENTATIONS
 from seer_jax.hf_export import EXPORT_DTYPES
+from seer_jax.model_path import resolve_model_path
 from train.data import LoaderConfig
 from train.flags import add_corpus_arguments, add_mesh_arguments, mesh_from_args
 from train.lm_training import COMPUTE_DTYPES, FinetuneConfig, SeerTuning, finetune
@@ -89,7 +92,12 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         export_dtype=args.export_dtype,
         seer=None
         if args.seer_gates is None
-        else SeerTuning(gates=args.seer_gates, nz_ratio=args.nz_ratio, gate_loss_scale=args.gate_loss_scale),
+        else SeerTuning(
+            gates=args.seer_gates,
+            nz_ratio=args.nz_ratio,
+            gate_loss_scale=args.gate_loss_scale,
+            allow_other_base=args.allow_other_base,
+        ),
         mesh=mesh_from_args(args, log),
     )
 
@@ -97,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=Path, help="converted or Hugging Face model directory to fine-tune")
+    source.add_argument("--model", help="converted or Hugging Face model directory (or cached hub id) to fine-tune")
     source.add_argument("--init-config", type=Path, help="HF config.json: train this architecture from scratch")
     source.add_argument("--preset", choices=sorted(PRESETS), help="train this preset architecture from scratch")
     add_corpus_arguments(parser, data_required=True)
@@ -134,10 +142,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100, help="save a checkpoint every this many steps")
     parser.add_argument("--keep-checkpoints", type=int, default=3, help="how many checkpoints to keep")
     parser.add_argument("--log-every", type=int, default=1, help="metrics line every this many steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out, with the same settings (stored in OUT/finetune.json): "
+        "only --out, --corpus-cache, --checkpoint-every, --keep-checkpoints, --log-every, --attention, --remat, "
+        "--export-hf, --export-dtype and the mesh may change, and --steps under --schedule constant",
+    )
     parser.add_argument("--export-hf", type=Path, help="also write the trained model as an HF directory here")
     parser.add_argument("--export-dtype", choices=EXPORT_DTYPES, default="bfloat16", help="dtype of the HF export")
-    parser.add_argument("--seer-gates", type=Path, help="gate adapter: train with SeerAttention (block-sparse)")
+    parser.add_argument("--seer-gates", help="gate adapter (or cached hub id): train with SeerAttention (block-sparse)")
+    parser.add_argument(
+        "--allow-other-base", action="store_true", help="use --seer-gates on a base other than the one they recorded"
+    )
     parser.add_argument(
         "--nz-ratio", type=float, default=0.5, help="SeerAttention TopK block density (official recipe: 0.5)"
     )
@@ -146,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_logging()
     try:
+        args.model = args.model and resolve_model_path(args.model)
+        args.seer_gates = args.seer_gates and resolve_model_path(args.seer_gates, flag="--seer-gates")
+        args.tokenizer_dir = args.tokenizer_dir and resolve_model_path(args.tokenizer_dir, flag="--tokenizer-dir")
         config = config_from_args(args)
         log.info("%s", config)
         bar, on_step = training_progress(config.loop.total_steps)
@@ -165,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             result.train.step,
             config.loop.out_dir,
         )
-        return
+        raise SystemExit(128 + signal.Signals[result.train.stopped_by])  # 130 for SIGINT, 143 for SIGTERM
     log.info("wrote %s", result.model_dir)
     if result.hf_dir is not None:
         log.info("wrote %s", result.hf_dir)

@@ -48,6 +48,7 @@ from transformers import PreTrainedTokenizerBase
 
 from seer_jax.adapters import attach_gates, read_adapter, save_adapter
 from seer_jax.attention import IMPLEMENTATIONS
+from seer_jax.base_identity import check_base_identity
 from seer_jax.checkpoint import save_converted
 from seer_jax.config import ModelConfig
 from seer_jax.hf_export import EXPORT_DTYPES, save_hf
@@ -58,6 +59,7 @@ from train.data import LoaderConfig, PackedLoader
 from train.losses import next_token_loss, seer_next_token_loss
 from train.model_source import PRESETS, YarnConfig, apply_yarn, build_model, preset_config, read_hf_config
 from train.optimizer import OptimizerConfig, build_optimizer
+from train.run_config import store_run_config
 from train.token_corpus import CorpusConfig, load_corpus, load_tokenizer
 from train.train_checkpoints import CHECKPOINTS_DIR
 from train.train_step import LossFn
@@ -73,11 +75,13 @@ RUN_CONFIG_FILE = "finetune.json"
 class SeerTuning:
     """SeerAttention fine-tuning. gates: a gate adapter directory for the model (e.g. from `train.distill`).
     nz_ratio: TopK causal block density of the sparse attention. gate_loss_scale: weight of the gates' loss.
+    allow_other_base: attach the gates even to a base other than the one they recorded (`seer_jax.base_identity`).
     """
 
     gates: Path
     nz_ratio: float = 0.5
     gate_loss_scale: float = 10.0
+    allow_other_base: bool = False
 
     def __post_init__(self):
         if not Path(self.gates).is_dir():
@@ -210,9 +214,10 @@ def finetune(
     )
     if config.seer is not None:
         adapter = read_adapter(config.seer.gates)
-        selection = Selection(method="nz_ratio", nz_ratio=config.seer.nz_ratio)
-        seer_config = dataclasses.replace(adapter.seer_config, selection=selection, source="gate")
-        model = attach_gates(model, dataclasses.replace(adapter, seer_config=seer_config))
+        check_base_identity(
+            adapter.base_identity, model, adapter=str(config.seer.gates), allow_other_base=config.seer.allow_other_base
+        )
+        model = attach_gates(model, adapter, selection=Selection(method="nz_ratio", nz_ratio=config.seer.nz_ratio))
         default_loss = functools.partial(
             seer_next_token_loss, gate_loss_scale=config.seer.gate_loss_scale, remat=config.remat
         )
@@ -271,11 +276,29 @@ def _prepare_out_dir(
     config_path = out_dir / "config.json"
     if not config.loop.resume and (out_dir / CHECKPOINTS_DIR).exists():
         raise ValueError(f"out_dir: {out_dir} already holds checkpoints; resume from them or choose a new directory")
-    if config.loop.resume and config_path.is_file() and json.loads(config_path.read_text()) != hf_config:
+    if config.loop.resume and config_path.is_file() and _read_json(config_path) != hf_config:
         raise ValueError(
             f"resume: {config_path} describes another model than this run's; resume with the same model settings"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RUN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")
+    resuming = config.loop.resume and (out_dir / CHECKPOINTS_DIR).is_dir()
+    store_run_config(out_dir / RUN_CONFIG_FILE, config, resume=resuming, may_change=may_change_on_resume(config))
     config_path.write_text(json.dumps(hf_config, indent=2) + "\n")
     tokenizer.save_pretrained(str(out_dir))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore it or start a new run") from None
+
+
+def may_change_on_resume(config: FinetuneConfig) -> tuple[str, ...]:
+    """The `FinetuneConfig` fields a resume may change (`train.run_config`): outputs, caches, logging, the mesh and
+    how the same numbers are computed; `loop.total_steps` only under the constant schedule, whose rates do not
+    depend on it (linear and cosine decay over the total)."""
+    fields = ("loop.out_dir", "loop.checkpoint_every", "loop.keep_checkpoints", "loop.log_every", "loop.resume")
+    fields += ("corpus.cache_dir", "attention_implementation", "remat", "export_hf_dir", "export_dtype", "mesh")
+    fields += ("seer.allow_other_base",)
+    return fields + (("loop.total_steps",) if config.optimizer.schedule == "constant" else ())

@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from seer_jax.adapters import Adapter, attach_gates, read_adapter
 from seer_jax.attention import IMPLEMENTATIONS
+from seer_jax.base_identity import check_base_identity
 from seer_jax.checkpoint import load_model
 from seer_jax.config import ModelConfig
 from seer_jax.forwards import logits_and_density
@@ -88,6 +89,8 @@ class EvalConfig:
       attention: the dense attention implementation (`seer_jax.attention`); default cudnn on GPU, xla elsewhere.
       mesh: run on a device mesh (`seer_jax.sharding`; batches split over data × fsdp when they divide it), or
         None: one device.
+      allow_other_base: attach the gates even to a base other than the one the adapter recorded (its config or
+        weights differ, `seer_jax.base_identity`); otherwise that is an error.
     """
 
     model: Path
@@ -107,6 +110,7 @@ class EvalConfig:
     dtype: str = dataclasses.field(default_factory=lambda: "bfloat16" if _on_gpu() else "float32")
     attention: str = dataclasses.field(default_factory=lambda: "cudnn" if _on_gpu() else "xla")
     mesh: MeshConfig | None = None
+    allow_other_base: bool = False
 
     def __post_init__(self):
         if not Path(self.model).is_dir():
@@ -239,7 +243,8 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
 
     progress: wraps the list of all forwards (length × setting × batch), e.g. `tqdm`.
     Raises ValueError when a length exceeds the model's positions or every document, when the tokenizer's ids do
-    not fit the model's vocabulary, or when the adapter does not fit the model (`CheckpointError`).
+    not fit the model's vocabulary, when the adapter does not fit the model (`CheckpointError`), or at the first
+    forward whose loss is NaN/inf.
     """
     if config.gates is None and config.methods is None:
         log.info("no gates given: skipping the 'gate' method")
@@ -254,6 +259,10 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
             f"lengths: {too_long} exceed the model's max_position_embeddings ({model_config.max_position_embeddings})"
         )
     adapter = None if config.gates is None else read_adapter(config.gates)
+    if adapter is not None:
+        check_base_identity(
+            adapter.base_identity, base, adapter=str(config.gates), allow_other_base=config.allow_other_base
+        )
     start_layer = config.start_layer
     if start_layer is None:
         start_layer = 0 if adapter is None else adapter.seer_config.start_layer
@@ -296,6 +305,7 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
             else:
                 nll, density = (np.asarray(x) for x in _sparse_nll(sparse_models[task.setting], tokens))
             seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+            _check_finite(nll, task)
             doc_nll.setdefault(key, []).append(nll)
             # Unpadded rows of one length all have the same causal blocks, so the pooled density of a batch weighs
             # each row equally: weighting batches by their rows gives the mean over documents.
@@ -397,6 +407,16 @@ def _row(
         layer_density=tuple(float(x) for x in density.mean(axis=1)),
         seconds=seconds,
     )
+
+
+def _check_finite(nll: np.ndarray, task: EvalTask) -> None:
+    """Stops the evaluation at the first forward whose NLL [B] is NaN/inf: a perplexity from it would be NaN."""
+    bad = np.flatnonzero(~np.isfinite(nll))
+    if bad.size:
+        raise ValueError(
+            f"forward {task}: the NLL of document(s) {bad.tolist()} of the batch is {nll[bad[0]]}; the model's "
+            "or the gates' weights hold NaN/inf, or the dtype overflows (evaluate in float32)"
+        )
 
 
 def _place(tokens: np.ndarray, mesh: Mesh | None) -> jax.Array:

@@ -30,8 +30,9 @@ def training_progress(total_steps: int) -> tuple[tqdm, Callable[[StepRecord], No
     bar = tqdm(total=total_steps, unit="step", desc="train", dynamic_ncols=True)
 
     def on_step(record: StepRecord) -> None:
-        bar.update(record.step - bar.n)
+        # The postfix first: `update` draws the bar, which would otherwise show the previous step's loss.
         bar.set_postfix(loss=f"{record.metrics['loss']:.4f}", tok_s=f"{record.tokens_per_second:.0f}", refresh=False)
+        bar.update(record.step - bar.n)
 
     return bar, on_step
 

@@ -16,7 +16,9 @@ into place, so a reader never sees a partial entry. Cached arrays are memory-map
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,10 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from seer_jax.staging import new_staging_dir
 from train.documents import Documents, open_documents
+
+_log = logging.getLogger(__name__)
 
 _FORMAT_VERSION = 1
 # Documents per tokenizer call: enough to keep the fast tokenizer's threads busy, few enough that the Python
@@ -121,7 +126,11 @@ def load_corpus(config: CorpusConfig, *, on_batch: Callable[[int], None] | None 
         return tokenize_documents(documents, tokenizer, on_batch=on_batch)
     entry = Path(config.cache_dir).expanduser() / _cache_key(documents, tokenizer)
     if (entry / "meta.json").is_file():
-        return _read_entry(entry)
+        try:
+            return _read_entry(entry)
+        except (OSError, ValueError, KeyError) as error:  # a damaged cache entry is rebuilt, not fatal
+            _log.warning("tokenized-corpus cache entry %s is damaged (%s); tokenizing again", entry, error)
+            shutil.rmtree(entry, ignore_errors=True)
     corpus = tokenize_documents(documents, tokenizer, on_batch=on_batch)
     _write_entry(entry, corpus, documents, config)
     return _read_entry(entry)
@@ -165,7 +174,7 @@ def _cache_key(documents: Documents, tokenizer: PreTrainedTokenizerBase) -> str:
 
 def _write_entry(entry: Path, corpus: TokenizedCorpus, documents: Documents, config: CorpusConfig) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    staging = new_staging_dir(entry)
     np.save(staging / "tokens.npy", corpus.tokens)
     np.save(staging / "doc_starts.npy", corpus.doc_starts)
     meta = {

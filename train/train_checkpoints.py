@@ -17,19 +17,25 @@ its own; `restore` reads into the template's shardings, so a checkpoint written 
 (or on one device).
 
 Orbax writes a step to a temporary directory and renames it when complete, so an interrupted save is never read
-back; the last `keep` completed steps are kept.
+back; the last `keep` completed steps are kept. A completed step whose files were damaged later (a truncated copy,
+a full disk) is set aside by `restore_newest_intact`, which resumes from the newest step that reads back.
 """
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+from seer_jax.orbax_errors import READ_ERRORS, describe_read_error
 from train.data import LoaderState
 from train.train_step import TrainState
 
 CHECKPOINTS_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,6 +90,35 @@ class TrainCheckpointer:
             rng=jax.random.wrap_key_data(tree["rng"], impl=jax.random.key_impl(template.rng)),
         )
         return Restored(state=state, data=LoaderState(**meta["data"]), elapsed_seconds=float(meta["elapsed_seconds"]))
+
+    def restore_newest_intact(self, template: TrainState) -> Restored:
+        """Restores the newest checkpoint that reads back (see `restore`). A damaged newer one is moved to
+        `<out_dir>/damaged_checkpoints/<step>`, with a warning naming it, so that neither this run's saves nor a
+        later resume meet it again. Raises ValueError when there is no checkpoint or every one is damaged."""
+        damaged = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return self.restore(step, template)
+            except READ_ERRORS as error:
+                aside = self.directory.parent / DAMAGED_DIR / str(step)
+                aside.parent.mkdir(exist_ok=True)
+                for copy in range(1, 1000):  # an earlier damaged step of this number was set aside already
+                    if not aside.exists():
+                        break
+                    aside = aside.with_name(f"{step}.{copy}")
+                (self.directory / str(step)).rename(aside)
+                self._manager.reload()
+                damaged.append(step)
+                _log.warning(
+                    "checkpoint step %d is damaged: %s; moved it to %s and trying the next older checkpoint",
+                    step,
+                    describe_read_error(self.directory / str(step), error),
+                    aside,
+                )
+        raise ValueError(
+            f"no intact checkpoint in {self.directory} (damaged: steps {damaged or 'none'}, moved to "
+            f"{self.directory.parent / DAMAGED_DIR}); start again in a new directory"
+        )
 
     def close(self) -> None:
         self._manager.wait_until_finished()

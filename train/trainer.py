@@ -13,24 +13,27 @@
 * **Checkpoints** (`train.train_checkpoints`) every `checkpoint_every` steps, after the last step, and when stopped by a
   signal; the last `keep_checkpoints` are kept. They hold the trainable variables, the optimizer state, the step,
   the RNG key and the data position; frozen variables are not saved (they come from the base model).
-* **Resume.** With `resume=True` the run continues from the newest checkpoint in `out_dir` (or starts at step 0
-  when there is none) and is bit-exact: N steps, stop, resume, N more steps give the same parameters and losses
-  as 2N straight steps. Without it, an `out_dir` holding checkpoints is refused.
+* **Resume.** With `resume=True` the run continues from the newest checkpoint in `out_dir` that reads back (a
+  damaged newer one is set aside with a warning; or starts at step 0 when there is none) and is bit-exact: N
+  steps, stop, resume, N more steps give the same parameters and losses as 2N straight steps. Without it, an
+  `out_dir` holding checkpoints is refused.
 * **Signals.** SIGINT or SIGTERM lets the current step finish, saves a checkpoint and returns with
   `TrainResult.stopped_by` set to the signal's name (a second SIGINT interrupts at once). Handlers are installed
-  only while the loop runs, and only from the main thread.
+  from the restore until the last checkpoint is on disk, and only from the main thread; a signal at any moment
+  leaves either a complete checkpoint or none.
 * **Divergence.** A non-finite loss or gradient norm raises `TrainingDivergedError` before anything of that step
   is saved, so the newest checkpoint is the last good state.
 * **Metrics.** Every `log_every` steps (and at the last step) one JSON line is appended to `out_dir/metrics.jsonl`:
-  `step`, the step's own `loss`, `grad_norm`, `lr` and any other metric the step returns, `tokens_per_second`
-  over the steps since the previous line, and `elapsed_seconds` of training across resumes. On resume, lines
-  after the restored step are dropped, so the file always describes the run that produced the parameters.
-  `on_step(StepRecord)` is called after every step (for a progress bar).
+  `step`, the step's own `loss`, `grad_norm`, `lr` and any other metric the step returns (null where NaN/inf:
+  the file is strict JSON), `tokens_per_second` over the steps since the previous line, and `elapsed_seconds` of
+  training across resumes. On resume, lines after the restored step are dropped, so the file always describes
+  the run that produced the parameters. `on_step(StepRecord)` is called after every step (for a progress bar).
 """
 
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import signal
 import threading
@@ -51,6 +54,8 @@ from train.train_checkpoints import TrainCheckpointer
 from train.train_step import LossFn, StepFn, TrainState, build_train_step, init_train_state, split_trainable
 
 METRICS_FILE = "metrics.jsonl"
+
+_log = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -99,8 +104,9 @@ class StepRecord:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainResult:
     """state: the final train state. start_step: the step the run started (or resumed) at. stopped_by: the signal
-    name when interrupted, else None (total_steps reached). last_record: the last step's record (None if no step
-    ran). checkpoint_step: the newest checkpoint's step.
+    name when interrupted (the checkpoint of the last step is complete; a signal that arrives while the last step's
+    checkpoint is written counts too, though total_steps were reached), else None (total_steps reached).
+    last_record: the last step's record (None if no step ran). checkpoint_step: the newest checkpoint's step.
     """
 
     state: TrainState
@@ -186,7 +192,9 @@ def run_training(
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / METRICS_FILE
-    with TrainCheckpointer(out_dir, keep=config.keep_checkpoints) as checkpointer:
+    # The signal handlers outlive the checkpointer, whose exit waits for the last save: a signal then lets the save
+    # finish (no half-written checkpoint) and is reported in `stopped_by`.
+    with _StopRequest() as stop, TrainCheckpointer(out_dir, keep=config.keep_checkpoints) as checkpointer:
         latest = checkpointer.latest_step()
         if latest is not None and not config.resume:
             raise ValueError(
@@ -195,14 +203,16 @@ def run_training(
             )
         data, elapsed = LoaderState(), 0.0
         if latest is not None:
-            restored = checkpointer.restore(latest, state)
+            restored = checkpointer.restore_newest_intact(state)  # falls back past damaged ones, with a warning
             state, data, elapsed = restored.state, restored.data, restored.elapsed_seconds
+            latest = int(state.step)
+            _log.info("resuming from the checkpoint of step %d in %s", latest, checkpointer.directory)
         start_step = int(state.step)
         _truncate_metrics(metrics_path, after_step=start_step)
         checkpoint_step = latest
         last_record, stopped_by = None, None
         loader = make_loader(data)
-        with _StopRequest() as stop, metrics_path.open("a") as metrics_file:
+        with metrics_path.open("a") as metrics_file:
             step = start_step
             batch, position = (next(loader), loader.state) if step < config.total_steps else (None, data)
             run_start = window_start = time.perf_counter()
@@ -225,7 +235,7 @@ def run_training(
                 )
                 diverged = _divergence(metrics)
                 if step % config.log_every == 0 or step == config.total_steps or stopping or diverged:
-                    metrics_file.write(json.dumps(_metrics_line(last_record)) + "\n")
+                    metrics_file.write(json.dumps(_metrics_line(last_record), allow_nan=False) + "\n")
                     metrics_file.flush()
                     window_tokens, window_start = 0, time.perf_counter()
                 if diverged:
@@ -242,6 +252,7 @@ def run_training(
                 if stopping:
                     stopped_by = stopping
                     break
+    stopped_by = stopped_by or stop.signal_name  # a signal after the last step's decision, during the final save
     return TrainResult(
         state=state,
         start_step=start_step,
@@ -268,9 +279,10 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 
 def _metrics_line(record: StepRecord) -> dict:
+    # A NaN/inf metric is written as null: bare NaN is not JSON, and other readers (jq, JavaScript) reject it.
     return {
         "step": record.step,
-        **record.metrics,
+        **{name: value if math.isfinite(value) else None for name, value in record.metrics.items()},
         "tokens_per_second": record.tokens_per_second,
         "elapsed_seconds": record.elapsed_seconds,
     }
@@ -279,7 +291,17 @@ def _metrics_line(record: StepRecord) -> dict:
 def _truncate_metrics(path: Path, *, after_step: int) -> None:
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number == len(lines):  # the last line, cut short by a killed run: dropped
+                break
+            raise ValueError(f"{path}:{number}: not a metrics line of this run; remove the line to resume") from None
+        if step <= after_step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -53,6 +53,8 @@ def block_sparse_attention(
         block_ids = index.indices[..., slot]  # [B, N, I]
         keys = _gather(k_blocks, block_ids, group)  # [B, N, I, 64, H]
         values = _gather(v_blocks, block_ids, group)  # [B, N, I, 64, H]
+        # A padding slot's block is not read: 0 · NaN would leak a poisoned block into rows that never select it.
+        values = jnp.where((slot < index.counts)[..., None, None], values, 0.0)
         scores = _einsum("bnirh,bnich->bnirc", q_blocks, keys)  # [B, N, I, 64, 64]
         scores = jnp.where(_selected(index, slot, block_ids), scores, -jnp.inf)
         new_max = jnp.maximum(row_max, scores.max(axis=-1))
@@ -67,7 +69,8 @@ def block_sparse_attention(
     row_shape = q_blocks.shape[:-1]  # [B, N, I, 64]
     init = (jnp.full(row_shape, -jnp.inf), jnp.zeros(row_shape), jnp.zeros(q_blocks.shape))
     row_max, row_sum, acc = jax.lax.fori_loop(0, jnp.max(index.counts), step, init)
-    nonempty = row_sum > 0
+    # From the counts, not row_sum > 0: a NaN/inf score makes row_sum NaN/inf, which must stay so (as in dense).
+    nonempty = jnp.broadcast_to((index.counts > 0)[..., None], row_sum.shape)  # [B, N, I, 64]
     safe_sum = jnp.where(nonempty, row_sum, 1.0)
     out = jnp.where(nonempty[..., None], acc / safe_sum[..., None], 0.0)  # [B, N, I, 64, H]
     lse = jnp.where(nonempty, row_max + jnp.log(safe_sum), -jnp.inf)  # [B, N, I, 64]

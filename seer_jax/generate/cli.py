@@ -44,6 +44,7 @@ class GenerateConfig:
     dtype: str | None = None
     max_length: int | None = None
     batch_size: int = 8
+    allow_other_base: bool = False
 
     def __post_init__(self):
         if self.model is None and self.gates is None:
@@ -99,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         "--model", help="HF or converted model directory, or a hub id in the local HF cache (default: the adapter's)"
     )
     parser.add_argument("--gates", help="gate adapter directory (ours or official) or hub id; none: dense attention")
+    parser.add_argument(
+        "--allow-other-base", action="store_true", help="use the gates on a base other than the one they recorded"
+    )
     parser.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the model's)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the prompt (default: standard input)")
@@ -159,6 +163,7 @@ def run(config: GenerateConfig) -> None:
         attention=config.attention,
         tokenizer=config.tokenizer,
         max_length=config.max_length,
+        allow_other_base=config.allow_other_base,
     )
     if generator.is_sparse:
         log.info("gates attached: %s", generator.model.seer_config.selection)
@@ -212,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             dtype=None if args.dtype == "auto" else args.dtype,
             max_length=args.max_length,
             batch_size=args.batch_size,
+            allow_other_base=args.allow_other_base,
         )
         shown = dataclasses.replace(config, prompts=(f"<{len(config.prompts)} prompt(s)>",))
         log.info("%s", shown)

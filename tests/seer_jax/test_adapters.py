@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import shutil
 import sys
 
 import jax.numpy as jnp
@@ -215,3 +216,53 @@ def test_load_seer_model_composes_with_the_base_checkpoint(tmp_path, hf_checkpoi
     with pytest.raises(CheckpointError, match="pass base_path"):
         load_seer_model(tmp_path / "elsewhere")
     assert gate_tensors(load_seer_model(tmp_path / "elsewhere", base_path=hf_dir)).keys() == gate_tensors(seer).keys()
+
+
+class _Payload:
+    """A pickled object that `torch.load(weights_only=True)` must refuse."""
+
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def bad_adapters(tmp_path) -> dict:
+    """name → (adapter directory, expected message): the bad files a hostile user tried."""
+    seer = gated(bf16_base(), SINGLE)
+    cases = {}
+    for name in ("no_tensors_key", "not_json", "orbax_gates_missing", "orbax_gates_truncated"):
+        save_adapter(seer, tmp_path / name, base_model="org/tiny", weights="orbax")
+    marker_path = tmp_path / "no_tensors_key" / "seer_adapter.json"
+    marker = json.loads(marker_path.read_text())
+    del marker["tensors"]
+    marker_path.write_text(json.dumps(marker))
+    cases["no_tensors_key"] = "has no 'tensors' entry"
+    (tmp_path / "not_json" / "seer_adapter.json").write_bytes(b'{"format": 1, "tens')
+    cases["not_json"] = "seer_adapter.json is not valid JSON"
+    shutil.rmtree(tmp_path / "orbax_gates_missing" / "gates")
+    cases["orbax_gates_missing"] = "gates is missing"
+    for file in (tmp_path / "orbax_gates_truncated" / "gates").rglob("*"):
+        if file.is_file() and file.stat().st_size > 64 and "d" in file.parent.name:
+            file.write_bytes(file.read_bytes()[:16])
+    cases["orbax_gates_truncated"] = "gates.* is damaged or missing"
+    tensors = official_tensors(0)
+    write_official(tmp_path / "truncated_pth", official_config(gate_hidden_size=16), tensors, fmt="pth")
+    pth = tmp_path / "truncated_pth" / OFFICIAL_PTH
+    pth.write_bytes(pth.read_bytes()[: pth.stat().st_size // 2])
+    cases["truncated_pth"] = "attn_gate_weights.pth is not a readable torch file .*truncated or corrupt"
+    write_official(
+        tmp_path / "pickle_pth", official_config(gate_hidden_size=16), {**tensors, "x": _Payload()}, fmt="pth"
+    )
+    cases["pickle_pth"] = "holds pickled Python objects besides tensors and is refused: unpickling them could run"
+    nan = {name: tensor.clone() for name, tensor in tensors.items()}
+    next(iter(nan.values()))[0, 0, 0] = float("nan")
+    write_official(tmp_path / "nan_gates", official_config(gate_hidden_size=16), nan, fmt="safetensors")
+    cases["nan_gates"] = r"gate tensor\(s\) model\.layers\.0\.self_attn\.attn_gate\.mask_linear_k\.weight hold NaN/inf"
+    return {name: (tmp_path / name, match) for name, match in cases.items()}
+
+
+def test_bad_adapter_files_raise_one_line_naming_the_file(tmp_path):
+    for name, (directory, match) in bad_adapters(tmp_path).items():
+        with pytest.raises(CheckpointError, match=match) as raised:
+            read_adapter(directory)
+        message = str(raised.value)
+        assert "\n" not in message and str(directory) in message, (name, message)

@@ -68,3 +68,35 @@ def test_testbed_loads_from_the_hf_directory(testbed_dir):
     ]:
         with safe_open(str(hf_dir / index[name]), framework="flax") as reader:
             np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(reader.get_tensor(name), np.float32))
+
+
+@pytest.mark.parametrize("damage", ["truncated_data", "missing_params", "bad_marker", "truncated_safetensors"])
+def test_a_corrupt_model_directory_is_one_line_naming_the_file(hf_checkpoint, tmp_path, damage):
+    _, directory = hf_checkpoint("llama31")
+    if damage == "truncated_safetensors":
+        out = tmp_path / "hf"
+        out.mkdir()
+        for file in directory.iterdir():
+            (out / file.name).write_bytes(file.read_bytes())
+        weights = next(out.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        match = f"{weights}"
+    else:
+        out = tmp_path / "converted"
+        save_converted(load_model(directory)[0], out, hf_dir=directory)
+        if damage == "truncated_data":
+            for file in (out / "params").rglob("*"):
+                if file.is_file() and file.parent.name == "d":
+                    file.write_bytes(file.read_bytes()[:10])
+            match = r"params/.*d/\w+ is damaged or missing .*convert it again \(python -m convert\.hf_to_flax\)"
+        elif damage == "missing_params":
+            for file in (out / "params").rglob("*"):
+                if file.is_file():
+                    file.unlink()
+            match = r"params is damaged or missing .*convert it again"
+        else:
+            (out / MARKER_FILE).write_text('{"format": ')
+            match = rf"{MARKER_FILE} is not valid JSON"
+    with pytest.raises(CheckpointError, match=match) as raised:
+        load_model(out)
+    assert "\n" not in str(raised.value)

@@ -7,6 +7,7 @@ import transformers
 
 from seer_jax.config import ModelConfig
 from seer_jax.rope import RopeConfig
+from tests.train.tiny import TINY_HF_CONFIG
 
 # The testbed's config.json (transformers-5 `rope_parameters`), trimmed to the keys that matter.
 TESTBED_STYLE = {
@@ -135,3 +136,17 @@ def test_qwen_sliding_window_off_is_ignored():
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         ModelConfig.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads must be a positive int, got 0"),
+        ({"head_dim": 0}, "head_dim must be a positive even int"),
+        ({"num_key_value_heads": 0}, "num_kv_heads must be a positive int, got 0"),
+    ],
+)
+def test_zero_head_sizes_name_the_field(changes, match):
+    hf = {**TINY_HF_CONFIG, **changes}
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf({key: value for key, value in hf.items() if value is not None})

@@ -102,9 +102,11 @@ def test_base_weights_are_bit_identical_and_only_gates_have_optimizer_state(stra
 def test_resume_is_bit_exact(data, straight_run, tmp_path):
     model, _, _, straight_dir = straight_run
     out_dir = tmp_path / "resumed"
-    distill(_config(data, out_dir, steps=8), model=_model(), on_step=_stop_after(4))
+    stopped = distill(_config(data, out_dir, steps=8), model=_model(), on_step=_stop_after(4))
+    assert stopped.train.stopped_by == "SIGINT" and stopped.train.step == 5
+    assert stopped.adapter_dir is None and not (out_dir / ADAPTER_DIR).exists()  # half-trained: not exported
     resumed = _model()
-    distill(_config(data, out_dir, steps=8, resume=True), model=resumed)
+    assert distill(_config(data, out_dir, steps=8, resume=True), model=resumed).adapter_dir == out_dir / ADAPTER_DIR
     assert _losses(out_dir) == _losses(straight_dir)
     trained, again = nnx.state(model, GateParam), nnx.state(resumed, GateParam)
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(again), strict=True):

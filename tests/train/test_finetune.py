@@ -2,6 +2,10 @@
 fine-tuning the result; outputs, export and the errors that must stop a run early."""
 
 import json
+import os
+import re
+import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +16,11 @@ import transformers
 from flax import nnx
 
 from seer_jax.checkpoint import is_converted, load_model
+from tests.seer_jax.test_adapters import bad_adapters
 from tests.train.tiny import write_docs
+from train import finetune as finetune_module
 from train.finetune import main
+from train.progress import training_progress
 from train.trainer import read_metrics
 
 TINY = {
@@ -134,3 +141,53 @@ def test_errors_stop_before_training(inputs, scratch_run, tmp_path):
         *config, *common_args(inputs, tmp_path / "c", 3), "--yarn-replace-scaling"
     )
     assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def _with(args: list, flag: str, value) -> list:
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+def test_resume_refuses_changed_settings_and_accepts_allowed_ones(inputs, scratch_run, tmp_path):
+    shutil.copytree(scratch_run / "run", tmp_path / "run")
+    config = ("--init-config", inputs[0] / "config.json", "--yarn-factor", "2", "--resume")
+    args = common_args(inputs, tmp_path / "run", 3)
+    message = failure(*config, *_with(_with(_with(args, "--lr", "5e-2"), "--batch-size", "4"), "--steps", "5"))
+    for change in ("loader.batch_size 2 → 4", "loop.total_steps 3 → 5", "optimizer.learning_rate 0.01 → 0.05"):
+        assert change in message, message
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2", "3"]
+    run(*config, *_with(args, "--checkpoint-every", "5"))  # another --out, no --remat, no export: allowed
+    assert json.loads((tmp_path / "run" / "finetune.json").read_text())["loop"]["checkpoint_every"] == 5
+
+
+def test_a_signal_mid_run_saves_exits_130_and_exports_nothing(inputs, tmp_path, monkeypatch):
+    def stop_after_step_1(total_steps):
+        bar, on_step = training_progress(total_steps)
+
+        def on_step_then_sigint(record):
+            on_step(record)
+            if record.step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        return bar, on_step_then_sigint
+
+    monkeypatch.setattr(finetune_module, "training_progress", stop_after_step_1)
+    args = common_args(inputs, tmp_path / "run", 3)
+    with pytest.raises(SystemExit) as raised:
+        run("--init-config", inputs[0] / "config.json", "--yarn-factor", "2", *args, "--export-hf", tmp_path / "hf")
+    assert raised.value.code == 130
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "hf").exists()
+
+
+def test_bad_seer_gates_exit_with_one_line(inputs, tmp_path):
+    cases = bad_adapters(tmp_path / "adapters")
+    for name in ("no_tensors_key", "truncated_pth", "pickle_pth", "nan_gates"):
+        directory, match = cases[name]
+        args = common_args(inputs, tmp_path / name, 2)
+        message = failure(
+            "--init-config", inputs[0] / "config.json", "--yarn-factor", "2", *args, "--seer-gates", directory
+        )
+        assert re.search(match, message), (name, message)
+        assert not (tmp_path / name / "checkpoints").exists()

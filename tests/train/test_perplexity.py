@@ -5,11 +5,13 @@ import dataclasses
 import gzip
 import json
 import math
+import re
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
@@ -20,6 +22,7 @@ from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.seer import SeerCausalLM, SeerConfig, seer_with_abstract_gates
 from seer_jax.sparsity import topk_per_row
+from tests.seer_jax.test_adapters import bad_adapters
 from tests.seer_jax.tiny_models import random_module
 from train.eval_ppl import main
 from train.perplexity import EvalConfig, evaluate
@@ -269,3 +272,50 @@ def test_testbed_dense_ppl_matches_hugging_face(testbed_dir, tmp_path):
     reference = math.exp(float(nll.mean()))
     assert ours.ppl == pytest.approx(reference, rel=1e-3)
     np.testing.assert_allclose(ours.doc_nll, nll.numpy(), rtol=1e-3)
+
+
+def test_a_non_finite_loss_stops_the_evaluation_naming_the_forward(model_dir, data_file, tmp_path, capsys):
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    for file in model_dir.iterdir():
+        (poisoned / file.name).write_bytes(file.read_bytes())
+    weights = safetensors.numpy.load_file(poisoned / "model.safetensors")
+    weights["model.norm.weight"][:] = np.nan
+    safetensors.numpy.save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    args = ["--model", poisoned, "--data", data_file, "--lengths", LENGTH, "--num-docs", NUM_DOCS]
+    args += ["--methods", "dense", "--dtype", "float32", "--attention", "xla", "--out", tmp_path / "out"]
+    with pytest.raises(SystemExit) as raised:
+        main([str(arg) for arg in args])
+    message = raised.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert f"forward L={LENGTH} dense [1/1]" in message and "NaN/inf" in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_adapter_files_exit_with_one_line(model_dir, data_file, tmp_path):
+    for name, (directory, match) in bad_adapters(tmp_path / "adapters").items():
+        args = ["--model", model_dir, "--gates", directory, "--data", data_file, "--lengths", LENGTH]
+        args += ["--methods", "gate", "--dtype", "float32", "--attention", "xla", "--out", tmp_path / "out"]
+        with pytest.raises(SystemExit) as raised:
+            main([str(arg) for arg in args])
+        message = raised.value.code
+        assert isinstance(message, str) and "\n" not in message and re.search(match, message), (name, message)
+
+
+def test_gates_on_another_base_are_refused_unless_allowed(model_dir, gates_dir, data_file, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for file in model_dir.iterdir():
+        (other / file.name).write_bytes(file.read_bytes())
+    weights = safetensors.numpy.load_file(other / "model.safetensors")
+    weights["model.layers.0.self_attn.k_proj.weight"] *= 2.0  # another checkpoint of the same architecture
+    safetensors.numpy.save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    args = ["--model", other, "--gates", gates_dir, "--data", data_file, "--lengths", LENGTH, "--num-docs", 1]
+    args += ["--methods", "gate", "--nz-ratios", "0.5", "--dtype", "float32", "--attention", "xla"]
+    with pytest.raises(SystemExit) as raised:
+        main([str(arg) for arg in [*args, "--out", tmp_path / "refused"]])
+    message = raised.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert f"the gate adapter {gates_dir} was trained on another base model: the weights differ" in message
+    main([str(arg) for arg in [*args, "--out", tmp_path / "allowed", "--allow-other-base"]])
+    assert (tmp_path / "allowed" / JSON_FILE).is_file()

@@ -200,3 +200,21 @@ def test_testbed_tokenizer_loads_offline(tmp_path, testbed_dir):
         np.testing.assert_array_equal(
             corpus.document(i), [0, *tokenizer(text, add_special_tokens=False)["input_ids"], 1]
         )
+
+
+@pytest.mark.parametrize("damage", ["truncated_tokens", "bad_meta"])
+def test_a_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, tokenizer_dir, texts, caplog, damage):
+    path = _write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])
+    cache = tmp_path / "cache"
+    expected = _corpus([path], tokenizer_dir, cache_dir=cache)
+    expected_tokens = np.array(expected.tokens)  # off the memory map of the file damaged below
+    (entry,) = cache.iterdir()
+    if damage == "truncated_tokens":
+        tokens = entry / "tokens.npy"
+        tokens.write_bytes(tokens.read_bytes()[: tokens.stat().st_size // 2])
+    else:
+        (entry / "meta.json").write_text('{"format": 1, "bos')
+    again = _corpus([path], tokenizer_dir, cache_dir=cache)
+    np.testing.assert_array_equal(again.tokens, expected_tokens)
+    np.testing.assert_array_equal(again.doc_starts, expected.doc_starts)
+    assert any(f"cache entry {entry} is damaged" in message for message in caplog.messages)

@@ -5,8 +5,12 @@ its own copy of the same initial parameters.
 """
 
 import json
+import logging
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +24,7 @@ from tests.train.tiny import LOADER, loader_factory, synthetic_corpus, tiny_mode
 from train.data import LoaderState, PackedLoader
 from train.losses import next_token_loss
 from train.optimizer import OptimizerConfig, build_optimizer
-from train.train_checkpoints import CHECKPOINTS_DIR
+from train.train_checkpoints import CHECKPOINTS_DIR, DAMAGED_DIR
 from train.train_step import build_train_step, init_train_state, split_trainable
 from train.trainer import METRICS_FILE, TrainingDivergedError, TrainLoopConfig, fit, read_metrics, run_training
 
@@ -147,7 +151,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, corpus, tmp_pa
         run(setup, corpus, tmp_path, make_loader=make_loader, checkpoint_every=2)
     assert sorted(int(p.name) for p in (tmp_path / CHECKPOINTS_DIR).iterdir()) == [2, 4]
     lines = read_metrics(tmp_path)
-    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5] and np.isnan(lines[-1]["loss"])
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5] and lines[-1]["loss"] is None
+    for line in (tmp_path / METRICS_FILE).read_text().splitlines():  # strict JSON: no bare NaN
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"metrics.jsonl holds a bare {name}"))
 
     # Resuming (here without the bad batch) continues from step 4 and drops the diverged step's metrics line.
     result = run(setup, corpus, tmp_path, resume=True, checkpoint_every=2)
@@ -195,3 +201,73 @@ def test_a_filter_trains_only_its_variables_and_the_optimizer_holds_no_state_for
 def test_an_empty_filter_is_refused():
     with pytest.raises(ValueError, match="selects no variable"):
         split_trainable(tiny_model(), nnx.PathContains("no_such_layer"))
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(setup, corpus, straight, tmp_path, caplog):
+    run(setup, corpus, tmp_path)  # checkpoints at steps 6 and 8 are kept
+    for file in (tmp_path / CHECKPOINTS_DIR / "8").rglob("*"):
+        if file.is_file() and file.parent.name == "d":
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with caplog.at_level(logging.INFO):
+        result = run(setup, corpus, tmp_path, resume=True)
+    assert result.start_step == 6 and result.step == TOTAL_STEPS
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert f"resuming from the checkpoint of step 6 in {tmp_path / CHECKPOINTS_DIR}" in caplog.messages
+    assert "checkpoint step 8 is damaged" in warning and "damaged_checkpoints/8" in warning, warning
+    assert (tmp_path / DAMAGED_DIR / "8").is_dir()
+    assert sorted(int(p.name) for p in (tmp_path / CHECKPOINTS_DIR).iterdir()) == [6, 8]
+    straight_params = jax.tree.leaves(straight[0].state.params)
+    for ours, reference in zip(jax.tree.leaves(result.state.params), straight_params, strict=True):
+        np.testing.assert_array_equal(ours, reference)
+
+    for step in ("6", "8"):  # every checkpoint damaged: one line saying so
+        for file in (tmp_path / CHECKPOINTS_DIR / step).rglob("*"):
+            if file.is_file() and file.parent.name == "d":
+                file.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no intact checkpoint in .* \(damaged: steps \[8, 6\]"):
+        run(setup, corpus, tmp_path, resume=True)
+
+
+SIGNAL_DURING_FINAL_SAVE = """
+import os, signal, sys
+from pathlib import Path
+import optax
+import train.checkpoints as checkpoints
+from tests.train.tiny import loader_factory, synthetic_corpus, tiny_model
+from train.lm_loss import next_token_loss
+from train.trainer import TrainLoopConfig, fit
+
+close = checkpoints.TrainCheckpointer.close
+def close_after_a_signal(self):  # SIGTERM just after the last step, while its checkpoint is being written
+    os.kill(os.getpid(), signal.SIGTERM)
+    close(self)
+checkpoints.TrainCheckpointer.close = close_after_a_signal
+config = TrainLoopConfig(out_dir=Path(sys.argv[1]), total_steps=2, checkpoint_every=2)
+result = fit(tiny_model(), loss_fn=next_token_loss, optimizer=optax.adamw(1e-2), config=config,
+             make_loader=loader_factory(synthetic_corpus()))
+print("stopped_by", result.stopped_by, "step", result.step)
+"""
+
+
+def test_a_signal_during_the_final_save_leaves_a_complete_checkpoint(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_DURING_FINAL_SAVE, str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopped_by SIGTERM step 2" in done.stdout
+    assert [p.name for p in (tmp_path / CHECKPOINTS_DIR).iterdir()] == ["2"]  # complete: no *.orbax-checkpoint-tmp
+
+
+def test_resume_drops_a_metrics_line_cut_short_and_names_a_bad_one(setup, corpus, tmp_path):
+    run(setup, corpus, tmp_path, checkpoint_every=4)
+    metrics = tmp_path / METRICS_FILE
+    metrics.write_text(metrics.read_text() + '{"step": 9, "lo')  # a killed run's last, partial line
+    run(setup, corpus, tmp_path, resume=True)
+    assert [line["step"] for line in read_metrics(tmp_path)] == list(range(1, TOTAL_STEPS + 1))
+    metrics.write_text("garbage\n" + metrics.read_text())
+    with pytest.raises(ValueError, match=rf"{METRICS_FILE}:1: not a metrics line of this run"):
+        run(setup, corpus, tmp_path, resume=True)

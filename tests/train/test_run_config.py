@@ -1,0 +1,48 @@
+"""A run's stored configuration: a resume that changes a field fails with one line listing the changed fields;
+the fields the caller allows may change; paths compare as absolute paths."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from train.distill import MAY_CHANGE_ON_RESUME, DistillConfig
+from train.lm_training import may_change_on_resume
+from train.run_config import store_run_config
+
+
+def distill_config(**changes) -> DistillConfig:
+    config = DistillConfig(model=Path("model"), data=(Path("docs.jsonl"),), out_dir=Path("run"), seq_len=128)
+    return dataclasses.replace(config, **changes)
+
+
+def test_a_changed_trajectory_is_refused_listing_the_fields(tmp_path):
+    path = tmp_path / "distill.json"
+    store_run_config(path, distill_config(), resume=False, may_change=MAY_CHANGE_ON_RESUME)
+    assert json.loads(path.read_text())["model"] == str(Path("model").absolute())
+    changed = distill_config(seq_len=256, learning_rate=5e-3, steps=800, resume=True, checkpoint_every=7)
+    with pytest.raises(ValueError) as raised:
+        store_run_config(path, changed, resume=True, may_change=MAY_CHANGE_ON_RESUME)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "learning_rate 0.001 → 0.005; seq_len 128 → 256; steps 500 → 800." in message, message
+    assert "checkpoint_every" not in message.split("(only")[0]
+    assert json.loads(path.read_text())["seq_len"] == 128  # the stored configuration is kept
+
+
+def test_allowed_changes_pass_and_are_stored(tmp_path):
+    path = tmp_path / "distill.json"
+    store_run_config(path, distill_config(), resume=False, may_change=MAY_CHANGE_ON_RESUME)
+    allowed = distill_config(out_dir=Path("elsewhere"), cache_dir=Path("cache"), checkpoint_every=5, resume=True)
+    store_run_config(path, allowed, resume=True, may_change=MAY_CHANGE_ON_RESUME)
+    assert json.loads(path.read_text())["checkpoint_every"] == 5
+
+
+def test_finetune_steps_may_grow_only_under_the_constant_schedule():
+    from train.optimizer import OptimizerConfig
+
+    config = type("Config", (), {"optimizer": OptimizerConfig(learning_rate=1e-3, schedule="constant")})
+    assert "loop.total_steps" in may_change_on_resume(config)
+    config.optimizer = OptimizerConfig(learning_rate=1e-3, schedule="cosine")
+    assert "loop.total_steps" not in may_change_on_resume(config)
