@@ -7,14 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from train.distill import MAY_CHANGE_ON_RESUME, DistillConfig
+from train.data import LoaderConfig
+from train.distill import GATE_OPTIMIZER, MAY_CHANGE_ON_RESUME, DistillConfig
 from train.lm_training import may_change_on_resume
 from train.run_config import store_run_config
+from train.token_corpus import CorpusConfig
+from train.trainer import TrainLoopConfig
 
 
-def distill_config(**changes) -> DistillConfig:
-    config = DistillConfig(model=Path("model"), data=(Path("docs.jsonl"),), out_dir=Path("run"), seq_len=128)
-    return dataclasses.replace(config, **changes)
+def distill_config(
+    *, seq_len=128, learning_rate=1e-3, steps=500, checkpoint_every=100, out_dir="run", cache_dir=None, resume=False
+) -> DistillConfig:
+    return DistillConfig(
+        model=Path("model"),
+        corpus=CorpusConfig(paths=(Path("docs.jsonl"),), tokenizer_dir=Path("model"), cache_dir=cache_dir),
+        loader=LoaderConfig(seq_len=seq_len, batch_size=2),
+        optimizer=dataclasses.replace(GATE_OPTIMIZER, learning_rate=learning_rate),
+        loop=TrainLoopConfig(
+            out_dir=Path(out_dir), total_steps=steps, checkpoint_every=checkpoint_every, resume=resume
+        ),
+    )
 
 
 def test_a_changed_trajectory_is_refused_listing_the_fields(tmp_path):
@@ -26,17 +38,18 @@ def test_a_changed_trajectory_is_refused_listing_the_fields(tmp_path):
         store_run_config(path, changed, resume=True, may_change=MAY_CHANGE_ON_RESUME)
     message = str(raised.value)
     assert "\n" not in message
-    assert "learning_rate 0.001 → 0.005; seq_len 128 → 256; steps 500 → 800." in message, message
+    expected = "loader.seq_len 128 → 256; loop.total_steps 500 → 800; optimizer.learning_rate 0.001 → 0.005."
+    assert expected in message, message
     assert "checkpoint_every" not in message.split("(only")[0]
-    assert json.loads(path.read_text())["seq_len"] == 128  # the stored configuration is kept
+    assert json.loads(path.read_text())["loader"]["seq_len"] == 128  # the stored configuration is kept
 
 
 def test_allowed_changes_pass_and_are_stored(tmp_path):
     path = tmp_path / "distill.json"
     store_run_config(path, distill_config(), resume=False, may_change=MAY_CHANGE_ON_RESUME)
-    allowed = distill_config(out_dir=Path("elsewhere"), cache_dir=Path("cache"), checkpoint_every=5, resume=True)
+    allowed = distill_config(out_dir="elsewhere", cache_dir=Path("cache"), checkpoint_every=5, resume=True)
     store_run_config(path, allowed, resume=True, may_change=MAY_CHANGE_ON_RESUME)
-    assert json.loads(path.read_text())["checkpoint_every"] == 5
+    assert json.loads(path.read_text())["loop"]["checkpoint_every"] == 5
 
 
 def test_finetune_steps_may_grow_only_under_the_constant_schedule():

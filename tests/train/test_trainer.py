@@ -232,9 +232,9 @@ SIGNAL_DURING_FINAL_SAVE = """
 import os, signal, sys
 from pathlib import Path
 import optax
-import train.checkpoints as checkpoints
+import train.train_checkpoints as checkpoints
 from tests.train.tiny import loader_factory, synthetic_corpus, tiny_model
-from train.lm_loss import next_token_loss
+from train.losses import next_token_loss
 from train.trainer import TrainLoopConfig, fit
 
 close = checkpoints.TrainCheckpointer.close
