@@ -334,10 +334,27 @@ def main(argv: list[str] | None = None) -> Path:
     for seq_len in config.lengths:
         bench_length(shape.with_seq_len(seq_len), config, emit)
 
+    shape_record = {
+        "batch": shape.batch,
+        "num_q_heads": shape.num_q_heads,
+        "num_kv_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
+        "dtype": "bfloat16",
+        "causal": True,
+    }
+    path = write_results(config, rows, device=device, shape=shape_record)
+    _logger.info("wrote %s", path)
+    return path
+
+
+def write_results(config, rows: list, *, device, suffix: str = "", **fields) -> Path:
+    """Writes `<output_dir>/<date>-<time>_<device>_<commit><suffix>.json`: date, git commit, jax version, device,
+    `fields`, the run's config and its rows (each a dataclass); returns its path. `config` has `output_dir` and
+    `commit` (None: the checkout's HEAD)."""
     now = datetime.datetime.now(datetime.UTC)
     commit = config.commit or _git("rev-parse", "--short=12", "HEAD") or "unknown"
     device_name = re.sub(r"[^A-Za-z0-9]+", "-", device.device_kind).strip("-")
-    path = config.output_dir / f"{now:%Y-%m-%d-%H%M%S}_{device_name}_{commit}.json"
+    path = config.output_dir / f"{now:%Y-%m-%d-%H%M%S}_{device_name}_{commit}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "date": now.isoformat(timespec="seconds"),
@@ -346,19 +363,11 @@ def main(argv: list[str] | None = None) -> Path:
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
         "device": device.device_kind,
-        "shape": {
-            "batch": shape.batch,
-            "num_q_heads": shape.num_q_heads,
-            "num_kv_heads": shape.num_kv_heads,
-            "head_dim": shape.head_dim,
-            "dtype": "bfloat16",
-            "causal": True,
-        },
+        **fields,
         "config": dataclasses.asdict(config) | {"output_dir": str(config.output_dir)},
         "rows": [dataclasses.asdict(row) for row in rows],
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
-    _logger.info("wrote %s", path)
     return path
 
 

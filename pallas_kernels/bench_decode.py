@@ -20,11 +20,8 @@ The table goes to stdout row by row; everything is also written as JSON to
 
 import argparse
 import dataclasses
-import datetime
 import functools
-import json
 import logging
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
-from pallas_kernels.bench import _git, _skip_note
+from pallas_kernels.bench import _skip_note, write_results
 from pallas_kernels.block_sparse_decode import block_sparse_decode, block_sparse_decode_implementation
 from pallas_kernels.inputs import SCORE_STD, input_key
 
@@ -253,23 +250,8 @@ def main(argv: list[str] | None = None) -> Path:
             for batch in config.batches:
                 bench_case(HEAD_SHAPES[shape_name], batch, context, config, emit)
 
-    now = datetime.datetime.now(datetime.UTC)
-    commit = config.commit or _git("rev-parse", "--short=12", "HEAD") or "unknown"
-    device_name = re.sub(r"[^A-Za-z0-9]+", "-", device.device_kind).strip("-")
-    path = config.output_dir / f"{now:%Y-%m-%d-%H%M%S}_{device_name}_{commit}_decode.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "date": now.isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "jax_version": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": device.device_kind,
-        "head_shapes": {name: dataclasses.asdict(HEAD_SHAPES[name]) for name in config.shapes},
-        "dtype": "bfloat16",
-        "config": dataclasses.asdict(config) | {"output_dir": str(config.output_dir)},
-        "rows": [dataclasses.asdict(row) for row in rows],
-    }
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    head_shapes = {name: dataclasses.asdict(HEAD_SHAPES[name]) for name in config.shapes}
+    path = write_results(config, rows, device=device, suffix="_decode", head_shapes=head_shapes, dtype="bfloat16")
     _logger.info("wrote %s", path)
     return path
 
