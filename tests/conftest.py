@@ -48,9 +48,9 @@ HOPPER = _hopper_available()
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="needs a Hopper (sm_90) GPU: run on the H200 via the device tool")
+    skip_gpu = pytest.mark.skip(reason="needs a Hopper GPU (H100/H200, sm_90) with jax[cuda]; none is visible here")
     skip_testbed = pytest.mark.skip(
-        reason="needs ../shared/testbed (seer-tiny-llama + data); not present in this checkout"
+        reason="needs the testbed (seer-tiny-llama + data): put it at ../shared/testbed or set SEER_TESTBED=DIR"
     )
     for item in items:
         if "gpu" in item.keywords and not HOPPER:

@@ -34,12 +34,15 @@ def test_nonfinite_input_propagates_like_dense_attention(request, implementation
     qkv_key, mask_key = jax.random.split(harness.case_key(request))
     q, k, v = random_qkv(qkv_key, SHAPE, harness.DTYPES[implementation])
     mask = pattern_block_mask(mask_key, pattern, SHAPE.batch, SHAPE.num_q_heads, SHAPE.num_blocks())
+    allowed = oracle.token_mask(mask, SHAPE.seq_len)  # [B, N, T, S]
+    if tensor == "q":  # the first query row from `position` on whose head 0 attends something (random masks vary)
+        attending = np.flatnonzero(allowed[0, 0, position:].any(axis=-1))
+        position += int(attending[0]) if attending.size else 0
     q, k, v = _poisoned(q, k, v, tensor, position, POISONS[poison])
     out, lse = block_sparse_attention(q, k, v, block_mask=mask, return_lse=True, implementation=implementation)
     out = np.asarray(out.astype(jnp.float32))  # [B, T, N, H]
     lse = np.asarray(lse)  # [B, N, T]
 
-    allowed = oracle.token_mask(mask, SHAPE.seq_len)  # [B, N, T, S]
     group = SHAPE.num_q_heads // SHAPE.num_kv_heads
     poisoned_rows = np.zeros(allowed.shape[:3], bool)  # [B, N, T]
     if tensor == "q":
