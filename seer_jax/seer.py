@@ -24,8 +24,9 @@ pre-RoPE keys into a `KCompressionCache` (`seer_jax.k_compression`), which the `
 (`decode_attention`) adds the new key to it, scores the compressed blocks with the decode gate, selects blocks
 (`seer_jax.decode_selection`) and attends the selected blocks only (dense attention under the selection's key
 mask). `decode.source` swaps the decode gate for another score source (`seer_jax.decode_scores`: oracle, Quest,
-StreamingLLM, random), which needs no compressed keys. Layers below `decode.start_layer` decode densely and keep no compressed keys. Without `decode`, decode steps
-are dense in every layer. Prefill and decode sparsity are independent: either can be dense.
+StreamingLLM, random), which needs no compressed keys. Layers below `decode.start_layer` decode densely and keep no
+compressed keys. Without `decode`, decode steps are dense in every layer. Prefill and decode sparsity are
+independent: either can be dense.
 
 What else a layer produces is asked for by name (`CausalLM.forward(..., collect=...)`, names in `COLLECTABLE`):
     "gate_features"  the gate's `GateFeatures` (block-pooled pre-RoPE q/k): distillation's input
@@ -35,7 +36,8 @@ What else a layer produces is asked for by name (`CausalLM.forward(..., collect=
     "density"        f32 [N], the fraction of causal blocks computed over the query blocks holding real tokens
     "block_mask"     bool [B, N, I, J], the computed blocks in each row's own block coordinates
 On a decode step a layer collects `DECODE_COLLECTABLE`:
-    "decode_blocks"  f32 [2]: the blocks attended and the blocks holding real tokens, summed over rows and kv heads
+    "decode_blocks"  f32 [2]: the blocks attended and the blocks holding real tokens, summed over rows and heads
+                     (the selection's: kv heads, or query heads for a per-query-head source such as quest)
 A layer that attends densely (below `start_layer`, or a selection keeping every block) and is asked for the target
 gets its output and the target from one `attention_with_pooling` call: distillation's forward is the base model's.
 `seer_jax.forwards` holds that forward with each use's fixed `collect` (distillation, fine-tuning, evaluation).
