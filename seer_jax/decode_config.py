@@ -11,7 +11,11 @@ from typing import Literal
 from seer_jax.gate import POOLING_OPS
 
 Q_HEAD_POOLINGS = ("Qproj", "Qavgproj", "Qavg")
-DecodeMethod = Literal["token_budget", "threshold"]
+DecodeMethod = Literal["token_budget", "context_fraction", "threshold"]
+DECODE_METHODS: tuple[str, ...] = ("token_budget", "context_fraction", "threshold")
+# Where decode block scores come from (`seer_jax.decode_scores.DECODE_SOURCES` implements them under these names).
+DECODE_SOURCE_NAMES: tuple[str, ...] = ("gate", "oracle", "quest", "streaming", "random")
+RANKING_DECODE_SOURCES = ("streaming", "random")  # scores that are rankings, not logits: budget methods only
 _K_POOLING = re.compile(r"K(?P<ops>(?:max|min|avg)+)")
 
 
@@ -35,9 +39,15 @@ class DecodeConfig:
         at its first.
 
     Selection (docs/design.md §8):
-      method: "token_budget" (`seerattn_sparsity_method` 'token_budget') or "threshold".
+      source: where the block scores come from, one of `DECODE_SOURCE_NAMES` (`seer_jax.decode_scores`): "gate" (this
+        decode gate, the default), "oracle", "quest", "streaming", "random"; this project's.
+      method: "token_budget" (`seerattn_sparsity_method` 'token_budget'), "context_fraction" (this project's) or
+        "threshold".
       token_budget: tokens chosen per step by top-k, as token_budget // block_size blocks
         (`seerattn_token_budget`); forced blocks come on top.
+      context_fraction: a budget that is a fraction of the context: at a step whose row holds n real tokens (the
+        decoded one included), top-k picks floor(context_fraction · n / block_size) blocks (float32), i.e. the
+        token budget context_fraction · n; forced blocks come on top.
       threshold: keep blocks whose softmax probability over the scored blocks exceeds it (`seerattn_threshold`).
       force_sink: always attend the row's first block (the attention sink; the official kernel does).
       sliding_window: always attend the blocks holding the row's last `sliding_window` tokens; 0 for none
@@ -53,8 +63,10 @@ class DecodeConfig:
     qk_norm: bool = False
     use_rope: bool = True
     rope_at_block_end: bool = False
+    source: str = "gate"
     method: DecodeMethod = "token_budget"
     token_budget: int = 4096
+    context_fraction: float = 0.1
     threshold: float = 0.0
     force_sink: bool = True
     sliding_window: int = 0
@@ -77,8 +89,16 @@ class DecodeConfig:
         for name in ("qk_norm", "use_rope", "rope_at_block_end", "force_sink"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.method not in ("token_budget", "threshold"):
-            raise ValueError(f"method must be 'token_budget' or 'threshold', got {self.method!r}")
+        if self.source not in DECODE_SOURCE_NAMES:
+            raise ValueError(f"source must be one of {DECODE_SOURCE_NAMES}, got {self.source!r}")
+        if self.method not in DECODE_METHODS:
+            raise ValueError(f"method must be one of {DECODE_METHODS}, got {self.method!r}")
+        if self.source in RANKING_DECODE_SOURCES and self.method == "threshold":
+            raise ValueError(
+                f"source {self.source!r} ranks blocks without probabilities: use a budget, not 'threshold'"
+            )
+        if not isinstance(self.context_fraction, int | float) or not 0.0 < self.context_fraction <= 1.0:
+            raise ValueError(f"context_fraction must be in (0, 1], got {self.context_fraction!r}")
         for name in ("token_budget", "sliding_window", "start_layer"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -1,15 +1,19 @@
-"""Block selection at decode: decode-gate scores [B, K, J] → the key blocks each (row, kv head) attends.
+"""Block selection at decode: block scores [B, K, J] (or [B, N, J]) → the key blocks each (row, head) attends.
 
-Blocks are in each row's own coordinates (`seer_jax.k_compression`): a row with n real tokens (the one being decoded
-included) has blocks 0 … c, c = (n − 1) // block_size its current (open or just completed) block. Per step, layer,
-row and kv head (shared by the kv head's G query heads), as docs/design.md §8 describes:
+Scores come from a source of `seer_jax.decode_scores` (the decode gate by default), one row per kv head (shared by
+its G query heads) or, for Quest, per query head; selection treats that axis alike. Blocks are in each row's own
+coordinates (`seer_jax.k_compression`): a row with n real tokens (the one being decoded included) has blocks 0 … c,
+c = (n − 1) // block_size its current (open or just completed) block. Per step, layer, row and head, as
+docs/design.md §8 describes:
 
   * scored blocks: the completed earlier blocks j < c. The current block is not scored (training never scores the
     block holding its query; the official inference scores a zero placeholder there).
   * forced blocks: the current block always; block 0 (the attention sink) with `force_sink`; the blocks holding the
     row's last `sliding_window` tokens.
   * "token_budget": top-k of the scored blocks that are not forced, k = token_budget // block_size (all of them
-    when fewer), on float32 logits without a softmax (ties to the lower block); forced blocks come on top.
+    when fewer), on float32 scores without a softmax (ties to the lower block); forced blocks come on top.
+  * "context_fraction": the same top-k with k = floor(context_fraction · n / block_size) (float32), i.e. the token
+    budget context_fraction · n of this row at this step.
   * "threshold": the scored blocks whose softmax probability over all scored blocks exceeds the threshold.
 
 `decode_key_mask` turns a selection into the key mask of the masked dense attention that computes it exactly;
@@ -25,8 +29,9 @@ from seer_jax.model import positions_from_mask
 
 
 def select_decode_blocks(scores: jax.Array, lengths: jax.Array, config: DecodeConfig) -> jax.Array:
-    """Decode-gate logits float32 [B, K, J] and the real tokens of each row int [B] (the decoded one included)
-    → bool [B, K, J], the attended blocks (module docstring). Blocks past the current one are never attended."""
+    """Block scores float32 [B, K, J] (or [B, N, J]) and the real tokens of each row int [B] (the decoded one
+    included) → bool of the same shape, the attended blocks (module docstring). Blocks past the current one are
+    never attended."""
     num_blocks = scores.shape[-1]
     block_size = config.block_size
     blocks = jnp.arange(num_blocks)[None, :]  # [1, J]
@@ -39,17 +44,30 @@ def select_decode_blocks(scores: jax.Array, lengths: jax.Array, config: DecodeCo
         first = (jnp.maximum(lengths - config.sliding_window, 0) // block_size)[:, None]  # [B, 1]
         forced = forced | ((blocks >= first) & (blocks <= current))
     scores = scores.astype(jnp.float32)
-    if config.method == "token_budget":
-        candidates = (scored & ~forced)[:, None, :]  # [B, 1, J]
-        count = min(config.budget_blocks, num_blocks)
-        chosen = jnp.zeros(scores.shape, bool)  # [B, K, J]
-        if count:
-            _, top = jax.lax.top_k(jnp.where(candidates, scores, -jnp.inf), count)  # [B, K, count]
-            chosen = jnp.any(top[..., None] == jnp.arange(num_blocks), axis=-2) & candidates  # [B, K, J]
-    else:
+    if config.method == "threshold":
         probs = jax.nn.softmax(jnp.where(scored[:, None, :], scores, MASKED_LOGIT), axis=-1)  # [B, K, J]
         chosen = (probs > config.threshold) & scored[:, None, :]
+    else:
+        candidates = scored & ~forced  # [B, J]
+        if config.method == "token_budget":
+            chosen = _top_blocks(scores, candidates, min(config.budget_blocks, num_blocks))
+        else:
+            budget = jnp.float32(config.context_fraction) * lengths.astype(jnp.float32)  # [B] tokens
+            count = jnp.floor(budget / block_size).astype(jnp.int32)  # [B]
+            chosen = _top_blocks(scores, candidates, num_blocks, count)
     return chosen | forced[:, None, :]
+
+
+def _top_blocks(scores: jax.Array, candidates: jax.Array, most: int, count: jax.Array | None = None) -> jax.Array:
+    """bool [B, K, J]: per (row, head) the `most` best-scored candidates (bool [B, J]), or with `count` (int [B],
+    at most `most`) the count[b] best of row b; fewer where fewer are candidates. Ties go to the lower block."""
+    chosen = jnp.zeros(scores.shape, bool)  # [B, K, J]
+    if most == 0:
+        return chosen
+    _, top = jax.lax.top_k(jnp.where(candidates[:, None, :], scores, -jnp.inf), most)  # [B, K, most], best first
+    keep = jnp.ones(top.shape, bool) if count is None else jnp.arange(most) < count[:, None, None]  # [B, K, most]
+    chosen = jnp.put_along_axis(chosen, top, keep, axis=-1, inplace=False)  # [B, K, J]
+    return chosen & candidates[:, None, :]
 
 
 def available_blocks(lengths: jax.Array, block_size: int) -> jax.Array:

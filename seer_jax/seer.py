@@ -23,8 +23,10 @@ Sparse decoding (`seer_config.decode`, docs/design.md "Sparse decoding"). `decod
 pre-RoPE keys into a `KCompressionCache` (`seer_jax.k_compression`), which the `KVCache` carries; each decode step
 (`decode_attention`) adds the new key to it, scores the compressed blocks with the decode gate, selects blocks
 (`seer_jax.decode_selection`) and attends the selected blocks only (dense attention under the selection's key
-mask). Layers below `decode.start_layer` decode densely and keep no compressed keys. Without `decode`, decode steps
-are dense in every layer. Prefill and decode sparsity are independent: either can be dense.
+mask). `decode.source` swaps the decode gate for another score source (`seer_jax.decode_scores`: oracle, Quest,
+StreamingLLM, random), which needs no compressed keys. Layers below `decode.start_layer` decode densely and keep no
+compressed keys. Without `decode`, decode steps are dense in every layer. Prefill and decode sparsity are
+independent: either can be dense.
 
 What else a layer produces is asked for by name (`CausalLM.forward(..., collect=...)`, names in `COLLECTABLE`):
     "gate_features"  the gate's `GateFeatures` (block-pooled pre-RoPE q/k): distillation's input
@@ -34,7 +36,8 @@ What else a layer produces is asked for by name (`CausalLM.forward(..., collect=
     "density"        f32 [N], the fraction of causal blocks computed over the query blocks holding real tokens
     "block_mask"     bool [B, N, I, J], the computed blocks in each row's own block coordinates
 On a decode step a layer collects `DECODE_COLLECTABLE`:
-    "decode_blocks"  f32 [2]: the blocks attended and the blocks holding real tokens, summed over rows and kv heads
+    "decode_blocks"  f32 [2]: the blocks attended and the blocks holding real tokens, summed over rows and heads
+                     (the selection's: kv heads, or query heads for a per-query-head source such as quest)
 A layer that attends densely (below `start_layer`, or a selection keeping every block) and is asked for the target
 gets its output and the target from one `attention_with_pooling` call: distillation's forward is the base model's.
 `seer_jax.forwards` holds that forward with each use's fixed `collect` (distillation, fine-tuning, evaluation).
@@ -55,6 +58,7 @@ from seer_jax.attention import dot_product_attention
 from seer_jax.block_scores import SOURCES, ScoreInputs
 from seer_jax.config import ModelConfig
 from seer_jax.decode_gate import DecodeAttnGate
+from seer_jax.decode_scores import DECODE_SOURCES, DecodeScoreInputs
 from seer_jax.decode_selection import available_blocks, decode_key_mask, select_decode_blocks
 from seer_jax.gate import AttnGate, GateParam
 from seer_jax.head_parallel import attention_with_pooling_per_device, block_sparse_attention_per_device
@@ -136,9 +140,9 @@ class SeerAttention(Attention):
         return decode is not None and self.layer_index >= decode.start_layer
 
     def decode_state(self, k: jax.Array, *, key_mask: jax.Array | None) -> KCompressionCache | None:
-        """The prompt's compressed keys in a layer that decodes sparsely (None otherwise); arguments as
-        `Attention.decode_state`."""
-        if not self.is_sparse_decode:
+        """The prompt's compressed keys in a layer that decodes sparsely with the decode gate (None otherwise: dense
+        decoding and the other score sources need none); arguments as `Attention.decode_state`."""
+        if not self.is_sparse_decode or self.seer_config.decode.source != "gate":
             return None
         batch, length = k.shape[:2]
         rows = RowLayout(key_mask, length)
@@ -157,8 +161,9 @@ class SeerAttention(Attention):
         state: KCompressionCache | None,
         collect: frozenset[str],
     ) -> tuple[jax.Array, KCompressionCache | None, dict[str, jax.Array]]:
-        """A decode step over the blocks the decode gate selects (dense below `decode.start_layer` or without a
-        decode config); arguments as `Attention.decode_attention`, `collect` from `DECODE_COLLECTABLE`."""
+        """A decode step over the blocks that `decode.source` scores and `decode_selection` selects (dense below
+        `decode.start_layer` or without a decode config); arguments as `Attention.decode_attention`, `collect` from
+        `DECODE_COLLECTABLE`."""
         unknown = sorted(collect - set(DECODE_COLLECTABLE))
         if unknown:
             raise ValueError(
@@ -167,18 +172,27 @@ class SeerAttention(Attention):
         lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)  # [B] real tokens, the new one included
         decode = self.seer_config.decode
         block_size = self.seer_config.gate.block_size if decode is None else decode.block_size
-        available = self.num_kv_heads * jnp.sum(available_blocks(lengths, block_size))
+        available = jnp.sum(available_blocks(lengths, block_size))  # per head
         if not self.is_sparse_decode:
             out = self.attend(q_rot, k_cache, v_cache, causal=False, key_mask=key_mask)  # [B, 1, N, H]
-            selected = available
+            selected = available = self.num_kv_heads * available
         else:
-            index = lengths - 1  # [B] the new token's place among the row's real tokens (its RoPE position)
-            state = append_token(state, self.decode_gate, k, index)
-            q_gate = self.decode_gate.query(q, index[:, None])[:, 0]  # [B, K, E]
-            block_mask = select_decode_blocks(self.decode_gate.scores(q_gate, state.blocks), lengths, decode)
-            allowed = decode_key_mask(block_mask, key_mask, decode.block_size)  # [B, K, S]
+            if decode.source == "gate":
+                state = append_token(state, self.decode_gate, k, lengths - 1)
+            inputs = DecodeScoreInputs(
+                q=q,
+                q_rot=q_rot,
+                k_cache=k_cache,
+                key_mask=key_mask,
+                gate=self.decode_gate,
+                state=state,
+                key=jax.random.fold_in(jax.random.key(self.seer_config.seed), self.layer_index),
+            )
+            scores = DECODE_SOURCES[decode.source](inputs)  # [B, K, J], or [B, N, J] per query head (quest)
+            block_mask = select_decode_blocks(scores, lengths, decode)  # like scores
+            allowed = decode_key_mask(block_mask, key_mask, decode.block_size)  # [B, K or N, S]
             out = self._attend_selected(q_rot, k_cache, v_cache, allowed)  # [B, 1, N, H]
-            selected = jnp.sum(block_mask)
+            selected, available = jnp.sum(block_mask), block_mask.shape[1] * available
         collected = {}
         if "decode_blocks" in collect:
             collected["decode_blocks"] = jnp.stack([selected, available]).astype(jnp.float32)  # [2]
@@ -187,23 +201,30 @@ class SeerAttention(Attention):
     def _attend_selected(
         self, q_rot: jax.Array, k_cache: jax.Array, v_cache: jax.Array, allowed: jax.Array
     ) -> jax.Array:
-        """Rotated q [B, 1, N, H] over the cache [B, S, K, H] where allowed (bool [B, K, S]) → [B, 1, N, H].
+        """Rotated q [B, 1, N, H] over the cache [B, S, K, H] where allowed → [B, 1, N, H]; `allowed` is bool
+        [B, K, S] (per kv head, shared by its query heads) or [B, N, S] (per query head).
 
-        Dense attention with each kv head's key mask: the kv heads are folded into the batch. Exact, O(S) per step;
-        `pallas_kernels.block_sparse_decode` on `decode_block_index(block_mask)` reads the selected blocks only.
+        Dense attention under each head's key mask, the mask's heads folded into the batch (per query head, each
+        query head gets its own copy of its kv head's keys and values). Exact, O(S) per step;
+        `pallas_kernels.block_sparse_decode` on `decode_block_index(block_mask)` reads the selected blocks only (per
+        kv head).
         """
         batch, _, num_q_heads, head_dim = q_rot.shape
         num_keys, num_kv_heads = k_cache.shape[1:3]
-        group = num_q_heads // num_kv_heads
-        q = q_rot.reshape(batch, num_kv_heads, group, head_dim).reshape(batch * num_kv_heads, 1, group, head_dim)
-        k = k_cache.transpose(0, 2, 1, 3).reshape(batch * num_kv_heads, num_keys, 1, head_dim)  # [B·K, S, 1, H]
-        v = v_cache.transpose(0, 2, 1, 3).reshape(batch * num_kv_heads, num_keys, 1, head_dim)  # [B·K, S, 1, H]
+        num_heads = allowed.shape[1]  # K, or N for per-query-head masks
+        if num_heads != num_kv_heads:
+            k_cache = jnp.repeat(k_cache, num_q_heads // num_kv_heads, axis=2)  # [B, S, N, H]
+            v_cache = jnp.repeat(v_cache, num_q_heads // num_kv_heads, axis=2)  # [B, S, N, H]
+        group = num_q_heads // num_heads
+        q = q_rot.reshape(batch * num_heads, 1, group, head_dim)  # [B·K, 1, G, H] (or [B·N, 1, 1, H])
+        k = k_cache.transpose(0, 2, 1, 3).reshape(batch * num_heads, num_keys, 1, head_dim)  # [B·K, S, 1, H]
+        v = v_cache.transpose(0, 2, 1, 3).reshape(batch * num_heads, num_keys, 1, head_dim)  # [B·K, S, 1, H]
         out = dot_product_attention(
             q,
             k,
             v,
             causal=False,
-            key_mask=allowed.reshape(batch * num_kv_heads, num_keys),
+            key_mask=allowed.reshape(batch * num_heads, num_keys),
             implementation=self.attention_implementation,
         )  # [B·K, 1, G, H]
         return out.reshape(batch, 1, num_q_heads, head_dim)  # [B, 1, N, H]

@@ -10,7 +10,8 @@ Libraries:
 
     distill.py            gate self-distillation: DistillConfig, distill
     lm_training.py        full-parameter causal-LM training (dense or SeerAttention): FinetuneConfig, finetune
-    perplexity.py         perplexity vs. block density: EvalConfig, evaluate (results: ppl_results.py)
+    perplexity.py         perplexity vs. block density: EvalConfig, evaluate (results: ppl_results.py; decode
+                          mode, teacher-forced sparse decoding: decode_perplexity.py)
     losses.py             every loss: next-token NLL and cross-entropy, the gates' KL, SeerAttention fine-tuning
     optimizer.py          the one optimizer recipe: OptimizerConfig, build_optimizer
     trainer.py            the training loop (TrainLoopConfig, fit); train_step.py one jitted step;

@@ -6,16 +6,17 @@
     --distributed                    first join a multi-host job (`jax.distributed.initialize()`, which reads the
                                      cluster's environment: SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS & co.)
 
-The mesh spans every device of every process; its axis sizes must multiply to that count.
+The mesh spans every device of every process; its axis sizes must multiply to that count. jax is imported only when
+a mesh is parsed, so that a CLI's `--help` needs none.
 """
 
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jax
-
-from seer_jax.sharding import MeshConfig, build_mesh
+if TYPE_CHECKING:
+    from seer_jax.sharding import MeshConfig
 
 
 def add_corpus_arguments(parser: argparse.ArgumentParser, *, data_required: bool) -> None:
@@ -43,8 +44,12 @@ def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def mesh_from_args(args: argparse.Namespace, log: logging.Logger) -> MeshConfig | None:
+def mesh_from_args(args: argparse.Namespace, log: logging.Logger) -> "MeshConfig | None":
     """Joins the multi-host job when asked, parses `--mesh` (ValueError on a bad one) and logs it once on `log`."""
+    import jax
+
+    from seer_jax.sharding import MeshConfig, build_mesh
+
     if args.distributed:
         jax.distributed.initialize()
     if args.mesh is None:

@@ -2,13 +2,18 @@
 
     result = evaluate(EvalConfig(model=..., data=..., gates=...))     # the CLI: `python -m train.eval_ppl`
 
-Protocol: for each length L, the first L tokens (BOS + text) of each of the first `num_docs` documents that hold at
-least L tokens (`train.data.eval_windows`); each document's mean NLL over its L − 1 next-token predictions; PPL =
-exp(mean over documents of those means). Sparse prefill uses `last_block_dense=False`, as the original PPL runs.
+Two modes. "prefill" (the default) scores whole windows in one forward under block-sparse prefill; "decode" scores
+each window's last `continuation` tokens by teacher-forced sparse decoding, token by token as generation decodes
+(`train.decode_perplexity`, which documents that protocol and its rows).
+
+Prefill protocol: for each length L, the first L tokens (BOS + text) of each of the first `num_docs` documents that
+hold at least L tokens (`train.data.eval_windows`); each document's mean NLL over its L − 1 next-token predictions;
+PPL = exp(mean over documents of those means). Sparse prefill uses `last_block_dense=False`, as the original PPL runs.
 
 Methods: "dense" is the base model with its own attention implementation (the reference). Every other method is a
 `SeerCausalLM` over the same weights whose layers >= start_layer select blocks from one source: "gate" (the adapter
-given as `gates`, ours or the official format), "oracle", "quest", "streaming", "random" (`seer_jax.block_scores`).
+given as `gates`, ours or the official format), "oracle", "quest", "streaming", "random" (`seer_jax.block_scores`;
+in decode mode `seer_jax.decode_scores`).
 Each sparse method runs TopK at every `nz_ratio`, so all sources keep the same k blocks per row, plus the diagonal
 block where TopK left it out (`seer_jax.sparsity`): densities match up to that block. `thresholds` apply to the gate
 only, whose density is then whatever it selects. The achieved density (mean over layers >= start_layer and heads)
@@ -28,7 +33,7 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +55,14 @@ from seer_jax.seer_config import BLOCK_SOURCES, SeerConfig
 from seer_jax.sharding import MeshConfig, batch_rows, build_mesh, logical_rules, shard_batch, tree_shardings
 from seer_jax.sparsity import Selection
 from train.data import eval_windows
+from train.decode_perplexity import (
+    DEFAULT_BUDGETS,
+    DecodeBudget,
+    DecodeMeasurement,
+    DecodeSetting,
+    decode_settings,
+    run_decode,
+)
 from train.losses import next_token_nll
 from train.ppl_results import EvalResult, PplRow
 from train.token_corpus import CorpusConfig, load_corpus
@@ -57,6 +70,9 @@ from train.token_corpus import CorpusConfig, load_corpus
 # "dense" (the base model) and one method per block-score source (`seer_jax.block_scores.SOURCES`)
 METHODS: tuple[str, ...] = ("dense", *BLOCK_SOURCES)
 DTYPES = ("bfloat16", "float32")
+MODES = ("prefill", "decode")
+EvalMode = Literal["prefill", "decode"]
+DEFAULT_LENGTHS: dict[str, tuple[int, ...]] = {"prefill": (2048, 8192), "decode": (8192,)}
 _VERSIONED = ("jax", "jaxlib", "flax", "numpy", "transformers", "seer-jax")
 
 log = logging.getLogger(__name__)
@@ -77,12 +93,23 @@ class EvalConfig:
       tokenizer_dir: the tokenizer; None means `model`.
       text_field: the text column of the data.
       cache_dir: where the tokenized corpus is cached; None tokenizes every time.
-      lengths: window lengths L (BOS included), each >= 2.
+      mode: "prefill" (whole windows, block-sparse prefill) or "decode" (each window's continuation, teacher-forced
+        sparse decoding; `train.decode_perplexity`).
+      lengths: window lengths L (BOS included), each >= 2 (decode: >= continuation + 2); None means (2048, 8192) in
+        prefill mode, (8192,) in decode mode.
       num_docs: documents per length (the first that are at least L tokens long).
-      nz_ratios: TopK target densities in (0, 1], run for every sparse method.
-      thresholds: gate-only threshold settings in [0, 1).
-      methods: the methods to run, in order; None means all, with "gate" only when `gates` is given.
-      start_layer: layers below it stay dense; None means the adapter's start_layer (0 without an adapter).
+      nz_ratios: prefill mode: TopK target densities in (0, 1], run for every sparse method.
+      thresholds: prefill mode: gate-only threshold settings in [0, 1).
+      continuation: decode mode: C, the tokens scored at the end of each window, each predicted by a decode step.
+      decode_budgets: decode mode: the budgets every sparse decode method runs at (`DecodeBudget`: tokens, or a
+        fraction of the context).
+      decode_prefill: decode mode: also run the gate's budgets and dense decoding after a block-sparse prefill with
+        the adapter's prefill gates under this selection (prefill gates + decode gates); None: dense prefill only.
+      decode_chunk: decode mode: decode steps per compiled call (the progress bar moves once per call).
+      methods: the methods to run, in order; None means all, with "gate" only when `gates` is given (and, in decode
+        mode, holds decode gates).
+      start_layer: layers below it stay dense (decode mode: decode densely); None means the adapter's start_layer
+        (decode mode: its decode start_layer), 0 without one.
       seed: seeds the "random" source.
       batch_size: documents per forward.
       dtype: compute and weight dtype; default bfloat16 on GPU, float32 elsewhere.
@@ -99,10 +126,15 @@ class EvalConfig:
     tokenizer_dir: Path | None = None
     text_field: str = "text"
     cache_dir: Path | None = None
-    lengths: tuple[int, ...] = (2048, 8192)
+    mode: EvalMode = "prefill"
+    lengths: tuple[int, ...] | None = None
     num_docs: int = 16
     nz_ratios: tuple[float, ...] = (0.5, 0.4, 0.3, 0.2, 0.1)
     thresholds: tuple[float, ...] = ()
+    continuation: int = 2048
+    decode_budgets: tuple[DecodeBudget, ...] = DEFAULT_BUDGETS
+    decode_prefill: Selection | None = None
+    decode_chunk: int = 256
     methods: tuple[str, ...] | None = None
     start_layer: int | None = None
     seed: int = 0
@@ -119,6 +151,10 @@ class EvalConfig:
             raise ValueError("data: no data paths given")
         if self.gates is not None and not Path(self.gates).is_dir():
             raise ValueError(f"gates: {self.gates} is not a directory; pass a gate adapter directory")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
+        if self.lengths is None:
+            object.__setattr__(self, "lengths", DEFAULT_LENGTHS[self.mode])
         if not self.lengths or any(not isinstance(n, int) or n < 2 for n in self.lengths):
             raise ValueError(f"lengths: need at least one int >= 2 (BOS + one predicted token), got {self.lengths}")
         if len(set(self.lengths)) != len(self.lengths):
@@ -140,12 +176,15 @@ class EvalConfig:
                 raise ValueError(f"methods: need distinct methods from {METHODS}, got {self.methods}")
             if "gate" in self.methods and self.gates is None:
                 raise ValueError("methods: 'gate' needs gates (an adapter directory)")
-        if self.thresholds and "gate" not in self.methods_to_run:
-            raise ValueError("thresholds: apply to the gate method only, which is not run (pass gates / 'gate')")
-        if not self.nz_ratios:
-            idle = [m for m in self.methods_to_run if m != "dense" and not (m == "gate" and self.thresholds)]
-            if idle:
-                raise ValueError(f"nz_ratios: empty, so methods {idle} have no setting to run")
+        if self.mode == "prefill":
+            if self.thresholds and "gate" not in self.methods_to_run:
+                raise ValueError("thresholds: apply to the gate method only, which is not run (pass gates / 'gate')")
+            if not self.nz_ratios:
+                idle = [m for m in self.methods_to_run if m != "dense" and not (m == "gate" and self.thresholds)]
+                if idle:
+                    raise ValueError(f"nz_ratios: empty, so methods {idle} have no setting to run")
+        else:
+            self._check_decode()
         if self.start_layer is not None and (not isinstance(self.start_layer, int) or self.start_layer < 0):
             raise ValueError(f"start_layer: must be an int >= 0 or None, got {self.start_layer!r}")
         if self.batch_size <= 0:
@@ -156,6 +195,33 @@ class EvalConfig:
             raise ValueError(f"attention: must be one of {IMPLEMENTATIONS}, got {self.attention!r}")
         if self.attention == "cudnn" and self.dtype != "bfloat16":
             raise ValueError("attention: cudnn runs bfloat16 only; use dtype bfloat16 or attention xla")
+
+    def _check_decode(self) -> None:
+        if self.thresholds:
+            raise ValueError("thresholds: apply to prefill mode only; decode mode runs decode_budgets")
+        if not isinstance(self.continuation, int) or self.continuation < 1:
+            raise ValueError(f"continuation: must be an int >= 1, got {self.continuation!r}")
+        short = [length for length in self.lengths if length < self.continuation + 2]
+        if short:
+            raise ValueError(
+                f"lengths: {short} leave no prompt before a continuation of {self.continuation} tokens "
+                f"(need L >= continuation + 2)"
+            )
+        if any(not isinstance(budget, DecodeBudget) for budget in self.decode_budgets):
+            raise ValueError(f"decode_budgets: need DecodeBudget values, got {self.decode_budgets}")
+        if len(set(self.decode_budgets)) != len(self.decode_budgets):
+            raise ValueError(f"decode_budgets: {[str(b) for b in self.decode_budgets]} repeats a budget")
+        if not self.decode_budgets and any(method != "dense" for method in self.methods_to_run):
+            raise ValueError("decode_budgets: empty, so the sparse decode methods have no setting to run")
+        if self.decode_prefill is not None:
+            if not isinstance(self.decode_prefill, Selection):
+                raise ValueError(f"decode_prefill: need a sparsity.Selection or None, got {self.decode_prefill!r}")
+            if self.gates is None:
+                raise ValueError("decode_prefill: a block-sparse prefill needs the adapter's prefill gates (gates)")
+        if not isinstance(self.decode_chunk, int) or self.decode_chunk < 1:
+            raise ValueError(f"decode_chunk: must be an int >= 1, got {self.decode_chunk!r}")
+        if self.mesh is not None:
+            raise ValueError("mesh: decode mode runs on one device")
 
     @property
     def methods_to_run(self) -> tuple[str, ...]:
@@ -175,8 +241,10 @@ def _jsonable(value: Any) -> Any:
         return str(value)
     if isinstance(value, tuple):
         return [_jsonable(item) for item in value]
-    if isinstance(value, MeshConfig):
+    if isinstance(value, MeshConfig | DecodeBudget):
         return str(value)
+    if isinstance(value, Selection):
+        return dataclasses.asdict(value)
     return value
 
 
@@ -238,13 +306,14 @@ def _settings(config: EvalConfig) -> list[Setting]:
     return settings
 
 
-def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Iterable[EvalTask]] = iter) -> EvalResult:
+def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[Any]], Iterable[Any]] = iter) -> EvalResult:
     """Runs every (length, method, setting) of `config` and returns the results.
 
-    progress: wraps the list of all forwards (length × setting × batch), e.g. `tqdm`.
+    progress: wraps the list of all compiled calls, e.g. `tqdm`: prefill mode's forwards (`EvalTask`: length ×
+    setting × batch), decode mode's chunks of decode steps (`train.decode_perplexity.DecodeTask`).
     Raises ValueError when a length exceeds the model's positions or every document, when the tokenizer's ids do
-    not fit the model's vocabulary, when the adapter does not fit the model (`CheckpointError`), or at the first
-    forward whose loss is NaN/inf.
+    not fit the model's vocabulary, when the adapter does not fit the model (`CheckpointError`) or lacks the gates a
+    method needs, or at the first forward whose loss is NaN/inf.
     """
     if config.gates is None and config.methods is None:
         log.info("no gates given: skipping the 'gate' method")
@@ -265,13 +334,15 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
         )
     start_layer = config.start_layer
     if start_layer is None:
-        start_layer = 0 if adapter is None else adapter.seer_config.start_layer
+        start_layer = _adapter_start_layer(adapter, config.mode)
     if start_layer >= model_config.num_layers:
         raise ValueError(
             f"start_layer: {start_layer} leaves none of the model's {model_config.num_layers} layers sparse"
         )
 
     windows = _windows(config, vocab_size=model_config.vocab_size)
+    if config.mode == "decode":
+        return _evaluate_decode(config, base, adapter, windows, start_layer=start_layer, progress=progress)
     settings = _settings(config)
     forwards = list(dict.fromkeys(setting.computed_as for setting in settings))
     models = _Models(base, adapter, start_layer=start_layer, seed=config.seed, mesh=mesh)
@@ -324,6 +395,92 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[EvalTask]], Ite
         environment=_environment() | {"block_sparse_attention": kernels},
         num_docs={length: len(tokens) for length, tokens in windows.items()},
         title=f"{Path(config.model).name}, {', '.join(Path(p).name for p in config.data)}",
+    )
+
+
+def _adapter_start_layer(adapter: Adapter | None, mode: str) -> int:
+    """The first sparse layer the adapter asks for (its decode gates' in decode mode), 0 without one."""
+    if adapter is None:
+        return 0
+    if mode == "decode":
+        decode = adapter.seer_config.decode
+        return 0 if decode is None else decode.start_layer
+    return adapter.seer_config.start_layer
+
+
+def _has_prefill_gates(adapter: Adapter | None) -> bool:
+    return adapter is not None and any("mask_linear_k" in name for name in adapter.tensors)
+
+
+def _evaluate_decode(
+    config: EvalConfig,
+    base: CausalLM,
+    adapter: Adapter | None,
+    windows: dict[int, np.ndarray],
+    *,
+    start_layer: int,
+    progress: Callable[[Sequence[Any]], Iterable[Any]],
+) -> EvalResult:
+    """Decode mode (`train.decode_perplexity`): checks that the adapter has the gates the settings need, runs them
+    and makes the rows."""
+    methods = list(config.methods_to_run)
+    if "gate" in methods and (adapter is None or adapter.seer_config.decode is None):
+        if config.methods is not None:
+            raise ValueError(f"methods: 'gate' decodes with decode gates, which the adapter {config.gates} lacks")
+        log.info("the adapter has no decode gates: skipping the 'gate' method")
+        methods.remove("gate")
+    if config.decode_prefill is not None and not _has_prefill_gates(adapter):
+        raise ValueError(f"decode_prefill: the adapter {config.gates} has no prefill gates")
+    settings = decode_settings(methods, config.decode_budgets, config.decode_prefill)
+    dtype = jnp.dtype(config.dtype)
+    precision = jax.default_matmul_precision("highest") if dtype == jnp.float32 else contextlib.nullcontext()
+    with precision:  # float32 means float32: GPUs would otherwise run its matmuls as TF32
+        measured = run_decode(
+            base,
+            adapter,
+            windows,
+            settings,
+            continuation=config.continuation,
+            start_layer=start_layer,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            chunk=config.decode_chunk,
+            progress=progress,
+        )
+    rows = []
+    for length in config.lengths:
+        for setting in settings:
+            rows.append(_decode_row(setting, length, measured[(length, setting)], start_layer=start_layer))
+    return EvalResult(
+        rows=tuple(rows),
+        config=config.to_dict() | {"start_layer": start_layer, "methods": methods},
+        environment=_environment(),
+        num_docs={length: len(tokens) for length, tokens in windows.items()},
+        title=f"{Path(config.model).name}, {', '.join(Path(p).name for p in config.data)}",
+        mode="decode",
+        continuation=config.continuation,
+    )
+
+
+def _decode_row(setting: DecodeSetting, length: int, measured: DecodeMeasurement, *, start_layer: int) -> PplRow:
+    budget = setting.budget
+    if budget is None:
+        sparsity, target = "dense", None
+    elif budget.tokens is not None:
+        sparsity, target = "token_budget", float(budget.tokens)
+    else:
+        sparsity, target = "context_fraction", budget.fraction
+    return PplRow(
+        method=setting.method,
+        sparsity=sparsity,
+        target=target,
+        length=length,
+        doc_nll=tuple(float(x) for x in measured.doc_nll),
+        density=1.0 if budget is None else float(np.mean(measured.layer_density[start_layer:])),
+        layer_density=tuple(float(x) for x in measured.layer_density),
+        seconds=measured.seconds,
+        prefill=setting.prefill_label,
+        prefill_density=measured.prefill_density,
     )
 
 

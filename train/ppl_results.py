@@ -2,12 +2,16 @@
 
 `train.perplexity.evaluate` fills an `EvalResult`; `EvalResult.write(out_dir)` saves
 
-    results.json          {"config": ..., "environment": {"versions", "device"}, "num_docs": {L: n},
-                           "rows": [PplRow as a dict, ...]}
+    results.json          {"config": ..., "environment": {"versions", "device"}, "mode", "continuation",
+                           "num_docs": {L: n}, "rows": [PplRow as a dict, ...]}
     ppl_vs_density.md     a caption and the table `to_markdown` returns
-    ppl_vs_density.png    PPL (y) against achieved density (x), one panel per length, one line per method
+    ppl_vs_density.png    per length a panel, one line per method: prefill mode PPL (y) against achieved density
+                          (x); decode mode the PPL increase over dense in % (y) against achieved decode density (x)
 
-Densities are causal block densities (selected / causal 64×64 blocks), averaged over the sparse layers and heads.
+Prefill mode: densities are causal block densities (selected / causal 64×64 blocks), averaged over the sparse layers
+and heads. Decode mode (`train.decode_perplexity`): the PPL of each window's last `continuation` tokens under
+teacher-forced decoding; densities are decode densities (blocks attended / blocks holding real tokens, summed over
+steps, rows and heads), averaged over the sparse decode layers; each row also names its prefill.
 """
 
 import dataclasses
@@ -20,7 +24,7 @@ from typing import Any, Literal
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
-Sparsity = Literal["dense", "nz_ratio", "threshold"]
+Sparsity = Literal["dense", "nz_ratio", "threshold", "token_budget", "context_fraction"]
 JSON_FILE = "results.json"
 MARKDOWN_FILE = "ppl_vs_density.md"
 PLOT_FILE = "ppl_vs_density.png"
@@ -40,14 +44,20 @@ class PplRow:
 
     Attributes:
       method: "dense" or a block source ("gate", "oracle", "quest", "streaming", "random").
-      sparsity: "dense", "nz_ratio" (TopK) or "threshold".
-      target: the nz_ratio or threshold; None for dense.
-      length: L, tokens per window (BOS included); L − 1 next-token predictions per document.
-      doc_nll: per document, the mean NLL (nats) of its L − 1 predictions.
-      density: achieved causal block density, mean over the sparse layers (>= start_layer) and heads; 1 for dense.
+      sparsity: "dense", "nz_ratio" (TopK) or "threshold" (prefill mode); "token_budget" or "context_fraction"
+        (decode mode; "dense": dense decoding).
+      target: the nz_ratio, threshold, token budget (tokens) or context fraction; None for dense.
+      length: L, tokens per window (BOS included); L − 1 next-token predictions per document (decode mode: the
+        last `continuation` tokens).
+      doc_nll: per document, the mean NLL (nats) of its predictions.
+      density: achieved block density (decode mode: decode density), mean over the sparse layers (>= start_layer)
+        and heads; 1 for dense.
       layer_density: per layer (all layers), the density averaged over heads.
-      seconds: wall time of the forwards behind this row, compilation included (the rows that keep every block
-        share one forward, and its time).
+      seconds: wall time of the forwards behind this row, compilation included (prefill mode: the rows that keep
+        every block share one forward, and its time; decode mode: a shared prefill counts in its first row).
+      prefill: decode mode: how the prompt was prefilled, "dense" or the prefill gates' selection ("gate nz 0.1");
+        None in prefill mode.
+      prefill_density: decode mode with a block-sparse prefill: its causal block density; else None.
     """
 
     method: str
@@ -58,6 +68,8 @@ class PplRow:
     density: float
     layer_density: tuple[float, ...]
     seconds: float
+    prefill: str | None = None
+    prefill_density: float | None = None
 
     @property
     def mean_nll(self) -> float:
@@ -70,10 +82,22 @@ class PplRow:
 
     @property
     def setting(self) -> str:
-        """A short label: "—" (dense), "nz 0.3", "threshold 0.002"."""
+        """A short label: "—" (dense), "nz 0.3", "threshold 0.002", "256 tokens", "10%"."""
         if self.sparsity == "dense":
             return "—"
+        if self.sparsity == "token_budget":
+            return f"{self.target:g} tokens"
+        if self.sparsity == "context_fraction":
+            return f"{self.target * 100:g}%"
         return f"{'nz' if self.sparsity == 'nz_ratio' else 'threshold'} {self.target:g}"
+
+    @property
+    def series(self) -> str:
+        """The plot line this row belongs to: the method, with its sparsity or (decode mode) its prefill when that
+        is not the default."""
+        if self.prefill is not None:
+            return self.method if self.prefill == "dense" else f"{self.method}, prefill {self.prefill}"
+        return self.method if self.sparsity in ("dense", "nz_ratio") else f"{self.method} ({self.sparsity})"
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "mean_nll": self.mean_nll, "ppl": self.ppl}
@@ -89,6 +113,8 @@ class EvalResult:
       environment: {"versions": {package: version}, "device": {...}}, JSON-ready.
       num_docs: documents evaluated per length (fewer than asked when few documents are that long).
       title: names the model and data in the table caption and the plot title.
+      mode: "prefill" or "decode" (module docstring).
+      continuation: decode mode: the tokens scored at the end of each window; None in prefill mode.
     """
 
     rows: tuple[PplRow, ...]
@@ -96,38 +122,58 @@ class EvalResult:
     environment: Mapping[str, Any]
     num_docs: Mapping[int, int]
     title: str
+    mode: str = "prefill"
+    continuation: int | None = None
 
     @property
     def lengths(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys(row.length for row in self.rows))
 
     def dense_ppl(self, length: int) -> float | None:
-        """The dense model's PPL at `length`, or None when dense was not evaluated."""
-        return next((row.ppl for row in self.rows if row.method == "dense" and row.length == length), None)
+        """The dense model's PPL at `length` (decode mode: dense prefill and decoding), or None when dense was not
+        evaluated."""
+        return next(
+            (
+                row.ppl
+                for row in self.rows
+                if row.method == "dense" and row.prefill in (None, "dense") and row.length == length
+            ),
+            None,
+        )
 
     def to_json(self) -> str:
         payload = {
             "config": self.config,
             "environment": self.environment,
             "title": self.title,
+            "mode": self.mode,
+            "continuation": self.continuation,
             "num_docs": {str(length): count for length, count in self.num_docs.items()},
             "rows": [row.to_dict() for row in self.rows],
         }
         return json.dumps(payload, indent=1) + "\n"
 
     def to_markdown(self) -> str:
-        """A table: one line per (method, setting), per length its PPL, density and PPL / dense PPL."""
+        """A table: one line per (method, setting[, prefill]), per length its PPL, density and PPL / dense PPL."""
         lengths = self.lengths
-        header = ["method", "setting"]
+        decode = self.mode == "decode"
+        header = ["method", "decode budget" if decode else "setting"] + (["prefill"] if decode else [])
         for length in lengths:
-            header += [f"PPL L={length}", f"density L={length}", f"PPL/dense L={length}"]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "--:|" * (3 * len(lengths))]
-        by_key: dict[tuple[str, str, float | None], dict[int, PplRow]] = {}
+            density = "decode density" if decode else "density"
+            header += [f"PPL L={length}", f"{density} L={length}", f"PPL/dense L={length}"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * (len(header) - 3 * len(lengths))]
+        lines[1] += "--:|" * (3 * len(lengths))
+        by_key: dict[tuple[str, str, float | None, str | None], dict[int, PplRow]] = {}
         for row in self.rows:
-            by_key.setdefault((row.method, row.sparsity, row.target), {})[row.length] = row
+            by_key.setdefault((row.method, row.sparsity, row.target, row.prefill), {})[row.length] = row
         for per_length in by_key.values():
             first = next(iter(per_length.values()))
             cells = [first.method, first.setting]
+            if decode:
+                prefill = first.prefill
+                if first.prefill_density is not None:
+                    prefill += f" (density {first.prefill_density:.3f})"
+                cells.append(prefill)
             for length in lengths:
                 row, dense = per_length.get(length), self.dense_ppl(length)
                 if row is None:
@@ -137,50 +183,75 @@ class EvalResult:
                 cells += [f"{row.ppl:.3f}", f"{row.density:.3f}", ratio]
             lines.append("| " + " | ".join(cells) + " |")
         docs = ", ".join(f"{self.num_docs[length]} at L={length}" for length in lengths)
-        caption = (
-            f"Perplexity vs. causal block density — {self.title}; documents: {docs}; "
-            f"{self.config.get('dtype')}, last_block_dense=False."
-        )
+        if decode:
+            caption = (
+                f"Decode-mode perplexity vs. decode block density — {self.title}; the last {self.continuation} "
+                f"tokens of each window, each predicted by a teacher-forced decode step; documents: {docs}; "
+                f"{self.config.get('dtype')}."
+            )
+        else:
+            caption = (
+                f"Perplexity vs. causal block density — {self.title}; documents: {docs}; "
+                f"{self.config.get('dtype')}, last_block_dense=False."
+            )
         return caption + "\n\n" + "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> None:
-        """Writes a PNG: one panel per length, PPL against achieved density, dense as a dashed horizontal line."""
+        """Writes a PNG: one panel per length, one line per method (`PplRow.series`) against achieved density;
+        prefill mode: PPL, dense as a dashed horizontal line; decode mode: the PPL increase over dense in %."""
         lengths = self.lengths
+        decode = self.mode == "decode"
         # A bare Figure renders with the Agg canvas and leaves pyplot's global backend and figure list alone.
         figure = Figure(figsize=(5.5 * len(lengths), 4.5), layout="constrained")
         axes = figure.subplots(1, len(lengths), squeeze=False)
         for axis, length in zip(axes[0], lengths, strict=True):
             rows = [row for row in self.rows if row.length == length]
-            for method, sparsity in dict.fromkeys((r.method, r.sparsity) for r in rows if r.method != "dense"):
-                series = sorted(
-                    (r for r in rows if (r.method, r.sparsity) == (method, sparsity)), key=lambda r: r.density
-                )
-                color, marker = _STYLE.get(method, ("black", "."))
-                topk = sparsity == "nz_ratio"
-                axis.plot(
-                    [r.density for r in series],
-                    [r.ppl for r in series],
-                    color=color,
-                    marker=marker if topk else "D",
-                    markerfacecolor=color if topk else "none",
-                    linestyle="-" if topk else ":",
-                    label=method if topk else f"{method} ({sparsity})",
-                )
             dense = self.dense_ppl(length)
-            if dense is not None:
-                axis.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
-            values = [r.ppl for r in rows]
-            if max(values) > 2 * min(values):  # a far-off baseline would flatten the others on a linear axis
-                axis.set_yscale("log")
-                axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-                axis.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+            increase = decode and dense is not None
+
+            def value(row: PplRow, dense: float | None = dense, increase: bool = increase) -> float:
+                return 100 * (row.ppl / dense - 1) if increase else row.ppl
+
+            for series in dict.fromkeys(r.series for r in rows if r.sparsity != "dense"):
+                points = sorted((r for r in rows if r.series == series), key=lambda r: r.density)
+                method = points[0].method
+                color, marker = _STYLE.get(method, ("black", "."))
+                # Prefill mode: TopK lines solid, thresholds dotted; decode mode: a sparse prefill dotted.
+                solid = points[0].prefill == "dense" if decode else points[0].sparsity == "nz_ratio"
+                axis.plot(
+                    [r.density for r in points],
+                    [value(r) for r in points],
+                    color=color,
+                    marker=marker if solid else "D",
+                    markerfacecolor=color if solid else "none",
+                    linestyle="-" if solid else ":",
+                    label=series,
+                )
+            if increase:
+                axis.axhline(0, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
+                axis.set_ylabel("PPL increase over dense (%)")
+                # A far-off baseline (random, streaming at small budgets) would flatten the others on a linear axis.
+                if max(abs(value(r)) for r in rows) > 100:
+                    axis.set_yscale("symlog", linthresh=10)
+                    axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            else:
+                if dense is not None:
+                    axis.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
+                values = [r.ppl for r in rows]
+                if max(values) > 2 * min(values):  # a far-off baseline would flatten the others on a linear axis
+                    axis.set_yscale("log")
+                    axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+                    axis.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+                axis.set_ylabel("perplexity" + (" (log scale)" if axis.get_yscale() == "log" else ""))
             axis.set_xlim(0, 1.05)
-            axis.set_xlabel("achieved causal block density")
-            axis.set_ylabel("perplexity" + (" (log scale)" if axis.get_yscale() == "log" else ""))
+            axis.set_xlabel("achieved decode block density" if decode else "achieved causal block density")
             axis.set_title(f"L = {length} ({self.num_docs[length]} documents)")
             axis.grid(True, alpha=0.3)
             axis.legend(fontsize="small")
-        figure.suptitle(f"Perplexity vs. block density — {self.title}")
+        if decode:
+            figure.suptitle(f"Decode-mode PPL of the last {self.continuation} tokens vs. decode density\n{self.title}")
+        else:
+            figure.suptitle(f"Perplexity vs. block density — {self.title}")
         figure.savefig(path, dpi=120)
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:

@@ -117,6 +117,10 @@ def test_weights_are_gate_params_at_the_official_names():
         (dict(sliding_window=-64), "sliding_window"),
         (dict(start_layer=1.5), "start_layer"),
         (dict(force_sink=1), "force_sink"),
+        (dict(source="sliding"), "source must be one of"),
+        (dict(source="random", method="threshold"), "ranks blocks without probabilities"),
+        (dict(method="context_fraction", context_fraction=0.0), "context_fraction"),
+        (dict(context_fraction=1.5), "context_fraction"),
     ],
 )
 def test_decode_config_errors(kwargs, match):
@@ -139,6 +143,8 @@ def test_seer_config_with_decode_round_trips():
         decode=DecodeConfig(q_head_pooling="Qavgproj", method="threshold", threshold=4e-3, sliding_window=128),
     )
     assert SeerConfig.from_dict(config.to_dict()) == config
+    quest = SeerConfig(decode=DecodeConfig(source="quest", method="context_fraction", context_fraction=0.05))
+    assert SeerConfig.from_dict(quest.to_dict()) == quest
     assert SeerConfig.from_dict(SeerConfig().to_dict()).decode is None
     with pytest.raises(ValueError, match=r"seer_config.decode has unknown keys \['budget'\]"):
         SeerConfig.from_dict({"decode": {"budget": 3}})

@@ -25,10 +25,14 @@ def numpy_selection(scores: np.ndarray, lengths: np.ndarray, config: DecodeConfi
             forced |= set(range(max(lengths[b] - config.sliding_window, 0) // BLOCK, current + 1))
         for k in range(heads):
             row = scores[b, k].astype(np.float64)
-            if config.method == "token_budget":
+            if config.method != "threshold":
                 candidates = [j for j in range(current) if j not in forced]
                 ranked = sorted(candidates, key=lambda j: (-row[j], j))
-                chosen = set(ranked[: config.token_budget // BLOCK])
+                if config.method == "token_budget":
+                    count = config.token_budget // BLOCK
+                else:  # the row's budget: a fraction of its tokens, in float32
+                    count = int(np.floor(np.float32(config.context_fraction) * np.float32(lengths[b]) / BLOCK))
+                chosen = set(ranked[:count])
             else:
                 if current:
                     probs = np.exp(row[:current] - row[:current].max())
@@ -49,18 +53,43 @@ def numpy_selection(scores: np.ndarray, lengths: np.ndarray, config: DecodeConfi
         DecodeConfig(block_size=BLOCK, token_budget=BLOCK, sliding_window=40),
         DecodeConfig(block_size=BLOCK, token_budget=0, force_sink=False, sliding_window=1),
         DecodeConfig(block_size=BLOCK, token_budget=10**5),
+        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=0.25),
+        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=0.07, force_sink=False),
+        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=1.0),
         DecodeConfig(block_size=BLOCK, method="threshold", threshold=0.08),
         DecodeConfig(block_size=BLOCK, method="threshold", threshold=0.2, force_sink=False, sliding_window=33),
     ],
-    ids=["budget", "budget-no-sink", "budget-window", "window-only", "everything", "threshold", "threshold-window"],
+    ids=[
+        "budget",
+        "budget-no-sink",
+        "budget-window",
+        "window-only",
+        "everything",
+        "fraction",
+        "fraction-no-sink",
+        "fraction-everything",
+        "threshold",
+        "threshold-window",
+    ],
 )
-def test_selection_matches_numpy(config):
-    scores = np.random.default_rng(0).standard_normal((len(LENGTHS), 2, 12)).astype(np.float32)  # [B, K, J]
+@pytest.mark.parametrize("heads", [2, 4], ids=["per-kv-head", "per-q-head"])
+def test_selection_matches_numpy(config, heads):
+    """Scores [B, K, J] or (Quest) [B, N, J]: each head selects on its own row of scores."""
+    scores = np.random.default_rng(0).standard_normal((len(LENGTHS), heads, 12)).astype(np.float32)  # [B, K, J]
     ours = np.asarray(select_decode_blocks(jnp.asarray(scores), jnp.asarray(LENGTHS), config))
     np.testing.assert_array_equal(ours, numpy_selection(scores, LENGTHS, config))
     current = (LENGTHS - 1) // BLOCK
     assert ours[np.arange(len(LENGTHS)), :, current].all()  # the current block, always
     assert not (ours & (np.arange(12) > current[:, None, None])).any()  # never a block past it
+
+
+def test_context_fraction_counts_the_rows_tokens():
+    """10% of 160 tokens is 16 tokens: one block of 16 by top-k, plus the sink and the current block; 100 tokens
+    allow none."""
+    scores = jnp.asarray(np.random.default_rng(1).standard_normal((len(LENGTHS), 2, 12)), jnp.float32)
+    config = DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=0.1)
+    selected = np.asarray(select_decode_blocks(scores, jnp.asarray(LENGTHS), config))
+    np.testing.assert_array_equal(selected.sum(-1)[:, 0], [1, 1, 2, 3, 2])
 
 
 def test_budget_covering_the_context_selects_every_block():
