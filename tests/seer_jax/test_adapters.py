@@ -173,7 +173,7 @@ LAYER = "model.layers.{}.self_attn.attn_gate.mask_linear_k.weight"
             {LAYER.format(0): np.ones((8, 48, 16))},
             r"model\.layers\.0\.self_attn\.attn_gate\.mask_linear_k\.weight \[8, 48, 16\] \(expected \[4, 48, 16\]\)",
         ),
-        ({"model.layers.0.self_attn.attn_gate.attngate_linear_k.weight": np.ones(3)}, "decode gates"),
+        ({"model.layers.0.self_attn.attn_gate.attngate_linear_k.weight": np.ones(3)}, "decode-gate names: read"),
     ],
     ids=["missing_layer", "extra_layer", "head_count", "decode_gate"],
 )
@@ -213,7 +213,7 @@ def test_load_seer_model_composes_with_the_base_checkpoint(tmp_path, hf_checkpoi
     for path, variable in nnx.to_flat_state(nnx.state(loaded, nnx.All(nnx.Param, nnx.Not(GateParam)))):
         np.testing.assert_array_equal(variable.get_value(), expected[path].get_value())
     save_adapter(seer, tmp_path / "elsewhere", base_model="org/not-here")
-    with pytest.raises(CheckpointError, match="pass base_path"):
+    with pytest.raises(CheckpointError, match="org/not-here is neither a local directory .* as base_path"):
         load_seer_model(tmp_path / "elsewhere")
     assert gate_tensors(load_seer_model(tmp_path / "elsewhere", base_path=hf_dir)).keys() == gate_tensors(seer).keys()
 
