@@ -100,7 +100,8 @@ def describe_selection(seer_config: SeerConfig) -> tuple[str, str]:
     if decode is None:
         return prefill, "dense (no decode gates)"
     if decode.method == "token_budget":
-        text = f"token_budget={decode.token_budget} ({decode.budget_blocks} blocks of {decode.block_size})"
+        blocks = decode.budget_blocks
+        text = f"token_budget={decode.token_budget} ({blocks} block{'s' * (blocks != 1)} of {decode.block_size})"
     else:
         text = f"threshold={decode.threshold}"
     extras = [
