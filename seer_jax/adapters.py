@@ -169,7 +169,7 @@ def with_decode_selection(seer_config: SeerConfig, decode: DecodeConfig) -> Seer
     return dataclasses.replace(seer_config, decode=decode)
 
 
-def default_seer_config(
+def _recorded_seer_config(
     seer_config: SeerConfig, *, selection: Selection | None = None, decode: DecodeConfig | None = None
 ) -> SeerConfig:
     """The SeerConfig `save_adapter` records for a model with `seer_config` (module docstring, "Default
@@ -213,7 +213,7 @@ def save_adapter(
     """
     if weights not in ("orbax", "safetensors"):
         raise ValueError(f"weights must be 'orbax' or 'safetensors', got {weights!r}")
-    seer_config = default_seer_config(model.seer_config, selection=selection, decode=decode)
+    seer_config = _recorded_seer_config(model.seer_config, selection=selection, decode=decode)
     measured_selection = selection is not None or not model.seer_config.selection.is_dense
     if prefill_density is not None and (seer_config.gate is None or not measured_selection):
         raise ValueError("prefill_density needs the prefill selection it was measured with (selection=...)")

@@ -209,7 +209,8 @@ class Generator:
 
     @property
     def is_sparse(self) -> bool:
-        """True when the model has gates (prefill is block-sparse unless its selection keeps every block)."""
+        """True when the model has gates (prefill is block-sparse with prefill gates whose selection drops blocks;
+        decode with decode gates)."""
         return isinstance(self.model, SeerCausalLM)
 
     def encode(self, prompts: Sequence[str], *, chat: bool = False) -> list[list[int]]:
