@@ -1,34 +1,59 @@
-"""Gate adapters: a SeerAttention model's AttnGate weights and settings, stored apart from its frozen base model.
+"""Gate adapters: a SeerAttention model's gate weights and settings, stored apart from its frozen base model.
 
-Tensor names are the official ones, which are also the gates' state paths joined by dots:
-`model.layers.{L}.self_attn.attn_gate.mask_linear_k.weight` ([N, Ck, E] single-linear, [K, Ck, E] double-linear)
-and, double-linear only, `…attn_gate.mask_linear_q.weight` ([N, Cq, E]); see `seer_jax.gate`.
+An adapter holds prefill gates (SeerAttention), decode gates (SeerAttention-R) or both. Tensor names are the gates'
+state paths joined by dots (docs/design.md §9):
+
+    prefill  model.layers.{L}.self_attn.attn_gate.mask_linear_k.weight      [N, Ck, E] single-, [K, Ck, E] double-linear
+             (double-linear only) ….attn_gate.mask_linear_q.weight            [N, Cq, E]           (`seer_jax.gate`)
+    decode   model.layers.{L}.self_attn.decode_gate.attngate_linear_q.weight  [K, G, H, E] Qproj, [K, H, E] Qavgproj
+             ….decode_gate.attngate_linear_k.weight                           [K, Ck, E]
+             (qk_norm only) ….decode_gate.attngate_qnorm.weight, attngate_knorm.weight  [E]  (`seer_jax.decode_gate`)
+
+The prefill names are the official ones; the decode names are the official SeerAttention-R ones with `attn_gate`
+read as `decode_gate` (`seer_jax.decode_gate.official_name`), so both kinds live in one model and one adapter.
+`seer_config.gate` is None in an adapter without prefill gates (dense prefill), `seer_config.decode` None in one
+without decode gates (dense decode).
 
 This project's format, a directory written by `save_adapter`:
 
-    seer_adapter.json    {"format": 1, "base_model": <HF id or path>, "seer_config": SeerConfig.to_dict(),
+    seer_adapter.json    {"format": 1,
+                          "base_model": <HF id, or the base directory's absolute path>,
+                          "base_model_relative": <that directory relative to the adapter's; only for a directory>,
+                          "seer_config": SeerConfig.to_dict(), the default selection included,
+                          "measured_density": {"prefill"/"decode": {"density", "data"}} (optional),
                           "weights": "orbax" | "safetensors", "tensors": {name: {"shape": [...], "dtype": ...}},
                           "base_identity": {"config", "fingerprint"} (`seer_jax.base_identity`; optional)};
                          written last, so its presence means the directory is complete
     gates/               Orbax checkpoint of {name: array}           (weights "orbax")
     gates.safetensors    the same tensors                             (weights "safetensors")
 
-The official format (microsoft/SeerAttention prefill adapters, docs/design.md §9), read by `read_adapter` too:
+The official format (microsoft/SeerAttention), read by `read_adapter` too: `config.json` (the base config plus
+`seerattn_*` keys and `base_model`) and `attn_gate_weights.pth` (a torch state dict; reading it needs torch: pip
+install 'seer-jax[torch]') or `attn_gate_weights.safetensors`, holding prefill or decode gates, told apart by the
+tensor names; `seer_jax.official_format` says what each key means for each kind. Decode tensors are renamed to ours.
 
-    config.json                       the base config plus `seerattn_*` keys and `base_model`
-    attn_gate_weights.pth             torch state dict of the gate tensors (reading it needs torch:
-                                      pip install 'seer-jax[torch]'), or
-    attn_gate_weights.safetensors     the same tensors
+Default selection. An adapter's `seer_config.selection` (prefill) and `seer_config.decode` (decode) are what
+`attach_gates` selects with unless told otherwise. `save_adapter` records the selection it is given, else the
+model's own, except that a prefill selection keeping every block (distillation runs dense) is recorded as
+`DEFAULT_SELECTION`; with `prefill_density` / `decode_density` it records the density that selection reached and
+on what data (`MeasuredDensity`).
+
+Base model. `base_model` is recorded as given when it is not a local directory (a hub id), else as the directory's
+absolute path plus its path relative to the adapter; `read_adapter` returns the first of those that exists, so an
+adapter loads from any working directory and after moving the run directory (adapter and base together). Adapters
+written before `base_model_relative` existed may hold a path relative to the working directory of the run that
+wrote them: it is looked for there and under each ancestor of the adapter. The base identity check
+(`seer_jax.base_identity`) confirms whichever directory is found.
 
 `attach_gates(base, adapter)` checks the tensors against the model (every layer's gates present, nothing else,
-shapes exact) and returns a `SeerCausalLM` sharing the base model's weights, selecting blocks as the adapter's
-`seer_config` says or with the `Selection` passed as `selection=`; `load_seer_model` also loads the base model with
-`seer_jax.checkpoint.load_model`.
+shapes exact) and returns a `SeerCausalLM` sharing the base model's weights; `combine_adapters(prefill, decode)`
+joins a prefill adapter and a decode adapter into one (e.g. the official DeepSeek-R1-Distill-Qwen-14B pair);
+`load_seer_model` also loads the base model with `seer_jax.checkpoint.load_model`.
 """
 
 import dataclasses
 import json
-import logging
+import os
 import pickle
 import shutil
 from collections.abc import Mapping
@@ -45,9 +70,13 @@ from safetensors import SafetensorError
 
 from seer_jax.base_identity import base_identity, check_base_identity, official_identity
 from seer_jax.checkpoint import load_model
-from seer_jax.gate import GateConfig, GateParam
+from seer_jax.decode_config import DecodeConfig
+from seer_jax.decode_gate import DECODE_GATE, from_official_name
+from seer_jax.gate import GateParam
 from seer_jax.hf_weights import CheckpointError
 from seer_jax.model import CausalLM
+from seer_jax.model_path import ModelPathError, resolve_model_path
+from seer_jax.official_format import DECODE_MARKER, official_kind, seer_config_from_official
 from seer_jax.orbax_errors import READ_ERRORS, describe_read_error
 from seer_jax.seer import SeerCausalLM, seer_with_abstract_gates
 from seer_jax.seer_config import SeerConfig
@@ -61,21 +90,36 @@ OFFICIAL_PTH = "attn_gate_weights.pth"
 OFFICIAL_SAFETENSORS = "attn_gate_weights.safetensors"
 FORMAT_VERSION = 1
 WeightsFormat = Literal["orbax", "safetensors"]
+# The prefill selection an adapter records when the model it is saved from keeps every block (and no selection is
+# given): TopK at nz_ratio 0.3 reaches ≈ 30% of the causal blocks by construction (docs/design.md §3) whatever the
+# model and length, the density up to which the testbed's gates beat every training-free baseline (BENCHMARKS.md,
+# +4.1% PPL at 8192 tokens); last_block_dense as the official inference default, so the prompt's end, which the
+# first generated tokens read, is computed exactly.
+DEFAULT_SELECTION = Selection(method="nz_ratio", nz_ratio=0.3, last_block_dense=True)
+# DecodeConfig fields that describe the decode gates' weights; the others are its selection.
+DECODE_GATE_FIELDS = ("q_head_pooling", "k_pooling", "hidden_size", "block_size", "qk_norm", "use_rope")
+_DECODE_PATH = f".{DECODE_GATE}."
 
-# Official prefill config keys and their defaults at the official HEAD (docs/design.md §9).
-_OFFICIAL_DEFAULTS = {
-    "seerattn_sparsity_method": "threshold",
-    "seerattn_threshold": 0.0,
-    "seerattn_nz_ratio": 1.0,
-    "seerattn_gate_type": "Qavg_Kmaxminavg",
-    "seerattn_gate_block_size": 64,
-    "seerattn_gate_hidden_size": 128,
-    "seerattn_last_block_dense": True,
-    "seerattn_gate_force_double": False,
-}
-# Keys only SeerAttention-R decode adapters have.
-_DECODE_KEYS = ("seerattn_k_seq_pooling_type", "seerattn_q_head_pooling_type", "seerattn_token_budget")
-_logger = logging.getLogger(__name__)
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeasuredDensity:
+    """The block density an adapter's default selection reached, and on what data.
+
+    Attributes:
+      density: prefill: computed causal blocks over all causal blocks, mean over layers and heads (docs/design.md
+        §3, `seer_jax.forwards.block_density`); decode: attended blocks over blocks holding real tokens, mean over
+        layers (docs/design.md §8, `seer_jax.forwards.decode_logits_and_density`).
+      data: what it was measured on, e.g. "distillation data: 8 sequences of 8192 tokens".
+    """
+
+    density: float
+    data: str
+
+    def __post_init__(self):
+        if isinstance(self.density, bool) or not isinstance(self.density, int | float) or not 0 < self.density <= 1:
+            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+        if not isinstance(self.data, str) or not self.data.strip():
+            raise ValueError(f"data must say what the density was measured on, got {self.data!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,35 +127,98 @@ class Adapter:
     """Gates and settings without a base model.
 
     Attributes:
-      seer_config: how the gated model selects blocks (gate structure included).
-      base_model: the HF id or path of the base model the gates were trained on, or None if unknown.
-      tensors: official tensor name → array [heads, in, E].
+      seer_config: how the gated model selects blocks, gate structures included (`gate` None: no prefill gates;
+        `decode` None: no decode gates).
+      base_model: the HF id or local directory of the base model the gates were trained on (for our adapters a
+        directory where `read_adapter` found one, module docstring), or None if unknown.
+      tensors: tensor name (module docstring) → array.
       base_identity: the base model's config and weight fingerprint (`seer_jax.base_identity`), None if unknown;
         `check_base_identity(adapter.base_identity, base, ...)` compares it with a base before attaching.
+      prefill_density, decode_density: the density the default prefill / decode selection reached, if measured.
     """
 
     seer_config: SeerConfig
     base_model: str | None
     tensors: Mapping[str, jax.Array | np.ndarray]
     base_identity: Mapping[str, Any] | None = None
+    prefill_density: MeasuredDensity | None = None
+    decode_density: MeasuredDensity | None = None
 
 
 def gate_tensors(model: SeerCausalLM) -> dict[str, jax.Array]:
-    """The model's gate weights by official tensor name."""
+    """The model's gate weights (prefill and decode) by tensor name."""
     state = nnx.state(model, GateParam)
     return {".".join(map(str, path)): variable.get_value() for path, variable in nnx.to_flat_state(state)}
 
 
+def with_decode_selection(seer_config: SeerConfig, decode: DecodeConfig) -> SeerConfig:
+    """`seer_config` decoding with `decode`, whose gate fields (`DECODE_GATE_FIELDS`) must equal the present decode
+    gates'; only the selection may differ. Raises `ValueError` without decode gates or for another gate structure."""
+    if seer_config.decode is None:
+        raise ValueError("a decode selection needs decode gates; these gates are prefill gates only")
+    changed = [
+        f"{name} {getattr(seer_config.decode, name)!r} → {getattr(decode, name)!r}"
+        for name in DECODE_GATE_FIELDS
+        if getattr(seer_config.decode, name) != getattr(decode, name)
+    ]
+    if changed:
+        raise ValueError(
+            f"the decode config changes the decode gates' structure ({'; '.join(changed)}); only its selection may "
+            "change"
+        )
+    return dataclasses.replace(seer_config, decode=decode)
+
+
+def _recorded_seer_config(
+    seer_config: SeerConfig, *, selection: Selection | None = None, decode: DecodeConfig | None = None
+) -> SeerConfig:
+    """The SeerConfig `save_adapter` records for a model with `seer_config` (module docstring, "Default
+    selection"): `selection` and `decode` replace the model's; a prefill selection keeping every block becomes
+    `DEFAULT_SELECTION` unless given explicitly."""
+    if selection is None and seer_config.gate is not None and seer_config.selection.is_dense:
+        selection = DEFAULT_SELECTION
+    if selection is not None:
+        seer_config = dataclasses.replace(seer_config, selection=selection)
+    return seer_config if decode is None else with_decode_selection(seer_config, decode)
+
+
 def save_adapter(
-    model: SeerCausalLM, directory: str | Path, *, base_model: str, weights: WeightsFormat = "orbax"
+    model: SeerCausalLM,
+    directory: str | Path,
+    *,
+    base_model: str | Path,
+    weights: WeightsFormat = "orbax",
+    selection: Selection | None = None,
+    decode: DecodeConfig | None = None,
+    prefill_density: MeasuredDensity | None = None,
+    decode_density: MeasuredDensity | None = None,
 ) -> None:
-    """Writes `model`'s gates and SeerConfig to a new `directory` (see the module docstring).
+    """Writes `model`'s gates (prefill, decode or both) and SeerConfig to a new `directory` (module docstring).
+
+    Args:
+      model: the gated model.
+      directory: the adapter directory to create.
+      base_model: the base model's HF id or directory (a directory is recorded by absolute and relative path).
+      weights: how the tensors are stored.
+      selection: the default prefill selection to record; None: the model's, or `DEFAULT_SELECTION` when the
+        model's keeps every block.
+      decode: the decode config to record (its selection: token budget, threshold, ...); None: the model's. Its gate
+        fields must be the model's.
+      prefill_density, decode_density: the density the recorded prefill / decode selection reached (recorded for
+        users to see), if measured. prefill_density needs the selection it was measured with (`selection`, or a
+        sparse selection of the model).
 
     Everything goes to a temporary sibling that is renamed at the end, so a failure never leaves a directory that
     looks complete.
     """
     if weights not in ("orbax", "safetensors"):
         raise ValueError(f"weights must be 'orbax' or 'safetensors', got {weights!r}")
+    seer_config = _recorded_seer_config(model.seer_config, selection=selection, decode=decode)
+    measured_selection = selection is not None or not model.seer_config.selection.is_dense
+    if prefill_density is not None and (seer_config.gate is None or not measured_selection):
+        raise ValueError("prefill_density needs the prefill selection it was measured with (selection=...)")
+    if decode_density is not None and seer_config.decode is None:
+        raise ValueError("decode_density given, but the model has no decode gates")
     directory = Path(directory).absolute()
     if directory.exists():
         raise CheckpointError(f"{directory} already exists; choose a new adapter directory or remove it")
@@ -126,10 +233,16 @@ def save_adapter(
         else:
             safetensors.flax.save_file(tensors, str(staging / SAFETENSORS_FILE))
         listing = {name: {"shape": list(value.shape), "dtype": str(value.dtype)} for name, value in tensors.items()}
+        measured = {
+            kind: dataclasses.asdict(value)
+            for kind, value in (("prefill", prefill_density), ("decode", decode_density))
+            if value is not None
+        }
         marker = {
             "format": FORMAT_VERSION,
-            "base_model": base_model,
-            "seer_config": model.seer_config.to_dict(),
+            **_base_location(base_model, directory),
+            "seer_config": seer_config.to_dict(),
+            "measured_density": measured,
             "weights": weights,
             "tensors": listing,
             "base_identity": base_identity(model),
@@ -139,6 +252,31 @@ def save_adapter(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _base_location(base_model: str | Path, directory: Path) -> dict[str, str]:
+    """The base_model entries of seer_adapter.json: a local directory as absolute and relative path, else as is."""
+    path = Path(base_model).expanduser()
+    if not path.is_dir():
+        return {"base_model": str(base_model)}
+    path = Path(os.path.normpath(path.absolute()))
+    return {"base_model": str(path), "base_model_relative": os.path.relpath(path, directory)}
+
+
+def _locate_base(marker: Mapping[str, Any], directory: Path) -> str:
+    """The recorded base model: the first local directory among its recorded locations (module docstring), else
+    the recorded string (a hub id, or a directory that no longer exists)."""
+    recorded = marker["base_model"]
+    path = Path(recorded).expanduser()
+    candidates = [path]
+    if "base_model_relative" in marker:
+        candidates.append(directory / marker["base_model_relative"])
+    elif not path.is_absolute():  # an older adapter: relative to the working directory of the run that wrote it
+        candidates += [ancestor / path for ancestor in directory.absolute().parents]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return os.path.normpath(candidate.absolute())
+    return recorded
 
 
 def read_adapter(directory: str | Path) -> Adapter:
@@ -192,8 +330,11 @@ def _read_own(directory: Path) -> Adapter:
     try:
         target = {name: jax.ShapeDtypeStruct(tuple(entry["shape"]), entry["dtype"]) for name, entry in listing.items()}
         seer_config = SeerConfig.from_dict(marker["seer_config"])
+        measured = {kind: MeasuredDensity(**value) for kind, value in marker.get("measured_density", {}).items()}
     except (AttributeError, KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path} has a malformed tensors or seer_config entry ({error!r})") from error
+        raise CheckpointError(
+            f"{path} has a malformed tensors, seer_config or measured_density entry ({error!r})"
+        ) from error
     if weights == "orbax":
         tensors = _restore_orbax(directory / ORBAX_DIR, target)
     else:
@@ -203,9 +344,11 @@ def _read_own(directory: Path) -> Adapter:
             raise CheckpointError(f"{directory / SAFETENSORS_FILE} does not hold the tensors {ADAPTER_FILE} lists")
     return Adapter(
         seer_config=seer_config,
-        base_model=marker["base_model"],
+        base_model=None if marker["base_model"] is None else _locate_base(marker, directory),
         tensors=tensors,
         base_identity=marker.get("base_identity"),
+        prefill_density=measured.get("prefill"),
+        decode_density=measured.get("decode"),
     )
 
 
@@ -219,38 +362,6 @@ def _restore_orbax(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[
         raise CheckpointError(f"{describe_read_error(path, error)}; the adapter is corrupt: re-export it") from None
 
 
-def seer_config_from_official(config: Mapping[str, Any]) -> SeerConfig:
-    """The SeerConfig of an official prefill adapter's config.json (defaults as the official code's, §9)."""
-    keys = {key for key in config if key.startswith("seerattn_")}
-    decode_keys = sorted(keys & set(_DECODE_KEYS))
-    if decode_keys:
-        raise CheckpointError(
-            f"config.json has SeerAttention-R decode-gate keys {decode_keys}: only prefill adapters are supported"
-        )
-    if not keys:
-        raise CheckpointError(
-            "config.json has no seerattn_* keys: not a SeerAttention prefill adapter (V1 adapters are not supported)"
-        )
-    ignored = sorted(keys - set(_OFFICIAL_DEFAULTS))
-    if ignored:
-        _logger.warning("ignoring config.json keys this reader does not know: %s", ignored)
-    values = {key: config.get(key, default) for key, default in _OFFICIAL_DEFAULTS.items()}
-    return SeerConfig(
-        gate=GateConfig(
-            gate_type=values["seerattn_gate_type"],
-            hidden_size=values["seerattn_gate_hidden_size"],
-            block_size=values["seerattn_gate_block_size"],
-            force_double=bool(values["seerattn_gate_force_double"]),
-        ),
-        selection=Selection(
-            method=values["seerattn_sparsity_method"],
-            nz_ratio=float(values["seerattn_nz_ratio"]),
-            threshold=float(values["seerattn_threshold"]),
-            last_block_dense=bool(values["seerattn_last_block_dense"]),
-        ),
-    )
-
-
 def _read_official(directory: Path) -> Adapter:
     try:
         config = json.loads((directory / "config.json").read_text())
@@ -262,8 +373,16 @@ def _read_official(directory: Path) -> Adapter:
         tensors = _read_pth(directory / OFFICIAL_PTH)
     else:
         raise CheckpointError(f"{directory} has no {OFFICIAL_PTH} or {OFFICIAL_SAFETENSORS}")
+    try:
+        kind = official_kind(tensors)
+        norms = any(".attngate_qnorm." in name or ".attngate_knorm." in name for name in tensors)
+        seer_config = seer_config_from_official(config, kind, qk_norm_tensors=norms)
+    except CheckpointError as error:
+        raise CheckpointError(f"{directory}: {error}") from None
+    if kind == "decode":
+        tensors = {from_official_name(name): value for name, value in tensors.items()}
     return Adapter(
-        seer_config=seer_config_from_official(config),
+        seer_config=seer_config,
         base_model=config.get("base_model"),
         tensors=tensors,
         base_identity=official_identity(config),
@@ -306,32 +425,45 @@ def _read_pth(path: Path) -> dict[str, np.ndarray]:
     }
 
 
-def attach_gates(base: CausalLM, adapter: Adapter, *, selection: Selection | None = None) -> SeerCausalLM:
+def attach_gates(
+    base: CausalLM, adapter: Adapter, *, selection: Selection | None = None, decode: DecodeConfig | None = None
+) -> SeerCausalLM:
     """A `SeerCausalLM` with `base`'s weights (shared, not copied) and the adapter's gates, cast to the base dtype.
 
-    selection: how the gates' scores become blocks; None keeps the adapter's (`adapter.seer_config.selection`).
+    selection: how the prefill gates' scores become blocks; None keeps the adapter's (`adapter.seer_config.selection`).
+    decode: the decode config to decode with (token budget, threshold, ...); None keeps the adapter's. Its gate
+      fields must be the adapter's (`with_decode_selection`).
 
-    Raises `CheckpointError` naming the tensors when some are missing, unexpected (another layer count, decode
-    gates) or of the wrong shape (another head count, head_dim, gate type or hidden size).
+    Raises `CheckpointError` naming the tensors when some are missing, unexpected (another layer count, another
+    kind of gate than the seer_config says) or of the wrong shape (another head count, head_dim, gate type or hidden
+    size), and `ValueError` for a selection the gates cannot make (a sparse prefill selection without prefill gates,
+    a decode config without decode gates or for another decode gate structure).
     """
     seer_config = adapter.seer_config
     if selection is not None:
+        if seer_config.gate is None and not selection.is_dense:
+            raise ValueError(
+                "the adapter has no prefill gates (decode gates only): prefill is dense and cannot select blocks; "
+                "combine it with a prefill adapter (combine_adapters) for sparse prefill"
+            )
         seer_config = dataclasses.replace(seer_config, selection=selection)
+    if decode is not None:
+        seer_config = with_decode_selection(seer_config, decode)
     seer = seer_with_abstract_gates(base, seer_config)
     graphdef, gates, rest = nnx.split(seer, GateParam, ...)
     targets = {".".join(map(str, path)): variable for path, variable in nnx.to_flat_state(gates)}
     unexpected = sorted(set(adapter.tensors) - set(targets))
     if unexpected:
-        hint = " (SeerAttention-R decode gates are not supported)" if any("attngate" in n for n in unexpected) else ""
         raise CheckpointError(
             f"adapter tensors {_listing(unexpected)} match no gate of this {base.config.num_layers}-layer model"
-            f"{hint}; check that the adapter belongs to this base model"
+            f"{_unexpected_hint(unexpected, seer_config)}; check that the adapter belongs to this base model"
         )
     missing = sorted(set(targets) - set(adapter.tensors))
     if missing:
         raise CheckpointError(
             f"the adapter has no tensor for gate(s) {_listing(missing)}; it is incomplete or its seer_config "
-            "(gate_type, hidden_size, force_double) does not describe these weights"
+            "(gate_type, hidden_size, force_double; decode q_head_pooling, k_pooling, qk_norm) does not describe "
+            "these weights"
         )
     mismatched = [
         f"{name} {list(adapter.tensors[name].shape)} (expected {list(variable.get_value().shape)})"
@@ -348,25 +480,104 @@ def attach_gates(base: CausalLM, adapter: Adapter, *, selection: Selection | Non
     return nnx.merge(graphdef, gates, rest)
 
 
+def _unexpected_hint(names: list[str], seer_config: SeerConfig) -> str:
+    if any(DECODE_MARKER in name for name in names):
+        return " (official SeerAttention-R decode-gate names: read the adapter with read_adapter, which renames them)"
+    if seer_config.decode is None and any(_DECODE_PATH in name for name in names):
+        return " (decode gates, but the seer_config has no decode config)"
+    decode = seer_config.decode
+    if decode is not None and not decode.qk_norm and any(".attngate_qnorm." in name for name in names):
+        return " (decode-gate q/k norm weights, but the decode config has qk_norm False)"
+    if seer_config.gate is None and any(_DECODE_PATH not in name for name in names):
+        return " (prefill gates, but the seer_config has no prefill gate config)"
+    return ""
+
+
+def combine_adapters(prefill: Adapter | None, decode: Adapter | None) -> Adapter:
+    """One adapter with the prefill gates of `prefill` and the decode gates of `decode`; the other kind of gate in
+    each is left out. Either may be None (that kind is then absent), not both.
+
+    For example an official SeerAttention prefill adapter and an official SeerAttention-R decode adapter of the same
+    base (DeepSeek-R1-Distill-Qwen-14B is the only one with both released): sparse prefill and sparse decode in one
+    model. The prefill selection, `source` and `start_layer` come from `prefill`, the decode config from `decode`;
+    so do each kind's measured density. The base model is `prefill`'s (`decode`'s without one).
+
+    Raises `CheckpointError` when `prefill` has no prefill gates, `decode` no decode gates, or the two record
+    different base models (configs or weight fingerprints).
+    """
+    if prefill is None and decode is None:
+        raise ValueError("combine_adapters needs a prefill adapter, a decode adapter or both")
+    if prefill is not None and prefill.seer_config.gate is None:
+        raise CheckpointError("the prefill adapter holds no prefill gates (decode gates only)")
+    if decode is not None and decode.seer_config.decode is None:
+        raise CheckpointError("the decode adapter holds no decode gates (prefill gates only)")
+    decode_config = None if decode is None else decode.seer_config.decode
+    if prefill is None:
+        seer_config = SeerConfig(gate=None, decode=decode_config)
+    else:
+        seer_config = dataclasses.replace(prefill.seer_config, decode=decode_config)
+    tensors = {} if prefill is None else {k: v for k, v in prefill.tensors.items() if _DECODE_PATH not in k}
+    if decode is not None:
+        tensors.update({name: value for name, value in decode.tensors.items() if _DECODE_PATH in name})
+    identities = [adapter.base_identity for adapter in (prefill, decode) if adapter is not None]
+    return Adapter(
+        seer_config=seer_config,
+        base_model=prefill.base_model if prefill is not None and prefill.base_model is not None else decode.base_model,
+        tensors=tensors,
+        base_identity=_merged_identity(*identities),
+        prefill_density=None if prefill is None else prefill.prefill_density,
+        decode_density=None if decode is None else decode.decode_density,
+    )
+
+
+def _merged_identity(*identities: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """One base identity holding what each of `identities` records; `CheckpointError` if they disagree."""
+    recorded = [identity for identity in identities if identity is not None]
+    if not recorded:
+        return None
+    config, fingerprints, differences = {}, set(), []
+    for identity in recorded:
+        for name, value in identity.get("config", {}).items():
+            if name in config and config[name] != value:
+                differences.append(f"{name} {config[name]!r} ≠ {value!r}")
+            config.setdefault(name, value)
+        fingerprints |= {identity["fingerprint"]} if identity.get("fingerprint") else set()
+    if len(fingerprints) > 1:
+        differences.append("their base weights differ")
+    if differences:
+        raise CheckpointError(
+            f"the prefill and decode adapters were trained on different base models: {'; '.join(differences)}"
+        )
+    return {"config": config, **({"fingerprint": fingerprints.pop()} if fingerprints else {})}
+
+
 def load_seer_model(
     adapter_dir: str | Path,
     *,
+    decode_adapter_dir: str | Path | None = None,
     base_path: str | Path | None = None,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype | None = None,
     attention_implementation: str = "xla",
     allow_other_base: bool = False,
 ) -> SeerCausalLM:
-    """Loads an adapter and its base model (`base_path`, else the adapter's `base_model`, which must then be a
-    local converted or Hugging Face directory) and attaches the gates; dtypes as in `checkpoint.load_model`.
-    A base other than the one the adapter recorded is refused (`CheckpointError`) unless `allow_other_base`."""
+    """Loads an adapter (its gates, prefill, decode or both; with `decode_adapter_dir` the decode gates come from that
+    adapter, `combine_adapters`) and its base model, and attaches the gates; dtypes as in `checkpoint.load_model`.
+
+    The base model is `base_path`, else the adapter's `base_model` (a local directory, or a hub id in the local
+    Hugging Face cache: `seer_jax.model_path`). A base other than the one the adapters recorded is refused
+    (`CheckpointError`) unless `allow_other_base`.
+    """
     adapter = read_adapter(adapter_dir)
+    if decode_adapter_dir is not None:
+        adapter = combine_adapters(adapter, read_adapter(decode_adapter_dir))
     if base_path is None:
-        if adapter.base_model is None or not Path(adapter.base_model).is_dir():
-            raise CheckpointError(
-                f"the adapter's base_model {adapter.base_model!r} is not a local directory; pass base_path"
-            )
-        base_path = adapter.base_model
+        if adapter.base_model is None:
+            raise CheckpointError(f"the adapter {adapter_dir} names no base model; pass base_path")
+        try:
+            base_path = resolve_model_path(adapter.base_model, flag="the adapter's base_model")
+        except ModelPathError as error:
+            raise CheckpointError(f"{error} as base_path") from None
     base, _ = load_model(
         base_path, dtype=dtype, param_dtype=param_dtype, attention_implementation=attention_implementation
     )

@@ -5,15 +5,18 @@
     result = generator.run(prompts, max_new_tokens=64, chat=True, on_text=print_delta)   # texts, tokens, stats
 
 `load` resolves `model` and `gates` with `seer_jax.model_path` (local directory, or hub id in the local Hugging
-Face cache), loads the weights (`seer_jax.checkpoint.load_model`), attaches the gates (`seer_jax.adapters`) with
-the adapter's block selection or the one given, and the tokenizer from the model directory (a converted directory
-carries it, `seer_jax.model_files`). Without `model`, the base model the adapter names is used.
+Face cache), loads the weights (`seer_jax.checkpoint.load_model`), attaches the gates (`seer_jax.adapters`: prefill
+gates, SeerAttention-R decode gates or both; `decode_gates` takes the decode gates from a second adapter, e.g. an
+official prefill + decode pair) with the adapter's block selections or the ones given, and the tokenizer from the
+model directory (a converted directory carries it, `seer_jax.model_files`). Without `model`, the base model the
+adapter names is used. `Generator.gates_description` says which selections are used and where they come from.
 
 `Generator.run` tokenizes (the tokenizer's chat template with `chat=True`), left-pads batches of up to
-`batch_size` prompts, prefills (block-sparse with gates) and decodes step by step (`seer_jax.generate.TokenStream`,
-dense decode), reporting text as it is produced through `on_text(row, new_text)` and each finished completion
-through `on_done(row, text)`. Its `GenerationStats` give prompt tokens, time to first token (compilation
-excluded), decode tokens/s and the prefill's block density (mean over layers and heads).
+`batch_size` prompts, prefills (block-sparse with prefill gates) and decodes step by step
+(`seer_jax.generate.TokenStream`; block-sparse with decode gates, else dense), reporting text as it is produced
+through `on_text(row, new_text)` and each finished completion through `on_done(row, text)`. Its
+`GenerationStats` give prompt tokens, time to first token (compilation excluded), decode tokens/s and the
+prefill's block density (mean over layers and heads).
 """
 
 import dataclasses
@@ -26,13 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seer_jax.adapters import attach_gates, read_adapter
+from seer_jax.adapters import Adapter, attach_gates, combine_adapters, read_adapter
 from seer_jax.base_identity import check_base_identity
 from seer_jax.checkpoint import load_model
+from seer_jax.decode_config import DecodeConfig
 from seer_jax.generate import TokenStream
 from seer_jax.model import CausalLM
 from seer_jax.model_path import resolve_model_path
 from seer_jax.seer import SeerCausalLM
+from seer_jax.seer_config import SeerConfig
 from seer_jax.sparsity import Selection
 
 DTYPES = ("bfloat16", "float32", "float16")
@@ -64,6 +69,66 @@ def parse_selection(text: str, default: Selection | None = None) -> Selection:
     except ValueError:
         raise ValueError(f"selection {text!r}: {value!r} is not a number") from None
     return dataclasses.replace(default or Selection(), method=method, **{method: number})
+
+
+def parse_decode_selection(text: str, default: DecodeConfig) -> DecodeConfig:
+    """`default` (the decode gates' config) selecting by "token_budget=N" (tokens) or "threshold=X"."""
+    method, sep, value = text.partition("=")
+    method = method.strip().replace("-", "_")
+    if not sep or method not in ("token_budget", "threshold"):
+        raise ValueError(f"decode selection {text!r}: expected token_budget=N or threshold=X")
+    try:
+        number = int(value) if method == "token_budget" else float(value)
+    except ValueError:
+        kind = "an integer" if method == "token_budget" else "a number"
+        raise ValueError(f"decode selection {text!r}: {value!r} is not {kind}") from None
+    return dataclasses.replace(default, method=method, **{method: number})
+
+
+def describe_selection(seer_config: SeerConfig) -> tuple[str, str]:
+    """(prefill, decode): how `seer_config` selects blocks, e.g. ("nz_ratio=0.3, last_block_dense",
+    "token_budget=4096 (64 blocks of 64)"); "dense (no ... gates)" for an absent kind of gate."""
+    selection = seer_config.selection
+    if seer_config.gate is None:
+        prefill = "dense (no prefill gates)"
+    else:
+        prefill = f"{selection.method}={getattr(selection, selection.method)}"
+        prefill += ", last_block_dense" if selection.last_block_dense else ""
+        prefill += " (every block)" if selection.is_dense else ""
+        prefill += f", dense below layer {seer_config.start_layer}" if seer_config.start_layer else ""
+    decode = seer_config.decode
+    if decode is None:
+        return prefill, "dense (no decode gates)"
+    if decode.method == "token_budget":
+        blocks = decode.budget_blocks
+        text = f"token_budget={decode.token_budget} ({blocks} block{'s' * (blocks != 1)} of {decode.block_size})"
+    else:
+        text = f"threshold={decode.threshold}"
+    extras = [
+        "" if decode.force_sink else "no sink block",
+        f"sliding_window={decode.sliding_window}" if decode.sliding_window else "",
+        f"dense below layer {decode.start_layer}" if decode.start_layer else "",
+        "rope_at_block_end" if decode.rope_at_block_end else "",
+    ]
+    return prefill, ", ".join([text, *filter(None, extras)])
+
+
+def describe_gates(model: SeerCausalLM, adapter: Adapter, *, prefill_given: bool, decode_given: bool) -> str:
+    """One line: the prefill and decode selections `model` uses, whether given or the adapter's default, and the
+    density the default reached where the adapter measured it."""
+    prefill, decode = describe_selection(model.seer_config)
+    parts = []
+    for kind, text, given, measured, present in (
+        ("prefill", prefill, prefill_given, adapter.prefill_density, model.seer_config.gate is not None),
+        ("decode", decode, decode_given, adapter.decode_density, model.seer_config.decode is not None),
+    ):
+        if present:
+            origin = "given" if given else "the adapter's default"
+            if measured is not None and not given:
+                origin += f"; density {measured.density:.3f} measured on {measured.data}"
+            text += f" ({origin})"
+        parts.append(f"{kind} {text}")
+    return "; ".join(parts)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,10 +185,20 @@ class Generator:
       model, tokenizer: as loaded.
       eos_token_ids: tokens that end a completion (config.json, generation_config.json and the tokenizer's EOS).
       max_length: the longest prompt plus completion accepted (default: the model's `max_position_embeddings`).
+      gates_description: which block selections the gates use (`describe_gates`; set by `load`), None without gates.
     """
 
-    def __init__(self, model: CausalLM, tokenizer, *, eos_token_ids: Sequence[int] = (), max_length: int | None = None):
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        max_length: int | None = None,
+        gates_description: str | None = None,
+    ):
         self.model = model
+        self.gates_description = gates_description
         self.tokenizer = tokenizer
         tokenizer_eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
         self.eos_token_ids = tuple(dict.fromkeys([*model.config.eos_token_ids, *eos_token_ids, *tokenizer_eos]))
@@ -134,7 +209,8 @@ class Generator:
 
     @property
     def is_sparse(self) -> bool:
-        """True when the model has gates (prefill is block-sparse unless its selection keeps every block)."""
+        """True when the model has gates (prefill is block-sparse with prefill gates whose selection drops blocks;
+        decode with decode gates)."""
         return isinstance(self.model, SeerCausalLM)
 
     def encode(self, prompts: Sequence[str], *, chat: bool = False) -> list[list[int]]:
@@ -330,7 +406,9 @@ def load(
     model: str | Path | None = None,
     *,
     gates: str | Path | None = None,
+    decode_gates: str | Path | None = None,
     selection: Selection | str | None = None,
+    decode_selection: DecodeConfig | str | None = None,
     dtype: str | None = None,
     attention: str | None = None,
     tokenizer: str | Path | None = None,
@@ -341,8 +419,14 @@ def load(
 
     Args:
       model: a Hugging Face or converted directory, or a hub id in the local HF cache; None: the adapter's base model.
-      gates: an adapter directory (this project's or an official one) or hub id; None for dense attention.
-      selection: how the gates select blocks: a `Selection`, "threshold=X" or "nz_ratio=Y"; None: the adapter's.
+      gates: an adapter directory (this project's or an official one; prefill gates, decode gates or both) or hub
+        id; None for dense attention.
+      decode_gates: an adapter whose decode gates to use (its prefill gates, if any, are left out); with `gates`,
+        `gates`' own decode gates are replaced (`seer_jax.adapters.combine_adapters`).
+      selection: how the prefill gates select blocks: a `Selection`, "threshold=X" or "nz_ratio=Y"; None: the
+        adapter's.
+      decode_selection: how the decode gates select blocks: a `DecodeConfig` (the gates' structure unchanged),
+        "token_budget=N" or "threshold=X"; None: the adapter's.
       dtype: compute and weight dtype, one of `DTYPES`; None: `default_dtype()`.
       attention: dense attention implementation, one of `ATTENTION`; None: `default_attention()`.
       tokenizer: the tokenizer's directory or hub id; None: the model's.
@@ -358,7 +442,12 @@ def load(
         raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     if selection is not None and gates is None:
         raise ValueError("a selection needs gates (--gates)")
+    if decode_selection is not None and gates is None and decode_gates is None:
+        raise ValueError("a decode selection needs decode gates (--gates or --decode-gates)")
     adapter = None if gates is None else read_adapter(resolve_model_path(gates, flag="--gates"))
+    if decode_gates is not None:
+        decode_adapter = read_adapter(resolve_model_path(decode_gates, flag="--decode-gates"))
+        adapter = combine_adapters(adapter, decode_adapter)
     if model is None:
         if adapter is None or adapter.base_model is None:
             raise ValueError("no model given (--model), and no adapter naming its base model")
@@ -366,14 +455,27 @@ def load(
     model_dir = resolve_model_path(model)
     base, _ = load_model(model_dir, dtype=jnp.dtype(dtype), attention_implementation=attention)
     lm: CausalLM = base
+    description = None
     if adapter is not None:
         if isinstance(selection, str):
             selection = parse_selection(selection, adapter.seer_config.selection)
-        check_base_identity(adapter.base_identity, base, adapter=str(gates), allow_other_base=allow_other_base)
-        lm = attach_gates(base, adapter, selection=selection)
+        if isinstance(decode_selection, str):
+            if adapter.seer_config.decode is None:
+                raise ValueError("a decode selection needs decode gates; these gates are prefill gates only")
+            decode_selection = parse_decode_selection(decode_selection, adapter.seer_config.decode)
+        name = " + ".join(str(path) for path in (gates, decode_gates) if path is not None)
+        check_base_identity(adapter.base_identity, base, adapter=name, allow_other_base=allow_other_base)
+        lm = attach_gates(base, adapter, selection=selection, decode=decode_selection)
+        description = describe_gates(
+            lm, adapter, prefill_given=selection is not None, decode_given=decode_selection is not None
+        )
     tokenizer_dir = model_dir if tokenizer is None else resolve_model_path(tokenizer, flag="--tokenizer")
     return Generator(
-        lm, _load_tokenizer(tokenizer_dir), eos_token_ids=_generation_eos(model_dir), max_length=max_length
+        lm,
+        _load_tokenizer(tokenizer_dir),
+        eos_token_ids=_generation_eos(model_dir),
+        max_length=max_length,
+        gates_description=description,
     )
 
 

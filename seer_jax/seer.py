@@ -3,7 +3,7 @@ optionally a SeerAttention-R decode gate with which they decode block-sparsely.
 
     SeerCausalLM(CausalLM)
       model.layers[i].self_attn: SeerAttention(Attention)     q/k/v/o projections as in `Attention`
-        attn_gate: AttnGate                                     mask_linear_k (+ mask_linear_q) weights, GateParam
+        attn_gate: AttnGate | None                              mask_linear_k (+ mask_linear_q) weights, GateParam
         decode_gate: DecodeAttnGate | None                      attngate_linear_q/k (+ attngate_q/knorm), GateParam
 
 so the prefill gates sit at the official paths (`model.layers.{i}.self_attn.attn_gate.mask_linear_k.weight`) and
@@ -16,8 +16,9 @@ decode hooks (`decode_state`, `decode_attention`); the projections, RoPE, the la
     block scores [B, N, I, J] from the configured source (`seer_jax.block_scores.SOURCES`) → `select_blocks`
     (`seer_jax.sparsity`) → `block_sparse_attention` on the rotated q/k and v.
 Layers below `start_layer` attend densely; their gates exist (an adapter holds every layer's weights) but select
-nothing. With a dense selection (nz_ratio 1, threshold 0) every causal block is computed and the logits equal the
-dense model's.
+nothing. Without prefill gates (`seer_config.gate` None, e.g. decode gates only) every layer prefills densely.
+With a dense selection (nz_ratio 1, threshold 0) every causal block is computed and the logits equal the dense
+model's.
 
 Sparse decoding (`seer_config.decode`, docs/design.md "Sparse decoding"). `decode_state` compresses the prompt's
 pre-RoPE keys into a `KCompressionCache` (`seer_jax.k_compression`), which the `KVCache` carries; each decode step
@@ -65,8 +66,8 @@ from seer_jax.head_parallel import attention_with_pooling_per_device, block_spar
 from seer_jax.k_compression import KCompressionCache, append_token, compress_prompt
 from seer_jax.model import Attention, CausalLM
 from seer_jax.seer_config import SeerConfig
+from seer_jax.sparsity import BLOCK_SIZE, causal_block_mask, select_blocks
 from seer_jax.sparsity import block_density as mask_density
-from seer_jax.sparsity import causal_block_mask, select_blocks
 
 COLLECTABLE = ("gate_features", "gate_logits", "target", "density", "block_mask")
 DECODE_COLLECTABLE = ("decode_blocks",)
@@ -120,7 +121,8 @@ class SeerAttention(Attention):
         super().__init__(
             config, attention_implementation=attention_implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        self.attn_gate = AttnGate(config, seer_config.gate, param_dtype=param_dtype, rngs=rngs)
+        gate = seer_config.gate
+        self.attn_gate = None if gate is None else AttnGate(config, gate, param_dtype=param_dtype, rngs=rngs)
         decode = seer_config.decode
         self.decode_gate = (
             None if decode is None else DecodeAttnGate(config, decode, param_dtype=param_dtype, rngs=rngs)
@@ -130,8 +132,8 @@ class SeerAttention(Attention):
 
     @property
     def is_sparse(self) -> bool:
-        """Whether this layer's prefill is block-sparse (layer_index >= start_layer)."""
-        return self.layer_index >= self.seer_config.start_layer
+        """Whether this layer's prefill is block-sparse (prefill gates and layer_index >= start_layer)."""
+        return self.attn_gate is not None and self.layer_index >= self.seer_config.start_layer
 
     @property
     def is_sparse_decode(self) -> bool:
@@ -171,7 +173,7 @@ class SeerAttention(Attention):
             )
         lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)  # [B] real tokens, the new one included
         decode = self.seer_config.decode
-        block_size = self.seer_config.gate.block_size if decode is None else decode.block_size
+        block_size = BLOCK_SIZE if decode is None else decode.block_size
         available = jnp.sum(available_blocks(lengths, block_size))  # per head
         if not self.is_sparse_decode:
             out = self.attend(q_rot, k_cache, v_cache, causal=False, key_mask=key_mask)  # [B, 1, N, H]
@@ -245,7 +247,9 @@ class SeerAttention(Attention):
         unknown = sorted(collect - set(COLLECTABLE))
         if unknown:
             raise ValueError(f"cannot collect {unknown}: a SeerAttention layer collects {COLLECTABLE}")
-        selection, block_size = self.seer_config.selection, self.seer_config.gate.block_size
+        if self.attn_gate is None and collect & {"gate_features", "gate_logits"}:
+            raise ValueError("cannot collect gate_features or gate_logits: this model has no prefill gates")
+        selection, block_size = self.seer_config.selection, BLOCK_SIZE
         batch, length = q.shape[:2]
         num_blocks = -(-length // block_size)
         every_block = jnp.broadcast_to(
@@ -290,7 +294,7 @@ class SeerAttention(Attention):
         if "gate_logits" in collect:
             reuse = scores is not None and source == "gate"
             collected["gate_logits"] = scores if reuse else self.attn_gate(inputs.q, inputs.k, lengths=inputs.lengths)
-        block_size = self.seer_config.gate.block_size
+        block_size = BLOCK_SIZE
         if fused_target:
             out, collected["target"] = attention_with_pooling_per_device(
                 inputs.q_rot,
@@ -409,7 +413,8 @@ def seer_from_base(
     seer = seer_with_abstract_gates(base, seer_config)
     param_dtype = gate_param_dtype or base.model.layers[0].self_attn.q_proj.kernel.get_value().dtype
     for layer in seer.model.layers:
-        layer.self_attn.attn_gate = AttnGate(base.config, seer_config.gate, param_dtype=param_dtype, rngs=rngs)
+        if seer_config.gate is not None:
+            layer.self_attn.attn_gate = AttnGate(base.config, seer_config.gate, param_dtype=param_dtype, rngs=rngs)
         if seer_config.decode is not None:
             layer.self_attn.decode_gate = DecodeAttnGate(
                 base.config, seer_config.decode, param_dtype=param_dtype, rngs=rngs

@@ -1,5 +1,9 @@
 """`SeerConfig`: how a SeerAttention model chooses and computes its prefill blocks (gate structure, selection, score
-source, dense first layers) and, optionally, its decode blocks (`DecodeConfig`), stored in adapters as `to_dict()`."""
+source, dense first layers) and, optionally, its decode blocks (`DecodeConfig`), stored in adapters as `to_dict()`.
+
+A model has prefill gates, decode gates or both: `gate=None` is a model without prefill gates (it prefills densely,
+e.g. with only SeerAttention-R decode gates attached), `decode=None` one without decode gates (it decodes densely).
+"""
 
 import dataclasses
 from collections.abc import Mapping
@@ -19,7 +23,8 @@ class SeerConfig:
     """How a SeerAttention model chooses and computes its prefill blocks and, optionally, its decode blocks.
 
     Attributes:
-      gate: the AttnGate structure; its `block_size` must be the kernel's 64.
+      gate: the prefill AttnGate structure; its `block_size` must be the kernel's 64. None: the model has no
+        prefill gates and prefills densely, so `selection` must keep every block.
       selection: scores → block mask: method ("nz_ratio" | "threshold"), nz_ratio, threshold, last_block_dense.
       source: where block scores come from, one of `BLOCK_SOURCES` (`seer_jax.block_scores.SOURCES`).
       start_layer: layers with a smaller index attend densely.
@@ -28,7 +33,7 @@ class SeerConfig:
         the model has no decode gates.
     """
 
-    gate: GateConfig = dataclasses.field(default_factory=GateConfig)
+    gate: GateConfig | None = dataclasses.field(default_factory=GateConfig)
     selection: Selection = dataclasses.field(default_factory=Selection)
     source: str = "gate"
     start_layer: int = 0
@@ -36,11 +41,18 @@ class SeerConfig:
     decode: DecodeConfig | None = None
 
     def __post_init__(self):
-        if not isinstance(self.gate, GateConfig):
-            raise ValueError(f"gate must be a GateConfig, got {type(self.gate).__name__}")
+        if self.gate is not None and not isinstance(self.gate, GateConfig):
+            raise ValueError(f"gate must be a GateConfig or None, got {type(self.gate).__name__}")
         if not isinstance(self.selection, Selection):
             raise ValueError(f"selection must be a sparsity.Selection, got {type(self.selection).__name__}")
-        if self.gate.block_size != BLOCK_SIZE:
+        if self.gate is None and not self.selection.is_dense:
+            raise ValueError(
+                f"gate is None (no prefill gates: dense prefill) but selection {self.selection} drops blocks; "
+                "use a dense selection (Selection()) or prefill gates"
+            )
+        if self.gate is None and self.decode is None:
+            raise ValueError("gate and decode are both None: a SeerConfig needs prefill gates, decode gates or both")
+        if self.gate is not None and self.gate.block_size != BLOCK_SIZE:
             raise ValueError(
                 f"gate.block_size must be {BLOCK_SIZE} (block_sparse_attention computes {BLOCK_SIZE}×{BLOCK_SIZE} "
                 f"blocks), got {self.gate.block_size}"
@@ -67,7 +79,9 @@ class SeerConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "SeerConfig":
         """Reads `to_dict`'s output; unknown keys raise `ValueError`."""
         data = dict(data)
-        gate = _from_fields(GateConfig, data.pop("gate", {}), "seer_config.gate")
+        gate = data.pop("gate", {})
+        if gate is not None:
+            gate = _from_fields(GateConfig, gate, "seer_config.gate")
         selection = _from_fields(Selection, data.pop("selection", {}), "seer_config.selection")
         decode = data.pop("decode", None)
         if decode is not None:

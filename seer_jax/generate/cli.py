@@ -1,7 +1,10 @@
-"""Generate text with a model, dense or with SeerAttention gates (block-sparse prefill, dense decode).
+"""Generate text with a model, dense or with SeerAttention gates (block-sparse prefill with prefill gates,
+block-sparse decode with SeerAttention-R decode gates).
 
     python -m seer_jax.generate --model MODEL --prompt "def quicksort(xs):" [--gates ADAPTER] [--chat] \
         [--max-new-tokens 256] [--temperature 0 --top-p 1 --seed 0] [--selection threshold=X | nz_ratio=Y]
+    python -m seer_jax.generate --gates PREFILL_ADAPTER --decode-gates DECODE_ADAPTER \
+        [--decode-selection token_budget=N | threshold=X] --prompt "..."
     echo "Why is the sky blue?" | python -m seer_jax.generate --model MODEL --chat
     python -m seer_jax.generate --model MODEL --prompts-file prompts.jsonl > completions.jsonl
 
@@ -12,7 +15,9 @@ standard output as it is decoded. `--prompts-file`: one prompt per line, a JSON 
 decoded `--batch-size` at a time, each completion is written when done as one JSON line {"index", "prompt",
 "completion"} (in the order they finish). Standard error gets the settings and, at the end, one summary line: prompt
 tokens, time to first token (prefill, compilation excluded), decode tokens/s and the prefill's block density (mean
-over layers and heads; "dense" without gates). On any error: one line and exit status 1.
+over layers and heads; "dense" without gates). The block selections used (the adapter's defaults unless
+`--selection` / `--decode-selection` are given) are logged before generating. On any error: one line and exit
+status 1.
 """
 
 import argparse
@@ -31,6 +36,7 @@ class GenerateConfig:
 
     model: str | None
     gates: str | None = None
+    decode_gates: str | None = None
     tokenizer: str | None = None
     prompts: tuple[str, ...]
     batch: bool = False
@@ -40,6 +46,7 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 0
     selection: str | None = None
+    decode_selection: str | None = None
     attention: str | None = None
     dtype: str | None = None
     max_length: int | None = None
@@ -47,7 +54,7 @@ class GenerateConfig:
     allow_other_base: bool = False
 
     def __post_init__(self):
-        if self.model is None and self.gates is None:
+        if self.model is None and self.gates is None and self.decode_gates is None:
             raise ValueError("--model is required (it may be left out only with --gates, for the adapter's base model)")
         if not self.prompts:
             raise ValueError("no prompt: give --prompt, --prompt-file, --prompts-file or text on standard input")
@@ -59,6 +66,8 @@ class GenerateConfig:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.selection is not None and self.gates is None:
             raise ValueError("--selection needs --gates")
+        if self.decode_selection is not None and self.gates is None and self.decode_gates is None:
+            raise ValueError("--decode-selection needs --gates or --decode-gates")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
         if self.batch_size < 1:
@@ -99,7 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", help="HF or converted model directory, or a hub id in the local HF cache (default: the adapter's)"
     )
-    parser.add_argument("--gates", help="gate adapter directory (ours or official) or hub id; none: dense attention")
+    parser.add_argument(
+        "--gates",
+        help="gate adapter directory (ours or official; prefill gates, decode gates or both) or hub id; "
+        "none: dense attention",
+    )
+    parser.add_argument(
+        "--decode-gates", help="an adapter whose decode gates to use (with --gates: its prefill gates and these)"
+    )
     parser.add_argument(
         "--allow-other-base", action="store_true", help="use the gates on a base other than the one they recorded"
     )
@@ -116,7 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument(
-        "--selection", help="block selection of the gates: threshold=X or nz_ratio=Y (default: the adapter's)"
+        "--selection", help="prefill block selection: threshold=X or nz_ratio=Y (default: the adapter's)"
+    )
+    parser.add_argument(
+        "--decode-selection",
+        help="decode block selection: token_budget=N (tokens) or threshold=X (default: the adapter's)",
     )
     parser.add_argument(
         "--attention",
@@ -154,19 +174,21 @@ def run(config: GenerateConfig) -> None:
     """Loads the model and generates; see the module docstring."""
     from seer_jax.pipeline import load
 
-    log.info("loading %s", config.model or f"the base model of {config.gates}")
+    log.info("loading %s", config.model or f"the base model of {config.gates or config.decode_gates}")
     generator = load(
         config.model,
         gates=config.gates,
+        decode_gates=config.decode_gates,
         selection=config.selection,
+        decode_selection=config.decode_selection,
         dtype=config.dtype,
         attention=config.attention,
         tokenizer=config.tokenizer,
         max_length=config.max_length,
         allow_other_base=config.allow_other_base,
     )
-    if generator.is_sparse:
-        log.info("gates attached: %s", generator.model.seer_config.selection)
+    if generator.gates_description is not None:
+        log.info("block selection: %s", generator.gates_description)
 
     def stream_text(_row: int, text: str) -> None:
         sys.stdout.write(text)
@@ -204,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         config = GenerateConfig(
             model=args.model,
             gates=args.gates,
+            decode_gates=args.decode_gates,
             tokenizer=args.tokenizer,
             prompts=_prompts(args),
             batch=args.prompts_file is not None,
@@ -213,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             top_p=args.top_p,
             seed=args.seed,
             selection=args.selection,
+            decode_selection=args.decode_selection,
             attention=None if args.attention == "auto" else args.attention,
             dtype=None if args.dtype == "auto" else args.dtype,
             max_length=args.max_length,

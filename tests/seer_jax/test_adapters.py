@@ -173,7 +173,7 @@ LAYER = "model.layers.{}.self_attn.attn_gate.mask_linear_k.weight"
             {LAYER.format(0): np.ones((8, 48, 16))},
             r"model\.layers\.0\.self_attn\.attn_gate\.mask_linear_k\.weight \[8, 48, 16\] \(expected \[4, 48, 16\]\)",
         ),
-        ({"model.layers.0.self_attn.attn_gate.attngate_linear_k.weight": np.ones(3)}, "decode gates"),
+        ({"model.layers.0.self_attn.attn_gate.attngate_linear_k.weight": np.ones(3)}, "decode-gate names: read"),
     ],
     ids=["missing_layer", "extra_layer", "head_count", "decode_gate"],
 )
@@ -213,9 +213,40 @@ def test_load_seer_model_composes_with_the_base_checkpoint(tmp_path, hf_checkpoi
     for path, variable in nnx.to_flat_state(nnx.state(loaded, nnx.All(nnx.Param, nnx.Not(GateParam)))):
         np.testing.assert_array_equal(variable.get_value(), expected[path].get_value())
     save_adapter(seer, tmp_path / "elsewhere", base_model="org/not-here")
-    with pytest.raises(CheckpointError, match="pass base_path"):
+    with pytest.raises(CheckpointError, match=r"org/not-here is neither a local directory .* as base_path"):
         load_seer_model(tmp_path / "elsewhere")
     assert gate_tensors(load_seer_model(tmp_path / "elsewhere", base_path=hf_dir)).keys() == gate_tensors(seer).keys()
+
+
+def test_base_model_is_found_from_any_directory(tmp_path, hf_checkpoint, monkeypatch):
+    """A base path typed relative to the working directory is recorded absolute and relative to the adapter: the
+    adapter loads from another working directory, after the run directory moves, and (older adapters) from the
+    path as typed, looked up under the adapter's ancestors."""
+    _, hf_dir = hf_checkpoint("llama31")
+    shutil.copytree(hf_dir, tmp_path / "run" / "model")
+    base, config = load_model(tmp_path / "run" / "model")
+    seer = gated(base, dataclasses.replace(SINGLE, gate=GateConfig(hidden_size=config.head_dim)))
+    monkeypatch.chdir(tmp_path)
+    save_adapter(seer, "run/gates/adapter", base_model="run/model", weights="safetensors")
+    marker_path = tmp_path / "run" / "gates" / "adapter" / "seer_adapter.json"
+    marker = json.loads(marker_path.read_text())
+    assert marker["base_model"] == str(tmp_path / "run" / "model")
+    assert marker["base_model_relative"] == "../../model"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert read_adapter(tmp_path / "run" / "gates" / "adapter").base_model == str(tmp_path / "run" / "model")
+    assert_bit_exact(gate_tensors(load_seer_model(tmp_path / "run" / "gates" / "adapter")), gate_tensors(seer))
+    shutil.move(tmp_path / "run", tmp_path / "moved")  # the recorded absolute path is gone
+    moved = tmp_path / "moved" / "gates" / "adapter"
+    assert read_adapter(moved).base_model == str(tmp_path / "moved" / "model")
+    assert_bit_exact(gate_tensors(load_seer_model(moved)), gate_tensors(seer))
+    del marker["base_model_relative"]  # as older adapters: the path as typed in the run's working directory
+    marker["base_model"] = "moved/model"
+    (moved / "seer_adapter.json").write_text(json.dumps(marker))
+    assert read_adapter(moved).base_model == str(tmp_path / "moved" / "model")
+    marker["base_model"] = "org/tiny-llama"  # a hub id stays as recorded
+    (moved / "seer_adapter.json").write_text(json.dumps(marker))
+    assert read_adapter(moved).base_model == "org/tiny-llama"
 
 
 class _Payload:

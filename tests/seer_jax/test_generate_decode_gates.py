@@ -1,0 +1,116 @@
+"""Decode gates in the pipeline and the generation CLI: a prefill adapter and a decode adapter loaded together
+(`--gates` + `--decode-gates`), decode-only adapters, `--decode-selection`, and the block selections reported
+(the adapter's defaults, the recorded measured density, or the ones given)."""
+
+import dataclasses
+
+import pytest
+from flax import nnx
+
+from seer_jax.adapters import DEFAULT_SELECTION, MeasuredDensity, gate_tensors, save_adapter
+from seer_jax.checkpoint import load_model
+from seer_jax.decode_config import DecodeConfig
+from seer_jax.generate.cli import main
+from seer_jax.pipeline import describe_selection, load, parse_decode_selection
+from seer_jax.seer import seer_from_base
+from seer_jax.seer_config import SeerConfig
+from tests.seer_jax.tiny_chat_model import TEXT, write_tiny_chat_model
+
+PROMPT = " ".join(TEXT) * 3  # > 192 tokens: several blocks of 64 (prefill) and 16 (decode)
+DECODE = DecodeConfig(hidden_size=16, block_size=16, qk_norm=True, token_budget=16)
+DENSITY = MeasuredDensity(density=0.45, data="test continuations")
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """(model directory, prefill adapter saved from a dense-selecting model, decode-only adapter with a measured
+    density, the two gated models)."""
+    root = tmp_path_factory.mktemp("decode-gates")
+    model_dir = write_tiny_chat_model(root / "tiny-chat", seed=2)
+    base, _ = load_model(model_dir)
+    prefill = seer_from_base(base, SeerConfig(), rngs=nnx.Rngs(0))
+    save_adapter(prefill, root / "prefill", base_model=str(model_dir), weights="safetensors")
+    decode = seer_from_base(base, SeerConfig(gate=None, decode=DECODE), rngs=nnx.Rngs(1))
+    save_adapter(decode, root / "decode", base_model=str(model_dir), decode_density=DENSITY)
+    return model_dir, root / "prefill", root / "decode", prefill, decode
+
+
+def test_parse_decode_selection():
+    assert parse_decode_selection("token_budget=256", DECODE) == dataclasses.replace(DECODE, token_budget=256)
+    assert parse_decode_selection("threshold=0.004", DECODE) == dataclasses.replace(
+        DECODE, method="threshold", threshold=0.004
+    )
+    for text, match in [("nz_ratio=0.1", "token_budget=N or threshold=X"), ("token_budget=1.5", "not an integer")]:
+        with pytest.raises(ValueError, match=match):
+            parse_decode_selection(text, DECODE)
+
+
+def test_describe_selection():
+    assert describe_selection(SeerConfig(selection=DEFAULT_SELECTION)) == (
+        "nz_ratio=0.3, last_block_dense",
+        "dense (no decode gates)",
+    )
+    decode = dataclasses.replace(DECODE, method="threshold", threshold=0.01, force_sink=False, start_layer=2)
+    assert describe_selection(SeerConfig(gate=None, decode=decode)) == (
+        "dense (no prefill gates)",
+        "threshold=0.01, no sink block, dense below layer 2",
+    )
+
+
+def test_load_prefill_and_decode_adapters_together(adapters):
+    """The prefill adapter's default selection (DEFAULT_SELECTION: its model selected every block), the decode
+    adapter's gates with a given budget; the description says which is which."""
+    model_dir, prefill_dir, decode_dir, prefill, decode = adapters
+    generator = load(gates=prefill_dir, decode_gates=decode_dir, decode_selection="token_budget=32")
+    seer_config = generator.model.seer_config
+    assert seer_config.selection == DEFAULT_SELECTION and seer_config.gate == prefill.seer_config.gate
+    assert seer_config.decode == dataclasses.replace(DECODE, token_budget=32)
+    assert gate_tensors(generator.model).keys() == gate_tensors(prefill).keys() | gate_tensors(decode).keys()
+    assert generator.gates_description == (
+        "prefill nz_ratio=0.3, last_block_dense (the adapter's default); "
+        "decode token_budget=32 (2 blocks of 16) (given)"
+    )
+    result = generator.run([PROMPT], max_new_tokens=3)
+    # 270 tokens, 5 query blocks: TopK keeps k = max(1, int((1 − √0.7) · 5)) = 1 block per row plus the diagonal, the
+    # last two rows dense: 1 + 2 + 2 + 4 + 5 of the 15 causal blocks (every head alike).
+    assert result.stats.prompt_tokens == 270 and result.stats.density == pytest.approx(14 / 15)
+    only_decode = load(model_dir, decode_gates=decode_dir)
+    assert only_decode.model.seer_config == SeerConfig(gate=None, decode=DECODE)
+    assert only_decode.gates_description == (
+        "prefill dense (no prefill gates); decode token_budget=16 (1 block of 16) (the adapter's default; "
+        "density 0.450 measured on test continuations)"
+    )
+    with pytest.raises(ValueError, match="a decode selection needs decode gates; these gates are prefill gates"):
+        load(gates=prefill_dir, decode_selection="token_budget=8")
+    with pytest.raises(ValueError, match="no prefill gates \\(decode gates only\\)"):
+        load(gates=decode_dir, selection="nz_ratio=0.5")
+
+
+def test_cli_full_budget_and_every_block_equal_dense(adapters, capsys):
+    """`--gates` + `--decode-gates` with every prefill block and a budget covering the context: the dense text; the
+    selections are logged."""
+    model_dir, prefill_dir, decode_dir, _, _ = adapters
+    options = ("--prompt", PROMPT, "--max-new-tokens", "6")
+    main(["--model", str(model_dir), *options])
+    dense = capsys.readouterr().out
+    main(
+        [
+            "--gates",
+            str(prefill_dir),
+            "--selection",
+            "nz_ratio=1.0",
+            "--decode-gates",
+            str(decode_dir),
+            "--decode-selection",
+            "token_budget=100000",
+            *options,
+        ]
+    )
+    captured = capsys.readouterr()
+    assert captured.out == dense
+    assert (
+        "block selection: prefill nz_ratio=1.0, last_block_dense (every block) (given); "
+        "decode token_budget=100000 (6250 blocks of 16) (given)" in captured.err
+    )
+    with pytest.raises(SystemExit, match="--decode-selection needs --gates or --decode-gates"):
+        main(["--model", str(model_dir), "--decode-selection", "token_budget=64", "--prompt", "x"])
