@@ -65,13 +65,15 @@ def num_sms() -> int:
 
 
 def default_config(*, batch: int, num_kv_heads: int, num_slots: int, head_dim: int) -> Config:
-    """About one CTA per SM (the ring takes most of its shared memory): sms // (B·K) splits, at least 2, and at
-    least 4 list slots per split. 136 CTAs for 132 SMs leave 4 for a second wave (B=1, 128k, sparsity 0 took 0.25
-    ms with 17 splits, 0.18 ms with 16); but where B·K alone fills the SMs (B=16, K=8), 2 splits, i.e. two waves
-    of half-length CTAs, were ~10% faster than one (0.9 at 128k: 0.233 against 0.259 ms), as one CTA's start and
-    epilogue then overlap another's streaming. The ring holds 128 KiB of K/V in flight per SM (4 blocks at head_dim
-    128, 8 at 64). BENCHMARKS.md, issue 18."""
-    splits = max(2, num_sms() // (batch * num_kv_heads))
+    """One wave of CTAs, one per SM (the ring takes most of its shared memory): as many splits as fit in
+    sms // (B·K), but at least 4 list slots per split. 136 CTAs for 132 SMs leave 4 for a second wave (B=1, 128k,
+    sparsity 0 took 0.25 ms with 17 splits, 0.18 ms with 16). More splits do not pay: in device traces (B=1, 128k,
+    sparsity 0.9) 16 / 24 / 32 splits took 19.0 / 26.3 / 25.1 µs of kernel time, and at B=16 (128k, 0.9) 1 / 2 / 3
+    splits 208 / 215 / 219 µs (two waves of half-length CTAs looked ~10% faster in wall-clock timing, which the
+    device trace does not confirm). The ring holds 128 KiB of K/V in flight per SM (4 blocks at head_dim 128, 8 at
+    64); a 5-deep ring at 128 gained nothing at B=1 (19.6 against 19.0 µs), a 6-deep one does not fit in shared
+    memory. BENCHMARKS.md, issue 18."""
+    splits = max(1, num_sms() // (batch * num_kv_heads))
     splits = min(splits, max(1, num_slots // 4))
     return Config(num_splits=splits, num_stages=4 if head_dim > 64 else 8)
 
@@ -157,7 +159,7 @@ def _decode_kernel(
 
         def scoped(acc_ref):
             for half in range(num_halves):
-                plgpu.wgmma(acc_ref, q_smem.at[half], plgpu.transpose_ref(k_mma.at[slot, half], (1, 0)))
+                plgpu.wgmma(acc_ref, q_smem.at[half], k_mma.at[slot, half].transpose((1, 0)))
             return acc_ref[...]
 
         return pl.run_scoped(scoped, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
