@@ -12,17 +12,24 @@ counts the K and V bytes of the selected blocks (what the op must read), against
 
 Timing: one decode step is meaningless to time from Python (tens of µs of dispatch), so each case runs `--steps`
 steps unrolled in one jitted function, each step's output fed back as the next step's query (a true dependency:
-nothing is hoisted); the time per step is its wall time / steps, median of `--runs` calls after `--warmup`.
+nothing is hoisted); "ms" per step is its wall time / steps, median of `--runs` calls after `--warmup`. That
+still carries the call's dispatch, spread over the steps. With `--profile`, one more call runs under the jax
+profiler, and the device trace gives "dev ms": from the first kernel's start to the last kernel's end, per step
+(every launch and gap between the kernels of the steps included, the call's host-side dispatch not: the cost of
+the op inside a longer jitted program, such as a model's decode step), and the kernels run per step and their
+device time ("dev ×" = best dense dev ms / this dev ms).
 
 The table goes to stdout row by row; everything is also written as JSON to
 `<output-dir>/<date>-<time>_<device>_<commit>_decode.json`.
 """
 
 import argparse
+import collections
 import dataclasses
 import functools
 import logging
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +73,7 @@ class BenchConfig:
     output_dir: Path = Path("benchmarks/results")
     seed: int = 0
     commit: str | None = None
+    profile: bool = False  # also trace one call: device time per step and the kernels it runs
 
     def __post_init__(self):
         unknown = set(self.shapes) - set(HEAD_SHAPES)
@@ -91,10 +99,17 @@ class Row:
     ms: float | None = None  # per decode step
     gbps: float | None = None  # selected K/V bytes / time
     speedup_vs_best_dense: float | None = None
+    device_ms: float | None = None  # per decode step, first kernel start to last kernel end (`--profile`)
+    device_gbps: float | None = None  # selected K/V bytes / device time
+    device_speedup_vs_best_dense: float | None = None
+    kernels: dict[str, tuple[float, float]] | None = None  # per step, each kernel's (launches, device µs)
     note: str = ""
 
 
-_HEADER = f"{'shape':<10} {'B':>3} {'S':>7} {'case':<11} {'impl':<9} {'blocks':>6} {'ms':>9} {'GB/s':>7} {'×':>6}  note"
+_HEADER = (
+    f"{'shape':<10} {'B':>3} {'S':>7} {'case':<11} {'impl':<9} {'blocks':>6} {'ms':>9} {'GB/s':>7} {'×':>6} "
+    f"{'dev ms':>9} {'dev ×':>6}  note"
+)
 
 
 def _format_row(row: Row) -> str:
@@ -104,12 +119,13 @@ def _format_row(row: Row) -> str:
     return (
         f"{row.shape:<10} {row.batch:>3} {row.context:>7} {row.case:<11} {row.implementation:<9} "
         f"{number(row.blocks, '>6')} {number(row.ms, '>9.4f')} {number(row.gbps, '>7.0f')} "
-        f"{number(row.speedup_vs_best_dense, '>6.2f')}  {row.note}"
+        f"{number(row.speedup_vs_best_dense, '>6.2f')} {number(row.device_ms, '>9.4f')} "
+        f"{number(row.device_speedup_vs_best_dense, '>6.2f')}  {row.note}"
     )
 
 
-def time_step_ms(step: Callable, q, *args, steps: int, runs: int, warmup: int) -> float:
-    """Median ms per call of `step(q, *args) -> out` (out shaped like q), run `steps` times in one jitted loop."""
+def step_loop(step: Callable, steps: int) -> Callable:
+    """jit of `steps` calls of `step(q, *args) -> out` (out shaped like q), each output the next call's q."""
 
     @jax.jit
     def loop(q, *args):
@@ -117,6 +133,11 @@ def time_step_ms(step: Callable, q, *args, steps: int, runs: int, warmup: int) -
             q = step(q, *args).astype(q.dtype)
         return q
 
+    return loop
+
+
+def time_step_ms(loop: Callable, q, *args, steps: int, runs: int, warmup: int) -> float:
+    """Median wall ms per step of `loop(q, *args)` (a `step_loop` of `steps` steps)."""
     for _ in range(warmup):
         jax.block_until_ready(loop(q, *args))
     times = []
@@ -125,6 +146,38 @@ def time_step_ms(step: Callable, q, *args, steps: int, runs: int, warmup: int) -
         jax.block_until_ready(loop(q, *args))
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times) / steps
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeviceProfile:
+    """One traced call of a step loop, per step: `span_ms` from the first kernel's start to the last kernel's
+    end; `kernels`: each kernel's name → (launches, device µs)."""
+
+    span_ms: float
+    kernels: dict[str, tuple[float, float]]
+
+
+def device_profile(loop: Callable, q, *args, steps: int) -> DeviceProfile | None:
+    """Traces one (already compiled) call of `loop`; None where the trace has no GPU device plane (CPU)."""
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory):
+            jax.block_until_ready(loop(q, *args))
+        paths = sorted(Path(directory).rglob("*.xplane.pb"))
+        data = jax.profiler.ProfileData.from_file(str(paths[-1])) if paths else None
+    planes = [plane for plane in (data.planes if data else ()) if plane.name.startswith("/device:GPU:")]
+    if not planes:
+        return None
+    lines = [line for line in planes[0].lines if line.name.startswith("Stream")] or list(planes[0].lines)
+    events = [(event.name, event.start_ns, event.end_ns) for line in lines for event in line.events]
+    if not events:
+        return None
+    launches, device_ns = collections.Counter(), collections.Counter()
+    for name, start_ns, end_ns in events:
+        launches[name] += 1
+        device_ns[name] += end_ns - start_ns
+    span_ns = max(end for _, _, end in events) - min(start for _, start, _ in events)
+    kernels = {name: (launches[name] / steps, device_ns[name] / steps / 1e3) for name in launches}
+    return DeviceProfile(span_ms=span_ns / steps / 1e6, kernels=kernels)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -139,14 +192,20 @@ def random_selection(key: jax.Array, shape: tuple[int, int], num_kv_blocks: int,
 
 
 def _measure(row: Row, step: Callable, q, *args, kv_bytes: float, config: BenchConfig) -> Row:
+    loop = step_loop(step, config.steps)
     try:
-        ms = time_step_ms(step, q, *args, steps=config.steps, runs=config.runs, warmup=config.warmup)
+        ms = time_step_ms(loop, q, *args, steps=config.steps, runs=config.runs, warmup=config.warmup)
     except (NotImplementedError, RuntimeError, ValueError) as error:  # JaxRuntimeError is a RuntimeError
         note = _skip_note(error)
         if note is None and row.implementation != "cudnn":  # cuDNN may be absent or refuse a shape: a note
             raise
         return dataclasses.replace(row, note=note or f"skipped: {type(error).__name__}: {str(error)[:120]}")
-    return dataclasses.replace(row, ms=ms, gbps=kv_bytes / ms / 1e6)
+    row = dataclasses.replace(row, ms=ms, gbps=kv_bytes / ms / 1e6)
+    profile = device_profile(loop, q, *args, steps=config.steps) if config.profile else None
+    if profile is None:
+        return row
+    device_gbps = kv_bytes / profile.span_ms / 1e6
+    return dataclasses.replace(row, device_ms=profile.span_ms, device_gbps=device_gbps, kernels=profile.kernels)
 
 
 def bench_case(shape: HeadShape, batch: int, context: int, config: BenchConfig, emit: Callable[[Row], None]):
@@ -188,11 +247,14 @@ def bench_case(shape: HeadShape, batch: int, context: int, config: BenchConfig, 
         kv_bytes = dense_bytes * num_selected / num_kv_blocks
         row = dataclasses.replace(row, implementation=implementation)
         rows.append(_measure(row, sparse, q, k, v, lengths, index, count, kv_bytes=kv_bytes, config=config))
-    dense_times = [row.ms for row in rows if row.ms is not None and row.case in ("dense", "sparse 0.00")]
-    best_dense = min(dense_times, default=None)
+    dense = [row for row in rows if row.case in ("dense", "sparse 0.00")]
+    best_dense = min((row.ms for row in dense if row.ms is not None), default=None)
+    best_dense_device = min((row.device_ms for row in dense if row.device_ms is not None), default=None)
     for row in rows:
         if best_dense is not None and row.ms is not None:
             row = dataclasses.replace(row, speedup_vs_best_dense=best_dense / row.ms)
+        if best_dense_device is not None and row.device_ms is not None:
+            row = dataclasses.replace(row, device_speedup_vs_best_dense=best_dense_device / row.device_ms)
         emit(row)
 
 
@@ -215,6 +277,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--output-dir", type=Path, default=defaults.output_dir, help="where the JSON goes")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random inputs")
     parser.add_argument("--commit", default=None, help="git commit to record when the tree has no .git")
+    parser.add_argument(
+        "--profile", action="store_true", help="also trace one call per case: device time per step, kernels run"
+    )
     args = parser.parse_args(argv)
     return BenchConfig(
         shapes=tuple(args.shapes),
@@ -228,6 +293,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         output_dir=args.output_dir,
         seed=args.seed,
         commit=args.commit,
+        profile=args.profile,
     )
 
 

@@ -7,19 +7,25 @@ Algorithm (SeerAttention-R's index-based decode kernels, on a warp-specialised T
     which is idle anyway, not bytes).
   * Split-K over the selected blocks, balanced on the real count: split s of (b, k) takes list slots
     [s·c, min((s+1)·c, n)) with n = block_count[b, k] and c = ceil(n / num_splits), so a sparse row's work is
-    spread over all its CTAs, and no padding slot is ever read.
-  * A memory warpgroup streams those K/V blocks by TMA into a `num_stages`-deep ring (block ids from the CTA's
-    copy of the list in shared memory); the compute warpgroup runs QKᵀ and PV on the tensor cores with an online
-    softmax in the exp2 domain. Keys past a query's own position (the cache's partial block, draft tokens) are
-    masked with iota on every block, so the list may be in any order.
+    spread over all its CTAs, and no padding slot is ever read. Both warpgroups read the block ids of their slots
+    straight from global memory (a scalar load each, issued ahead of the barrier wait that follows it).
+  * A memory warpgroup streams those K/V blocks by TMA into a `num_stages`-deep ring; the compute warpgroup runs
+    QKᵀ and PV on the tensor cores with an online softmax in the exp2 domain. Keys past a query's own position (the
+    row's partial block, draft tokens) are masked with iota on every block, so the list may be in any order.
+  * Block j of row b is positions j·64 … j·64 + 63 = cache slots starts[b] + j·64 …: a window at any slot, not
+    a multiple of 64 (left-padded caches). The TMA copies it at that dynamic slot, which needs a shared-memory
+    layout without the usual 8-row tiling (a tiled copy splits the slot into tile and row, so its start must be a
+    multiple of 8): each 64-column half of H is copied as one untiled [64, 64] box with the 128-byte swizzle, and
+    read by wgmma through an aliased (8, 64)-tiled view of the same bytes (`_ring`). Rows of a window past the
+    cache's last slot S − 1 are out of bounds for the TMA, which fills them with zeros (never NaN, never the next
+    row's slots); they are past the row's length, so masked anyway.
   * Each CTA writes its normalised partial output (float32, all 64 rows) and its log2-domain lse; `combine`
     (XLA, a few µs) merges the splits by their logsumexp. A split with nothing to do writes out 0, lse −inf
     (weight 0); a query that attends nothing ends as out 0, lse −inf, never NaN: the running max starts at a
     finite −1e30, so fully masked blocks never make inf − inf.
 
-Layout limits: q [B, T, N, H] with T·G ≤ 64, caches [B, S, K, H] with S a multiple of 64, bf16 or fp16,
-H ∈ {64, 128}, block_size 64, at most 16384 list slots (the list is copied as one TMA box of ≤ 256 × 64 entries).
-Anything else raises NotImplementedError (the dispatcher then runs the reference).
+Layout limits: q [B, T, N, H] with T·G ≤ 64, caches [B, S, K, H] (any S), bf16 or fp16, H ∈ {64, 128},
+block_size 64. Anything else raises NotImplementedError (the dispatcher then runs the reference).
 """
 
 import dataclasses
@@ -34,8 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import dispatch
 
-BLOCK = 64  # keys per K/V block (the gate's block size) and query rows per wgmma tile
-_MAX_SLOTS = 256 * BLOCK  # the block list is copied to shared memory as one TMA box of ≤ 256 × 64 entries
+BLOCK = 64  # keys per K/V block (the gate's block size), query rows per wgmma tile, columns per swizzled half of H
 _LOG2E = math.log2(math.e)
 _M_INIT = -1e30  # running-max floor (log2 domain): finite, so masked blocks give exp2(-inf) = 0, never inf - inf
 
@@ -61,15 +66,19 @@ def num_sms() -> int:
 
 def default_config(*, batch: int, num_kv_heads: int, num_slots: int, head_dim: int) -> Config:
     """One wave of CTAs, one per SM (the ring takes most of its shared memory): as many splits as fit in
-    sms // (B·K) (136 CTAs for 132 SMs leave 4 for a second wave: B=1, 128k, sparsity 0 took 0.25 ms with 17
-    splits, 0.18 ms with 16), but at least 4 list slots per split. The ring holds 128 KiB of K/V in flight per SM
-    (4 blocks at head_dim 128, 8 at 64): at 128, 4.2 TB/s at B=16, 128k (BENCHMARKS.md, issue 18)."""
+    sms // (B·K), but at least 4 list slots per split. 136 CTAs for 132 SMs leave 4 for a second wave (B=1, 128k,
+    sparsity 0 took 0.25 ms with 17 splits, 0.18 ms with 16). More splits do not pay: in device traces (B=1, 128k,
+    sparsity 0.9) 16 / 24 / 32 splits took 19.0 / 26.3 / 25.1 µs of kernel time, and at B=16 (128k, 0.9) 1 / 2 / 3
+    splits 208 / 215 / 219 µs (two waves of half-length CTAs looked ~10% faster in wall-clock timing, which the
+    device trace does not confirm). The ring holds 128 KiB of K/V in flight per SM (4 blocks at head_dim 128, 8 at
+    64); a 5-deep ring at 128 gained nothing at B=1 (19.6 against 19.0 µs), a 6-deep one does not fit in shared
+    memory. BENCHMARKS.md, issue 18."""
     splits = max(1, num_sms() // (batch * num_kv_heads))
     splits = min(splits, max(1, num_slots // 4))
     return Config(num_splits=splits, num_stages=4 if head_dim > 64 else 8)
 
 
-def check_supported(q: jax.Array, k_cache: jax.Array, num_slots: int, block_size: int) -> None:
+def check_supported(q: jax.Array, k_cache: jax.Array, block_size: int) -> None:
     """Raises NotImplementedError unless this kernel can run these inputs on the default device."""
     if not dispatch.hopper_available():
         raise NotImplementedError(f"the Mosaic GPU kernels need a Hopper (sm_90) GPU, found {jax.devices()[0]}")
@@ -83,10 +92,6 @@ def check_supported(q: jax.Array, k_cache: jax.Array, num_slots: int, block_size
     rows = num_queries * (num_q_heads // k_cache.shape[2])
     if rows > BLOCK:
         raise NotImplementedError(f"T · G query rows per kv head must be <= {BLOCK}, got {rows}")
-    if k_cache.shape[1] % BLOCK:
-        raise NotImplementedError(f"the cache length must be a multiple of {BLOCK}, got {k_cache.shape[1]}")
-    if num_slots > _MAX_SLOTS:
-        raise NotImplementedError(f"block lists longer than {_MAX_SLOTS} slots are not supported")
 
 
 def _decode_kernel(
@@ -95,22 +100,21 @@ def _decode_kernel(
     k_ref,  # [B, S, K, H]
     v_ref,  # [B, S, K, H]
     lengths_ref,  # int32 [B]
-    index_ref,  # int32 [B, K, Mp/64, 64]: block lists, padded to Mp slots
+    starts_ref,  # int32 [B]: cache slot of each row's position 0
+    index_ref,  # int32 [B, K, M]: block lists
     count_ref,  # int32 [B, K]
     # outputs
     out_ref,  # f32 [B, K, splits, 64, H]: each split's normalised partial output
     lse_ref,  # f32 [B, K, splits, 64]: each split's logsumexp, log2 domain (−inf: nothing attended)
     # scratch
-    q_smem,  # [64, H]
-    k_smem,  # [stages, 64, H]
-    v_smem,  # [stages, 64, H]
+    q_smem,  # [H/64, 64, 64]: the query rows, by 64-column half of H
+    k_ring,  # [stages, H/64, 64, 64]: K blocks by half of H (`_ring`: a copy view and a wgmma view)
+    v_ring,  # [stages, H/64, 64, 64]: V blocks, likewise
     out_smem,  # f32 [64, H]
     lse_smem,  # f32 [64]
-    index_smem,  # int32 [Mp/64, 64]
     k_barriers,
     v_barriers,
     q_barrier,
-    index_barrier,
     k_consumed_barriers,
     v_consumed_barriers,
     *,
@@ -129,9 +133,12 @@ def _decode_kernel(
     per_split = lax.div(count + (num_splits - 1), num_splits)
     first = split * per_split
     num_steps = jnp.clip(count - first, 0, per_split)
-    head_dim = q_smem.shape[-1]
+    num_halves = q_smem.shape[0]
+    head_dim = num_halves * BLOCK
     dtype = q_smem.dtype
     scale_log2 = sm_scale * _LOG2E
+    k_copy, k_mma = (k_ring, k_ring) if interpret else k_ring
+    v_copy, v_mma = (v_ring, v_ring) if interpret else v_ring
 
     # Register layouts are Mosaic GPU lowering hints, which jax's GPU interpreter (CPU) cannot lower.
     def full(shape, value, layout):
@@ -143,34 +150,49 @@ def _decode_kernel(
             return lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), dimension)
         return plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), dimension, layout=plgpu.Layout.WGMMA)
 
-    def matmul(a, b_smem, transpose_b=False):
-        """a [64, n] (registers or shared memory) @ b_smem [n, m] (or b_smemᵀ) on the tensor cores, f32."""
+    def scores(slot):
+        """Q Kᵀ of the block in ring slot `slot` on the tensor cores, f32 [64 rows, 64 keys]: one wgmma per half."""
         if interpret:  # the interpreter's wgmma takes no transposed operand
-            a = a if isinstance(a, jax.Array) else a[...]
-            b = b_smem[...].T if transpose_b else b_smem[...]
-            return jnp.dot(a, b, preferred_element_type=jnp.float32)
-        b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem
+            q = jnp.concatenate([q_smem[half] for half in range(num_halves)], axis=-1)  # [64, H]
+            k = jnp.concatenate([k_mma[slot, half] for half in range(num_halves)], axis=-1)  # [64, H]
+            return jnp.dot(q, k.T, preferred_element_type=jnp.float32)
 
         def scoped(acc_ref):
-            plgpu.wgmma(acc_ref, a, b)
+            for half in range(num_halves):
+                plgpu.wgmma(acc_ref, q_smem.at[half], k_mma.at[slot, half].transpose((1, 0)))
             return acc_ref[...]
 
-        return pl.run_scoped(scoped, plgpu.ACC((BLOCK, b.shape[1]), jnp.float32))
+        return pl.run_scoped(scoped, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
+
+    def weighted_values(p16, slot):
+        """p16 [64 rows, 64 keys] @ the V block in ring slot `slot`, f32 [64 rows, H]: one wgmma per half."""
+        if interpret:
+            v = jnp.concatenate([v_mma[slot, half] for half in range(num_halves)], axis=-1)  # [64, H]
+            return jnp.dot(p16, v, preferred_element_type=jnp.float32)
+
+        def scoped(acc_ref):
+            for half in range(num_halves):
+                columns = slice(half * BLOCK, (half + 1) * BLOCK)
+                plgpu.wgmma(acc_ref.at[:, columns], p16, v_mma.at[slot, half])
+            return acc_ref[...]
+
+        return pl.run_scoped(scoped, plgpu.ACC((BLOCK, head_dim), jnp.float32))
 
     def read_block_id(s):
-        slot = first + s
-        return index_smem[lax.div(slot, BLOCK), lax.rem(slot, BLOCK)]
+        """The block id of the split's step s, loaded from the list in global memory."""
+        return index_ref[batch, kv_head, first + s]
 
     @pl.when(wg == 0)
     def _compute_wg():
         plgpu.set_max_registers(232, action="increase")
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, kv_head], q_smem, q_barrier)
+        for half in range(num_halves):
+            columns = pl.ds(half * BLOCK, BLOCK)
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, kv_head, :, columns], q_smem.at[half], q_barrier)
         # Query row r = t·G + g sits at position lengths[b] − T + t and attends keys up to it.
         rows = iota(0)
         cols = iota(1)
         last_position = lengths_ref[batch] - num_queries
         limits = last_position + (lax.div(rows, group) if num_queries > 1 else 0)  # [64, 64]: key ≤ limit
-        plgpu.barrier_wait(index_barrier)
         plgpu.barrier_wait(q_barrier)
 
         m_i = full((BLOCK,), _M_INIT, plgpu.Layout.WGMMA.reduce(1))
@@ -180,10 +202,10 @@ def _decode_kernel(
         def step(s, carry):
             acc, m_i, l_i = carry
             slot = lax.rem(s, num_stages)
-            key_offset = read_block_id(s) * BLOCK
+            key_offset = read_block_id(s) * BLOCK  # position of the block's first key
             plgpu.barrier_wait(k_barriers.at[slot])
 
-            qk = matmul(q_smem, k_smem.at[slot], transpose_b=True)  # [64 rows, 64 keys]
+            qk = scores(slot)  # [64 rows, 64 keys]
             plgpu.barrier_arrive(k_consumed_barriers.at[slot])
             qk = jnp.where(cols + key_offset <= limits, qk * scale_log2, -jnp.inf)
             m_new = jnp.maximum(m_i, qk.max(axis=1))
@@ -194,7 +216,7 @@ def _decode_kernel(
             plgpu.barrier_wait(v_barriers.at[slot])
 
             # PV into a fresh accumulator, added in registers (64 adds per thread; runs in jax's GPU interpreter).
-            pv = matmul(p16, v_smem.at[slot])  # [64 rows, H]
+            pv = weighted_values(p16, slot)  # [64 rows, H]
             plgpu.barrier_arrive(v_consumed_barriers.at[slot])
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l_i
 
@@ -211,23 +233,48 @@ def _decode_kernel(
     @pl.when(wg == 1)
     def _memory_wg():
         plgpu.set_max_registers(40, action="decrease")
-        plgpu.copy_gmem_to_smem(index_ref.at[batch, kv_head], index_smem, index_barrier)
-        plgpu.barrier_wait(index_barrier)
+        row_start = starts_ref[batch]
 
-        def fetch(s, slot):
-            window = (batch, pl.ds(read_block_id(s) * BLOCK, BLOCK), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[window], k_smem.at[slot], k_barriers.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[window], v_smem.at[slot], v_barriers.at[slot])
+        def fetch(ring, barrier, cache_ref, slot, block_id):
+            """Copies block `block_id` of (b, kv head) from `cache_ref` into ring slot `slot`, half by half."""
+            first_key = row_start + block_id * BLOCK  # its first cache slot: dynamic, any alignment
+            for half in range(num_halves):
+                window = (batch, pl.ds(first_key, BLOCK), kv_head, pl.ds(half * BLOCK, BLOCK))
+                plgpu.copy_gmem_to_smem(cache_ref.at[window], ring.at[slot, half], barrier.at[slot])
 
         for s in range(num_stages):
-            pl.when(s < num_steps)(functools.partial(fetch, s, s))
+
+            @pl.when(s < num_steps)
+            def _prologue(s=s):
+                block_id = read_block_id(s)
+                fetch(k_copy, k_barriers, k_ref, s, block_id)
+                fetch(v_copy, v_barriers, v_ref, s, block_id)
 
         @pl.loop(num_stages, jnp.maximum(num_steps, num_stages))
         def _refill(s):
             slot = lax.rem(s, num_stages)
+            block_id = read_block_id(s)  # loaded while the slot's previous block is still in use
             plgpu.barrier_wait(k_consumed_barriers.at[slot])
+            fetch(k_copy, k_barriers, k_ref, slot, block_id)
             plgpu.barrier_wait(v_consumed_barriers.at[slot])
-            fetch(s, slot)
+            fetch(v_copy, v_barriers, v_ref, slot, block_id)
+
+
+def _ring(shape, dtype, *, interpret: bool):
+    """The K (or V) ring [stages, H/64, 64, 64], as (copy view, wgmma view) of the same shared memory.
+
+    The TMA fills it through the copy view: untiled, 128-byte swizzle, so a block's first cache slot may be any
+    integer. wgmma reads it through the wgmma view: (8, 64)-tiled, 128-byte swizzle. A [64, 64] half (64 rows of
+    128 bytes) has the same bytes in both: eight-row tiles of 64 columns are consecutive 128-byte rows, and the
+    swizzle is a function of the shared-memory address. Both views start at the union's first byte (each group of
+    a RefUnion is laid out from offset 0). jax's GPU interpreter has no RefUnion: there one plain buffer serves as
+    both (it ignores layouts).
+    """
+    swizzle = plgpu.SwizzleTransform(128)
+    mma_view = plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, BLOCK)), swizzle))
+    if interpret:
+        return mma_view
+    return plgpu.RefUnion(plgpu.SMEM(shape, dtype, transforms=(swizzle,)), mma_view)
 
 
 def split_partials(
@@ -235,6 +282,7 @@ def split_partials(
     k_cache,
     v_cache,
     lengths,
+    starts,
     index,
     count,
     *,
@@ -245,19 +293,19 @@ def split_partials(
     interpret=None,
 ):
     """Runs the kernel. q [B, K, 64, H]: the T·G query rows of each kv group (row t·G + g), zero-padded;
-    index int32 [B, K, Mp/64, 64]: the block lists padded to Mp slots; `interpret`: jax's GPU interpreter params.
+    starts int32 [B]; index int32 [B, K, M]; `interpret`: jax's GPU interpreter params.
 
     Returns out f32 [B, K, splits, 64, H] and lse f32 [B, K, splits, 64] (log2 domain) per split.
     """
     batch, num_kv_heads, _, head_dim = q.shape
     stages, splits = config.num_stages, config.num_splits
-    tiling = plgpu.TilingTransform((8, 64))
+    halves = head_dim // BLOCK
     swizzle = plgpu.SwizzleTransform(128)
 
-    def body(q_ref, k_ref, v_ref, lengths_ref, index_ref, count_ref, out_ref, lse_ref):
+    def body(q_ref, k_ref, v_ref, lengths_ref, starts_ref, index_ref, count_ref, out_ref, lse_ref):
         kernel = functools.partial(
             _decode_kernel,
-            q_ref, k_ref, v_ref, lengths_ref, index_ref, count_ref, out_ref, lse_ref,
+            q_ref, k_ref, v_ref, lengths_ref, starts_ref, index_ref, count_ref, out_ref, lse_ref,
             sm_scale=sm_scale, num_stages=stages, num_splits=splits, num_queries=num_queries, group=group,
             interpret=interpret is not None,
         )  # fmt: skip
@@ -265,21 +313,20 @@ def split_partials(
         def scoped(smem, barriers):
             kernel(*smem, *barriers)
 
+        ring_shape = (stages, halves, BLOCK, BLOCK)
         pl.run_scoped(
             scoped,
             (
-                plgpu.SMEM((BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle)),
-                plgpu.SMEM((stages, BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle)),
-                plgpu.SMEM((stages, BLOCK, head_dim), q.dtype, transforms=(tiling, swizzle)),
+                plgpu.SMEM((halves, BLOCK, BLOCK), q.dtype, transforms=(plgpu.TilingTransform((8, BLOCK)), swizzle)),
+                _ring(ring_shape, q.dtype, interpret=interpret is not None),
+                _ring(ring_shape, q.dtype, interpret=interpret is not None),
                 plgpu.SMEM((BLOCK, head_dim), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)), swizzle)),
                 plgpu.SMEM((BLOCK,), jnp.float32),
-                plgpu.SMEM(index.shape[-2:], jnp.int32),
             ),
             (
-                plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=1),
-                plgpu.Barrier(num_barriers=1),
+                plgpu.Barrier(num_arrivals=halves, num_barriers=stages),  # one TMA per half of H
+                plgpu.Barrier(num_arrivals=halves, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=halves, num_barriers=1),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages),
             ),
@@ -299,7 +346,7 @@ def split_partials(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=interpret,
-    )(q, k_cache, v_cache, lengths, index, count)
+    )(q, k_cache, v_cache, lengths, starts, index, count)
 
 
 def pack_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -334,26 +381,24 @@ def combine(out_splits: jax.Array, lse_splits_log2: jax.Array, *, num_queries: i
 
 
 def block_sparse_decode_sm90(
-    q, k_cache, v_cache, lengths, block_index, block_count, *, block_size: int, sm_scale: float,
+    q, k_cache, v_cache, lengths, block_index, block_count, *, starts, block_size: int, sm_scale: float,
     config: Config | None = None, interpret=None,
 ):  # fmt: skip
-    """Block-sparse decode on Hopper; the reference's contract. q [B, T, N, H], caches [B, S, K, H], lengths int32
-    [B], block_index int32 [B, K, M], block_count int32 [B, K] → out [B, T, N, H] in q.dtype, lse f32 [B, N, T].
+    """Block-sparse decode on Hopper; the reference's contract. q [B, T, N, H], caches [B, S, K, H], lengths and
+    starts int32 [B], block_index int32 [B, K, M], block_count int32 [B, K] → out [B, T, N, H] in q.dtype, lse f32
+    [B, N, T].
 
     `interpret` (jax's `InterpretGPUParams`) runs the kernel in jax's GPU interpreter on CPU (tests only).
     """
-    num_slots = block_index.shape[-1]
     if interpret is None:
-        check_supported(q, k_cache, num_slots, block_size)
+        check_supported(q, k_cache, block_size)
     batch, num_queries, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
+    num_slots = block_index.shape[-1]
     config = config or default_config(batch=batch, num_kv_heads=num_kv_heads, num_slots=num_slots, head_dim=head_dim)
-    padded_slots = -(-num_slots // BLOCK) * BLOCK
-    index = jnp.pad(block_index, ((0, 0), (0, 0), (0, padded_slots - num_slots)))
-    index = index.reshape(batch, num_kv_heads, padded_slots // BLOCK, BLOCK)  # [B, K, Mp/64, 64]
     out_splits, lse_splits = split_partials(
-        pack_queries(q, num_kv_heads), k_cache, v_cache, lengths, index, block_count,
+        pack_queries(q, num_kv_heads), k_cache, v_cache, lengths, starts, block_index, block_count,
         num_queries=num_queries, group=group, sm_scale=sm_scale, config=config, interpret=interpret,
     )  # fmt: skip
     out, lse = combine(out_splits, lse_splits, num_queries=num_queries, group=group)

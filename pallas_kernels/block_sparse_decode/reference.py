@@ -1,12 +1,16 @@
 """Block-sparse decode attention in pure jnp: the statement of semantics, the test oracle and the CPU path.
 
 Axes: B batch, T query tokens per row (decode steps, ≤ 8), N query heads, K kv heads, G = N / K, H head_dim,
-S cache positions, M slots of the block list.
+S cache slots, M slots of the block list.
 
-Semantics (SeerAttention-R's sparse decode kernels, with right-aligned caches):
-  * Row b's cache holds `lengths[b]` valid positions 0 … lengths[b] − 1; the T queries are its last T tokens, so
-    query t sits at position p(b, t) = lengths[b] − T + t (its own key/value already in the cache) and attends
-    key c iff 0 ≤ c ≤ p(b, t) and c's block c // block_size is selected for (b, kv head of the query head).
+Semantics (SeerAttention-R's sparse decode kernels; a row's tokens may start anywhere in its cache):
+  * Row b's cache holds `lengths[b]` valid positions 0 … lengths[b] − 1; position p lives at cache slot
+    starts[b] + p (starts = 0: right-aligned caches; starts[b] = the row's left padding: a left-padded cache), so
+    starts[b] + lengths[b] ≤ S. Slots outside [starts[b], starts[b] + lengths[b]) are never attended.
+  * The T queries are the row's last T tokens, so query t sits at position p(b, t) = lengths[b] − T + t (its own
+    key/value already in the cache) and attends the key at position c iff 0 ≤ c ≤ p(b, t) and c's block
+    c // block_size is selected for (b, kv head of the query head). Blocks are numbered in positions, not slots:
+    block j covers slots starts[b] + j·block_size …, which need not be aligned to block_size.
   * Query head n belongs to kv head n // G; the G heads of a group share one selection.
   * The selection of (b, k) is the set {block_index[b, k, m] : m < block_count[b, k]}; see `check_decode_index`
     for the contract (distinct, in range, any order, padding ignored).
@@ -67,10 +71,12 @@ def block_sparse_decode(
     block_index: jax.Array,
     block_count: jax.Array,
     *,
+    starts: jax.Array | None = None,
     block_size: int,
     sm_scale: float,
 ) -> tuple[jax.Array, jax.Array]:
-    """q [B, T, N, H], caches [B, S, K, H] → out [B, T, N, H] in q.dtype, lse float32 [B, N, T] (natural log).
+    """q [B, T, N, H], caches [B, S, K, H], starts int32 [B] or None (zeros) → out [B, T, N, H] in q.dtype, lse
+    float32 [B, N, T] (natural log).
 
     Float32 math. See the module docstring for the semantics.
     """
@@ -79,9 +85,12 @@ def block_sparse_decode(
     group = num_q_heads // num_kv_heads
     num_kv_blocks = -(-cache_len // block_size)
     selected = selected_block_mask(block_index, block_count, num_kv_blocks)  # [B, K, J]
-    selected_keys = jnp.repeat(selected, block_size, axis=-1)[..., :cache_len]  # [B, K, S]
+    starts = jnp.zeros_like(lengths) if starts is None else starts
+    key_positions = jnp.arange(cache_len) - starts[:, None]  # [B, S]: the position held by each slot (< 0: before)
+    key_blocks = jnp.clip(key_positions // block_size, 0, num_kv_blocks - 1)  # [B, S]
+    selected_keys = jnp.take_along_axis(selected, key_blocks[:, None, :], axis=-1)  # [B, K, S]
     positions = lengths[:, None] - num_queries + jnp.arange(num_queries)  # [B, T]
-    causal = jnp.arange(cache_len) <= positions[..., None]  # [B, T, S]
+    causal = (key_positions[:, None, :] >= 0) & (key_positions[:, None, :] <= positions[..., None])  # [B, T, S]
     allowed = selected_keys[:, :, None, :] & causal[:, None, :, :]  # [B, K, T, S]
 
     qg = q.astype(jnp.float32).reshape(batch, num_queries, num_kv_heads, group, head_dim)  # [B, T, K, G, H]

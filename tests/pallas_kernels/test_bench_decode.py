@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from pallas_kernels import bench
 
 
@@ -22,3 +24,29 @@ def test_bench_decode_reference_on_cpu(tmp_path, capsys):
     for key in list(rows)[1:]:
         assert rows[key]["ms"] > 0 and rows[key]["gbps"] > 0 and rows[key]["speedup_vs_best_dense"] > 0
     assert "sparse 0.90" in capsys.readouterr().out
+
+
+def _profiled_run(tmp_path, implementation: str) -> dict:
+    flags = ["--shapes", "h64", "--batches", "1", "--contexts", "4096", "--sparsities", "0", "0.9", "--profile"]
+    flags += ["--runs", "1", "--warmup", "1", "--steps", "3", "--implementation", implementation]
+    path = bench.main(["--decode", *flags, "--output-dir", str(tmp_path)])
+    return {row["case"] + " " + row["implementation"]: row for row in json.loads(path.read_text())["rows"]}
+
+
+def test_bench_decode_profile_without_gpu_leaves_device_time_empty(tmp_path):
+    rows = _profiled_run(tmp_path, "reference")
+    assert rows["sparse 0.90 reference"]["ms"] > 0
+    assert all(row["device_ms"] is None and row["kernels"] is None for row in rows.values())
+
+
+@pytest.mark.gpu
+def test_bench_decode_profile_on_gpu(tmp_path):
+    """The device trace gives each case a time per step below its wall time per step, and the kernels it ran."""
+    rows = _profiled_run(tmp_path, "mosaic")
+    for row in rows.values():
+        if row["ms"] is None:  # cuDNN may decline
+            continue
+        assert 0 < row["device_ms"] <= row["ms"] and row["device_gbps"] > 0 and row["device_speedup_vs_best_dense"] > 0
+        assert row["kernels"] and all(launches > 0 for launches, _ in row["kernels"].values())  # XLA may hoist
+    sparse = rows["sparse 0.90 mosaic"]
+    assert sum(us for _, us in sparse["kernels"].values()) <= 1e3 * sparse["device_ms"] * 1.01  # busy ≤ span

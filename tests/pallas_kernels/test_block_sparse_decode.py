@@ -1,6 +1,10 @@
 """block_sparse_decode: one test body per property, run against every implementation (reference on CPU, the
 Mosaic GPU kernel on the H200 via the `gpu` marker). Expected values come from a float64 NumPy oracle written
-from the semantics, independently of `reference`."""
+from the semantics, independently of `reference`.
+
+Rows start at per-row cache slots (`starts`, a left-padded cache): one at slot 0, one whose tokens end at the
+cache's last slot (its last block runs past S when its length is not a multiple of 64), one at a random slot; the
+slots outside each row's tokens hold large random values, which change the result if ever attended."""
 
 import dataclasses
 import zlib
@@ -25,7 +29,9 @@ BLOCK = 64
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecodeCase:
     """q [B, T, N, H], caches [B, S, K, H]; `lengths` per row; `density`: fraction of each row's valid blocks
-    selected (the partial last block always is, as the model side does); `empty`: (b, k) pairs with count 0."""
+    selected (the partial last block always is, as the model side does); `empty`: (b, k) pairs with count 0;
+    `starts`: "rows" (row b starts at slot 0, at S − lengths[b] or at a random slot, as b % 3) or "zero"
+    (starts=None: right-aligned)."""
 
     name: str
     num_queries: int
@@ -36,6 +42,7 @@ class DecodeCase:
     lengths: tuple[int, ...]
     density: float = 0.5
     empty: tuple[tuple[int, int], ...] = ()
+    starts: str = "rows"
 
     @property
     def batch(self) -> int:
@@ -55,6 +62,10 @@ CASES = (
                lengths=(256, 70), density=0.7),
     DecodeCase(name="g1_h64_t2", num_queries=2, num_q_heads=4, num_kv_heads=4, head_dim=64, cache_len=192,
                lengths=(2, 191), empty=((0, 3), (1, 1))),
+    DecodeCase(name="g4_h64_t1_s1000", num_queries=1, num_q_heads=8, num_kv_heads=2, head_dim=64, cache_len=1000,
+               lengths=(999, 333, 64, 130)),
+    DecodeCase(name="g4_h128_t1_right_aligned", num_queries=1, num_q_heads=4, num_kv_heads=1, head_dim=128,
+               cache_len=320, lengths=(320, 77), starts="zero"),
 )  # fmt: skip
 GPU_CASES = (
     DecodeCase(name="llama3_8b_t32768_sparse90", num_queries=1, num_q_heads=32, num_kv_heads=8, head_dim=128,
@@ -75,20 +86,38 @@ def _rng(request) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
-def _qkv(request, case: DecodeCase, dtype):
-    q_key, k_key, v_key = jax.random.split(harness.case_key(request), 3)
+def _starts(rng, case: DecodeCase):
+    """int32 [B] per `case.starts`, or None for "zero"."""
+    if case.starts == "zero":
+        return None
+    starts = []
+    for b, length in enumerate(case.lengths):
+        room = case.cache_len - length
+        starts.append((0, room, int(rng.integers(0, room + 1)))[b % 3])
+    return jnp.asarray(starts, jnp.int32)
+
+
+def _qkv(request, case: DecodeCase, dtype, starts=None):
+    """Fresh random q, k, v; with `starts`, the cache slots outside each row's tokens hold values 30× larger."""
+    q_key, k_key, v_key, garbage_key = jax.random.split(harness.case_key(request), 4)
     q_shape = (case.batch, case.num_queries, case.num_q_heads, case.head_dim)
     kv_shape = (case.batch, case.cache_len, case.num_kv_heads, case.head_dim)
     scale = SCORE_STD**0.5
     q = scale * jax.random.normal(q_key, q_shape, jnp.float32)
     k = scale * jax.random.normal(k_key, kv_shape, jnp.float32)
     v = jax.random.normal(v_key, kv_shape, jnp.float32)
+    if starts is not None:
+        slots = jnp.arange(case.cache_len) - starts[:, None]  # [B, S]: position of each slot
+        inside = ((slots >= 0) & (slots < jnp.asarray(case.lengths)[:, None]))[..., None, None]  # [B, S, 1, 1]
+        garbage = 30.0 * jax.random.normal(garbage_key, (2, *kv_shape), jnp.float32)
+        k, v = jnp.where(inside, k, garbage[0]), jnp.where(inside, v, garbage[1])
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
-def _selection(rng, case: DecodeCase, *, num_slots=None):
+def _selection(rng, case: DecodeCase, *, num_slots=None, beyond=True):
     """Random shuffled block lists, padded with -1: the partial last block always, each other valid block with
-    probability `density`, and now and then a block wholly beyond the row's length (it must contribute nothing)."""
+    probability `density`, and now and then (if `beyond`) a block wholly past the row's length (it must contribute
+    nothing; with `starts`, its window may lie partly or wholly past the cache's last slot)."""
     num_blocks = -(-case.cache_len // BLOCK)
     num_slots = num_slots or num_blocks
     index = np.full((case.batch, case.num_kv_heads, num_slots), -1, np.int32)
@@ -99,7 +128,7 @@ def _selection(rng, case: DecodeCase, *, num_slots=None):
             if (b, k) in case.empty:
                 continue
             chosen = [j for j in range(valid_blocks - 1) if rng.random() < case.density] + [valid_blocks - 1]
-            if valid_blocks < num_blocks and rng.random() < 0.3:
+            if beyond and valid_blocks < num_blocks and rng.random() < 0.3:
                 chosen.append(int(rng.integers(valid_blocks, num_blocks)))
             chosen = rng.permutation(np.asarray(chosen[:num_slots], np.int32))
             index[b, k, : len(chosen)] = chosen
@@ -107,11 +136,12 @@ def _selection(rng, case: DecodeCase, *, num_slots=None):
     return jnp.asarray(index), jnp.asarray(count)
 
 
-def _oracle(q, k, v, lengths, index, count, sm_scale):
+def _oracle(q, k, v, lengths, index, count, sm_scale, starts=None):
     """float64 NumPy: out [B, T, N, H], lse [B, N, T] straight from the semantics, one query at a time."""
     q, k, v = (np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64) for x in (q, k, v))
     index, count = np.asarray(index), np.asarray(count)
     batch, num_queries, num_q_heads, _ = q.shape
+    starts = np.zeros(batch, int) if starts is None else np.asarray(starts)
     group = num_q_heads // k.shape[2]
     out, lse = np.zeros(q.shape), np.full((batch, num_q_heads, num_queries), -np.inf)
     for b in range(batch):
@@ -120,7 +150,7 @@ def _oracle(q, k, v, lengths, index, count, sm_scale):
             keys = np.concatenate([np.arange(j * BLOCK, (j + 1) * BLOCK) for j in blocks] or [np.zeros(0, int)])
             for t in range(num_queries):
                 position = lengths[b] - num_queries + t
-                attended = keys[(keys <= position) & (keys < k.shape[1])]
+                attended = starts[b] + keys[keys <= position]  # cache slots of the attended positions
                 if attended.size == 0:
                     continue
                 scores = k[b, attended, n // group] @ q[b, t, n] * sm_scale
@@ -130,9 +160,12 @@ def _oracle(q, k, v, lengths, index, count, sm_scale):
     return out, lse
 
 
-def _dense_decode(q, k, v, lengths, sm_scale):
+def _dense_decode(q, k, v, lengths, sm_scale, starts=None):
     """Plain jnp dense decode over each row's valid cache (causal among the T queries): out [B, T, N, H]."""
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    if starts is not None:  # row b's position p at index p; what wraps around lands at positions ≥ its length
+        k = jax.vmap(lambda row, start: jnp.roll(row, -start, axis=0))(k, starts)
+        v = jax.vmap(lambda row, start: jnp.roll(row, -start, axis=0))(v, starts)
     group = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # [B, S, N, H]
     scores = jnp.einsum("btnh,bsnh->btns", q, k, precision=jax.lax.Precision.HIGHEST) * sm_scale
@@ -143,6 +176,8 @@ def _dense_decode(q, k, v, lengths, sm_scale):
 
 
 def _run(implementation, q, k, v, lengths, index, count, **kwargs):
+    """The op with its lse, on device memory poisoned with NaN first."""
+
     def decode():
         return block_sparse_decode(
             q, k, v, lengths, index, count, return_lse=True, implementation=implementation, **kwargs
@@ -154,11 +189,13 @@ def _run(implementation, q, k, v, lengths, index, count, **kwargs):
 
 @pytest.mark.parametrize(("implementation", "case"), _cases(CASES, GPU_CASES))
 def test_matches_oracle(request, implementation, case):
-    q, k, v = _qkv(request, case, harness.DTYPES[implementation])
+    rng = _rng(request)
+    starts = _starts(rng, case)
+    q, k, v = _qkv(request, case, harness.DTYPES[implementation], starts)
     lengths = jnp.asarray(case.lengths, jnp.int32)
-    index, count = _selection(_rng(request), case)
-    out, lse = _run(implementation, q, k, v, lengths, index, count)
-    expected_out, expected_lse = _oracle(q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5)
+    index, count = _selection(rng, case)
+    out, lse = _run(implementation, q, k, v, lengths, index, count, starts=starts)
+    expected_out, expected_lse = _oracle(q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5, starts)
     assert out.dtype == q.dtype and out.shape == q.shape
     tolerance = harness.TOLERANCES[q.dtype]
     harness.assert_close(out, expected_out, tolerance, "out")
@@ -168,11 +205,13 @@ def test_matches_oracle(request, implementation, case):
 @pytest.mark.parametrize(("implementation", "case"), _cases(CASES[3:5], GPU_CASES[:1]))
 def test_all_blocks_equals_dense_decode(request, implementation, case):
     """Sparsity 0 (every block selected, shuffled) is dense decode attention over the valid cache."""
-    q, k, v = _qkv(request, case, harness.DTYPES[implementation])
+    rng = _rng(request)
+    starts = _starts(rng, case)
+    q, k, v = _qkv(request, case, harness.DTYPES[implementation], starts)
     lengths = jnp.asarray(case.lengths, jnp.int32)
-    index, count = _selection(_rng(request), dataclasses.replace(case, density=1.0, empty=()))
-    out = block_sparse_decode(q, k, v, lengths, index, count, implementation=implementation)
-    expected = _dense_decode(q, k, v, lengths, case.head_dim**-0.5)
+    index, count = _selection(rng, dataclasses.replace(case, density=1.0, empty=()))
+    out = block_sparse_decode(q, k, v, lengths, index, count, starts=starts, implementation=implementation)
+    expected = _dense_decode(q, k, v, lengths, case.head_dim**-0.5, starts)
     valid = np.asarray(lengths)[:, None] - case.num_queries + np.arange(case.num_queries) >= 0  # [B, T]
     expected = np.where(valid[..., None, None], np.asarray(expected), 0.0)  # no key at all: 0
     harness.assert_close(out, expected, harness.TOLERANCES[q.dtype], "out")
@@ -181,13 +220,35 @@ def test_all_blocks_equals_dense_decode(request, implementation, case):
 @pytest.mark.parametrize("implementation", harness.IMPLEMENTATIONS)
 def test_nothing_selected_gives_zeros(request, implementation):
     case = CASES[1]
-    q, k, v = _qkv(request, case, harness.DTYPES[implementation])
+    starts = _starts(_rng(request), case)
+    q, k, v = _qkv(request, case, harness.DTYPES[implementation], starts)
     lengths = jnp.asarray(case.lengths, jnp.int32)
     index = jnp.full((case.batch, case.num_kv_heads, 4), -1, jnp.int32)
     count = jnp.zeros((case.batch, case.num_kv_heads), jnp.int32)
-    out, lse = _run(implementation, q, k, v, lengths, index, count)
+    out, lse = _run(implementation, q, k, v, lengths, index, count, starts=starts)
     np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), 0.0)
     assert np.isneginf(np.asarray(lse)).all()
+
+
+@pytest.mark.parametrize(("implementation", "case"), _cases(CASES[:4], GPU_CASES[:1]))
+def test_left_padded_equals_right_aligned(request, implementation, case):
+    """The same tokens at slots starts[b] + p (left-padded) and at slots p (starts=None) give the same result."""
+    rng = _rng(request)
+    right_case = dataclasses.replace(case, starts="zero")
+    starts = _starts(rng, case)
+    zeros = jnp.zeros((case.batch,), jnp.int32)
+    q, k, v = _qkv(request, right_case, harness.DTYPES[implementation], zeros)  # garbage past each row's length
+    lengths = jnp.asarray(case.lengths, jnp.int32)
+    index, count = _selection(rng, case)
+    shift = jax.vmap(lambda row, start: jnp.roll(row, start, axis=0))  # slot p → slot starts[b] + p
+    left = _run(implementation, q, shift(k, starts), shift(v, starts), lengths, index, count, starts=starts)
+    right = _run(implementation, q, k, v, lengths, index, count)
+    same = dict(rtol=1e-5, atol=1e-6)  # the same keys in another slot order (XLA's sums), or bit-identical blocks
+    for left_array, right_array in zip(left, right, strict=True):
+        left_array, right_array = (np.asarray(x.astype(jnp.float32)) for x in (left_array, right_array))
+        assert np.isfinite(right_array[right_array != -np.inf]).all()
+        np.testing.assert_allclose(left_array, right_array, **same)
+    assert (np.asarray(starts) % BLOCK).any()  # some row's blocks straddle two 64-slot tiles
 
 
 @pytest.mark.parametrize("implementation", harness.IMPLEMENTATIONS)
@@ -228,6 +289,16 @@ def test_contract_violations_raise():
         block_sparse_decode(q, k, v, lengths + 100, duplicate.at[..., 1].set(1), count)
     with pytest.raises(ValueError, match="T"):
         block_sparse_decode(jnp.tile(q, (1, 9, 1, 1)), k, v, lengths, duplicate.at[..., 1].set(1), count)
+    index = duplicate.at[..., 1].set(1)
+    room = case.cache_len - lengths
+    with pytest.raises(ValueError, match="starts"):
+        block_sparse_decode(q, k, v, lengths, index, count, starts=(room + 1).astype(jnp.int32))
+    with pytest.raises(ValueError, match="starts"):
+        block_sparse_decode(q, k, v, lengths, index, count, starts=jnp.full_like(lengths, -1))
+    with pytest.raises(ValueError, match="starts"):
+        block_sparse_decode(q, k, v, lengths, index, count, starts=room.astype(jnp.int16))
+    out = block_sparse_decode(q, k, v, lengths, index, count, starts=room)  # rows ending at the last slot: fine
+    assert np.isfinite(np.asarray(out)).all()
 
 
 def _qkv_plain(case):
@@ -255,19 +326,24 @@ def test_implementation_choice():
 
 @pytest.mark.slow
 def test_kernel_in_gpu_interpreter(request):
-    """The Mosaic GPU kernel's pipeline, split-K and masking in jax's GPU interpreter (CPU): 2 splits, T = 2."""
+    """The Mosaic GPU kernel's pipeline, split-K and masking in jax's GPU interpreter (CPU): 2 splits, T = 2,
+    head_dim 128 (two halves), rows starting at slots 0 and 5. The interpreter does not model the TMA's zero fill
+    past the cache's end, so no selected window runs past it here (the gpu-marked cases cover that)."""
     if dispatch.hopper_available():
         pytest.skip("the compiled kernel runs on this machine (the gpu-marked cases)")
     interpret = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
-    case = DecodeCase(name="interpret", num_queries=2, num_q_heads=4, num_kv_heads=1, head_dim=64, cache_len=256,
+    case = DecodeCase(name="interpret", num_queries=2, num_q_heads=4, num_kv_heads=1, head_dim=128, cache_len=320,
                       lengths=(200, 2), density=0.6)  # fmt: skip
-    q, k, v = _qkv(request, case, jnp.bfloat16)
+    starts = jnp.asarray([0, 5], jnp.int32)
+    q, k, v = _qkv(request, case, jnp.bfloat16, starts)
     lengths = jnp.asarray(case.lengths, jnp.int32)
-    index, count = _selection(_rng(request), case)
+    index, count = _selection(_rng(request), case, beyond=False)  # windows end by slot 5 + 255 < 320
     out, lse = kernel_sm90.block_sparse_decode_sm90(
-        q, k, v, lengths, index, count, block_size=BLOCK, sm_scale=case.head_dim**-0.5,
+        q, k, v, lengths, index, count, starts=starts, block_size=BLOCK, sm_scale=case.head_dim**-0.5,
         config=kernel_sm90.Config(num_splits=2, num_stages=2), interpret=interpret.InterpretGPUParams(),
     )  # fmt: skip
-    expected_out, expected_lse = _oracle(q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5)
+    expected_out, expected_lse = _oracle(
+        q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5, np.asarray(starts)
+    )
     harness.assert_close(out, expected_out, 1e-2, "out")
     harness.assert_lse_close(lse, expected_lse, 1e-2)
