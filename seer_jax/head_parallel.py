@@ -26,6 +26,7 @@ from pallas_kernels.block_sparse_attention import (
     block_sparse_attention,
     block_sparse_attention_implementation,
 )
+from pallas_kernels.block_sparse_decode import block_sparse_decode
 from seer_jax.attention import dot_product_attention
 from seer_jax.sharding import BATCH_AXES, HEAD_AXIS
 
@@ -38,6 +39,30 @@ def block_sparse_attention_per_device(q: jax.Array, k: jax.Array, v: jax.Array, 
         return block_sparse_attention(q, k, v, block_mask=block_mask)
 
     return per_device_heads(attention, [(q, "BTNH"), (k, "BSKH"), (v, "BSKH"), (block_mask, "BNIJ")], "BTNH")
+
+
+def block_sparse_decode_per_device(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    block_index: jax.Array,
+    block_count: jax.Array,
+    starts: jax.Array,
+    *,
+    block_size: int,
+) -> jax.Array:
+    """`block_sparse_decode` (q [B, N, H], caches [B, S, K, H], lengths and starts int32 [B], block_index int32
+    [B, K, M], block_count int32 [B, K]) → [B, N, H], each device on its rows and heads."""
+
+    def attention(q, k_cache, v_cache, lengths, block_index, block_count, starts):
+        return block_sparse_decode(
+            q, k_cache, v_cache, lengths, block_index, block_count, starts=starts, block_size=block_size
+        )
+
+    layouts = ["BNH", "BSKH", "BSKH", "B", "BKM", "BK", "B"]
+    arrays = (q, k_cache, v_cache, lengths, block_index, block_count, starts)
+    return per_device_heads(attention, list(zip(arrays, layouts, strict=True)), "BNH")
 
 
 def sparse_prefill_implementation(

@@ -60,9 +60,13 @@ from seer_jax.block_scores import SOURCES, ScoreInputs
 from seer_jax.config import ModelConfig
 from seer_jax.decode_gate import DecodeAttnGate
 from seer_jax.decode_scores import DECODE_SOURCES, DecodeScoreInputs
-from seer_jax.decode_selection import available_blocks, decode_key_mask, select_decode_blocks
+from seer_jax.decode_selection import available_blocks, decode_block_index, decode_key_mask, select_decode_blocks
 from seer_jax.gate import AttnGate, GateParam
-from seer_jax.head_parallel import attention_with_pooling_per_device, block_sparse_attention_per_device
+from seer_jax.head_parallel import (
+    attention_with_pooling_per_device,
+    block_sparse_attention_per_device,
+    block_sparse_decode_per_device,
+)
 from seer_jax.k_compression import KCompressionCache, append_token, compress_prompt
 from seer_jax.model import Attention, CausalLM
 from seer_jax.seer_config import SeerConfig
@@ -192,13 +196,45 @@ class SeerAttention(Attention):
             )
             scores = DECODE_SOURCES[decode.source](inputs)  # [B, K, J], or [B, N, J] per query head (quest)
             block_mask = select_decode_blocks(scores, lengths, decode)  # like scores
-            allowed = decode_key_mask(block_mask, key_mask, decode.block_size)  # [B, K or N, S]
-            out = self._attend_selected(q_rot, k_cache, v_cache, allowed)  # [B, 1, N, H]
+            if block_mask.shape[1] == self.num_kv_heads:
+                out = self._attend_blocks(q_rot, k_cache, v_cache, block_mask, key_mask)  # [B, 1, N, H]
+            else:  # per query head: the decode kernel shares a selection by the query heads of a kv head
+                allowed = decode_key_mask(block_mask, key_mask, decode.block_size)  # [B, N, S]
+                out = self._attend_selected(q_rot, k_cache, v_cache, allowed)  # [B, 1, N, H]
             selected, available = jnp.sum(block_mask), block_mask.shape[1] * available
         collected = {}
         if "decode_blocks" in collect:
             collected["decode_blocks"] = jnp.stack([selected, available]).astype(jnp.float32)  # [2]
         return out, state, collected
+
+    def _attend_blocks(
+        self, q_rot: jax.Array, k_cache: jax.Array, v_cache: jax.Array, block_mask: jax.Array, key_mask: jax.Array
+    ) -> jax.Array:
+        """Rotated q [B, 1, N, H] over the blocks selected per kv head (bool [B, K, J], each row's own block
+        coordinates) of the left-padded cache [B, S, K, H] (real slots `key_mask` [B, S]) → [B, 1, N, H].
+
+        `pallas_kernels.block_sparse_decode` reads the selected blocks only: row b's real tokens are contiguous from
+        its first real slot (left padding, then every decoded token), so that slot is the row's `starts` and its
+        own block j is slots starts + j · block_size ….
+        """
+        decode = self.seer_config.decode
+        lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)  # [B]
+        starts = jnp.argmax(key_mask, axis=-1).astype(jnp.int32)  # [B] the first real slot
+        index, count = decode_block_index(block_mask, self._max_selected_blocks(block_mask.shape[-1]))
+        out = block_sparse_decode_per_device(
+            q_rot[:, 0], k_cache, v_cache, lengths, index, count, starts, block_size=decode.block_size
+        )  # [B, N, H]
+        return out[:, None]  # [B, 1, N, H]
+
+    def _max_selected_blocks(self, num_blocks: int) -> int:
+        """The most blocks a step can select out of `num_blocks` (the decode kernel's block-list length): the
+        token budget's plus the forced ones under "token_budget", all of them otherwise."""
+        decode = self.seer_config.decode
+        if decode.method != "token_budget":
+            return num_blocks
+        window_blocks = -(-decode.sliding_window // decode.block_size) + 1 if decode.sliding_window else 0
+        forced = 1 + int(decode.force_sink) + window_blocks
+        return min(num_blocks, decode.budget_blocks + forced)
 
     def _attend_selected(
         self, q_rot: jax.Array, k_cache: jax.Array, v_cache: jax.Array, allowed: jax.Array
@@ -207,9 +243,9 @@ class SeerAttention(Attention):
         [B, K, S] (per kv head, shared by its query heads) or [B, N, S] (per query head).
 
         Dense attention under each head's key mask, the mask's heads folded into the batch (per query head, each
-        query head gets its own copy of its kv head's keys and values). Exact, O(S) per step;
-        `pallas_kernels.block_sparse_decode` on `decode_block_index(block_mask)` reads the selected blocks only (per
-        kv head).
+        query head gets its own copy of its kv head's keys and values). Exact, O(S) per step: the path of
+        per-query-head selections (Quest), which the decode kernel does not serve; per-kv-head selections go
+        through `_attend_blocks`.
         """
         batch, _, num_q_heads, head_dim = q_rot.shape
         num_keys, num_kv_heads = k_cache.shape[1:3]

@@ -1,6 +1,8 @@
 """Decode score sources and their selections against brute-force NumPy on a left-padded, ragged batch; per-query-head
 masks in the sparse decode attention against per-head masked attention."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,7 @@ from seer_jax.decode_scores import (
     streaming_decode_scores,
 )
 from seer_jax.decode_selection import decode_key_mask, select_decode_blocks
-from tests.seer_jax.decode_models import decode_model
+from tests.seer_jax.decode_models import DECODE, decode_model
 
 BLOCK = 4
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
@@ -224,3 +226,27 @@ def test_quest_key_mask_is_per_query_head():
         assert not allowed[b, [0, 3]].any()
         np.testing.assert_array_equal(np.flatnonzero(allowed[b, 1]), blocks[0])
         np.testing.assert_array_equal(np.flatnonzero(allowed[b, 2]), blocks[1] if len(blocks) > 1 else [])
+
+
+@pytest.mark.parametrize("budget_blocks", [2, 100], ids=["budget", "all"])
+def test_attend_blocks_reads_each_rows_own_blocks_of_a_left_padded_cache(budget_blocks):
+    """The decode-kernel path (`block_sparse_decode` with each row's first real slot as its start) against NumPy
+    attention over the slots of the selected own blocks, on a left-padded ragged cache with empty slots after the
+    real tokens; selections as the token budget makes them (at most budget + forced blocks)."""
+    decode = dataclasses.replace(DECODE, token_budget=budget_blocks * DECODE.block_size)
+    layer = decode_model(decode).model.layers[0].self_attn
+    num_q_heads, num_kv_heads, head_dim = layer.num_q_heads, layer.num_kv_heads, layer.head_dim
+    block = decode.block_size
+    rng = np.random.default_rng(5)
+    padding, lengths, slots = np.asarray([0, 21, 40]), np.asarray([70, 49, 17]), 80
+    key_mask = (np.arange(slots)[None] >= padding[:, None]) & (np.arange(slots)[None] < (padding + lengths)[:, None])
+    q = rng.standard_normal((3, 1, num_q_heads, head_dim)).astype(np.float32)
+    k, v = rng.standard_normal((2, 3, slots, num_kv_heads, head_dim)).astype(np.float32)
+    scores = rng.standard_normal((3, num_kv_heads, -(-slots // block))).astype(np.float32)
+    block_mask = select_decode_blocks(jnp.asarray(scores), jnp.asarray(lengths, jnp.int32), decode)  # [B, K, J]
+    out = layer._attend_blocks(*(jnp.asarray(x) for x in (q, k, v, block_mask, key_mask)))
+    allowed = np.asarray(decode_key_mask(block_mask, jnp.asarray(key_mask), block))  # [B, K, S]
+    assert (allowed.sum(-1) < key_mask.sum(-1)[:, None]).any() == (budget_blocks == 2)
+    per_q_head = np.repeat(allowed, num_q_heads // num_kv_heads, axis=1)  # [B, N, S]
+    expected = numpy_masked_attention(q[:, 0], k, v, per_q_head)
+    np.testing.assert_allclose(np.asarray(out)[:, 0], expected, rtol=1e-5, atol=1e-5)
