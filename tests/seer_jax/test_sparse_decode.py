@@ -2,13 +2,22 @@
 budgets change tokens but stay finite and match teacher-forced decoding; left-padded rows decode as alone; the
 decode density report; prefill dense or sparse × decode dense or sparse under jit."""
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from pallas_kernels.block_sparse_decode import block_sparse_decode_implementation
+from seer_jax.decode_config import DecodeConfig
+from seer_jax.decode_selection import decode_key_mask
 from seer_jax.forwards import decode_logits_and_density
+from seer_jax.gate import GateConfig
 from seer_jax.generate import generate
+from seer_jax.seer import SeerAttention, seer_from_base
+from seer_jax.seer_config import SeerConfig
 from tests.seer_jax.decode_models import (
     DECODE,
     DECODE_BLOCK,
@@ -19,7 +28,7 @@ from tests.seer_jax.decode_models import (
     padded_batch,
     with_decode,
 )
-from tests.seer_jax.tiny_models import TINY
+from tests.seer_jax.tiny_models import HOPPER_TINY, TINY, hopper_base_model
 
 PROMPT, NEW = 40, 30  # rows of 40 and 27 real tokens; 30 new tokens cross two block boundaries in each row
 # One block chosen by top-k, no sink: every step of layer 1 attends 1 or 2 blocks of up to 5, so generation changes;
@@ -95,3 +104,44 @@ def test_prefill_and_decode_combinations_under_jit(prefill, decode):
         _, density = decode_logits_and_density(model, tokens, mask, jnp.asarray(generated))
         expected = expected_density(np.asarray([150, 130]), 8, chosen=1)
         np.testing.assert_allclose(np.asarray(density), [1.0, expected], rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_mosaic_decode_kernel_in_the_model(monkeypatch):
+    """On Hopper (bf16, head_dim 128, 64-token blocks) sparse decode steps run the Mosaic decode kernel: with a
+    budget covering the context the teacher-forced log-probs equal dense decoding's, and with a small budget those
+    of the masked dense attention over the same blocks."""
+    base = hopper_base_model()
+    decode = DecodeConfig(hidden_size=128, block_size=64, qk_norm=True, token_budget=10**6)
+    structure = dict(gate=GateConfig(hidden_size=128), selection=DENSE_PREFILL)
+    tokens, mask = padded_batch(300, padding=(0, 77))
+    continuation = jnp.asarray(np.random.default_rng(0).integers(3, HOPPER_TINY.vocab_size, (2, 40)), jnp.int32)
+    q = jax.ShapeDtypeStruct((2, HOPPER_TINY.num_q_heads, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 340, HOPPER_TINY.num_kv_heads, 128), jnp.bfloat16)
+    index = jax.ShapeDtypeStruct((2, HOPPER_TINY.num_kv_heads, 6), jnp.int32)
+    count, lengths = jax.ShapeDtypeStruct(index.shape[:2], jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
+    assert block_sparse_decode_implementation(q, kv, kv, lengths, index, count, starts=lengths) == "mosaic"
+
+    def log_probs(decode_config):
+        model = seer_from_base(base, SeerConfig(decode=decode_config, **structure), rngs=nnx.Rngs(1))
+        logits, density = nnx.jit(decode_logits_and_density)(model, tokens, mask, continuation)
+        return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32))), np.asarray(density)
+
+    full, full_density = log_probs(decode)
+    dense, _ = log_probs(None)
+    np.testing.assert_array_equal(full_density, 1.0)
+    np.testing.assert_allclose(full, dense, atol=5e-2)
+
+    small = dataclasses.replace(decode, token_budget=128)
+    kernel, density = log_probs(small)
+    assert float(density.max()) < 1.0
+    monkeypatch.setattr(  # the same selections through the masked dense path
+        SeerAttention,
+        "_attend_blocks",
+        lambda self, q, k, v, blocks, key_mask: self._attend_selected(
+            q, k, v, decode_key_mask(blocks, key_mask, small.block_size)
+        ),
+    )
+    masked, masked_density = log_probs(small)
+    np.testing.assert_array_equal(density, masked_density)
+    np.testing.assert_allclose(kernel, masked, atol=5e-2)
