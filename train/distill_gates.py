@@ -27,6 +27,7 @@ from pathlib import Path
 
 from seer_jax.gate import GateConfig
 from seer_jax.model_path import resolve_model_path
+from seer_jax.multihost import is_primary
 from train.data import LoaderConfig
 from train.demo.corpus import DemoCorpusConfig, build_demo_corpus
 from train.demo.model import DemoModelConfig, pretrain_demo_model
@@ -122,7 +123,8 @@ def run_evaluation(config: EvalConfig, out_dir: Path) -> None:
     log.info("%s", config)
     result = evaluate(config, progress=evaluation_progress)
     paths = result.write(out_dir)
-    print(result.to_markdown(), flush=True)
+    if is_primary():  # one table per job
+        print(result.to_markdown(), flush=True)
     log.info("wrote %s", ", ".join(str(path) for path in paths.values()))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from seer_jax.attention import IMPLEMENTATIONS
 from seer_jax.model_path import resolve_model_path
+from seer_jax.multihost import is_primary
 from train.flags import add_mesh_arguments, mesh_from_args
 from train.perplexity import DTYPES, METHODS, EvalConfig, evaluate
 from train.progress import configure_logging, evaluation_progress
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as error:  # CheckpointError is a ValueError
         raise SystemExit(f"error: {error}") from None
     log.info("wrote %s", ", ".join(str(path) for path in paths.values()))
-    print(result.to_markdown())
+    if is_primary():  # one table per job
+        print(result.to_markdown())
 
 
 if __name__ == "__main__":

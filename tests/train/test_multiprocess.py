@@ -37,7 +37,7 @@ from seer_jax.model import CausalLM
 from seer_jax.seer import seer_from_base
 from seer_jax.seer_config import SeerConfig
 from tests.seer_jax.tiny_models import random_module
-from tests.train.test_distill import MODEL_CONFIG
+from tests.train.test_distill import MODEL_CONFIG as DISTILL_MODEL_CONFIG
 from tests.train.tiny import write_docs
 from train.distill_gates import main as distill_main
 from train.eval_ppl import main as eval_main
@@ -47,11 +47,13 @@ from train.trainer import read_metrics
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        jax.device_count() < 8,
-        reason="the single-process references need 8 devices (tests/conftest.py splits the CPU into 8)",
+        jax.default_backend() != "cpu" or jax.device_count() < 8,
+        reason="the one-process references run on 8 CPU devices (tests/conftest.py splits the CPU into 8), as the "
+        "jobs do",
     ),
 ]
 
+MODEL_CONFIG = {**DISTILL_MODEL_CONFIG, "num_hidden_layers": 1}  # one layer: each job compiles faster
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).with_name("multiprocess_cli.py")
 PROCESSES, DEVICES_PER_PROCESS = 2, 4
@@ -122,12 +124,15 @@ def _run_job(module: str, args: list, work: Path, *, sigterm_after_step: int | N
     return outputs
 
 
-def _check_process_0_reports(outputs: list[str], logger: str) -> None:
-    """Process 0 logs and draws the bar; the others only warn (gloo's own lines aside)."""
-    assert f"{logger}: " in outputs[0]
+def _check_process_0_reports(outputs: list[str], logger: str, *, table: bool = False) -> None:
+    """Process 0 logs, draws the bar (and prints the evaluation table); the others only warn (gloo's own lines
+    aside)."""
+    bars = ("step/s", "s/step", "forward/s", "s/forward")
+    assert f"{logger}: " in outputs[0] and any(bar in outputs[0] for bar in bars)
+    assert ("| dense |" in outputs[0]) == table
     for output in outputs[1:]:
-        assert f"{logger}: " not in output and "train.trainer: " not in output and "it/s]" not in output
-        assert "step/s" not in output and "s/step" not in output and "forward/s" not in output
+        assert f"{logger}: " not in output and "train.trainer: " not in output and "| dense |" not in output
+        assert not any(bar in output for bar in bars)
 
 
 def _losses(out_dir: Path) -> dict[str, list[float]]:
@@ -219,7 +224,7 @@ def test_evaluation_matches_one_process(inputs, tmp_path):
     common = [*data, "--gates", root / "gates", "--cache-dir", root / "cache", "--lengths", "128", "--num-docs", "4",
               "--batch-size", "4", "--methods", "dense", "gate", "oracle", "--nz-ratios", "0.5"]  # fmt: skip
     args = [*common, "--out", tmp_path / "job", "--mesh", "data=2,fsdp=2,tensor=2"]
-    _check_process_0_reports(_run_job("train.eval_ppl", args, tmp_path), "train.eval_ppl")
+    _check_process_0_reports(_run_job("train.eval_ppl", args, tmp_path), "train.eval_ppl", table=True)
     eval_main([*map(str, common), "--out", str(tmp_path / "one")])
     got, want = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("job", "one"))
     assert [row["method"] for row in got["rows"]] == ["dense", "gate", "oracle"]
@@ -236,3 +241,10 @@ def _model_weights(model_dir: Path) -> dict[str, np.ndarray]:
 
 def _hf_weights(hf_dir: Path) -> dict[str, np.ndarray]:
     return load_file(hf_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("flag", [["--coordinator", "localhost:1234"], ["--num-processes", "2"], ["--process-id", "0"]])
+def test_job_flags_need_distributed(inputs, tmp_path, flag):
+    _, data = inputs
+    with pytest.raises(SystemExit, match=f"error: {flag[0]} needs --distributed"):
+        distill_main([*data, "--out", str(tmp_path / "run"), "--mesh", "data=2", *flag])
