@@ -3,10 +3,10 @@
     --data PATH...                   document files or directories (`train.documents`)
     --tokenizer-dir, --text-field, --corpus-cache
     --mesh data=1,fsdp=2,tensor=2    run on a device mesh (`seer_jax.sharding`); left out: one device
-    --distributed                    first join a multi-process job (`jax.distributed.initialize()`, which reads the
-                                     cluster's environment: SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS & co.)
-    --coordinator HOST:PORT          ... or is told the coordinator (process 0's address and a free port),
-    --num-processes N --process-id I the number of processes and this one's index (where no cluster says them)
+    --distributed                    first join a multi-process job (`jax.distributed.initialize()`, which reads a
+                                     cluster's environment: SLURM, Open MPI, ...); elsewhere also
+    --coordinator HOST:PORT          process 0's address and a free port (or JAX_COORDINATOR_ADDRESS),
+    --num-processes N --process-id I the number of processes and this one's index
 
 The mesh spans every device of every process; its axis sizes must multiply to that count. Every process runs the
 same command and reads the same data; process 0 alone logs at INFO, shows progress and writes the run's files
@@ -60,7 +60,7 @@ def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
 def mesh_from_args(args: argparse.Namespace, log: logging.Logger) -> MeshConfig | None:
     """Joins the multi-process job when asked, parses `--mesh` (ValueError on a bad one) and logs it once on `log`.
 
-    In a job of several processes, the others than process 0 log warnings and errors only.
+    In a job of several processes, every process but process 0 logs warnings and errors only.
     """
     given = [flag for flag in ("coordinator", "num_processes", "process_id") if getattr(args, flag) is not None]
     if given and not args.distributed:
