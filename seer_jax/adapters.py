@@ -76,12 +76,12 @@ from seer_jax.gate import GateParam
 from seer_jax.hf_weights import CheckpointError
 from seer_jax.model import CausalLM
 from seer_jax.model_path import ModelPathError, resolve_model_path
+from seer_jax.multihost import is_primary, shared_staging_dir, sync, to_host
 from seer_jax.official_format import DECODE_MARKER, official_kind, seer_config_from_official
 from seer_jax.orbax_errors import READ_ERRORS, describe_read_error
 from seer_jax.seer import SeerCausalLM, seer_with_abstract_gates
 from seer_jax.seer_config import SeerConfig
 from seer_jax.sparsity import Selection
-from seer_jax.staging import new_staging_dir
 
 ADAPTER_FILE = "seer_adapter.json"
 ORBAX_DIR = "gates"
@@ -209,7 +209,7 @@ def save_adapter(
         sparse selection of the model).
 
     Everything goes to a temporary sibling that is renamed at the end, so a failure never leaves a directory that
-    looks complete.
+    looks complete. In a multi-process job every process calls this; process 0 writes (`seer_jax.multihost`).
     """
     if weights not in ("orbax", "safetensors"):
         raise ValueError(f"weights must be 'orbax' or 'safetensors', got {weights!r}")
@@ -222,15 +222,15 @@ def save_adapter(
     directory = Path(directory).absolute()
     if directory.exists():
         raise CheckpointError(f"{directory} already exists; choose a new adapter directory or remove it")
-    tensors = gate_tensors(model)
+    tensors = {name: to_host(value) for name, value in gate_tensors(model).items()}  # gathered: every process
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = new_staging_dir(directory)
+    staging = shared_staging_dir(directory)
     try:
         if weights == "orbax":
             with ocp.StandardCheckpointer() as checkpointer:
                 checkpointer.save(staging / ORBAX_DIR, tensors)
                 checkpointer.wait_until_finished()
-        else:
+        elif is_primary():
             safetensors.flax.save_file(tensors, str(staging / SAFETENSORS_FILE))
         listing = {name: {"shape": list(value.shape), "dtype": str(value.dtype)} for name, value in tensors.items()}
         measured = {
@@ -247,8 +247,10 @@ def save_adapter(
             "tensors": listing,
             "base_identity": base_identity(model),
         }
-        (staging / ADAPTER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        staging.rename(directory)
+        if is_primary():
+            (staging / ADAPTER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+            staging.rename(directory)
+        sync(f"save_adapter {directory}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

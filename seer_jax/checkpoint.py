@@ -27,9 +27,9 @@ from seer_jax.config import ModelConfig
 from seer_jax.hf_weights import CheckpointError, load_hf_state
 from seer_jax.model import CausalLM
 from seer_jax.model_files import copy_model_files
+from seer_jax.multihost import is_primary, shared_staging_dir, sync
 from seer_jax.orbax_errors import READ_ERRORS, describe_read_error
 from seer_jax.sharding import logical_rules, tree_shardings
-from seer_jax.staging import new_staging_dir
 
 MARKER_FILE = "seer_jax.json"
 PARAMS_DIR = "params"
@@ -112,8 +112,11 @@ def _restore_converted(path: Path, state: nnx.State, shardings: nnx.State | None
         )
     saved_dtype = jnp.dtype(marker["param_dtype"])
     abstract = nnx.to_pure_dict(state)
-    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, saved_dtype), abstract)
-    if shardings is not None:  # Orbax reads each device's shard straight into place
+    # Orbax reads each device's shard straight into place. Without a mesh, every array goes whole to this process's
+    # first device: left unsaid, Orbax would place it as it was saved, on devices (and processes) of another run.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, saved_dtype, sharding=device), abstract)
+    if shardings is not None:
         target = jax.tree.map(
             lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
             target,
@@ -134,7 +137,8 @@ def save_converted(model: CausalLM, out_dir: str | Path, *, hf_dir: str | Path) 
     """Writes `model`'s parameters, `hf_dir`'s config.json and tokenizer files to `out_dir` (see module docstring).
 
     Everything is written to a temporary sibling directory that is renamed to `out_dir` at the end, so a failure
-    never leaves a directory that looks complete. `out_dir` must not exist.
+    never leaves a directory that looks complete. `out_dir` must not exist. In a multi-process job every process
+    calls this (each writes its own shards of the parameters; process 0 the rest, `seer_jax.multihost`).
     """
     out_dir, hf_dir = Path(out_dir).absolute(), Path(hf_dir)
     if out_dir.exists():
@@ -144,16 +148,18 @@ def save_converted(model: CausalLM, out_dir: str | Path, *, hf_dir: str | Path) 
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(params)}
     if len(dtypes) != 1:
         raise ValueError(f"all parameters must share one dtype to be saved, got {sorted(map(str, dtypes))}")
-    staging = new_staging_dir(out_dir)
+    staging = shared_staging_dir(out_dir)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with ocp.StandardCheckpointer() as checkpointer:  # in a multi-process job, each process writes its shards
             checkpointer.save(staging / PARAMS_DIR, params)
             checkpointer.wait_until_finished()
-        shutil.copyfile(hf_dir / "config.json", staging / "config.json")
-        copy_model_files(hf_dir, staging)
-        marker = {"format": FORMAT_VERSION, "param_dtype": str(dtypes.pop())}
-        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        staging.rename(out_dir)
+        if is_primary():
+            shutil.copyfile(hf_dir / "config.json", staging / "config.json")
+            copy_model_files(hf_dir, staging)
+            marker = {"format": FORMAT_VERSION, "param_dtype": str(dtypes.pop())}
+            (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+            staging.rename(out_dir)
+        sync(f"save_converted {out_dir}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -10,7 +10,9 @@ with tied embeddings has no `lm_head` parameter, so none is written, as `save_pr
 
 Shards hold at most `max_shard_bytes` (one tensor larger than that gets a shard of its own); tensors are cast and
 moved to the host one shard at a time. Everything is written to a temporary sibling directory that is renamed to
-`out_dir` at the end, so a failure never leaves a directory that looks complete.
+`out_dir` at the end, so a failure never leaves a directory that looks complete. In a multi-process job every
+process calls `save_hf`: each tensor is gathered from the processes holding its shards, and process 0 writes
+(`seer_jax.multihost`).
 """
 
 import json
@@ -28,7 +30,7 @@ from seer_jax.config import ModelConfig
 from seer_jax.hf_weights import INDEX_FILE, SINGLE_FILE, CheckpointError, hf_name_to_state_path, state_path_to_hf_name
 from seer_jax.model import CausalLM
 from seer_jax.model_files import copy_model_files
-from seer_jax.staging import new_staging_dir
+from seer_jax.multihost import is_primary, shared_staging_dir, sync, to_host
 
 EXPORT_DTYPES = ("bfloat16", "float32")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # save_pretrained's default shard size
@@ -64,14 +66,16 @@ def save_hf(
         raise CheckpointError(f"{out_dir} already exists; choose a new output directory or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors = _hf_tensors(model)
-    staging = new_staging_dir(out_dir)
+    staging = shared_staging_dir(out_dir)
     try:
         _write_weights(staging, tensors, jnp.dtype(dtype), max_shard_bytes)
-        config = {key: value for key, value in hf_config.items() if key != "torch_dtype"}
-        (staging / "config.json").write_text(json.dumps({**config, "dtype": dtype}, indent=2) + "\n")
-        if copy_from is not None:
-            copy_model_files(copy_from, staging)
-        staging.rename(out_dir)
+        if is_primary():
+            config = {key: value for key, value in hf_config.items() if key != "torch_dtype"}
+            (staging / "config.json").write_text(json.dumps({**config, "dtype": dtype}, indent=2) + "\n")
+            if copy_from is not None:
+                copy_model_files(copy_from, staging)
+            staging.rename(out_dir)
+        sync(f"save_hf {out_dir}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -111,10 +115,11 @@ def _write_weights(
         arrays = {}
         for name, variable, transpose in shard:
             value = variable.get_value()
-            arrays[name] = jnp.asarray(value.T if transpose else value, dtype)
+            arrays[name] = to_host(jnp.asarray(value.T if transpose else value, dtype))  # cast on the devices
             weight_map[name] = file_name
             total_size += arrays[name].size * dtype.itemsize
-        save_file(arrays, staging / file_name, metadata={"format": "pt"})
-    if len(shards) > 1:
+        if is_primary():
+            save_file(arrays, staging / file_name, metadata={"format": "pt"})
+    if len(shards) > 1 and is_primary():
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -152,6 +152,6 @@ def distill(
     if result.stopped_by is not None:  # half-trained gates are not exported as if final; resume to finish
         return DistillResult(model=model, train=result, adapter_dir=None)
     if adapter_dir.exists():  # a resumed run that had already finished: replace its adapter with this one
-        shutil.rmtree(adapter_dir)
+        shutil.rmtree(adapter_dir, ignore_errors=True)  # each process of a multi-process job tries
     save_adapter(model, adapter_dir, base_model=str(config.model), weights="safetensors")
     return DistillResult(model=model, train=result, adapter_dir=adapter_dir)

@@ -8,8 +8,8 @@ and writes the gate adapter to `OUT/adapter` (load it with `seer_jax.adapters.lo
 SIGINT/SIGTERM save a checkpoint and stop with exit status 130/143 without writing the adapter (`--resume` finishes
 the run and writes it). `--eval-data FILES` then measures perplexity vs. block density (`train.perplexity`)
 into `OUT/eval`.
-`--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains on several devices (`seer_jax.sharding`);
-`--distributed` joins a multi-host job first.
+`--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains and evaluates on several devices
+(`seer_jax.sharding`); `--distributed` joins a multi-process job first (`train.flags`).
 
 With no `--model`, it runs the embedded demo end to end, with no download: a small Llama pretrained on the
 running interpreter's standard-library sources (`train.demo`, cached in `--demo-cache`, default
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from seer_jax.gate import GateConfig
 from seer_jax.model_path import resolve_model_path
+from seer_jax.multihost import is_primary
 from train.data import LoaderConfig
 from train.demo.corpus import DemoCorpusConfig, build_demo_corpus
 from train.demo.model import DemoModelConfig, pretrain_demo_model
@@ -122,7 +123,8 @@ def run_evaluation(config: EvalConfig, out_dir: Path) -> None:
     log.info("%s", config)
     result = evaluate(config, progress=evaluation_progress)
     paths = result.write(out_dir)
-    print(result.to_markdown(), flush=True)
+    if is_primary():  # one table per job
+        print(result.to_markdown(), flush=True)
     log.info("wrote %s", ", ".join(str(path) for path in paths.values()))
 
 
@@ -153,6 +155,7 @@ def run_demo(args: argparse.Namespace) -> None:
         gates=config.adapter_dir,
         cache_dir=config.corpus.cache_dir,
         seed=args.seed,
+        mesh=config.mesh,
         **DEMO_EVAL,
     )
     run_evaluation(eval_config, out / "eval")
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                 cache_dir=args.corpus_cache,
                 lengths=tuple(args.eval_lengths),
                 seed=args.seed,
+                mesh=config.mesh,  # the distillation's devices, every process of a multi-process job included
             )
             run_evaluation(eval_config, args.out / "eval")
     except (ValueError, OSError, TrainingDivergedError) as error:

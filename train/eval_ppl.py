@@ -133,6 +133,7 @@ def parse_selection(text: str) -> "Selection":
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from seer_jax.model_path import resolve_model_path
+    from seer_jax.multihost import is_primary
     from train.decode_perplexity import DecodeBudget
     from train.flags import mesh_from_args
     from train.perplexity import EvalConfig, evaluate
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as error:  # CheckpointError is a ValueError
         raise SystemExit(f"error: {error}") from None
     log.info("wrote %s", ", ".join(str(path) for path in paths.values()))
-    print(result.to_markdown())
+    if is_primary():  # one table per job
+        print(result.to_markdown())
 
 
 if __name__ == "__main__":

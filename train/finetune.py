@@ -57,6 +57,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         raise ValueError("--yarn-original-max-positions needs --yarn-factor")
     elif args.yarn_replace_scaling:
         raise ValueError("--yarn-replace-scaling needs --yarn-factor")
+    mesh = mesh_from_args(args, log)  # joining a multi-process job must come before anything asks JAX
     return FinetuneConfig(
         model_dir=args.model,
         init_config=args.init_config,
@@ -84,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
             resume=args.resume,
         ),
         compute_dtype=args.dtype,
-        attention_implementation=args.attention,
+        attention_implementation=args.attention or ("cudnn" if jax.default_backend() == "gpu" else "xla"),
         remat=args.remat,
         yarn=yarn,
         seed=args.seed,
@@ -98,7 +99,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
             gate_loss_scale=args.gate_loss_scale,
             allow_other_base=args.allow_other_base,
         ),
-        mesh=mesh_from_args(args, log),
+        mesh=mesh,
     )
 
 
@@ -125,7 +126,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--attention",
         choices=IMPLEMENTATIONS,
-        default="cudnn" if jax.default_backend() == "gpu" else "xla",
         help="attention implementation (default: cudnn on GPUs, else xla)",
     )
     parser.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass")

@@ -3,11 +3,14 @@
     --data PATH...                   document files or directories (`train.documents`)
     --tokenizer-dir, --text-field, --corpus-cache
     --mesh data=1,fsdp=2,tensor=2    run on a device mesh (`seer_jax.sharding`); left out: one device
-    --distributed                    first join a multi-host job (`jax.distributed.initialize()`, which reads the
-                                     cluster's environment: SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS & co.)
+    --distributed                    first join a multi-process job (`jax.distributed.initialize()`, which reads a
+                                     cluster's environment: SLURM, Open MPI, ...); elsewhere also
+    --coordinator HOST:PORT          process 0's address and a free port (or JAX_COORDINATOR_ADDRESS),
+    --num-processes N --process-id I the number of processes and this one's index
 
-The mesh spans every device of every process; its axis sizes must multiply to that count. jax is imported only when
-a mesh is parsed, so that a CLI's `--help` needs none.
+The mesh spans every device of every process; its axis sizes must multiply to that count. Every process runs the
+same command and reads the same data; process 0 alone logs at INFO, shows progress and writes the run's files
+(`seer_jax.multihost`). jax is imported only when a mesh is parsed, so that a CLI's `--help` needs none.
 """
 
 import argparse
@@ -40,18 +43,38 @@ def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
         "device",
     )
     parser.add_argument(
-        "--distributed", action="store_true", help="join a multi-host job first (jax.distributed.initialize)"
+        "--distributed", action="store_true", help="join a multi-process job first (jax.distributed.initialize)"
+    )
+    parser.add_argument(
+        "--coordinator",
+        help="with --distributed: process 0's HOST:PORT (default: JAX_COORDINATOR_ADDRESS or the cluster's)",
+    )
+    parser.add_argument(
+        "--num-processes", type=int, help="with --distributed: processes in the job (default: the cluster's)"
+    )
+    parser.add_argument(
+        "--process-id", type=int, help="with --distributed: this process's index (default: the cluster's)"
     )
 
 
 def mesh_from_args(args: argparse.Namespace, log: logging.Logger) -> "MeshConfig | None":
-    """Joins the multi-host job when asked, parses `--mesh` (ValueError on a bad one) and logs it once on `log`."""
+    """Joins the multi-process job when asked, parses `--mesh` (ValueError on a bad one) and logs it once on `log`.
+
+    In a job of several processes, every process but process 0 logs warnings and errors only.
+    """
     import jax
 
     from seer_jax.sharding import MeshConfig, build_mesh
 
+    given = [flag for flag in ("coordinator", "num_processes", "process_id") if getattr(args, flag) is not None]
+    if given and not args.distributed:
+        raise ValueError(f"--{given[0].replace('_', '-')} needs --distributed")
     if args.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+        )
+        if jax.process_index() != 0:
+            logging.getLogger("train").setLevel(logging.WARNING)
     if args.mesh is None:
         return None
     config = MeshConfig.parse(args.mesh)

@@ -52,6 +52,7 @@ from seer_jax.base_identity import check_base_identity
 from seer_jax.checkpoint import save_converted
 from seer_jax.config import ModelConfig
 from seer_jax.hf_export import EXPORT_DTYPES, save_hf
+from seer_jax.multihost import is_primary
 from seer_jax.seer import base_of
 from seer_jax.sharding import MeshConfig, build_mesh, check_batch_size
 from seer_jax.sparsity import Selection
@@ -283,8 +284,9 @@ def _prepare_out_dir(
     out_dir.mkdir(parents=True, exist_ok=True)
     resuming = config.loop.resume and (out_dir / CHECKPOINTS_DIR).is_dir()
     store_run_config(out_dir / RUN_CONFIG_FILE, config, resume=resuming, may_change=may_change_on_resume(config))
-    config_path.write_text(json.dumps(hf_config, indent=2) + "\n")
-    tokenizer.save_pretrained(str(out_dir))
+    if is_primary():  # every process has read config.json: store_run_config waits for them all
+        config_path.write_text(json.dumps(hf_config, indent=2) + "\n")
+        tokenizer.save_pretrained(str(out_dir))
 
 
 def _read_json(path: Path) -> Any:

@@ -50,6 +50,7 @@ from seer_jax.forwards import logits_and_density
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.head_parallel import sparse_prefill_implementation
 from seer_jax.model import CausalLM
+from seer_jax.multihost import to_host
 from seer_jax.seer import SeerCausalLM, seer_with_abstract_gates
 from seer_jax.seer_config import BLOCK_SOURCES, SeerConfig
 from seer_jax.sharding import MeshConfig, batch_rows, build_mesh, logical_rules, shard_batch, tree_shardings
@@ -371,10 +372,10 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[Any]], Iterable
             tokens = _place(batches[task.length][task.batch], mesh)
             start = time.perf_counter()
             if task.setting.method == "dense":
-                nll = np.asarray(_dense_nll(base, tokens))
+                nll = to_host(_dense_nll(base, tokens))
                 density = np.ones((model_config.num_layers, model_config.num_q_heads))
             else:
-                nll, density = (np.asarray(x) for x in _sparse_nll(sparse_models[task.setting], tokens))
+                nll, density = (to_host(x) for x in _sparse_nll(sparse_models[task.setting], tokens))
             seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
             _check_finite(nll, task)
             doc_nll.setdefault(key, []).append(nll)

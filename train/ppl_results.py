@@ -24,6 +24,8 @@ from typing import Any, Literal
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
+from seer_jax.multihost import is_primary, sync
+
 Sparsity = Literal["dense", "nz_ratio", "threshold", "token_budget", "context_fraction"]
 JSON_FILE = "results.json"
 MARKDOWN_FILE = "ppl_vs_density.md"
@@ -255,11 +257,14 @@ class EvalResult:
         figure.savefig(path, dpi=120)
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        """Writes results.json, ppl_vs_density.md and ppl_vs_density.png into `out_dir` (created if missing)."""
+        """Writes results.json, ppl_vs_density.md and ppl_vs_density.png into `out_dir` (created if missing); in a
+        multi-process job, process 0 writes them and the others wait until it has."""
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         paths = {"json": out_dir / JSON_FILE, "markdown": out_dir / MARKDOWN_FILE, "plot": out_dir / PLOT_FILE}
-        paths["json"].write_text(self.to_json())
-        paths["markdown"].write_text(self.to_markdown())
-        self.plot(paths["plot"])
+        if is_primary():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            paths["json"].write_text(self.to_json())
+            paths["markdown"].write_text(self.to_markdown())
+            self.plot(paths["plot"])
+        sync(f"EvalResult.write {out_dir}")
         return paths

@@ -1,7 +1,8 @@
 """Progress reporting for the CLIs: their log lines, a tqdm bar over training steps and one over evaluation forwards.
 
 Library code takes a callback (`on_step` of `train.trainer.fit`, `progress` of `train.perplexity.evaluate`) and
-never prints; the CLIs pass these.
+never prints; the CLIs pass these. In a multi-process job only process 0 draws the bars (`seer_jax.multihost`); the
+others' log level is set where they join the job (`train.flags`).
 """
 
 import logging
@@ -10,6 +11,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
+from seer_jax.multihost import is_primary
 from train.trainer import StepRecord
 
 Task = TypeVar("Task")
@@ -27,7 +29,7 @@ def configure_logging() -> None:
 
 def training_progress(total_steps: int) -> tuple[tqdm, Callable[[StepRecord], None]]:
     """A tqdm bar over steps and the `on_step` callback that advances it and shows loss and tokens/s."""
-    bar = tqdm(total=total_steps, unit="step", desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, unit="step", desc="train", dynamic_ncols=True, disable=not is_primary())
 
     def on_step(record: StepRecord) -> None:
         # The postfix first: `update` draws the bar, which would otherwise show the previous step's loss.
@@ -39,7 +41,7 @@ def training_progress(total_steps: int) -> tuple[tqdm, Callable[[StepRecord], No
 
 def evaluation_progress(tasks: Sequence[Task]) -> Iterable[Task]:
     """Yields `tasks` (e.g. `train.perplexity.EvalTask`s) under a tqdm bar that shows the current one."""
-    bar = tqdm(tasks, desc="eval", unit="forward", dynamic_ncols=True)
+    bar = tqdm(tasks, desc="eval", unit="forward", dynamic_ncols=True, disable=not is_primary())
     for task in bar:
         bar.set_postfix_str(str(task))
         yield task

@@ -20,13 +20,16 @@ from collections.abc import Collection
 from pathlib import Path, PurePath
 from typing import Any
 
+from seer_jax.multihost import is_primary, sync
+
 _MISSING = "(absent)"
 
 
 def store_run_config(path: Path, config: Any, *, resume: bool, may_change: Collection[str] = ()) -> None:
     """Writes the dataclass `config` as JSON to `path`; when `resume` and `path` holds an earlier run's
     configuration, first raises ValueError naming every changed field not in `may_change` (dotted field names;
-    a name also covers the fields nested under it)."""
+    a name also covers the fields nested under it). In a multi-process job every process checks and process 0
+    writes, once all have read the file."""
     current = _flat(json.loads(json.dumps(dataclasses.asdict(config), default=_jsonable)))
     if resume and path.is_file():
         try:
@@ -44,8 +47,10 @@ def store_run_config(path: Path, config: Any, *, resume: bool, may_change: Colle
                 f"{'; '.join(changed)}. Resume with the same settings (only {', '.join(sorted(may_change))} may "
                 "change), or start a new run in another directory"
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dataclasses.asdict(config), indent=2, default=_jsonable) + "\n")
+    sync(f"store_run_config {path}")  # in a multi-process job, every process has read the file before it changes
+    if is_primary():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dataclasses.asdict(config), indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> str:

@@ -12,9 +12,10 @@ are rebuilt from the base model (or the seeded random init) each time the run st
 meaningful together with the model it was trained from. `data` is the loader's `LoaderState` after the last batch
 the saved step consumed. `elapsed_seconds` is the wall time spent training up to that step, across resumes.
 
-Arrays sharded over a mesh (`train.trainer.fit(..., mesh=...)`) are saved shard by shard, each process writing
-its own; `restore` reads into the template's shardings, so a checkpoint written on one mesh restores on another
-(or on one device).
+Arrays sharded over a mesh (`train.trainer.fit(..., mesh=...)`) are saved shard by shard, each process of a
+multi-process job writing its own into the one directory (which all of them must see: a shared file system);
+`restore` reads into the template's shardings, so a checkpoint written on one mesh restores on another, on another
+number of processes, or on one device.
 
 Orbax writes a step to a temporary directory and renames it when complete, so an interrupted save is never read
 back; the last `keep` completed steps are kept. A completed step whose files were damaged later (a truncated copy,
@@ -28,6 +29,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from seer_jax.multihost import is_primary, sync
 from seer_jax.orbax_errors import READ_ERRORS, describe_read_error
 from train.data import LoaderState
 from train.train_step import TrainState
@@ -101,12 +103,14 @@ class TrainCheckpointer:
                 return self.restore(step, template)
             except READ_ERRORS as error:
                 aside = self.directory.parent / DAMAGED_DIR / str(step)
-                aside.parent.mkdir(exist_ok=True)
                 for copy in range(1, 1000):  # an earlier damaged step of this number was set aside already
                     if not aside.exists():
                         break
                     aside = aside.with_name(f"{step}.{copy}")
-                (self.directory / str(step)).rename(aside)
+                if is_primary():
+                    aside.parent.mkdir(exist_ok=True)
+                    (self.directory / str(step)).rename(aside)
+                sync(f"set aside damaged checkpoint {step}")
                 self._manager.reload()
                 damaged.append(step)
                 _log.warning(

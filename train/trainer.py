@@ -23,6 +23,9 @@
   leaves either a complete checkpoint or none.
 * **Divergence.** A non-finite loss or gradient norm raises `TrainingDivergedError` before anything of that step
   is saved, so the newest checkpoint is the last good state.
+* **Several processes** (`jax.distributed`, see `seer_jax.multihost`): every process runs the loop on the same
+  batches (each places only its own devices' rows), writes its shards of each checkpoint, and stops at the same
+  step when a signal reaches any of them; process 0 alone writes `metrics.jsonl`.
 * **Metrics.** Every `log_every` steps (and at the last step) one JSON line is appended to `out_dir/metrics.jsonl`:
   `step`, the step's own `loss`, `grad_norm`, `lr` and any other metric the step returns (null where NaN/inf:
   the file is strict JSON), `tokens_per_second` over the steps since the previous line, and `elapsed_seconds` of
@@ -35,6 +38,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -48,6 +52,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from seer_jax.multihost import is_primary, max_over_processes
 from seer_jax.sharding import logical_rules, shard_batch, shard_model, tree_shardings
 from train.data import LoaderState
 from train.train_checkpoints import TrainCheckpointer
@@ -208,11 +213,12 @@ def run_training(
             latest = int(state.step)
             _log.info("resuming from the checkpoint of step %d in %s", latest, checkpointer.directory)
         start_step = int(state.step)
-        _truncate_metrics(metrics_path, after_step=start_step)
+        if is_primary():
+            _truncate_metrics(metrics_path, after_step=start_step)
         checkpoint_step = latest
         last_record, stopped_by = None, None
         loader = make_loader(data)
-        with metrics_path.open("a") as metrics_file:
+        with metrics_path.open("a") if is_primary() else open(os.devnull, "w") as metrics_file:
             step = start_step
             batch, position = (next(loader), loader.state) if step < config.total_steps else (None, data)
             run_start = window_start = time.perf_counter()
@@ -226,7 +232,7 @@ def run_training(
                 step += 1
                 now = time.perf_counter()
                 window_tokens += tokens
-                stopping = stop.signal_name  # one decision per step, whenever the signal arrives
+                stopping = stop.agreed_signal_name()  # one decision per step, whenever the signal arrives
                 last_record = StepRecord(
                     step=step,
                     metrics=metrics,
@@ -252,7 +258,7 @@ def run_training(
                 if stopping:
                     stopped_by = stopping
                     break
-    stopped_by = stopped_by or stop.signal_name  # a signal after the last step's decision, during the final save
+    stopped_by = stopped_by or stop.agreed_signal_name()  # a signal after the last step's decision, in the final save
     return TrainResult(
         state=state,
         start_step=start_step,
@@ -334,6 +340,12 @@ class _StopRequest:
 
     def __exit__(self, *exc_info) -> None:
         self._restore()
+
+    def agreed_signal_name(self) -> str | None:
+        """`signal_name`, agreed by every process of a multi-process job (a collective): a signal that reached any
+        of them stops them all at the same step, so none waits in a step or a save that the others skip."""
+        signum = max_over_processes(0 if self.signal_name is None else signal.Signals[self.signal_name].value)
+        return None if signum == 0 else signal.Signals(signum).name
 
     def _handle(self, signum: int, frame) -> None:
         self.signal_name = signal.Signals(signum).name
