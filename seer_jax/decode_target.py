@@ -96,6 +96,8 @@ def decode_target(
     queries = queries.transpose(1, 0, 2, 3, 4, 5)  # [chunks, B, chunk, K, G, H]
     key_positions = jnp.arange(num_blocks * block_size)  # [S']
     scale = head_dim**-0.5
+    # float32 inputs: float32 products for real (on GPU XLA would use TF32); bf16 products are exact in float32.
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
     def one_chunk(index_and_queries):
         index, chunk_queries = index_and_queries  # chunk_queries [B, chunk, K, G, H]
@@ -104,7 +106,7 @@ def decode_target(
             "brkgh,bskh->bkgrs",
             chunk_queries,
             keys,
-            precision=jax.lax.Precision.HIGHEST,
+            precision=precision,
             preferred_element_type=jnp.float32,
         )  # [B, K, G, chunk, S']
         scores = jnp.where(key_positions <= rows[:, None], scores * scale, -jnp.inf)
