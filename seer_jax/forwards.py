@@ -5,8 +5,11 @@ fine-tuning call.
     logits_and_density(model, tokens, mask)        logits and that density from one prefill (PPL at a density)
     decode_logits_and_density(model, tokens, mask, continuation)   teacher-forced sparse decoding, as `generate`
     distillation_inputs(model, tokens, mask)       per layer the gate's features and its pooled-attention target
+    decode_distillation_inputs(model, tokens, mask)   per layer the decode gate's features and per-token target
+    joint_distillation_inputs(model, tokens, mask)    both gates' distillation inputs from one forward
     sparse_training_forward(model, tokens)         logits, gate logits and targets of the block-sparse forward
     gate_logits(model, features)                   each layer's gate logits from its features (differentiable)
+    decode_gate_logits(model, features)            each layer's decode-gate logits on every token (differentiable)
 """
 
 from collections.abc import Mapping, Sequence
@@ -14,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from seer_jax.decode_target import DecodeFeatures, training_logits
 from seer_jax.gate import GateFeatures
 from seer_jax.seer import DECODE_COLLECTABLE, SeerCausalLM
 
@@ -108,4 +112,45 @@ def gate_logits(model: SeerCausalLM, features: Sequence[GateFeatures]) -> tuple[
         raise ValueError(f"expected GateFeatures for each of the {len(layers)} layers, got {len(features)}")
     return tuple(
         layer.self_attn.attn_gate.score(layer_features) for layer, layer_features in zip(layers, features, strict=True)
+    )
+
+
+def decode_distillation_inputs(
+    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None = None
+) -> tuple[tuple[DecodeFeatures, ...], tuple[jax.Array, ...]]:
+    """Per layer, the decode gate's `DecodeFeatures` and its per-token target f32 [B, K, T, J]
+    (`seer_jax.decode_target`), row-aligned, from the model's own forward (give it a dense prefill selection, as
+    `distillation_inputs`, to distil against the base model). Call it outside the differentiated function; the loss
+    needs only `decode_gate_logits(model, features)` and the targets."""
+    _, collected = _collect(model, tokens, attention_mask, ("decode_features", "decode_target"))
+    return tuple(layer["decode_features"] for layer in collected), tuple(layer["decode_target"] for layer in collected)
+
+
+def joint_distillation_inputs(
+    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None = None
+) -> tuple[
+    tuple[tuple[GateFeatures, ...], tuple[jax.Array, ...]], tuple[tuple[DecodeFeatures, ...], tuple[jax.Array, ...]]
+]:
+    """(`distillation_inputs`, `decode_distillation_inputs`) from one forward: both gates distil together."""
+    names = ("gate_features", "target", "decode_features", "decode_target")
+    _, collected = _collect(model, tokens, attention_mask, names)
+    prefill = tuple(layer["gate_features"] for layer in collected), tuple(layer["target"] for layer in collected)
+    decode = (
+        tuple(layer["decode_features"] for layer in collected),
+        tuple(layer["decode_target"] for layer in collected),
+    )
+    return prefill, decode
+
+
+def decode_gate_logits(model: SeerCausalLM, features: Sequence[DecodeFeatures]) -> tuple[jax.Array, ...]:
+    """Each layer's decode-gate logits f32 [B, K, T, J] on every token, from its `DecodeFeatures`
+    (`seer_jax.decode_target.training_logits`: blocks not completed before a token are masked)."""
+    layers = model.model.layers
+    if len(features) != len(layers):
+        raise ValueError(f"expected DecodeFeatures for each of the {len(layers)} layers, got {len(features)}")
+    if model.seer_config.decode is None:
+        raise ValueError("the model has no decode gates (seer_config.decode is None)")
+    return tuple(
+        training_logits(layer.self_attn.decode_gate, layer_features)
+        for layer, layer_features in zip(layers, features, strict=True)
     )

@@ -36,6 +36,10 @@ What else a layer produces is asked for by name (`CausalLM.forward(..., collect=
                      target (docs/design.md, "Distillation"); no gradient flows into it
     "density"        f32 [N], the fraction of causal blocks computed over the query blocks holding real tokens
     "block_mask"     bool [B, N, I, J], the computed blocks in each row's own block coordinates
+With a decode config, a layer also collects its decode gate's distillation inputs (`seer_jax.decode_target`), in
+row-aligned coordinates whatever the prefill computes:
+    "decode_features"  the decode gate's `DecodeFeatures` (pre-RoPE q, pooled k blocks, row lengths)
+    "decode_target"    the per-token target f32 [B, K, T, J] (no gradient flows into it)
 On a decode step a layer collects `DECODE_COLLECTABLE`:
     "decode_blocks"  f32 [2]: the blocks attended and the blocks holding real tokens, summed over rows and heads
                      (the selection's: kv heads, or query heads for a per-query-head source such as quest)
@@ -61,6 +65,7 @@ from seer_jax.config import ModelConfig
 from seer_jax.decode_gate import DecodeAttnGate
 from seer_jax.decode_scores import DECODE_SOURCES, DecodeScoreInputs
 from seer_jax.decode_selection import available_blocks, decode_block_index, decode_key_mask, select_decode_blocks
+from seer_jax.decode_target import DecodeFeatures, decode_target_per_device
 from seer_jax.gate import AttnGate, GateParam
 from seer_jax.head_parallel import (
     attention_with_pooling_per_device,
@@ -73,7 +78,8 @@ from seer_jax.seer_config import SeerConfig
 from seer_jax.sparsity import BLOCK_SIZE, causal_block_mask, select_blocks
 from seer_jax.sparsity import block_density as mask_density
 
-COLLECTABLE = ("gate_features", "gate_logits", "target", "density", "block_mask")
+DECODE_TRAINING_COLLECTABLE = ("decode_features", "decode_target")
+COLLECTABLE = ("gate_features", "gate_logits", "target", "density", "block_mask", *DECODE_TRAINING_COLLECTABLE)
 DECODE_COLLECTABLE = ("decode_blocks",)
 
 
@@ -285,6 +291,10 @@ class SeerAttention(Attention):
             raise ValueError(f"cannot collect {unknown}: a SeerAttention layer collects {COLLECTABLE}")
         if self.attn_gate is None and collect & {"gate_features", "gate_logits"}:
             raise ValueError("cannot collect gate_features or gate_logits: this model has no prefill gates")
+        decode_names = collect & set(DECODE_TRAINING_COLLECTABLE)
+        if decode_names and self.decode_gate is None:
+            raise ValueError(f"cannot collect {sorted(decode_names)}: the model has no decode gates (no decode config)")
+        collect = collect - decode_names
         selection, block_size = self.seer_config.selection, BLOCK_SIZE
         batch, length = q.shape[:2]
         num_blocks = -(-length // block_size)
@@ -314,7 +324,37 @@ class SeerAttention(Attention):
             collected["density"] = mask_density(block_mask, None if rows is None else rows.lengths)
         if "block_mask" in collect:
             collected["block_mask"] = block_mask
+        if decode_names:
+            collected.update(self._decode_training_values(q, k, q_rot, k_rot, key_mask, decode_names))
         return out, collected
+
+    def _decode_training_values(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        q_rot: jax.Array,
+        k_rot: jax.Array,
+        key_mask: jax.Array | None,
+        names: frozenset[str],
+    ) -> dict[str, jax.Array | DecodeFeatures]:
+        """The decode gate's distillation inputs (`DECODE_TRAINING_COLLECTABLE`) in row-aligned coordinates."""
+        batch, length = q.shape[:2]
+        rows = RowLayout(key_mask, length)
+        lengths = jnp.full((batch,), length, jnp.int32) if rows.lengths is None else rows.lengths  # [B]
+        values = {}
+        if "decode_features" in names:
+            aligned_k = rows.align(k)  # [B, T, K, H]
+            values["decode_features"] = DecodeFeatures(
+                q=jax.lax.stop_gradient(rows.align(q)),
+                k=self.decode_gate.pool(aligned_k, lengths=lengths),
+                lengths=lengths,
+            )
+        if "decode_target" in names:
+            detached = jax.lax.stop_gradient((rows.align(q_rot), rows.align(k_rot)))  # a target: no gradient
+            values["decode_target"] = decode_target_per_device(
+                *detached, block_size=self.seer_config.decode.block_size, lengths=rows.lengths
+            )
+        return values
 
     def _attend_rows(
         self, inputs: ScoreInputs, every_block: jax.Array, collect: frozenset[str], fused_target: bool

@@ -1,16 +1,21 @@
-"""Gate self-distillation (docs/design.md §5): train the AttnGates of a frozen model to predict its own attention.
+"""Gate self-distillation (docs/design.md §5): train the gates of a frozen model to predict its own attention.
 
     result = distill(DistillConfig(model=..., corpus=..., loader=..., optimizer=GATE_OPTIMIZER, loop=...))
 
-For every layer, one dense forward with `attention_with_pooling` gives the layer's true output and the pooled
-attention map (the target); the gate scores the same layer's pooled pre-RoPE q/k; the loss is their KL
-(`train.losses.distillation_loss`). Only `GateParam` variables train: `train.trainer.fit(..., trainable=GateParam)`
-differentiates and optimises them alone (the optimizer holds no state for the frozen base). The optimizer is the
-project's one recipe (`train.optimizer`) with the gates' settings, `GATE_OPTIMIZER`: AdamW at 1e-3, cosine decay
-after 20 warm-up steps, no weight decay, gradients clipped to norm 1.0 (docs/design.md §5); base weights bf16.
+`target` chooses the gates: "prefill" (the AttnGates), "decode" (SeerAttention-R's decode gates, `decode` giving
+their structure) or "both" (one run, one frozen forward, the sum of the two losses). For every layer, one dense
+forward gives the layer's true output and the targets: the pooled attention map of `attention_with_pooling` for the
+prefill gate, the per-token block map of `seer_jax.decode_target` for the decode gate; each gate scores the same
+layer's pre-RoPE q/k; the loss is their KL (`train.losses.distillation_loss`). Only the target's gate weights train
+(`GateParam`, or `DECODE_GATE_PARAMS` for "decode"): `train.trainer.fit(..., trainable=...)` differentiates and
+optimises them alone (the optimizer holds no state for the frozen rest). The optimizer is the project's one recipe
+(`train.optimizer`) with the gates' settings, `GATE_OPTIMIZER`: AdamW at 1e-3, cosine decay after 20 warm-up steps,
+no weight decay, gradients clipped to norm 1.0 (docs/design.md §5; the official decode recipe has the same rate);
+base weights bf16.
 
 The run directory (`loop.out_dir`) holds checkpoints and `metrics.jsonl` (`train.trainer`) and, at the end, the gate
-adapter in `out_dir/adapter` (`seer_jax.adapters`).
+adapter in `out_dir/adapter` (`seer_jax.adapters`): the model's gates and its `SeerConfig` (decode config included).
+A "decode" run's model has no prefill gates (`SeerConfig.gate` None), so its adapter holds decode gates only.
 """
 
 import dataclasses
@@ -24,12 +29,14 @@ from jax.sharding import Mesh
 
 from seer_jax.adapters import save_adapter
 from seer_jax.checkpoint import load_model
+from seer_jax.decode_config import DecodeConfig
+from seer_jax.decode_gate import DECODE_GATE_PARAMS
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.seer import SeerCausalLM, seer_from_base
 from seer_jax.seer_config import SeerConfig
 from seer_jax.sharding import MeshConfig, build_mesh, check_batch_size
 from train.data import LoaderConfig, LoaderState, PackedLoader
-from train.losses import distillation_loss
+from train.losses import DECODE_SLICE_RATIO, DISTILLATION_TARGETS, distillation_loss
 from train.optimizer import OptimizerConfig, build_optimizer
 from train.run_config import store_run_config
 from train.token_corpus import CorpusConfig, load_corpus
@@ -60,6 +67,11 @@ class DistillConfig:
       loop: steps, checkpoints, the run directory (`out_dir`), resume.
       loss_scale: multiplies the summed per-layer KL (the official 10).
       gate: the AttnGate structure. seed: gate initialisation and the run's PRNG key.
+      target: the gates that train, one of `DISTILLATION_TARGETS` ("prefill", "decode", "both").
+      decode: the decode gates' structure (and the selection stored with them in the adapter); required for the
+        "decode" and "both" targets, None for "prefill".
+      decode_slice_ratio: the decode loss counts rows t >= max(block_size, floor(L · ratio)) of each row of L real
+        tokens (the official `seerattn_loss_slice_ratio`).
       dtype: base weights and compute ("bfloat16" or "float32"); gates always train in float32.
       mesh: train on a device mesh (`seer_jax.sharding`: data, fsdp, tensor), or None: one device.
     """
@@ -74,8 +86,22 @@ class DistillConfig:
     seed: int = 0
     dtype: str = "bfloat16"
     mesh: MeshConfig | None = None
+    target: str = "prefill"
+    decode: DecodeConfig | None = None
+    decode_slice_ratio: float = DECODE_SLICE_RATIO
 
     def __post_init__(self):
+        if self.target not in DISTILLATION_TARGETS:
+            raise ValueError(f"target: {self.target!r} is not one of {DISTILLATION_TARGETS}")
+        if (self.decode is None) != (self.target == "prefill"):
+            raise ValueError(f"decode: target {self.target!r} takes a DecodeConfig only for 'decode' and 'both'")
+        if self.decode is not None and self.loader.seq_len <= self.decode.block_size:
+            raise ValueError(
+                f"seq_len: {self.loader.seq_len} leaves no row after the first decode block "
+                f"({self.decode.block_size} tokens) for the decode loss"
+            )
+        if not 0.0 <= self.decode_slice_ratio < 1.0:
+            raise ValueError(f"decode_slice_ratio: {self.decode_slice_ratio} must be in [0, 1)")
         if self.optimizer.warmup_steps >= self.loop.total_steps:
             raise ValueError(
                 f"warmup_steps: {self.optimizer.warmup_steps} must be in [0, steps={self.loop.total_steps})"
@@ -92,13 +118,20 @@ class DistillConfig:
         """Where the run writes the trained gates."""
         return Path(self.loop.out_dir) / ADAPTER_DIR
 
+    @property
+    def trainable(self) -> nnx.filterlib.Filter:
+        """The weights that train: every gate's, or the decode gates' alone for the "decode" target."""
+        return DECODE_GATE_PARAMS if self.target == "decode" else GateParam
+
 
 def build_seer_model(config: DistillConfig, mesh: Mesh | None = None) -> SeerCausalLM:
     """The frozen base model (in `config.dtype`, placed on `mesh` as it loads) with freshly initialised float32
-    gates (on the default device; `fit` places them)."""
+    gates (on the default device; `fit` places them): prefill gates unless the target is "decode", decode gates
+    unless it is "prefill" (a decode-only adapter then holds no untrained prefill gates). The prefill selection is
+    dense, so the targets are the base model's attention."""
     dtype = jnp.dtype(config.dtype)
     base, _ = load_model(config.model, dtype=dtype, param_dtype=dtype, mesh=mesh)
-    seer_config = SeerConfig(gate=config.gate)
+    seer_config = SeerConfig(gate=None if config.target == "decode" else config.gate, decode=config.decode)
     return seer_from_base(base, seer_config, rngs=nnx.Rngs(config.seed), gate_param_dtype=jnp.float32)
 
 
@@ -139,11 +172,11 @@ def distill(
     optimizer, schedule = build_optimizer(config.optimizer, config.loop.total_steps)
     result = fit(
         model,
-        loss_fn=distillation_loss(scale=config.loss_scale),
+        loss_fn=distillation_loss(scale=config.loss_scale, target=config.target, slice_ratio=config.decode_slice_ratio),
         optimizer=optimizer,
         config=config.loop,
         make_loader=make_loader,
-        trainable=GateParam,
+        trainable=config.trainable,
         learning_rate=schedule,
         seed=config.seed,
         on_step=on_step,

@@ -4,10 +4,11 @@
 
 distils AttnGates for the model (Hugging Face or converted directory) on local text data (see `train.documents`)
 and writes the gate adapter to `OUT/adapter` (load it with `seer_jax.adapters.load_seer_model`); the command line of
-`train.distill.distill`. Checkpoints, `metrics.jsonl` and resume (`--resume`) as in every trainer of this project;
-SIGINT/SIGTERM save a checkpoint and stop with exit status 130/143 without writing the adapter (`--resume` finishes
-the run and writes it). `--eval-data FILES` then measures perplexity vs. block density (`train.perplexity`)
-into `OUT/eval`.
+`train.distill.distill`. `--target decode` distils SeerAttention-R decode gates instead (`--decode-*` flags: their
+structure, the official recipe by default), `--target both` both kinds in one run. Checkpoints, `metrics.jsonl`
+and resume (`--resume`) as in every trainer of this project; SIGINT/SIGTERM save a checkpoint and stop with exit
+status 130/143 without writing the adapter (`--resume` finishes the run and writes it). `--eval-data FILES` then
+measures perplexity vs. block density (`train.perplexity`) into `OUT/eval`.
 `--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains and evaluates on several devices
 (`seer_jax.sharding`); `--distributed` joins a multi-process job first (`train.flags`).
 
@@ -15,7 +16,8 @@ With no `--model`, it runs the embedded demo end to end, with no download: a sma
 running interpreter's standard-library sources (`train.demo`, cached in `--demo-cache`, default
 ~/.cache/seer-jax/demo), gate distillation on the same corpus, and the perplexity-vs-density table (gates against
 the oracle and the training-free baselines) on held-out standard-library modules, written to `OUT/eval` (default
-DEMO_CACHE/distill; a previous demo run there is replaced).
+DEMO_CACHE/distill; a previous demo run there is replaced). The perplexity table measures prefill gates: with
+`--target decode` the demo and `--eval-data` evaluate nothing (decode-mode evaluation is `train.eval_ppl`'s).
 """
 
 import argparse
@@ -25,6 +27,8 @@ import shutil
 import signal
 from pathlib import Path
 
+from seer_jax.config import ModelConfig
+from seer_jax.decode_config import Q_HEAD_POOLINGS, DecodeConfig
 from seer_jax.gate import GateConfig
 from seer_jax.model_path import resolve_model_path
 from seer_jax.multihost import is_primary
@@ -33,6 +37,7 @@ from train.demo.corpus import DemoCorpusConfig, build_demo_corpus
 from train.demo.model import DemoModelConfig, pretrain_demo_model
 from train.distill import DTYPES, GATE_OPTIMIZER, DistillConfig, DistillResult, distill
 from train.flags import add_corpus_arguments, add_mesh_arguments, mesh_from_args
+from train.losses import DECODE_SLICE_RATIO, DISTILLATION_TARGETS
 from train.perplexity import EvalConfig, evaluate
 from train.progress import configure_logging, evaluation_progress, training_progress
 from train.token_corpus import CorpusConfig
@@ -59,6 +64,34 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-type", default="Qavg_Kmaxminavg", help="Q<ops>_K<ops> with ops from max, min, avg")
     parser.add_argument("--gate-hidden-size", type=int, default=128, help="gate hidden size E (128: as released)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="base model dtype")
+    parser.add_argument(
+        "--target",
+        choices=DISTILLATION_TARGETS,
+        default="prefill",
+        help="the gates to train: prefill AttnGates, SeerAttention-R decode gates, or both from one forward",
+    )
+    decode = parser.add_argument_group("decode gates (--target decode or both; defaults: the official recipe)")
+    decode.add_argument("--decode-q-pooling", choices=Q_HEAD_POOLINGS, default="Qproj", help="query-head pooling")
+    decode.add_argument("--decode-k-pooling", default="Kmaxminavg", help="K<ops>: k pooling ops per block")
+    decode.add_argument(
+        "--decode-hidden-size",
+        type=int,
+        help="gate hidden size E (default: the model's head_dim, which the official 128 equals for every released "
+        "gate; Qavg needs it)",
+    )
+    decode.add_argument("--decode-block-size", type=int, default=64, help="key positions per block")
+    decode.add_argument(
+        "--decode-qk-norm", action=argparse.BooleanOptionalAction, default=True, help="RMSNorm of the gate q/k"
+    )
+    decode.add_argument(
+        "--decode-rope", action=argparse.BooleanOptionalAction, default=True, help="RoPE inside the gate"
+    )
+    decode.add_argument(
+        "--decode-slice-ratio",
+        type=float,
+        default=DECODE_SLICE_RATIO,
+        help="the loss counts each row's tokens from this fraction of its length on",
+    )
     parser.add_argument("--seed", type=int, default=0, help="gate init and data order")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     parser.add_argument(
@@ -93,6 +126,22 @@ def distill_config_from_args(
         seed=args.seed,
         dtype=dtype,
         mesh=mesh_from_args(args, log),
+        target=args.target,
+        decode=None if args.target == "prefill" else decode_config_from_args(args, model),
+        decode_slice_ratio=args.decode_slice_ratio,
+    )
+
+
+def decode_config_from_args(args: argparse.Namespace, model: Path) -> DecodeConfig:
+    """The decode gates' structure from the `--decode-*` flags (hidden size: the model's head_dim by default)."""
+    hidden_size = args.decode_hidden_size or ModelConfig.from_hf(model).head_dim
+    return DecodeConfig(
+        q_head_pooling=args.decode_q_pooling,
+        k_pooling=args.decode_k_pooling,
+        hidden_size=hidden_size,
+        block_size=args.decode_block_size,
+        qk_norm=args.decode_qk_norm,
+        use_rope=args.decode_rope,
     )
 
 
@@ -149,6 +198,9 @@ def run_demo(args: argparse.Namespace) -> None:
         dtype="float32",
     )
     run_distillation(config)
+    if config.target == "decode":
+        log.info("demo: the perplexity table measures prefill gates; decode gates are evaluated by train.eval_ppl")
+        return
     eval_config = EvalConfig(
         model=demo.model_dir,
         data=(corpus.eval_path,),
@@ -185,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         if not args.data or args.out is None:
             parser.error("--model needs --data and --out")
+        if args.eval_data and args.target == "decode":
+            parser.error("--eval-data measures prefill gates; evaluate decode gates with python -m train.eval_ppl")
         args.model = resolve_model_path(args.model)
         args.tokenizer_dir = args.tokenizer_dir and resolve_model_path(args.tokenizer_dir, flag="--tokenizer-dir")
         config = distill_config_from_args(

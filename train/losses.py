@@ -4,7 +4,8 @@ Every loss function here has the `train.train_step.LossFn` signature `(model, to
 metrics)` (or builds one), so `train.trainer.fit` trains with any of them:
 
 * `next_token_loss`: mean next-token cross-entropy over packed rows (full fine-tuning, pretraining).
-* `distillation_loss(scale=...)`: the gates' KL against the model's own pooled attention (gate distillation).
+* `distillation_loss(scale=..., target=...)`: the gates' KL against the model's own attention (gate distillation)
+  for the prefill gates, the decode gates, or both.
 * `seer_next_token_loss`: the block-sparse model's cross-entropy plus the gates' KL (SeerAttention fine-tuning).
 
 Cross-entropy: packed rows (`train.data`) have no padding, so every position but the last predicts the next token
@@ -20,6 +21,15 @@ Gate distillation (docs/design.md §5, the official V2/HEAD loss):
 
 where the target is the layer's row-normalised 2D max-pooled attention map [B, N, I, J] from a dense forward with
 `attention_with_pooling`, and the gate scores the same layer's pooled pre-RoPE q/k.
+
+Decode-gate distillation (docs/design.md §5, SeerAttention-R; spec §4.4 with the deviations of docs/design.md §8):
+
+    loss = 10 · Σ_layers mean over the counted rows (b, k, t) of KL(target[b, k, t] ‖ softmax_j(logits[b, k, t]))
+           counted: max(block_size, floor(L_b · slice_ratio)) ≤ t < L_b    (L_b the real tokens of row b)
+
+where the target is the per-token 1D map [B, K, T, J] of `seer_jax.decode_target` and the logits the decode gate's
+on every token. A row's KL is summed over its blocks; the mean is over rows, not over the pack's J as the official
+`KLDivLoss('mean')`, and rows t < block_size (no completed block, target all zero) never count.
 """
 
 from collections.abc import Sequence
@@ -30,10 +40,21 @@ import numpy as np
 import optax
 from flax import nnx
 
-from seer_jax.forwards import distillation_inputs, gate_logits, sparse_training_forward
+from seer_jax.forwards import (
+    decode_distillation_inputs,
+    decode_gate_logits,
+    distillation_inputs,
+    gate_logits,
+    joint_distillation_inputs,
+    sparse_training_forward,
+)
 from seer_jax.model import CausalLM
 from seer_jax.seer import SeerCausalLM
 from train.train_step import LossFn, Metrics
+
+# Which gates a distillation trains: the prefill AttnGates, the SeerAttention-R decode gates, or both in one run.
+DISTILLATION_TARGETS = ("prefill", "decode", "both")
+DECODE_SLICE_RATIO = 0.5  # the official `seerattn_loss_slice_ratio`: only each row's second half counts
 
 
 def next_token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -72,19 +93,80 @@ def gate_kl_loss(
     return scale * jnp.sum(per_layer), per_layer
 
 
-def distillation_loss(*, scale: float) -> LossFn:
-    """The gate-distillation `LossFn`: `scale` × the gates' KL (`gate_kl_loss`), metrics `kl/layer_<i>`.
+def decode_gate_kl_loss(
+    logits: Sequence[jax.Array],
+    targets: Sequence[jax.Array],
+    lengths: jax.Array,
+    *,
+    block_size: int,
+    slice_ratio: float,
+    scale: float,
+) -> tuple[jax.Array, jax.Array]:
+    """`scale` · Σ_layers the decode gates' mean KL over the counted rows (module docstring); returns (loss,
+    per-layer KL [L]).
+
+    logits, targets: per layer f32 [B, K, T, J], row-aligned; targets zero where the logits are masked.
+    lengths: int [B], the real tokens of each row. A batch without a counted row has loss 0.
+    """
+    length = logits[0].shape[-2]
+    first = jnp.maximum(block_size, jnp.floor(lengths * slice_ratio).astype(jnp.int32))  # [B]
+    rows = jnp.arange(length)  # [T]
+    counted = (rows[None, :] >= first[:, None]) & (rows[None, :] < lengths[:, None])  # [B, T]
+    per_layer = []
+    for layer_logits, target in zip(logits, targets, strict=True):
+        log_q = jax.nn.log_softmax(layer_logits.astype(jnp.float32), axis=-1)  # [B, K, T, J]
+        p = target.astype(jnp.float32)
+        row_kl = jnp.sum(jax.scipy.special.xlogy(p, p) - p * log_q, axis=-1)  # [B, K, T]
+        num_rows = layer_logits.shape[1] * jnp.sum(counted)
+        per_layer.append(jnp.sum(jnp.where(counted[:, None, :], row_kl, 0.0)) / jnp.maximum(num_rows, 1))
+    per_layer = jnp.stack(per_layer)
+    return scale * jnp.sum(per_layer), per_layer
+
+
+def distillation_loss(*, scale: float, target: str = "prefill", slice_ratio: float = DECODE_SLICE_RATIO) -> LossFn:
+    """The gate-distillation `LossFn` for `target` (one of `DISTILLATION_TARGETS`):
+
+    * "prefill": `scale` × the prefill gates' KL (`gate_kl_loss`), metrics `kl/layer_<i>`;
+    * "decode": `scale` × the decode gates' KL (`decode_gate_kl_loss` with `slice_ratio`), metrics
+      `decode_kl/layer_<i>`;
+    * "both": their sum from one forward, with both metric sets and `prefill_loss`, `decode_loss`.
 
     The base forward sits under `stop_gradient`, so no base activation is kept for a backward pass: memory grows
-    with sequence length like inference, and only the gates receive gradients.
+    with sequence length like inference, and only the gates receive gradients. Give the model a dense prefill
+    selection (the default), so the targets are the base model's attention.
     """
+    if target not in DISTILLATION_TARGETS:
+        raise ValueError(f"target: {target!r} is not one of {DISTILLATION_TARGETS}")
+
+    def prefill_part(model, inputs):
+        features, targets = inputs
+        loss, per_layer = gate_kl_loss(gate_logits(model, features), targets, scale=scale)
+        return loss, {f"kl/layer_{i}": kl for i, kl in enumerate(per_layer)}
+
+    def decode_part(model, inputs):
+        features, targets = inputs
+        block_size = model.seer_config.decode.block_size
+        loss, per_layer = decode_gate_kl_loss(
+            decode_gate_logits(model, features),
+            targets,
+            features[0].lengths,
+            block_size=block_size,
+            slice_ratio=slice_ratio,
+            scale=scale,
+        )
+        return loss, {f"decode_kl/layer_{i}": kl for i, kl in enumerate(per_layer)}
 
     def loss_fn(model: SeerCausalLM, tokens: jax.Array, rng: jax.Array):
         del rng  # deterministic
-        features, targets = jax.lax.stop_gradient(distillation_inputs(model, tokens))
-        loss, per_layer = gate_kl_loss(gate_logits(model, features), targets, scale=scale)
-        metrics = {f"kl/layer_{i}": kl for i, kl in enumerate(per_layer)}
-        return loss, metrics
+        if target == "prefill":
+            return prefill_part(model, jax.lax.stop_gradient(distillation_inputs(model, tokens)))
+        if target == "decode":
+            return decode_part(model, jax.lax.stop_gradient(decode_distillation_inputs(model, tokens)))
+        prefill_inputs, decode_inputs = jax.lax.stop_gradient(joint_distillation_inputs(model, tokens))
+        prefill_loss, prefill_metrics = prefill_part(model, prefill_inputs)
+        decode_loss, decode_metrics = decode_part(model, decode_inputs)
+        metrics = {**prefill_metrics, **decode_metrics, "prefill_loss": prefill_loss, "decode_loss": decode_loss}
+        return prefill_loss + decode_loss, metrics
 
     return loss_fn
 

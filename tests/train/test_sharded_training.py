@@ -16,6 +16,8 @@ from jax.sharding import PartitionSpec as P
 from seer_jax.adapters import ADAPTER_FILE
 from seer_jax.checkpoint import load_model, save_converted
 from seer_jax.config import ModelConfig
+from seer_jax.decode_config import DecodeConfig
+from seer_jax.decode_gate import DECODE_GATE_PARAMS
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.hf_export import save_hf
 from seer_jax.model import CausalLM
@@ -40,6 +42,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 GATE = GateConfig(hidden_size=16)
+DECODE = DecodeConfig(hidden_size=16, block_size=32, qk_norm=True)
 
 
 def _mesh(text: str):
@@ -47,14 +50,20 @@ def _mesh(text: str):
     return build_mesh(config, jax.devices()[: config.num_devices])
 
 
-def _seer(nz_ratio: float = 1.0) -> SeerCausalLM:
-    config = SeerConfig(gate=GATE, selection=Selection(nz_ratio=nz_ratio))
+def _seer(nz_ratio: float = 1.0, decode: DecodeConfig | None = None) -> SeerCausalLM:
+    config = SeerConfig(gate=GATE, selection=Selection(nz_ratio=nz_ratio), decode=decode)
     return random_module(lambda: SeerCausalLM(TINY, config, rngs=nnx.Rngs(0)), 0, weight_std=0.3)
 
 
 LOSSES = {
     # name: (model, loss function, what trains)
     "distill": (functools.partial(_seer, 1.0), distillation_loss(scale=10.0), GateParam),
+    "distill-decode": (
+        functools.partial(_seer, 1.0, DECODE),
+        distillation_loss(scale=10.0, target="decode"),
+        DECODE_GATE_PARAMS,
+    ),
+    "distill-both": (functools.partial(_seer, 1.0, DECODE), distillation_loss(scale=10.0, target="both"), GateParam),
     "finetune": (lambda: random_module(lambda: CausalLM(TINY, rngs=nnx.Rngs(0)), 0), next_token_loss, nnx.Param),
     "finetune-seer": (
         functools.partial(_seer, 0.5),
@@ -177,6 +186,19 @@ def test_distill_gates_cli_runs_on_a_mesh(cli_inputs):
     losses = [line["loss"] for line in read_metrics(out)]
     assert len(losses) == 2 and np.isfinite(losses).all()
     assert (out / "adapter" / ADAPTER_FILE).is_file()
+
+
+def test_decode_distillation_cli_runs_on_a_mesh(cli_inputs):
+    root, common = cli_inputs
+    out = root / "run_decode"
+    flags = ["--target", "decode", "--decode-block-size", "32", "--mesh", "data=2,fsdp=2,tensor=2"]
+    distill_main([*common, "--batch-size", "4", "--steps", "2", "--out", str(out), *flags])
+    lines = read_metrics(out)
+    assert len(lines) == 2 and np.isfinite([line["loss"] for line in lines]).all() and "decode_kl/layer_1" in lines[0]
+    run_config = json.loads((out / "distill.json").read_text())
+    assert run_config["target"] == "decode"
+    assert run_config["decode"]["hidden_size"] == MODEL_CONFIG["head_dim"]  # the default E: the model's head_dim
+    assert json.loads((out / "adapter" / ADAPTER_FILE).read_text())["seer_config"]["decode"]["block_size"] == 32
 
 
 @pytest.mark.parametrize(
