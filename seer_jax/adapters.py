@@ -401,8 +401,8 @@ def _read_safetensors(path: Path) -> dict[str, jax.Array]:
 def _read_pth(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch
-    except ImportError as error:
-        raise ImportError(
+    except ImportError as error:  # a CheckpointError (ValueError), so that the CLIs print it as one line
+        raise CheckpointError(
             f"reading {path.name} needs torch: pip install 'seer-jax[torch]' "
             f"(or save its tensors as {OFFICIAL_SAFETENSORS})"
         ) from error

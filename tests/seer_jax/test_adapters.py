@@ -197,7 +197,7 @@ def test_official_config_errors(tmp_path):
 def test_pth_without_torch_names_the_extra(tmp_path, monkeypatch):
     write_official(tmp_path / "official", official_config(gate_hidden_size=16), official_tensors(0), fmt="pth")
     monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(ImportError, match=r"pip install 'seer-jax\[torch\]'"):
+    with pytest.raises(CheckpointError, match=r"pip install 'seer-jax\[torch\]'"):
         read_adapter(tmp_path / "official")
 
 
