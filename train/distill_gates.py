@@ -20,32 +20,35 @@ DEMO_CACHE/distill; a previous demo run there is replaced). The perplexity table
 `--target decode` the demo and `--eval-data` evaluate nothing (decode-mode evaluation is `train.eval_ppl`'s).
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import logging
 import shutil
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from seer_jax.config import ModelConfig
-from seer_jax.decode_config import Q_HEAD_POOLINGS, DecodeConfig
-from seer_jax.gate import GateConfig
-from seer_jax.model_path import resolve_model_path
-from seer_jax.multihost import is_primary
-from train.data import LoaderConfig
-from train.demo.corpus import DemoCorpusConfig, build_demo_corpus
-from train.demo.model import DemoModelConfig, pretrain_demo_model
-from train.distill import DTYPES, GATE_OPTIMIZER, DistillConfig, DistillResult, distill
-from train.flags import add_corpus_arguments, add_mesh_arguments, mesh_from_args
-from train.losses import DECODE_SLICE_RATIO, DISTILLATION_TARGETS
-from train.perplexity import EvalConfig, evaluate
-from train.progress import configure_logging, evaluation_progress, training_progress
-from train.token_corpus import CorpusConfig
-from train.trainer import TrainingDivergedError, TrainLoopConfig, peak_device_memory_gib
+from train.flags import DefaultsHelpFormatter, add_corpus_arguments, add_mesh_arguments
+
+if TYPE_CHECKING:
+    from seer_jax.decode_config import DecodeConfig
+    from train.distill import DistillConfig, DistillResult
+    from train.perplexity import EvalConfig
+
+# Library values the flags show, written out so that `--help` imports no jax (a test checks they are the library's:
+# train.losses.DISTILLATION_TARGETS, DECODE_SLICE_RATIO; train.distill.DTYPES, GATE_OPTIMIZER; Q_HEAD_POOLINGS).
+TARGETS = ("prefill", "decode", "both")
+DTYPE_CHOICES = ("bfloat16", "float32")
+Q_HEAD_POOLING_CHOICES = ("Qproj", "Qavgproj", "Qavg")
+RECIPE_LEARNING_RATE = 1e-3
+RECIPE_WARMUP_STEPS = 20
+DECODE_SLICE = 0.5
 
 # The embedded demo: distil and evaluate at 1024 tokens (16 blocks per row; the demo model trains at 512 tokens, so
 # this also exercises positions beyond its training length, within its 2048 maximum).
-DEMO_DISTILL = dict(seq_len=1024, batch_size=4, steps=80, warmup_steps=8, gate_hidden_size=64)
+DEMO_DISTILL = dict(seq_len=1024, batch_size=4, steps=80, gate_hidden_size=64)
 DEMO_EVAL = dict(lengths=(1024,), num_docs=8, nz_ratios=(0.5, 0.3, 0.2), thresholds=(0.02,))
 
 log = logging.getLogger("train.distill_gates")
@@ -58,20 +61,26 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="rows per step")
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps")
     parser.add_argument(
-        "--lr", type=float, default=GATE_OPTIMIZER.learning_rate, help="peak learning rate (the official recipe: 1e-3)"
+        "--lr", type=float, default=RECIPE_LEARNING_RATE, help="peak learning rate (the official recipe)"
     )
-    parser.add_argument("--warmup-steps", type=int, default=GATE_OPTIMIZER.warmup_steps, help="linear warm-up")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        help=f"linear warm-up steps (default: the official {RECIPE_WARMUP_STEPS}, at most a tenth of --steps)",
+    )
     parser.add_argument("--gate-type", default="Qavg_Kmaxminavg", help="Q<ops>_K<ops> with ops from max, min, avg")
     parser.add_argument("--gate-hidden-size", type=int, default=128, help="gate hidden size E (128: as released)")
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="base model dtype")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16", help="base model dtype")
     parser.add_argument(
         "--target",
-        choices=DISTILLATION_TARGETS,
+        choices=TARGETS,
         default="prefill",
         help="the gates to train: prefill AttnGates, SeerAttention-R decode gates, or both from one forward",
     )
     decode = parser.add_argument_group("decode gates (--target decode or both; defaults: the official recipe)")
-    decode.add_argument("--decode-q-pooling", choices=Q_HEAD_POOLINGS, default="Qproj", help="query-head pooling")
+    decode.add_argument(
+        "--decode-q-pooling", choices=Q_HEAD_POOLING_CHOICES, default="Qproj", help="query-head pooling"
+    )
     decode.add_argument("--decode-k-pooling", default="Kmaxminavg", help="K<ops>: k pooling ops per block")
     decode.add_argument(
         "--decode-hidden-size",
@@ -89,7 +98,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     decode.add_argument(
         "--decode-slice-ratio",
         type=float,
-        default=DECODE_SLICE_RATIO,
+        default=DECODE_SLICE,
         help="the loss counts each row's tokens from this fraction of its length on",
     )
     parser.add_argument("--seed", type=int, default=0, help="gate init and data order")
@@ -112,13 +121,24 @@ def distill_config_from_args(
     corpus_cache: Path | None,
     dtype: str,
 ) -> DistillConfig:
+    from seer_jax.gate import GateConfig
+    from train.data import LoaderConfig
+    from train.distill import GATE_OPTIMIZER, DistillConfig
+    from train.flags import mesh_from_args
+    from train.optimizer import scaled_warmup_steps
+    from train.token_corpus import CorpusConfig
+    from train.trainer import TrainLoopConfig
+
+    warmup_steps = args.warmup_steps
+    if warmup_steps is None:
+        warmup_steps = scaled_warmup_steps(GATE_OPTIMIZER.warmup_steps, args.steps)
     return DistillConfig(
         model=model,
         corpus=CorpusConfig(
             paths=data, tokenizer_dir=args.tokenizer_dir or model, text_field=args.text_field, cache_dir=corpus_cache
         ),
         loader=LoaderConfig(seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed),
-        optimizer=dataclasses.replace(GATE_OPTIMIZER, learning_rate=args.lr, warmup_steps=args.warmup_steps),
+        optimizer=dataclasses.replace(GATE_OPTIMIZER, learning_rate=args.lr, warmup_steps=warmup_steps),
         loop=TrainLoopConfig(
             out_dir=out, total_steps=args.steps, checkpoint_every=args.checkpoint_every, resume=args.resume
         ),
@@ -134,6 +154,9 @@ def distill_config_from_args(
 
 def decode_config_from_args(args: argparse.Namespace, model: Path) -> DecodeConfig:
     """The decode gates' structure from the `--decode-*` flags (hidden size: the model's head_dim by default)."""
+    from seer_jax.config import ModelConfig
+    from seer_jax.decode_config import DecodeConfig
+
     hidden_size = args.decode_hidden_size or ModelConfig.from_hf(model).head_dim
     return DecodeConfig(
         q_head_pooling=args.decode_q_pooling,
@@ -147,6 +170,10 @@ def decode_config_from_args(args: argparse.Namespace, model: Path) -> DecodeConf
 
 def run_distillation(config: DistillConfig) -> DistillResult:
     """Runs `distill` with a progress bar and logs throughput and peak device memory."""
+    from train.distill import distill
+    from train.progress import training_progress
+    from train.trainer import peak_device_memory_gib
+
     log.info("%s", config)
     bar, on_step = training_progress(config.loop.total_steps)
     with bar:
@@ -169,6 +196,10 @@ def run_distillation(config: DistillConfig) -> DistillResult:
 
 def run_evaluation(config: EvalConfig, out_dir: Path) -> None:
     """Perplexity vs. density with a progress bar; writes `out_dir` and prints the markdown table."""
+    from seer_jax.multihost import is_primary
+    from train.perplexity import evaluate
+    from train.progress import evaluation_progress
+
     log.info("%s", config)
     result = evaluate(config, progress=evaluation_progress)
     paths = result.write(out_dir)
@@ -179,6 +210,11 @@ def run_evaluation(config: EvalConfig, out_dir: Path) -> None:
 
 def run_demo(args: argparse.Namespace) -> None:
     """The embedded default: pretrain (cached) → distil → evaluate, on the standard-library corpus."""
+    from train.demo.corpus import DemoCorpusConfig, build_demo_corpus
+    from train.demo.model import DemoModelConfig, pretrain_demo_model
+    from train.perplexity import EvalConfig
+    from train.progress import training_progress
+
     cache = args.demo_cache
     log.info("demo: pretraining (or reusing) the small Llama in %s", cache)
     bar, on_step = training_progress(DemoModelConfig(cache_dir=cache).steps)
@@ -213,8 +249,13 @@ def run_demo(args: argparse.Namespace) -> None:
     run_evaluation(eval_config, out / "eval")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.distill_gates", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, with their defaults in the help (no library import)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train.distill_gates",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--model", help="base model directory (HF or converted) or a hub id in the local HF cache; none: the demo"
     )
@@ -224,7 +265,17 @@ def main(argv: list[str] | None = None) -> None:
     demo_cache = Path.home() / ".cache" / "seer-jax" / "demo"
     parser.add_argument("--demo-cache", type=Path, default=demo_cache, help="the demo's model and corpus cache")
     add_distill_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    from seer_jax.model_path import resolve_model_path
+    from train.perplexity import EvalConfig
+    from train.progress import configure_logging
+    from train.trainer import TrainingDivergedError
+
     configure_logging()
     try:
         if args.model is None:

@@ -22,6 +22,18 @@ if TYPE_CHECKING:
     from seer_jax.sharding import MeshConfig
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` shows each flag's default: "(default: X)" is appended unless the help states it already, there is
+    none (None) or the flag is a switch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        switch = isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or switch:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_corpus_arguments(parser: argparse.ArgumentParser, *, data_required: bool) -> None:
     """The flags of a `train.token_corpus.CorpusConfig` (the tokenizer defaults to the model's, `--model`)."""
     parser.add_argument(

@@ -56,6 +56,12 @@ class OptimizerConfig:
             raise ValueError(f"grad_clip_norm: {self.grad_clip_norm} must be positive (or None: no clipping)")
 
 
+def scaled_warmup_steps(recipe_warmup_steps: int, total_steps: int) -> int:
+    """A recipe's warm-up for a run of `total_steps`: the recipe's, but at most a tenth of the run (a short run
+    would otherwise be all warm-up, or fail: warm-up must be shorter than the run)."""
+    return min(recipe_warmup_steps, total_steps // 10)
+
+
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """The rate step k (0-based) uses; see the module docstring."""
     if total_steps <= config.warmup_steps:

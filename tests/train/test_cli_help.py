@@ -1,0 +1,50 @@
+"""The training CLIs answer `--help` without importing jax, show their defaults, and the values their flags show are
+the library's; the warm-up default scales with `--steps`."""
+
+import subprocess
+import sys
+
+import pytest
+
+from seer_jax.decode_config import Q_HEAD_POOLINGS
+from tests.conftest import REPO_ROOT
+from train import distill_gates
+from train.distill import DTYPES, GATE_OPTIMIZER
+from train.losses import DECODE_SLICE_RATIO, DISTILLATION_TARGETS
+from train.optimizer import scaled_warmup_steps
+
+
+@pytest.mark.parametrize("module", ["train.distill_gates", "train.eval_ppl", "seer_jax.generate"])
+def test_help_imports_no_jax_and_shows_defaults(module):
+    code = (
+        "import runpy, sys; sys.argv = ['x', '--help']\n"
+        f"try:\n    runpy.run_module({module!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print('JAX' if 'jax' in sys.modules else 'NO-JAX')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    assert result.stdout.rstrip().endswith("NO-JAX")
+    assert "default" in result.stdout
+
+
+def test_distill_flags_show_the_library_values():
+    assert distill_gates.TARGETS == DISTILLATION_TARGETS
+    assert distill_gates.DTYPE_CHOICES == DTYPES
+    assert distill_gates.Q_HEAD_POOLING_CHOICES == Q_HEAD_POOLINGS
+    assert GATE_OPTIMIZER.learning_rate == distill_gates.RECIPE_LEARNING_RATE
+    assert GATE_OPTIMIZER.warmup_steps == distill_gates.RECIPE_WARMUP_STEPS
+    assert distill_gates.DECODE_SLICE == DECODE_SLICE_RATIO
+
+
+def _config(flags: list[str], tmp_path):
+    args = distill_gates.build_parser().parse_args(flags)
+    data, out = (tmp_path / "docs.txt",), tmp_path / "run"
+    return distill_gates.distill_config_from_args(
+        args, model=tmp_path, data=data, out=out, corpus_cache=None, dtype="float32"
+    )
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(20, 2), (80, 8), (200, 20), (5000, 20), (5, 0)])
+def test_warmup_scales_with_the_run(steps, warmup, tmp_path):
+    assert scaled_warmup_steps(GATE_OPTIMIZER.warmup_steps, steps) == warmup
+    assert _config(["--steps", str(steps)], tmp_path).optimizer.warmup_steps == warmup
+    assert _config(["--steps", str(steps), "--warmup-steps", "1"], tmp_path).optimizer.warmup_steps == 1
