@@ -20,29 +20,43 @@ with `--resume` to continue. A NaN/inf loss stops the run with the
 last good checkpoint kept. Errors print one line and exit with status 1.
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jax
+from train.flags import DefaultsHelpFormatter, add_corpus_arguments, add_mesh_arguments
 
-from seer_jax.attention import IMPLEMENTATIONS
-from seer_jax.hf_export import EXPORT_DTYPES
-from seer_jax.model_path import resolve_model_path
-from train.data import LoaderConfig
-from train.flags import add_corpus_arguments, add_mesh_arguments, mesh_from_args
-from train.lm_training import COMPUTE_DTYPES, FinetuneConfig, SeerTuning, finetune
-from train.model_source import PRESETS, YarnConfig
-from train.optimizer import SCHEDULES, OptimizerConfig
-from train.progress import configure_logging, training_progress
-from train.token_corpus import CorpusConfig
-from train.trainer import TrainingDivergedError, TrainLoopConfig, peak_device_memory_gib
+if TYPE_CHECKING:
+    from train.lm_training import FinetuneConfig
+
+# Library values the flags show, written out so that `--help` imports no jax (a test checks they are the library's:
+# train.model_source.PRESETS, train.optimizer.SCHEDULES, train.lm_training.COMPUTE_DTYPES,
+# seer_jax.attention.IMPLEMENTATIONS, seer_jax.hf_export.EXPORT_DTYPES).
+PRESET_CHOICES = ("demo-llama",)
+SCHEDULE_CHOICES = ("cosine", "linear", "constant")
+DTYPE_CHOICES = ("bfloat16", "float32")
+ATTENTION_CHOICES = ("xla", "cudnn")
+EXPORT_DTYPE_CHOICES = ("bfloat16", "float32")
+RECIPE_WARMUP_STEPS = 20
 
 log = logging.getLogger("train.finetune")
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    import jax
+
+    from train.data import LoaderConfig
+    from train.flags import mesh_from_args
+    from train.lm_training import FinetuneConfig, SeerTuning
+    from train.model_source import YarnConfig
+    from train.optimizer import OptimizerConfig, scaled_warmup_steps
+    from train.token_corpus import CorpusConfig
+    from train.trainer import TrainLoopConfig
+
     tokenizer_dir = args.tokenizer_dir or args.model
     if tokenizer_dir is None:
         raise ValueError("--tokenizer-dir is required when training from scratch (--init-config or --preset)")
@@ -68,7 +82,9 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         loader=LoaderConfig(seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed),
         optimizer=OptimizerConfig(
             learning_rate=args.lr,
-            warmup_steps=args.warmup_steps,
+            warmup_steps=scaled_warmup_steps(RECIPE_WARMUP_STEPS, args.steps)
+            if args.warmup_steps is None
+            else args.warmup_steps,
             schedule=args.schedule,
             min_learning_rate=args.min_lr,
             beta1=args.beta1,
@@ -103,29 +119,36 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, with their defaults in the help (no library import)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train.finetune", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="converted or Hugging Face model directory (or cached hub id) to fine-tune")
     source.add_argument("--init-config", type=Path, help="HF config.json: train this architecture from scratch")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="train this preset architecture from scratch")
+    source.add_argument("--preset", choices=PRESET_CHOICES, help="train this preset architecture from scratch")
     add_corpus_arguments(parser, data_required=True)
     parser.add_argument("--seq-len", type=int, required=True, help="tokens per packed row (a multiple of 64)")
     parser.add_argument("--batch-size", type=int, required=True, help="rows per step")
     parser.add_argument("--seed", type=int, default=0, help="data order, random init and the run's PRNG key")
     parser.add_argument("--steps", type=int, required=True, help="total optimizer steps")
     parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (the official recipe: 1e-5)")
-    parser.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="linear", help="decay after the warmup")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        help=f"linear warmup steps (default: {RECIPE_WARMUP_STEPS}, at most a tenth of --steps)",
+    )
+    parser.add_argument("--schedule", choices=SCHEDULE_CHOICES, default="linear", help="decay after the warmup")
     parser.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the last step")
     parser.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     parser.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (HF Trainer's default: 0.999)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of matrices")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0: none)")
-    parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="bfloat16", help="compute dtype")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16", help="compute dtype")
     parser.add_argument(
         "--attention",
-        choices=IMPLEMENTATIONS,
+        choices=ATTENTION_CHOICES,
         help="attention implementation (default: cudnn on GPUs, else xla)",
     )
     parser.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass")
@@ -150,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
         "--export-hf, --export-dtype and the mesh may change, and --steps under --schedule constant",
     )
     parser.add_argument("--export-hf", type=Path, help="also write the trained model as an HF directory here")
-    parser.add_argument("--export-dtype", choices=EXPORT_DTYPES, default="bfloat16", help="dtype of the HF export")
+    parser.add_argument(
+        "--export-dtype", choices=EXPORT_DTYPE_CHOICES, default="bfloat16", help="dtype of the HF export"
+    )
     parser.add_argument("--seer-gates", help="gate adapter (or cached hub id): train with SeerAttention (block-sparse)")
     parser.add_argument(
         "--allow-other-base", action="store_true", help="use --seer-gates on a base other than the one they recorded"
@@ -160,7 +185,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--gate-loss-scale", type=float, default=10.0, help="weight of the gates' distillation loss")
     add_mesh_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from seer_jax.model_path import resolve_model_path
+    from train.lm_training import finetune
+    from train.progress import configure_logging, training_progress
+    from train.trainer import TrainingDivergedError, peak_device_memory_gib
+
     configure_logging()
     try:
         args.model = args.model and resolve_model_path(args.model)

@@ -6,15 +6,19 @@ import sys
 
 import pytest
 
+from seer_jax.attention import IMPLEMENTATIONS
 from seer_jax.decode_config import Q_HEAD_POOLINGS
+from seer_jax.hf_export import EXPORT_DTYPES
 from tests.conftest import REPO_ROOT
-from train import distill_gates
+from train import distill_gates, finetune
 from train.distill import DTYPES, GATE_OPTIMIZER
+from train.lm_training import COMPUTE_DTYPES
 from train.losses import DECODE_SLICE_RATIO, DISTILLATION_TARGETS
-from train.optimizer import scaled_warmup_steps
+from train.model_source import PRESETS
+from train.optimizer import SCHEDULES, scaled_warmup_steps
 
 
-@pytest.mark.parametrize("module", ["train.distill_gates", "train.eval_ppl", "seer_jax.generate"])
+@pytest.mark.parametrize("module", ["train.distill_gates", "train.finetune", "train.eval_ppl", "seer_jax.generate"])
 def test_help_imports_no_jax_and_shows_defaults(module):
     code = (
         "import runpy, sys; sys.argv = ['x', '--help']\n"
@@ -33,6 +37,23 @@ def test_distill_flags_show_the_library_values():
     assert GATE_OPTIMIZER.learning_rate == distill_gates.RECIPE_LEARNING_RATE
     assert GATE_OPTIMIZER.warmup_steps == distill_gates.RECIPE_WARMUP_STEPS
     assert distill_gates.DECODE_SLICE == DECODE_SLICE_RATIO
+
+
+def test_finetune_flags_show_the_library_values():
+    assert tuple(sorted(PRESETS)) == finetune.PRESET_CHOICES
+    assert finetune.SCHEDULE_CHOICES == SCHEDULES
+    assert finetune.DTYPE_CHOICES == COMPUTE_DTYPES
+    assert finetune.ATTENTION_CHOICES == IMPLEMENTATIONS
+    assert finetune.EXPORT_DTYPE_CHOICES == EXPORT_DTYPES
+
+
+def test_finetune_warmup_scales_with_the_run(tmp_path):
+    flags = ["--preset", "demo-llama", "--tokenizer-dir", str(tmp_path), "--data", str(tmp_path / "docs.txt")]
+    flags += ["--seq-len", "64", "--batch-size", "1", "--out", str(tmp_path / "run")]
+    short = finetune.config_from_args(finetune.build_parser().parse_args([*flags, "--steps", "30"]))
+    assert short.optimizer.warmup_steps == 3
+    long = finetune.config_from_args(finetune.build_parser().parse_args([*flags, "--steps", "1000"]))
+    assert long.optimizer.warmup_steps == finetune.RECIPE_WARMUP_STEPS
 
 
 def _config(flags: list[str], tmp_path):

@@ -18,7 +18,7 @@ from flax import nnx
 from seer_jax.checkpoint import is_converted, load_model
 from tests.seer_jax.test_adapters import bad_adapters
 from tests.train.tiny import write_docs
-from train import finetune as finetune_module
+from train import progress as progress_module
 from train.finetune import main
 from train.progress import training_progress
 from train.trainer import read_metrics
@@ -172,7 +172,7 @@ def test_a_signal_mid_run_saves_exits_130_and_exports_nothing(inputs, tmp_path, 
 
         return bar, on_step_then_sigint
 
-    monkeypatch.setattr(finetune_module, "training_progress", stop_after_step_1)
+    monkeypatch.setattr(progress_module, "training_progress", stop_after_step_1)  # read when main runs
     args = common_args(inputs, tmp_path / "run", 3)
     with pytest.raises(SystemExit) as raised:
         run("--init-config", inputs[0] / "config.json", "--yarn-factor", "2", *args, "--export-hf", tmp_path / "hf")
