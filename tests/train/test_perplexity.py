@@ -26,7 +26,7 @@ from tests.seer_jax.test_adapters import bad_adapters
 from tests.seer_jax.tiny_models import random_module
 from train.eval_ppl import main
 from train.perplexity import EvalConfig, evaluate
-from train.ppl_results import JSON_FILE, MARKDOWN_FILE, PLOT_FILE
+from train.ppl_results import JSON_FILE, MARKDOWN_FILE, PLOT_FILE, EvalResult, PplRow
 from train.token_corpus import load_tokenizer
 
 LENGTH = 512  # J = 8 key blocks
@@ -319,3 +319,31 @@ def test_gates_on_another_base_are_refused_unless_allowed(model_dir, gates_dir, 
     assert f"the gate adapter {gates_dir} was trained on another base model: the weights differ" in message
     main([str(arg) for arg in [*args, "--out", tmp_path / "allowed", "--allow-other-base"]])
     assert (tmp_path / "allowed" / JSON_FILE).is_file()
+
+
+def test_table_flags_rows_that_cannot_reach_their_nz_ratio():
+    """A TopK row denser than its nz_ratio by more than the margin (StreamingLLM's floor) is marked, others not."""
+
+    def row(method, sparsity, target, density):
+        return PplRow(
+            method=method,
+            sparsity=sparsity,
+            target=target,
+            length=1024,
+            doc_nll=(3.0,),
+            density=density,
+            layer_density=(density,),
+            seconds=1.0,
+        )
+
+    rows = (
+        row("dense", "dense", None, 1.0),
+        row("streaming", "nz_ratio", 0.1, 0.228),
+        row("gate", "nz_ratio", 0.1, 0.12),
+    )
+    assert [r.misses_target for r in rows] == [False, True, False]
+    table = EvalResult(rows=rows, config={"dtype": "float32"}, environment={}, num_docs={1024: 1}, title="t")
+    lines = table.to_markdown().splitlines()
+    assert "0.228 ↑" in next(line for line in lines if line.startswith("| streaming"))
+    assert "↑" not in next(line for line in lines if line.startswith("| gate"))
+    assert any(line.startswith("↑ the method cannot reach") for line in lines)
