@@ -23,8 +23,9 @@ model's.
 Sparse decoding (`seer_config.decode`, docs/design.md "Sparse decoding"). `decode_state` compresses the prompt's
 pre-RoPE keys into a `KCompressionCache` (`seer_jax.k_compression`), which the `KVCache` carries; each decode step
 (`decode_attention`) adds the new key to it, scores the compressed blocks with the decode gate, selects blocks
-(`seer_jax.decode_selection`) and attends the selected blocks only (dense attention under the selection's key
-mask). `decode.source` swaps the decode gate for another score source (`seer_jax.decode_scores`: oracle, Quest,
+(`seer_jax.decode_selection`) and attends the selected blocks only (`pallas_kernels.block_sparse_decode` with each
+row's first real slot as its start; a per-query-head selection, Quest's, by dense attention under its key mask).
+`decode.source` swaps the decode gate for another score source (`seer_jax.decode_scores`: oracle, Quest,
 StreamingLLM, random), which needs no compressed keys. Layers below `decode.start_layer` decode densely and keep no
 compressed keys. Without `decode`, decode steps are dense in every layer. Prefill and decode sparsity are
 independent: either can be dense.
