@@ -16,13 +16,10 @@ import json
 import logging
 from pathlib import Path
 
-import jax.numpy as jnp
-from tqdm import tqdm
-
-from seer_jax.checkpoint import load_model
-from seer_jax.hf_export import EXPORT_DTYPES, save_hf
-from seer_jax.hf_weights import CheckpointError
 from seer_jax.model_path import resolve_model_path
+
+# seer_jax.hf_export.EXPORT_DTYPES, written out so that `--help` answers without loading jax (a test checks it).
+EXPORT_DTYPES = ("bfloat16", "float32")
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +47,12 @@ class ExportConfig:
 
 
 def export(config: ExportConfig) -> None:
+    import jax.numpy as jnp  # here, not at the top: `--help` answers without loading jax
+    from tqdm import tqdm
+
+    from seer_jax.checkpoint import load_model
+    from seer_jax.hf_export import save_hf
+
     dtype = jnp.dtype(config.dtype)
     progress = lambda names: tqdm(names, desc="tensors", unit="tensor")
     model, _ = load_model(config.model_dir, dtype=dtype, param_dtype=dtype, progress=progress)
@@ -64,7 +67,11 @@ def export(config: ExportConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m convert.flax_to_hf", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.flax_to_hf",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="converted model directory (or HF directory, hub id)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
     parser.add_argument(
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         config = ExportConfig(model_dir=model_dir, out_dir=args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb)
         log.info("%s", config)
         export(config)
-    except (ValueError, OSError, CheckpointError) as error:
+    except (ValueError, OSError) as error:  # CheckpointError is a ValueError
         raise SystemExit(f"error: {error}") from None
     log.info("wrote %s", config.out_dir)
 

@@ -18,10 +18,6 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import jax.numpy as jnp
-from tqdm import tqdm
-
-from seer_jax.checkpoint import load_model, save_converted
 from seer_jax.model_path import resolve_model_path
 
 DTYPES = ("bfloat16", "float32")
@@ -47,6 +43,11 @@ class ConvertConfig:
 
 
 def convert(config: ConvertConfig) -> None:
+    import jax.numpy as jnp  # here, not at the top: `--help` answers without loading jax
+    from tqdm import tqdm
+
+    from seer_jax.checkpoint import load_model, save_converted
+
     dtype = jnp.dtype(config.dtype)
     progress = lambda names: tqdm(names, desc="tensors", unit="tensor")
     model, _ = load_model(config.hf_dir, dtype=dtype, param_dtype=dtype, progress=progress)
@@ -54,7 +55,11 @@ def convert(config: ConvertConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m convert.hf_to_flax", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.hf_to_flax",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--hf-dir", required=True, help="Hugging Face model directory, or a hub id in the local Hugging Face cache"
     )

@@ -1,4 +1,4 @@
-"""The training CLIs answer `--help` without importing jax, show their defaults, and the values their flags show are
+"""The CLIs answer `--help` without importing jax, show their defaults, and the values their flags show are
 the library's; the warm-up default scales with `--steps`."""
 
 import subprocess
@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from convert import flax_to_hf
 from seer_jax.attention import IMPLEMENTATIONS
 from seer_jax.decode_config import Q_HEAD_POOLINGS
 from seer_jax.hf_export import EXPORT_DTYPES
@@ -18,7 +19,17 @@ from train.model_source import PRESETS
 from train.optimizer import SCHEDULES, scaled_warmup_steps
 
 
-@pytest.mark.parametrize("module", ["train.distill_gates", "train.finetune", "train.eval_ppl", "seer_jax.generate"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "train.distill_gates",
+        "train.finetune",
+        "train.eval_ppl",
+        "seer_jax.generate",
+        "convert.hf_to_flax",
+        "convert.flax_to_hf",
+    ],
+)
 def test_help_imports_no_jax_and_shows_defaults(module):
     code = (
         "import runpy, sys; sys.argv = ['x', '--help']\n"
@@ -45,6 +56,7 @@ def test_finetune_flags_show_the_library_values():
     assert finetune.DTYPE_CHOICES == COMPUTE_DTYPES
     assert finetune.ATTENTION_CHOICES == IMPLEMENTATIONS
     assert finetune.EXPORT_DTYPE_CHOICES == EXPORT_DTYPES
+    assert flax_to_hf.EXPORT_DTYPES == EXPORT_DTYPES
 
 
 def test_finetune_warmup_scales_with_the_run(tmp_path):
