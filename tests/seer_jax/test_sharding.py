@@ -167,7 +167,8 @@ def test_logits_gate_logits_and_targets_match_the_unsharded_model(sparse_model, 
     names = ("logits", "sparse logits", "density", "gate logits", "pooled targets")
     for name, want, have in zip(names, expected, got, strict=True):
         for w, h in zip(jax.tree.leaves(want), jax.tree.leaves(have), strict=True):
-            np.testing.assert_allclose(h, w, rtol=2e-5, atol=2e-5, err_msg=f"{name} on {mesh_text}")
+            # float32 sums split over up to 4 tensor shards add in another order: a few 1e-5 on logits of size ~3
+            np.testing.assert_allclose(h, w, rtol=2e-5, atol=5e-5, err_msg=f"{name} on {mesh_text}")
     assert 0.4 < float(np.mean(expected[2])) < 0.9  # really sparse (and TopK kept the same blocks)
 
 

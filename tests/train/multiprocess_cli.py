@@ -19,7 +19,9 @@ def main(argv: list[str]) -> None:
         sigterm_after, argv = int(argv[1]), argv[2:]
     module = importlib.import_module(argv[0])
     if sigterm_after is not None:
-        make_progress = module.training_progress
+        import train.progress  # the CLIs import training_progress from here when they run (fast --help)
+
+        make_progress = train.progress.training_progress
 
         def training_progress(total_steps):
             bar, on_step = make_progress(total_steps)
@@ -31,7 +33,7 @@ def main(argv: list[str]) -> None:
 
             return bar, on_step_then_signal
 
-        module.training_progress = training_progress
+        train.progress.training_progress = training_progress
     module.main(argv[1:])
 
 

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -113,7 +114,7 @@ def _run_job(module: str, args: list, work: Path, *, sigterm_after_step: int | N
                         [*command, "--process-id", str(index)], stdout=out, stderr=subprocess.STDOUT, env=env
                     )
                 )
-        codes = [process.wait(timeout=JOB_TIMEOUT_S) for process in processes]
+        codes = _wait_all(processes, expect)
     finally:
         for process in processes:
             if process.poll() is None:
@@ -122,6 +123,20 @@ def _run_job(module: str, args: list, work: Path, *, sigterm_after_step: int | N
     outputs = [log.read_text() for log in logs]
     assert codes == [expect] * PROCESSES, "\n".join(f"--- process {i}:\n{out[-3000:]}" for i, out in enumerate(outputs))
     return outputs
+
+
+def _wait_all(processes: list[subprocess.Popen], expect: int) -> list[int | None]:
+    """The exit codes, once every process has ended or one has ended otherwise than `expect` (its peers would wait
+    for it at their next collective until JAX's own timeout: they are killed, code None); TimeoutExpired after
+    JOB_TIMEOUT_S."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while any(process.poll() is None for process in processes):
+        if any(process.returncode not in (None, expect) for process in processes):
+            break
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(processes[0].args, JOB_TIMEOUT_S)
+        time.sleep(0.2)
+    return [process.returncode for process in processes]
 
 
 def _check_process_0_reports(outputs: list[str], logger: str, *, table: bool = False) -> None:
