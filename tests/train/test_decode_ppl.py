@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 from flax import nnx
 
 from seer_jax.adapters import save_adapter
@@ -26,7 +25,7 @@ from seer_jax.seer_config import SeerConfig
 from seer_jax.sparsity import Selection
 from tests.seer_jax.decode_models import DECODE_BLOCK, base_model, decode_model, padded_batch, with_decode
 from tests.seer_jax.tiny_models import random_module
-from tests.train.test_perplexity import TINY_LLAMA
+from tests.train.test_perplexity import write_tiny_llama
 from train import eval_ppl
 from train.decode_perplexity import DEFAULT_BUDGETS, DecodeBudget, teacher_forced_log_probs
 from train.perplexity import DTYPES, METHODS, MODES, EvalConfig, evaluate
@@ -112,21 +111,7 @@ def data_file(tmp_path_factory, stdlib_texts) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random Llama (GQA 4/2, head_dim 16) in Hugging Face format with the test tokenizer's vocabulary."""
-    import torch
-
-    tokenizer = load_tokenizer(tokenizer_dir)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_LLAMA,
-    )
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("model")
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return write_tiny_llama(tmp_path_factory.mktemp("model"), tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -53,9 +53,8 @@ def data_file(tmp_path_factory, stdlib_texts) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """A tiny random Llama in Hugging Face format whose vocabulary is the test tokenizer's."""
+def write_tiny_llama(directory: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random Llama (TINY_LLAMA, seed 0) in Hugging Face format whose vocabulary is the test tokenizer's."""
     tokenizer = load_tokenizer(tokenizer_dir)
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
@@ -65,11 +64,14 @@ def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
         **TINY_LLAMA,
     )
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    directory = tmp_path_factory.mktemp("model")
-    model.save_pretrained(directory)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("model"), tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
