@@ -80,7 +80,7 @@ class PrefillBenchConfig:
             raise ValueError(f"runs: {self.runs} must be >= 1")
 
 
-def _random_fill(model: nnx.Module, seed: int) -> None:
+def random_fill(model: nnx.Module, seed: int) -> None:
     """Draws every parameter on the device: N(0, 0.02²) weights, unit norm scales."""
     key = jax.random.key(seed)
     for index, (path, variable) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> Path:
             rngs=nnx.Rngs(0),
         )
     )
-    _random_fill(dense, config.seed)
+    random_fill(dense, config.seed)
     rows = []
     print(f"{'T':>7} {'case':>12} {'TTFT ms':>10} {'vs dense':>9} {'compile s':>10} {'device GiB':>11}", flush=True)
     for length in config.lengths:

@@ -1,11 +1,13 @@
-"""The GPU measurement tools run on CPU at tiny lengths: `benchmarks.gate_path` and `benchmarks.profile_kernels`."""
+"""The GPU measurement tools run on CPU at tiny sizes: `benchmarks.gate_path`, `benchmarks.profile_kernels` and
+`benchmarks.generate`."""
 
 import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from benchmarks import gate_path, profile_kernels
+from benchmarks import gate_path, generate, prefill, profile_kernels
 
 
 def test_gate_path_writes_its_table(tmp_path):
@@ -34,3 +36,27 @@ def test_profile_cases_compute_attention():
     out, pooled = profile_kernels.case_function("pooling", 256, 0.0)[0](*inputs)
     np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), expected, atol=2e-2, rtol=2e-2)
     np.testing.assert_allclose(np.asarray(pooled).sum(axis=-1), 1.0, rtol=1e-5)
+
+
+def test_generate_benchmark_times_dense_and_sparse_generation(tmp_path, monkeypatch):
+    """At a tiny width (the Llama-3.1-8B config shrunk) the end-to-end benchmark times both cases per batch size and
+    records what BENCHMARKS.md quotes."""
+    tiny = {**prefill.LLAMA_31_8B, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256}
+    tiny.update(num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    monkeypatch.setattr(generate, "LLAMA_31_8B", tiny)
+    flags = ["--lengths", "128", "--batch-sizes", "1", "2", "--new-tokens", "3", "--densities", "0.5", "--layers", "1"]
+    path = generate.main([*flags, "--runs", "1", "--commit", "abc", "--output-dir", str(tmp_path)])
+    record = json.loads(path.read_text())
+    assert record["git_commit"] == "abc" and record["model"]["hidden_size"] == 128
+    rows = record["rows"]
+    assert [(row["batch"], row["case"]) for row in rows] == [
+        (1, "dense"),
+        (1, "seer 0.5"),
+        (2, "dense"),
+        (2, "seer 0.5"),
+    ]
+    for row in rows:
+        assert row["generate_ms"] > row["ttft_ms"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["decode_tokens_per_s"] == pytest.approx(
+            row["batch"] * 3 / (row["generate_ms"] - row["ttft_ms"]) * 1e3
+        )

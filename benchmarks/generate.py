@@ -1,0 +1,202 @@
+"""End-to-end generation: dense vs block-sparse prefill + block-sparse decode, `python -m benchmarks.generate`.
+
+    python -m benchmarks.generate [--lengths 32768 131072] [--batch-sizes 1 8] [--new-tokens 512] \
+        [--densities 0.1] [--layers 4]
+
+Builds the Llama-3.1-8B architecture (`benchmarks.prefill.LLAMA_31_8B`, no download) with random bf16 weights and
+random float32 gates, and generates `--new-tokens` tokens (greedy, no early stop) after a prompt of each length, for
+each batch size: dense attention (cuDNN prefill and decode), and SeerAttention at each density d — TopK prefill at
+nz_ratio d with random prefill gates, and decode steps that read a token budget of d × the prompt length
+(`DecodeConfig`, random decode gates) through `pallas_kernels.block_sparse_decode`. Random gates select arbitrary
+blocks, which is all a timing needs. Reports time to first token (a jit-compiled prefill), the whole generation
+(one compiled `generate`: prefill and every decode step), decode tokens/s (B · new tokens over the generation time
+minus the time to first token), compile times and the device's peak memory (`memory_stats`, GPU only); medians of
+`--runs` after a warm-up. `--layers N` keeps the first N decoder layers (compile time; every layer costs the same,
+so ratios do not depend on N). Prints a table and writes JSON under `--output-dir` with date, commit, jax version
+and device.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.prefill import LLAMA_31_8B, random_fill
+from seer_jax.config import ModelConfig
+from seer_jax.decode_config import DecodeConfig
+from seer_jax.gate import GateConfig
+from seer_jax.generate import generate, prefill
+from seer_jax.model import CausalLM
+from seer_jax.seer import seer_from_base
+from seer_jax.seer_config import SeerConfig
+from seer_jax.sparsity import Selection
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerateBenchConfig:
+    lengths: tuple[int, ...] = (32768, 131072)
+    batch_sizes: tuple[int, ...] = (1, 8)
+    new_tokens: int = 512
+    densities: tuple[float, ...] = (0.1,)
+    layers: int = 4
+    runs: int = 3
+    output_dir: Path = Path("benchmarks/results")
+    commit: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if any(length <= 0 or length % 64 for length in self.lengths):
+            raise ValueError(f"lengths: {self.lengths} must be positive multiples of 64")
+        if any(batch < 1 for batch in self.batch_sizes):
+            raise ValueError(f"batch_sizes: {self.batch_sizes} must be >= 1")
+        if self.new_tokens < 2:
+            raise ValueError(f"new_tokens: {self.new_tokens} must be >= 2")
+        if any(not 0.0 < d < 1.0 for d in self.densities):
+            raise ValueError(f"densities: {self.densities} must be in (0, 1)")
+        if not 1 <= self.layers <= LLAMA_31_8B["num_hidden_layers"]:
+            raise ValueError(f"layers: {self.layers} must be in [1, 32]")
+        if self.runs < 1:
+            raise ValueError(f"runs: {self.runs} must be >= 1")
+
+
+def _median_seconds(fn, runs: int) -> float:
+    jax.block_until_ready(fn())  # warm-up (compiled already)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _compile_seconds(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def time_generation(model: CausalLM, tokens: jax.Array, new_tokens: int, runs: int) -> dict:
+    """Times a prefill and a whole generation of `model` on `tokens` (int [B, T]); see the module docstring."""
+    batch, length = tokens.shape
+    run_prefill = lambda: prefill(model, tokens, max_length=length + new_tokens)[0]
+    run_generate = lambda: generate(model, tokens, max_new_tokens=new_tokens, eos_token_id=())
+    prefill_compile, generate_compile = _compile_seconds(run_prefill), _compile_seconds(run_generate)
+    ttft = _median_seconds(run_prefill, runs)
+    total = _median_seconds(run_generate, runs)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "ttft_ms": 1e3 * ttft,
+        "generate_ms": 1e3 * total,
+        "decode_tokens_per_s": batch * new_tokens / max(total - ttft, 1e-9),
+        "compile_s": prefill_compile + generate_compile,
+        "peak_bytes": stats.get("peak_bytes_in_use"),
+    }
+
+
+def main(argv: list[str] | None = None) -> Path:
+    defaults = GenerateBenchConfig()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=defaults.lengths, help="prompt lengths")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=defaults.batch_sizes)
+    parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens, help="tokens generated per row")
+    parser.add_argument("--densities", type=float, nargs="+", default=defaults.densities)
+    parser.add_argument("--layers", type=int, default=defaults.layers, help="decoder layers kept (of 32)")
+    parser.add_argument("--runs", type=int, default=defaults.runs, help="timed runs per case (median)")
+    parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
+    parser.add_argument("--commit", help="git commit to record (the GPU machine has no .git)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    args = parser.parse_args(argv)
+    config = GenerateBenchConfig(
+        lengths=tuple(args.lengths),
+        batch_sizes=tuple(args.batch_sizes),
+        new_tokens=args.new_tokens,
+        densities=tuple(args.densities),
+        layers=args.layers,
+        runs=args.runs,
+        output_dir=args.output_dir,
+        commit=args.commit,
+        seed=args.seed,
+    )
+    print(config, flush=True)
+    model_config = ModelConfig.from_hf({**LLAMA_31_8B, "num_hidden_layers": config.layers})
+    on_gpu = jax.default_backend() == "gpu"
+    dense = nnx.eval_shape(
+        lambda: CausalLM(
+            model_config,
+            attention_implementation="cudnn" if on_gpu else "xla",
+            dtype=jnp.bfloat16,
+            param_dtype=jnp.bfloat16,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    random_fill(dense, config.seed)
+    rows = []
+    header = f"{'B':>3} {'T':>7} {'case':>9} {'TTFT ms':>9} {'gen ms':>9} {'decode tok/s':>13} {'vs dense':>9}"
+    print(header + f" {'peak GiB':>9}", flush=True)
+    for length in config.lengths:
+        for batch in config.batch_sizes:
+            tokens = jax.random.randint(jax.random.key(length), (batch, length), 0, model_config.vocab_size, jnp.int32)
+            cases = [("dense", None, dense)]
+            for density in config.densities:
+                seer_config = SeerConfig(
+                    gate=GateConfig(),
+                    selection=Selection(method="nz_ratio", nz_ratio=density),
+                    decode=DecodeConfig(token_budget=int(density * length)),
+                )
+                # The dense model's weights (shared, not copied) plus random float32 gates.
+                seer = seer_from_base(dense, seer_config, rngs=nnx.Rngs(config.seed), gate_param_dtype=jnp.float32)
+                cases.append((f"seer {density}", density, seer))
+            dense_result = None
+            for name, density, model in cases:
+                result = time_generation(model, tokens, config.new_tokens, config.runs)
+                dense_result = dense_result or result
+                row = {
+                    "batch": batch,
+                    "prompt_len": length,
+                    "new_tokens": config.new_tokens,
+                    "case": name,
+                    "density": density,
+                    **result,
+                    "ttft_speedup": dense_result["ttft_ms"] / result["ttft_ms"],
+                    "decode_speedup": result["decode_tokens_per_s"] / dense_result["decode_tokens_per_s"],
+                    "generate_speedup": dense_result["generate_ms"] / result["generate_ms"],
+                }
+                rows.append(row)
+                gib = "—" if result["peak_bytes"] is None else f"{result['peak_bytes'] / 2**30:.1f}"
+                print(
+                    f"{batch:>3} {length:>7} {name:>9} {result['ttft_ms']:>9.1f} {result['generate_ms']:>9.1f} "
+                    f"{result['decode_tokens_per_s']:>13.1f} {row['generate_speedup']:>8.2f}x {gib:>9}",
+                    flush=True,
+                )
+                del model
+    now = datetime.datetime.now(datetime.UTC)
+    device = jax.devices()[0].device_kind
+    path = config.output_dir / (
+        f"{now:%Y-%m-%d-%H%M%S}_generate_{re.sub(r'[^A-Za-z0-9]+', '-', device)}_{config.commit or 'unknown'}.json"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "date": now.isoformat(timespec="seconds"),
+        "git_commit": config.commit,
+        "jax_version": jax.__version__,
+        "device": device,
+        "model": {**LLAMA_31_8B, "num_hidden_layers": config.layers},
+        "config": {**dataclasses.asdict(config), "output_dir": str(config.output_dir)},
+        "rows": rows,
+    }
+    path.write_text(json.dumps(record, indent=1, default=lambda x: float(np.asarray(x))) + "\n")
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+if __name__ == "__main__":
+    main()
