@@ -8,33 +8,28 @@ random float32 gates, and generates `--new-tokens` tokens (greedy, no early stop
 each batch size: dense attention (cuDNN prefill and decode), and SeerAttention at each density d — TopK prefill at
 nz_ratio d with random prefill gates, and decode steps that read a token budget of d × the prompt length
 (`DecodeConfig`, random decode gates) through `pallas_kernels.block_sparse_decode`. Random gates select arbitrary
-blocks, which is all a timing needs. Reports time to first token (a jit-compiled prefill), the whole generation
-(one compiled `generate`: prefill and every decode step), decode tokens/s (B · new tokens over the generation time
-minus the time to first token), compile times and the device's peak memory (`memory_stats`, GPU only); medians of
-`--runs` after a warm-up. `--layers N` keeps the first N decoder layers (compile time; every layer costs the same,
-so ratios do not depend on N). Prints a table and writes JSON under `--output-dir` with date, commit, jax version
-and device.
+blocks, which is all a timing needs. Reports time to first token (`generate` of one token: the prefill and the
+first sample), the whole generation (one compiled `generate`: prefill and every decode step), decode tokens/s
+(B · (new tokens − 1) over the difference of the two), compile times and the device's peak memory
+(`memory_stats`, GPU only); medians of `--runs` after a warm-up. `--layers N` keeps the first N decoder layers
+(compile time; every layer costs the same, so ratios do not depend on N). Prints a table and writes JSON under
+`--output-dir` with date, commit, jax version and device.
 """
 
 import argparse
 import dataclasses
-import datetime
-import json
-import re
 import statistics
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from benchmarks.prefill import LLAMA_31_8B, random_fill
-from seer_jax.config import ModelConfig
+from benchmarks.prefill import LLAMA_31_8B, random_llama, write_record
 from seer_jax.decode_config import DecodeConfig
 from seer_jax.gate import GateConfig
-from seer_jax.generate import generate, prefill
+from seer_jax.generate import generate
 from seer_jax.model import CausalLM
 from seer_jax.seer import seer_from_base
 from seer_jax.seer_config import SeerConfig
@@ -85,19 +80,19 @@ def _compile_seconds(fn) -> float:
 
 
 def time_generation(model: CausalLM, tokens: jax.Array, new_tokens: int, runs: int) -> dict:
-    """Times a prefill and a whole generation of `model` on `tokens` (int [B, T]); see the module docstring."""
-    batch, length = tokens.shape
-    run_prefill = lambda: prefill(model, tokens, max_length=length + new_tokens)[0]
-    run_generate = lambda: generate(model, tokens, max_new_tokens=new_tokens, eos_token_id=())
-    prefill_compile, generate_compile = _compile_seconds(run_prefill), _compile_seconds(run_generate)
-    ttft = _median_seconds(run_prefill, runs)
-    total = _median_seconds(run_generate, runs)
+    """Times `generate` of 1 token (the time to first token: prefill and the first sample) and of `new_tokens`
+    (int [B, T] prompts); decode tokens/s from their difference, the same compiled path for the prompt in both."""
+    batch = tokens.shape[0]
+    first = lambda: generate(model, tokens, max_new_tokens=1, eos_token_id=())
+    whole = lambda: generate(model, tokens, max_new_tokens=new_tokens, eos_token_id=())
+    compile_seconds = _compile_seconds(first) + _compile_seconds(whole)
+    ttft, total = _median_seconds(first, runs), _median_seconds(whole, runs)
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "ttft_ms": 1e3 * ttft,
         "generate_ms": 1e3 * total,
-        "decode_tokens_per_s": batch * new_tokens / max(total - ttft, 1e-9),
-        "compile_s": prefill_compile + generate_compile,
+        "decode_tokens_per_s": batch * (new_tokens - 1) / max(total - ttft, 1e-9),
+        "compile_s": compile_seconds,
         "peak_bytes": stats.get("peak_bytes_in_use"),
     }
 
@@ -127,18 +122,8 @@ def main(argv: list[str] | None = None) -> Path:
         seed=args.seed,
     )
     print(config, flush=True)
-    model_config = ModelConfig.from_hf({**LLAMA_31_8B, "num_hidden_layers": config.layers})
-    on_gpu = jax.default_backend() == "gpu"
-    dense = nnx.eval_shape(
-        lambda: CausalLM(
-            model_config,
-            attention_implementation="cudnn" if on_gpu else "xla",
-            dtype=jnp.bfloat16,
-            param_dtype=jnp.bfloat16,
-            rngs=nnx.Rngs(0),
-        )
-    )
-    random_fill(dense, config.seed)
+    dense = random_llama(config.layers, config.seed)
+    model_config = dense.config
     rows = []
     header = f"{'B':>3} {'T':>7} {'case':>9} {'TTFT ms':>9} {'gen ms':>9} {'decode tok/s':>13} {'vs dense':>9}"
     print(header + f" {'peak GiB':>9}", flush=True)
@@ -178,22 +163,7 @@ def main(argv: list[str] | None = None) -> Path:
                     flush=True,
                 )
                 del model
-    now = datetime.datetime.now(datetime.UTC)
-    device = jax.devices()[0].device_kind
-    path = config.output_dir / (
-        f"{now:%Y-%m-%d-%H%M%S}_generate_{re.sub(r'[^A-Za-z0-9]+', '-', device)}_{config.commit or 'unknown'}.json"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "date": now.isoformat(timespec="seconds"),
-        "git_commit": config.commit,
-        "jax_version": jax.__version__,
-        "device": device,
-        "model": {**LLAMA_31_8B, "num_hidden_layers": config.layers},
-        "config": {**dataclasses.asdict(config), "output_dir": str(config.output_dir)},
-        "rows": rows,
-    }
-    path.write_text(json.dumps(record, indent=1, default=lambda x: float(np.asarray(x))) + "\n")
+    path = write_record("generate", config, rows)
     print(f"wrote {path}", flush=True)
     return path
 

@@ -92,6 +92,46 @@ def random_fill(model: nnx.Module, seed: int) -> None:
             variable.set_value(draw(jax.random.fold_in(key, index)))
 
 
+def random_llama(layers: int, seed: int) -> CausalLM:
+    """The Llama-3.1-8B architecture with its first `layers` decoder layers and random bf16 weights (`random_fill`);
+    cuDNN dense attention on a GPU, XLA elsewhere."""
+    model_config = ModelConfig.from_hf({**LLAMA_31_8B, "num_hidden_layers": layers})
+    on_gpu = jax.default_backend() == "gpu"
+    model = nnx.eval_shape(
+        lambda: CausalLM(
+            model_config,
+            attention_implementation="cudnn" if on_gpu else "xla",
+            dtype=jnp.bfloat16,
+            param_dtype=jnp.bfloat16,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    random_fill(model, seed)
+    return model
+
+
+def write_record(name: str, config, rows: list[dict]) -> Path:
+    """Writes a benchmark's JSON (date, commit, jax version, device, the model, `config`, `rows`) under
+    `config.output_dir` as DATE_NAME_DEVICE_COMMIT.json; `config` is a dataclass with output_dir, commit, layers."""
+    now = datetime.datetime.now(datetime.UTC)
+    device = jax.devices()[0].device_kind
+    path = config.output_dir / (
+        f"{now:%Y-%m-%d-%H%M%S}_{name}_{re.sub(r'[^A-Za-z0-9]+', '-', device)}_{config.commit or 'unknown'}.json"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "date": now.isoformat(timespec="seconds"),
+        "git_commit": config.commit,
+        "jax_version": jax.__version__,
+        "device": device,
+        "model": {**LLAMA_31_8B, "num_hidden_layers": config.layers},
+        "config": {**dataclasses.asdict(config), "output_dir": str(config.output_dir)},
+        "rows": rows,
+    }
+    path.write_text(json.dumps(record, indent=1, default=lambda x: float(np.asarray(x))) + "\n")
+    return path
+
+
 def _time_prefill(model: nnx.Module, tokens: jax.Array, runs: int) -> dict:
     graphdef, state = nnx.split(model)
 
@@ -136,18 +176,8 @@ def main(argv: list[str] | None = None) -> Path:
         seed=args.seed,
     )
     print(config, flush=True)
-    model_config = ModelConfig.from_hf({**LLAMA_31_8B, "num_hidden_layers": config.layers})
-    on_gpu = jax.default_backend() == "gpu"
-    dense = nnx.eval_shape(
-        lambda: CausalLM(
-            model_config,
-            attention_implementation="cudnn" if on_gpu else "xla",
-            dtype=jnp.bfloat16,
-            param_dtype=jnp.bfloat16,
-            rngs=nnx.Rngs(0),
-        )
-    )
-    random_fill(dense, config.seed)
+    dense = random_llama(config.layers, config.seed)
+    model_config = dense.config
     rows = []
     print(f"{'T':>7} {'case':>12} {'TTFT ms':>10} {'vs dense':>9} {'compile s':>10} {'device GiB':>11}", flush=True)
     for length in config.lengths:
@@ -177,22 +207,7 @@ def main(argv: list[str] | None = None) -> Path:
                 flush=True,
             )
             del model
-    now = datetime.datetime.now(datetime.UTC)
-    device = jax.devices()[0].device_kind
-    path = config.output_dir / (
-        f"{now:%Y-%m-%d-%H%M%S}_prefill_{re.sub(r'[^A-Za-z0-9]+', '-', device)}_{config.commit or 'unknown'}.json"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "date": now.isoformat(timespec="seconds"),
-        "git_commit": config.commit,
-        "jax_version": jax.__version__,
-        "device": device,
-        "model": {**LLAMA_31_8B, "num_hidden_layers": config.layers},
-        "config": {**dataclasses.asdict(config), "output_dir": str(config.output_dir)},
-        "rows": rows,
-    }
-    path.write_text(json.dumps(record, indent=1, default=lambda x: float(np.asarray(x))) + "\n")
+    path = write_record("prefill", config, rows)
     print(f"wrote {path}", flush=True)
     return path
 
