@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.prefill import LLAMA_31_8B, random_llama, write_record
+from benchmarks.prefill import LLAMA_31_8B, add_run_arguments, random_llama, write_record
 from seer_jax.decode_config import DecodeConfig
 from seer_jax.gate import GateConfig
 from seer_jax.generate import generate
@@ -104,11 +104,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=defaults.batch_sizes)
     parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens, help="tokens generated per row")
     parser.add_argument("--densities", type=float, nargs="+", default=defaults.densities)
-    parser.add_argument("--layers", type=int, default=defaults.layers, help="decoder layers kept (of 32)")
-    parser.add_argument("--runs", type=int, default=defaults.runs, help="timed runs per case (median)")
-    parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
-    parser.add_argument("--commit", help="git commit to record (the GPU machine has no .git)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_run_arguments(parser, defaults)
     args = parser.parse_args(argv)
     config = GenerateBenchConfig(
         lengths=tuple(args.lengths),

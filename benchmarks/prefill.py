@@ -92,6 +92,16 @@ def random_fill(model: nnx.Module, seed: int) -> None:
             variable.set_value(draw(jax.random.fold_in(key, index)))
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, defaults) -> None:
+    """The flags every end-to-end benchmark shares (--layers, --runs, --output-dir, --commit, --seed), with the
+    defaults of its config dataclass `defaults`."""
+    parser.add_argument("--layers", type=int, default=defaults.layers, help="decoder layers kept (of 32)")
+    parser.add_argument("--runs", type=int, default=defaults.runs, help="timed runs per case (median)")
+    parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
+    parser.add_argument("--commit", help="git commit to record (the GPU machine has no .git)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+
+
 def random_llama(layers: int, seed: int) -> CausalLM:
     """The Llama-3.1-8B architecture with its first `layers` decoder layers and random bf16 weights (`random_fill`);
     cuDNN dense attention on a GPU, XLA elsewhere."""
@@ -160,11 +170,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.prefill", description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=defaults.lengths)
     parser.add_argument("--densities", type=float, nargs="+", default=defaults.densities)
-    parser.add_argument("--layers", type=int, default=defaults.layers, help="decoder layers kept (of 32)")
-    parser.add_argument("--runs", type=int, default=defaults.runs, help="timed prefills per case (median)")
-    parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
-    parser.add_argument("--commit", help="git commit to record (the GPU machine has no .git)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_run_arguments(parser, defaults)
     args = parser.parse_args(argv)
     config = PrefillBenchConfig(
         lengths=tuple(args.lengths),
