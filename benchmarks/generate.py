@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> Path:
     dense = random_llama(config.layers, config.seed)
     model_config = dense.config
     rows = []
+    path = Path(config.output_dir) / "none"
     header = f"{'B':>3} {'T':>7} {'case':>9} {'TTFT ms':>9} {'gen ms':>9} {'decode tok/s':>13} {'vs dense':>9}"
     print(header + f" {'peak GiB':>9}", flush=True)
     for length in config.lengths:
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> Path:
                     flush=True,
                 )
                 del model
-    path = write_record("generate", config, rows)
+                path.unlink(missing_ok=True)  # the record so far: a later case that fails keeps the earlier rows
+                path = write_record("generate", config, rows)
     print(f"wrote {path}", flush=True)
     return path
 

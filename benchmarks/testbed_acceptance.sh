@@ -34,7 +34,7 @@ cache=$run/cache
 : "${YARN_SEQ:=32768}" "${YARN_ORIGINAL:=8192}" "${YARN_BATCH:=4}" "${YARN_STEPS:=200}" "${YARN_LR:=5e-5}"
 : "${LONG_LENGTH:=32768}" "${LONG_BATCH:=2}"
 : "${DECODE_STEPS:=400}" "${DECODE_LENGTH:=8192}" "${DECODE_CONTINUATION:=2048}" "${DECODE_BATCH:=8}"
-: "${DECODE_BUDGETS:=256 512 1024 2048 5% 10% 25%}"
+: "${DECODE_TAG:=}" "${DECODE_BUDGETS:=256 512 1024 2048 5% 10% 25%}" "${DECODE_METHODS:=}"  # empty: every method
 
 yarn_common=(--data "$distill_data" --corpus-cache "$cache" --seq-len "$YARN_SEQ" --batch-size "$YARN_BATCH"
   --steps "$YARN_STEPS" --lr "$YARN_LR" --warmup-steps "$WARMUP" --schedule linear --remat
@@ -90,7 +90,7 @@ PY
       # shellcheck disable=SC2086  # the budgets are a list
       python -m train.eval_ppl --mode decode --model "$model" "${gates[@]}" --data "$eval_data" --cache-dir "$cache" \
         --lengths "$DECODE_LENGTH" --continuation "$DECODE_CONTINUATION" --num-docs "$EVAL_DOCS" \
-        --batch-size "$DECODE_BATCH" --decode-budgets $DECODE_BUDGETS --out "$run/eval-decode" ;;
+        --batch-size "$DECODE_BATCH" --decode-budgets $DECODE_BUDGETS ${DECODE_METHODS:+--methods $DECODE_METHODS} --out "$run/eval-decode${DECODE_TAG:-}" ;;
     *)
       echo "unknown stage: $stage" >&2
       exit 2 ;;

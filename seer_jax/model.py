@@ -231,6 +231,11 @@ class Attention(nnx.Module):
         return out, kv, collected
 
 
+# Tokens per MLP call above which the MLP runs over sequence chunks (`MLP.__call__`); a training step of 8 × 8192
+# tokens stays one call.
+MLP_TOKEN_CHUNK = 65536
+
+
 class MLP(nnx.Module):
     """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
 
@@ -248,7 +253,22 @@ class MLP(nnx.Module):
         self.down_proj = Linear(inner, hidden, sharding=("mlp", "embed"), **linear)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, D]
+        """x [B, T, D] → [B, T, D]. Calls of more than `MLP_TOKEN_CHUNK` tokens run over chunks of the sequence
+        (`lax.map`), so that a long prompt's [B, T, intermediate] activations are never all live at once (a 128k
+        prompt at batch 8 of Llama-3.1-8B would need ~60 GiB of them per layer). Each token's result is the same
+        row-wise computation either way."""
+        batch, length, hidden = x.shape
+        chunk = max(MLP_TOKEN_CHUNK // batch, 1)
+        if batch * length <= MLP_TOKEN_CHUNK or length <= chunk:
+            return self._swiglu(x)
+        num_chunks = -(-length // chunk)
+        padded = jnp.pad(x, ((0, 0), (0, num_chunks * chunk - length), (0, 0)))
+        chunks = padded.reshape(batch, num_chunks, chunk, hidden).swapaxes(0, 1)  # [n, B, chunk, D]
+        out = jax.lax.map(self._swiglu, chunks).swapaxes(0, 1).reshape(batch, num_chunks * chunk, hidden)
+        return out[:, :length]
+
+    def _swiglu(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):

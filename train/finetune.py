@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # Library values the flags show, written out so that `--help` imports no jax (a test checks they are the library's:
 # train.model_source.PRESETS, train.optimizer.SCHEDULES, train.lm_training.COMPUTE_DTYPES,
 # seer_jax.attention.IMPLEMENTATIONS, seer_jax.hf_export.EXPORT_DTYPES).
-PRESET_CHOICES = ("demo-llama",)
+PRESET_CHOICES = ("demo-llama", "seer-demo-llama")
 SCHEDULE_CHOICES = ("cosine", "linear", "constant")
 DTYPE_CHOICES = ("bfloat16", "float32")
 ATTENTION_CHOICES = ("xla", "cudnn")

@@ -48,6 +48,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mlp_bias": False,
         "initializer_range": 0.02,
     },
+    # The shipped pretrained model of the embedded default (`train/demo/seer-demo-llama/`, its model card there):
+    # trained once on the H200 on Python source at 2048 tokens, small enough (~2.6M parameters, ~5 MB in bf16) to
+    # ship as package data and to distil gates for on 2 CPU cores in about a minute. Tied embeddings keep it small.
+    "seer-demo-llama": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 192,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+    },
 }
 
 

@@ -101,3 +101,32 @@ def test_decode_takes_one_token():
 def test_unknown_attention_implementation():
     with pytest.raises(ValueError, match="attention_implementation 'flash' is not one of"):
         nnx.eval_shape(lambda: CausalLM(CONFIG, attention_implementation="flash", rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("batch, length", [(2, 37), (3, 8)])
+def test_long_calls_run_the_mlp_over_sequence_chunks(monkeypatch, batch, length):
+    """Above `MLP_TOKEN_CHUNK` tokens the MLP runs over padded sequence chunks: the same logits and gradients as one
+    call (here with a chunk of 10 tokens: 2 x 37 -> 5 chunks of 5 positions, the last padded; 3 x 8 -> 3 of 3)."""
+    model = CausalLM(CONFIG, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, CONFIG.vocab_size, (batch, length)), jnp.int32)
+
+    def loss_and_grads():
+        def loss(model):
+            logits, _ = model(tokens)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
+
+        (value, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        return value, logits, grads
+
+    whole_loss, whole, whole_grads = loss_and_grads()
+    calls = []
+    original_map = jax.lax.map
+    monkeypatch.setattr(jax.lax, "map", lambda f, xs, **kw: calls.append(xs.shape) or original_map(f, xs, **kw))
+    monkeypatch.setattr("seer_jax.model.MLP_TOKEN_CHUNK", 10)
+    chunked_loss, chunked, chunked_grads = loss_and_grads()
+    chunk = max(10 // batch, 1)
+    assert calls and calls[0] == (-(-length // chunk), batch, chunk, CONFIG.hidden_size)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(chunked_loss, whole_loss, rtol=1e-6)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(whole_grads), nnx.to_flat_state(chunked_grads), strict=True):
+        np.testing.assert_allclose(b.value, a.value, rtol=1e-4, atol=1e-7, err_msg=str(path))

@@ -129,7 +129,7 @@ def test_mosaic_decode_kernel_in_the_model(monkeypatch):
 
     full, full_density = log_probs(decode)
     dense, _ = log_probs(None)
-    np.testing.assert_array_equal(full_density, 1.0)
+    np.testing.assert_allclose(full_density, 1.0, rtol=1e-6)  # a float32 mean of ones
     np.testing.assert_allclose(full, dense, atol=5e-2)
 
     small = dataclasses.replace(decode, token_budget=128)
