@@ -95,8 +95,14 @@ def decode_block_index(block_mask: jax.Array, num_slots: int | None = None) -> t
     selected blocks beyond M would be dropped, so callers size M from the selection's bound."""
     num_blocks = block_mask.shape[-1]
     num_slots = num_blocks if num_slots is None else num_slots
-    order = jnp.argsort(~block_mask, axis=-1, stable=True).astype(jnp.int32)  # [B, K, J]: selected first
-    order = jnp.pad(order, [(0, 0), (0, 0), (0, max(num_slots - num_blocks, 0))])[..., :num_slots]  # [B, K, M]
+    # Each selected block's slot is the number of selected blocks before it: a prefix sum and one scatter per step
+    # instead of a sort of all J blocks (the decode step runs this per layer).
+    slot = jnp.cumsum(block_mask, axis=-1, dtype=jnp.int32) - 1  # [B, K, J]
+    slot = jnp.where(block_mask, slot, num_slots)  # unselected (and any slot >= M): dropped by the scatter
+    rows = jnp.arange(block_mask.shape[0])[:, None, None]
+    heads = jnp.arange(block_mask.shape[1])[None, :, None]
+    ids = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32), block_mask.shape)  # [B, K, J]
+    index = jnp.full((*block_mask.shape[:-1], num_slots), -1, jnp.int32)
+    index = index.at[rows, heads, slot].set(ids, mode="drop")  # [B, K, M]
     count = jnp.minimum(jnp.sum(block_mask, axis=-1, dtype=jnp.int32), num_slots)  # [B, K]
-    index = jnp.where(jnp.arange(order.shape[-1]) < count[..., None], order, -1)  # [B, K, M]
     return index, count

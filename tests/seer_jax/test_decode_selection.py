@@ -128,3 +128,6 @@ def test_block_index_lists_the_selection():
     wide, wide_count = (np.asarray(x) for x in decode_block_index(jnp.asarray(block_mask), num_slots=9))
     assert wide.shape == (3, 2, 9) and (wide[..., :7] == index).all() and (wide[..., 7:] == -1).all()
     np.testing.assert_array_equal(wide_count, count)
+    narrow, narrow_count = (np.asarray(x) for x in decode_block_index(jnp.asarray(block_mask), num_slots=2))
+    np.testing.assert_array_equal(narrow_count, np.minimum(count, 2))  # the first two selected blocks kept
+    np.testing.assert_array_equal(narrow, np.where(np.arange(2) < narrow_count[..., None], index[..., :2], -1))
