@@ -4,4 +4,6 @@ corpus.py          the running interpreter's standard-library sources as train/e
 bpe_tokenizer.py   the byte-level BPE tokenizer trained on them
 model.py           a small Llama pretrained on them (cached)
 __main__.py        `python -m train.demo`: pretrain (or reuse) only the demo model
+shipped.py         the shipped pretrained model `seer-demo-llama/` (package data), used instead when present
+pretrain_shipped.sh  the GPU command that trains the shipped model
 """

@@ -48,7 +48,8 @@ class DemoCorpusConfig:
     stdlib_dir: the sources to collect; None means the running interpreter's standard library.
     max_files: collect only the first this-many files in sorted path order (small builds for tests); None: all.
     eval_fraction: share of documents held out for evaluation.
-    vocab_size: BPE vocabulary size, special tokens included.
+    vocab_size: BPE vocabulary size, special tokens included; None trains no tokenizer (for a model that brings its
+      own, such as the shipped `train/demo/seer-demo-llama`).
     max_file_bytes: larger files are treated as generated data and skipped.
     """
 
@@ -56,7 +57,7 @@ class DemoCorpusConfig:
     stdlib_dir: Path | None = None
     max_files: int | None = None
     eval_fraction: float = 0.1
-    vocab_size: int = 4096
+    vocab_size: int | None = 4096
     max_file_bytes: int = 256_000
 
     def __post_init__(self):
@@ -74,7 +75,7 @@ class DemoCorpus:
 
     train_path: Path
     eval_path: Path
-    tokenizer_dir: Path
+    tokenizer_dir: Path | None  # None: built without a tokenizer (vocab_size None)
     train_docs: int
     eval_docs: int
     train_chars: int
@@ -101,7 +102,9 @@ def build_demo_corpus(config: DemoCorpusConfig) -> DemoCorpus:
     }
     cache_dir = Path(config.cache_dir).expanduser()
     manifest_path = cache_dir / "manifest.json"
-    outputs = (cache_dir / "train.jsonl.gz", cache_dir / "eval.jsonl.gz", cache_dir / "tokenizer" / "tokenizer.json")
+    outputs = [cache_dir / "train.jsonl.gz", cache_dir / "eval.jsonl.gz"]
+    if config.vocab_size is not None:
+        outputs.append(cache_dir / "tokenizer" / "tokenizer.json")
     if manifest_path.is_file() and all(p.is_file() for p in outputs):
         manifest = json.loads(manifest_path.read_text())
         if {k: manifest.get(k) for k in expected} == expected:
@@ -114,9 +117,12 @@ def build_demo_corpus(config: DemoCorpusConfig) -> DemoCorpus:
     try:
         _write_jsonl_gz(staging / "train.jsonl.gz", train)
         _write_jsonl_gz(staging / "eval.jsonl.gz", held_out)
-        train_bpe_tokenizer((text for _, text in train), vocab_size=config.vocab_size, out_dir=staging / "tokenizer")
+        names = ["train.jsonl.gz", "eval.jsonl.gz"]
+        if config.vocab_size is not None:
+            train_bpe_tokenizer((text for _, text in train), vocab_size=config.vocab_size, out_dir=staging / "tokenizer")
+            names.append("tokenizer")
         shutil.rmtree(cache_dir / "tokenizer", ignore_errors=True)
-        for name in ("train.jsonl.gz", "eval.jsonl.gz", "tokenizer"):
+        for name in names:
             os.replace(staging / name, cache_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -194,7 +200,7 @@ def _described(cache_dir: Path, manifest: dict, *, reused: bool) -> DemoCorpus:
     return DemoCorpus(
         train_path=cache_dir / "train.jsonl.gz",
         eval_path=cache_dir / "eval.jsonl.gz",
-        tokenizer_dir=cache_dir / "tokenizer",
+        tokenizer_dir=None if manifest["vocab_size"] is None else cache_dir / "tokenizer",
         train_docs=manifest["train"]["documents"],
         eval_docs=manifest["eval"]["documents"],
         train_chars=manifest["train"]["chars"],
