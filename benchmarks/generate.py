@@ -1,7 +1,7 @@
 """End-to-end generation: dense vs block-sparse prefill + block-sparse decode, `python -m benchmarks.generate`.
 
     python -m benchmarks.generate [--lengths 32768 131072] [--batch-sizes 1 8] [--new-tokens 512] \
-        [--densities 0.1] [--layers 4]
+        [--densities 0.1] [--layers 4] [--profile]
 
 Builds the Llama-3.1-8B architecture (`benchmarks.prefill.LLAMA_31_8B`, no download) with random bf16 weights and
 random float32 gates, and generates `--new-tokens` tokens (greedy, no early stop) after a prompt of each length, for
@@ -12,7 +12,8 @@ blocks, which is all a timing needs. Reports time to first token (`generate` of 
 first sample), the whole generation (one compiled `generate`: prefill and every decode step), decode tokens/s
 (B · (new tokens − 1) over the difference of the two), compile times and the device's peak memory
 (`memory_stats`, GPU only); medians of `--runs` after a warm-up. `--layers N` keeps the first N decoder layers
-(compile time; every layer costs the same, so ratios do not depend on N). Prints a table and writes JSON under
+(compile time; every layer costs the same, but `lm_head` and sampling are a fixed cost per step, so fewer layers
+understate what sparse decoding gains). `--profile` adds the GPU kernels of one decode step (device trace). Prints a table and writes JSON under
 `--output-dir` with date, commit, jax version and device.
 """
 
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.prefill import LLAMA_31_8B, add_run_arguments, random_llama, write_record
+from pallas_kernels.bench_decode import device_profile
 from seer_jax.decode_config import DecodeConfig
 from seer_jax.gate import GateConfig
 from seer_jax.generate import generate
@@ -44,6 +46,7 @@ class GenerateBenchConfig:
     densities: tuple[float, ...] = (0.1,)
     layers: int = 4
     runs: int = 3
+    profile: bool = False
     output_dir: Path = Path("benchmarks/results")
     commit: str | None = None
     seed: int = 0
@@ -79,22 +82,46 @@ def _compile_seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def time_generation(model: CausalLM, tokens: jax.Array, new_tokens: int, runs: int) -> dict:
+def time_generation(model: CausalLM, tokens: jax.Array, new_tokens: int, runs: int, *, profile: bool = False) -> dict:
     """Times `generate` of 1 token (the time to first token: prefill and the first sample) and of `new_tokens`
-    (int [B, T] prompts); decode tokens/s from their difference, the same compiled path for the prompt in both."""
+    (int [B, T] prompts); decode tokens/s from their difference, the same compiled path for the prompt in both.
+    `profile`: also the kernels of a decode step (`decode_step_kernels`)."""
     batch = tokens.shape[0]
     first = lambda: generate(model, tokens, max_new_tokens=1, eos_token_id=())
     whole = lambda: generate(model, tokens, max_new_tokens=new_tokens, eos_token_id=())
     compile_seconds = _compile_seconds(first) + _compile_seconds(whole)
     ttft, total = _median_seconds(first, runs), _median_seconds(whole, runs)
     stats = jax.devices()[0].memory_stats() or {}
-    return {
+    result = {
         "ttft_ms": 1e3 * ttft,
         "generate_ms": 1e3 * total,
         "decode_tokens_per_s": batch * (new_tokens - 1) / max(total - ttft, 1e-9),
         "compile_s": compile_seconds,
         "peak_bytes": stats.get("peak_bytes_in_use"),
     }
+    if profile:
+        result["decode_step_kernels"] = decode_step_kernels(first, whole, new_tokens - 1)
+    return result
+
+
+def decode_step_kernels(first, whole, steps: int, top: int = 12) -> dict[str, list[float]] | None:
+    """Per decode step, the GPU kernels of `whole` (a generation) less those of `first` (its first token only),
+    from one device trace of each (`pallas_kernels.bench_decode.device_profile`): kernel name → [launches, device
+    µs], the `top` costliest, plus "all" (every kernel) and "span" ([steps, device µs per step from the first
+    kernel's start to the last one's end, gaps included]). None without a GPU."""
+    whole_profile = device_profile(lambda _: whole(), None, steps=1)
+    first_profile = device_profile(lambda _: first(), None, steps=1)
+    if whole_profile is None or first_profile is None:
+        return None
+    per_step = {}
+    for name, (launches, micros) in whole_profile.kernels.items():
+        before = first_profile.kernels.get(name, (0.0, 0.0))
+        per_step[name] = [(launches - before[0]) / steps, (micros - before[1]) / steps]
+    ranked = dict(sorted(per_step.items(), key=lambda item: -item[1][1])[:top])
+    ranked["all"] = [sum(v[0] for v in per_step.values()), sum(v[1] for v in per_step.values())]
+    span_ms = whole_profile.span_ms - first_profile.span_ms
+    ranked["span"] = [float(steps), 1e3 * span_ms / steps]
+    return ranked
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -104,6 +131,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=defaults.batch_sizes)
     parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens, help="tokens generated per row")
     parser.add_argument("--densities", type=float, nargs="+", default=defaults.densities)
+    parser.add_argument(
+        "--profile", action="store_true", help="also trace each case: the GPU kernels of a decode step, device µs"
+    )
     add_run_arguments(parser, defaults)
     args = parser.parse_args(argv)
     config = GenerateBenchConfig(
@@ -113,6 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
         densities=tuple(args.densities),
         layers=args.layers,
         runs=args.runs,
+        profile=args.profile,
         output_dir=args.output_dir,
         commit=args.commit,
         seed=args.seed,
@@ -139,7 +170,7 @@ def main(argv: list[str] | None = None) -> Path:
                 cases.append((f"seer {density}", density, seer))
             dense_result = None
             for name, density, model in cases:
-                result = time_generation(model, tokens, config.new_tokens, config.runs)
+                result = time_generation(model, tokens, config.new_tokens, config.runs, profile=config.profile)
                 dense_result = dense_result or result
                 row = {
                     "batch": batch,
@@ -159,6 +190,8 @@ def main(argv: list[str] | None = None) -> Path:
                     f"{result['decode_tokens_per_s']:>13.1f} {row['generate_speedup']:>8.2f}x {gib:>9}",
                     flush=True,
                 )
+                for kernel, (launches, micros) in (result.get("decode_step_kernels") or {}).items():
+                    print(f"      per decode step: {micros:9.1f} µs {launches:6.1f}x  {kernel[:90]}", flush=True)
                 del model
                 path.unlink(missing_ok=True)  # the record so far: a later case that fails keeps the earlier rows
                 path = write_record("generate", config, rows)

@@ -45,9 +45,11 @@ def test_generate_benchmark_times_dense_and_sparse_generation(tmp_path, monkeypa
     tiny.update(num_attention_heads=2, num_key_value_heads=1, head_dim=64)
     monkeypatch.setattr(prefill, "LLAMA_31_8B", tiny)  # the model builder and the record read it
     flags = ["--lengths", "128", "--batch-sizes", "1", "2", "--new-tokens", "3", "--densities", "0.5", "--layers", "1"]
-    path = generate.main([*flags, "--runs", "1", "--commit", "abc", "--output-dir", str(tmp_path)])
+    path = generate.main([*flags, "--runs", "1", "--commit", "abc", "--output-dir", str(tmp_path), "--profile"])
     record = json.loads(path.read_text())
     assert record["git_commit"] == "abc" and record["model"]["hidden_size"] == 128
+    assert len(list(tmp_path.glob("*.json"))) == 1  # the record rewritten after each case, one file
+    assert all(row["decode_step_kernels"] is None for row in record["rows"])  # no GPU trace on a CPU
     rows = record["rows"]
     cases = [(row["batch"], row["case"]) for row in rows]
     assert cases == [(1, "dense"), (1, "seer 0.5"), (2, "dense"), (2, "seer 0.5")]
@@ -55,3 +57,21 @@ def test_generate_benchmark_times_dense_and_sparse_generation(tmp_path, monkeypa
         assert row["generate_ms"] > 0 and row["ttft_ms"] > 0 and row["decode_tokens_per_s"] > 0  # tiny: timing noise
         decode_seconds = max(row["generate_ms"] - row["ttft_ms"], 1e-6) / 1e3
         assert row["decode_tokens_per_s"] == pytest.approx(row["batch"] * 2 / decode_seconds)
+
+
+def test_decode_step_kernels_subtract_the_first_token(monkeypatch):
+    """A decode step's kernels: the whole generation's trace less the first token's, per step."""
+    from pallas_kernels.bench_decode import DeviceProfile
+
+    profiles = {
+        "whole": DeviceProfile(span_ms=12.0, kernels={"gemm": (21.0, 500.0), "topk": (20.0, 200.0), "prefill": (1.0, 90.0)}),
+        "first": DeviceProfile(span_ms=2.0, kernels={"gemm": (1.0, 100.0), "prefill": (1.0, 90.0)}),
+    }
+    monkeypatch.setattr(generate, "device_profile", lambda loop, q, steps: profiles[loop(None)])
+    kernels = generate.decode_step_kernels(lambda: "first", lambda: "whole", steps=20, top=2)
+    assert kernels == {
+        "gemm": [1.0, 20.0],
+        "topk": [1.0, 10.0],
+        "all": [2.0, 30.0],
+        "span": [20.0, 500.0],
+    }
