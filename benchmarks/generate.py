@@ -13,8 +13,8 @@ first sample), the whole generation (one compiled `generate`: prefill and every 
 (B · (new tokens − 1) over the difference of the two), compile times and the device's peak memory
 (`memory_stats`, GPU only); medians of `--runs` after a warm-up. `--layers N` keeps the first N decoder layers
 (compile time; every layer costs the same, but `lm_head` and sampling are a fixed cost per step, so fewer layers
-understate what sparse decoding gains). `--profile` adds the GPU kernels of one decode step (device trace). Prints a table and writes JSON under
-`--output-dir` with date, commit, jax version and device.
+understate what sparse decoding gains). `--profile` adds the GPU kernels of one decode step (device trace). Prints a
+table and writes JSON under `--output-dir` with date, commit, jax version and device.
 """
 
 import argparse

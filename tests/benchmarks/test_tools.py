@@ -64,7 +64,9 @@ def test_decode_step_kernels_subtract_the_first_token(monkeypatch):
     from pallas_kernels.bench_decode import DeviceProfile
 
     profiles = {
-        "whole": DeviceProfile(span_ms=12.0, kernels={"gemm": (21.0, 500.0), "topk": (20.0, 200.0), "prefill": (1.0, 90.0)}),
+        "whole": DeviceProfile(
+            span_ms=12.0, kernels={"gemm": (21.0, 500.0), "topk": (20.0, 200.0), "prefill": (1.0, 90.0)}
+        ),
         "first": DeviceProfile(span_ms=2.0, kernels={"gemm": (1.0, 100.0), "prefill": (1.0, 90.0)}),
     }
     monkeypatch.setattr(generate, "device_profile", lambda loop, q, steps: profiles[loop(None)])

@@ -21,9 +21,7 @@ from tests.seer_jax.tiny_models import HOPPER_TINY, hopper_base_model, random_to
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(
-        sum(d.platform == "gpu" for d in jax.devices()) < 2, reason="needs 2 GPUs"
-    ),
+    pytest.mark.skipif(sum(d.platform == "gpu" for d in jax.devices()) < 2, reason="needs 2 GPUs"),
 ]
 
 

@@ -119,7 +119,9 @@ def build_demo_corpus(config: DemoCorpusConfig) -> DemoCorpus:
         _write_jsonl_gz(staging / "eval.jsonl.gz", held_out)
         names = ["train.jsonl.gz", "eval.jsonl.gz"]
         if config.vocab_size is not None:
-            train_bpe_tokenizer((text for _, text in train), vocab_size=config.vocab_size, out_dir=staging / "tokenizer")
+            train_bpe_tokenizer(
+                (text for _, text in train), vocab_size=config.vocab_size, out_dir=staging / "tokenizer"
+            )
             names.append("tokenizer")
         shutil.rmtree(cache_dir / "tokenizer", ignore_errors=True)
         for name in names:

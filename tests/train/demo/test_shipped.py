@@ -64,9 +64,11 @@ def test_the_demo_uses_the_shipped_model_when_present(tmp_path, monkeypatch, pre
 
     monkeypatch.setattr(corpus_module, "build_demo_corpus", fake_corpus)
     monkeypatch.setattr(demo_model, "pretrain_demo_model", fake_pretrain)
+
     def fake_distillation(config):
         distilled.append(config)
         config.adapter_dir.mkdir(parents=True)  # what the evaluation reads
+
     monkeypatch.setattr(distill_gates, "run_distillation", fake_distillation)
     monkeypatch.setattr(distill_gates, "run_evaluation", lambda config, out: evaluated.append(config))
     distill_gates.main(["--demo-cache", str(tmp_path / "cache")])
