@@ -1,6 +1,7 @@
 """Benchmark the attention ops against dense causal cuDNN: `python -m pallas_kernels.bench [--lengths 8192 ...]`.
 
-For each length T, on Llama-3.1-8B attention (`shapes.BENCH_SHAPES`: B=1, N=32, K=8, H=128), bf16, causal:
+For each length T, on Llama-3.1-8B attention (`shapes.BENCH_SHAPES`: B=1, N=32, K=8, H=128; `--heads` picks another
+layout of `shapes.BENCH_HEADS`, e.g. SmolLM2-135M's 9/3 heads of 64), bf16, causal:
   dense cuDNN  `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`, no mask (a mask would
                become a dense bias); the baseline, measured in the same run ("xla" where there is no GPU).
   sparse s     `block_sparse_attention` with a random per-row block mask at sparsity s that keeps the diagonal
@@ -45,7 +46,7 @@ from pallas_kernels.block_sparse_attention import (
 )
 from pallas_kernels.block_topk import block_topk_mask, block_topk_mask_implementation
 from pallas_kernels.inputs import causal_density, input_key, random_block_mask, random_qkv
-from pallas_kernels.shapes import BENCH_SHAPES, AttentionShape
+from pallas_kernels.shapes import BENCH_HEADS, BENCH_SHAPES, AttentionShape, bench_shape
 
 _logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class BenchConfig:
     commit: str | None = None  # recorded in the JSON; None: ask git
     backward: bool = False  # also time the backward of dense cuDNN and of each sparse case
     topk: bool = False  # also time TopK block selection, kernel against reference
+    heads: str = "llama3_8b"  # the head layout, a `shapes.BENCH_HEADS` key
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
@@ -73,6 +75,8 @@ class BenchConfig:
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the first call compiles), got {self.warmup}")
         dispatch.check_implementation(self.implementation, "mosaic")
+        if self.heads not in BENCH_HEADS:
+            raise ValueError(f"heads: {self.heads!r} is not one of {sorted(BENCH_HEADS)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -289,6 +293,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     )
     parser.add_argument("--backward", action="store_true", help="also time the backward passes")
     parser.add_argument("--topk", action="store_true", help="also time TopK block selection (kernel vs reference)")
+    parser.add_argument(
+        "--heads", choices=sorted(BENCH_HEADS), default=defaults.heads, help="head layout (query/kv heads, head_dim)"
+    )
     parser.add_argument("--output-dir", type=Path, default=defaults.output_dir, help="where the JSON goes")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random inputs")
     parser.add_argument(
@@ -308,6 +315,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         commit=args.commit,
         backward=args.backward,
         topk=args.topk,
+        heads=args.heads,
     )
 
 
@@ -330,7 +338,7 @@ def main(argv: list[str] | None = None) -> Path:
         print(_format_row(row), flush=True)
 
     print(_HEADER, flush=True)
-    shape = BENCH_SHAPES[0]
+    shape = bench_shape(config.heads, config.lengths[0])
     for seq_len in config.lengths:
         bench_length(shape.with_seq_len(seq_len), config, emit)
 

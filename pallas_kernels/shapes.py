@@ -2,7 +2,8 @@
 
 Tests run `TEST_SHAPES` on CPU (the references against a float64 NumPy oracle) and on the H200 (the kernels
 against the references), plus `GPU_TEST_SHAPES` there only. The benchmark runs `BENCH_SHAPES` (Llama-3.1-8B
-attention: 32 query heads, 8 kv heads, head_dim 128) or `BENCH_SHAPES[0]` at the lengths it is given.
+attention: 32 query heads, 8 kv heads, head_dim 128) or `BENCH_SHAPES[0]` at the lengths it is given, or the heads
+of another `BENCH_HEADS` entry (`--heads`): the small models whose short rows leave SMs idle.
 """
 
 import dataclasses
@@ -69,3 +70,25 @@ BENCH_SHAPES: tuple[AttentionShape, ...] = tuple(
     AttentionShape(name=f"llama3_8b_t{seq_len}", batch=1, seq_len=seq_len, num_q_heads=32, num_kv_heads=8, head_dim=128)
     for seq_len in (8192, 32768, 131072)
 )
+
+# The head layouts `pallas_kernels.bench --heads` offers: (query heads, kv heads, head_dim) at batch 1.
+BENCH_HEADS: dict[str, tuple[int, int, int]] = {
+    "llama3_8b": (32, 8, 128),  # Llama-3.1-8B, the default
+    "smollm2_135m": (9, 3, 64),  # SmolLM2-135M (the real testbed), issue 19's small shape at 8k
+    "mha16_h64": (16, 16, 64),  # 16 MHA heads of 64, issue 19's small shape at 4k
+}
+
+
+def bench_shape(heads: str, seq_len: int) -> AttentionShape:
+    """The `BENCH_HEADS[heads]` layout at batch 1 and `seq_len`."""
+    if heads not in BENCH_HEADS:
+        raise ValueError(f"heads: {heads!r} is not one of {sorted(BENCH_HEADS)}")
+    num_q_heads, num_kv_heads, head_dim = BENCH_HEADS[heads]
+    return AttentionShape(
+        name=f"{heads}_t{seq_len}",
+        batch=1,
+        seq_len=seq_len,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+    )

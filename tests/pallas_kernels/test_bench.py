@@ -49,3 +49,16 @@ def test_bench_backward_on_cpu(tmp_path):
         # The backward alone is forward + backward minus the forward measured in the same run.
         assert rows[backward]["ms"] == pytest.approx(both - rows[forward]["ms"], abs=1e-3)
     assert rows["bwd 0.50"]["density"] == rows["sparse 0.50"]["density"]
+
+
+def test_bench_small_heads_on_cpu(tmp_path):
+    """`--heads smollm2_135m` benchmarks SmolLM2-135M's 9 query / 3 kv heads of 64 and records them."""
+    flags = ["--lengths", "130", "--sparsities", "0.5", "--runs", "1", "--warmup", "1", "--heads", "smollm2_135m"]
+    path = bench.main([*flags, "--implementation", "reference", "--output-dir", str(tmp_path)])
+    record = json.loads(path.read_text())
+    assert (record["shape"]["num_q_heads"], record["shape"]["num_kv_heads"], record["shape"]["head_dim"]) == (9, 3, 64)
+    assert record["config"]["heads"] == "smollm2_135m"
+    assert [row["case"] for row in record["rows"]] == ["dense", "sparse 0.50", "pooling"]
+    assert all(row["ms"] > 0 for row in record["rows"])
+    with pytest.raises(ValueError, match="heads"):
+        bench.BenchConfig(heads="gpt2")
