@@ -25,6 +25,7 @@ from train.optimizer import SCHEDULES, scaled_warmup_steps
         "train.distill_gates",
         "train.finetune",
         "train.eval_ppl",
+        "train.demo",
         "seer_jax.generate",
         "convert.hf_to_flax",
         "convert.flax_to_hf",
@@ -39,6 +40,17 @@ def test_help_imports_no_jax_and_shows_defaults(module):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
     assert result.stdout.rstrip().endswith("NO-JAX")
     assert "default" in result.stdout
+
+
+def test_demo_flags_show_the_library_values():
+    import dataclasses
+    from pathlib import Path
+
+    from train.demo.__main__ import DEFAULTS
+    from train.demo.model import DemoModelConfig
+
+    library = dataclasses.asdict(DemoModelConfig(cache_dir=Path()))
+    assert {name: library[name] for name in DEFAULTS} == DEFAULTS
 
 
 def test_distill_flags_show_the_library_values():

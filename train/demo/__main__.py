@@ -10,22 +10,27 @@ import argparse
 import logging
 from pathlib import Path
 
-from train.demo.model import DemoModelConfig, pretrain_demo_model
-from train.progress import configure_logging, training_progress
+from train.flags import DefaultsHelpFormatter
 
 log = logging.getLogger("train.demo")
+# `train.demo.model.DemoModelConfig`'s defaults, written out so that `--help` imports no jax (a test checks them).
+DEFAULTS = dict(steps=300, seq_len=512, batch_size=2, learning_rate=3e-3, seed=0)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m train.demo", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("--cache-dir", type=Path, required=True, help="where the corpus, run and model are cached")
-    defaults = DemoModelConfig(cache_dir=Path())
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
-    parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per row")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per step")
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak learning rate")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="init and data order")
+    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps")
+    parser.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"], help="tokens per row")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="rows per step")
+    parser.add_argument("--lr", type=float, default=DEFAULTS["learning_rate"], help="peak learning rate")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="init and data order")
     args = parser.parse_args(argv)
+    from train.demo.model import DemoModelConfig, pretrain_demo_model
+    from train.progress import configure_logging, training_progress
+
     configure_logging()
     try:
         config = DemoModelConfig(
