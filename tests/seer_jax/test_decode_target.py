@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from seer_jax.decode_scores import DECODE_SOURCES
 from seer_jax.decode_target import decode_target
 from seer_jax.forwards import decode_distillation_inputs, decode_gate_logits, joint_distillation_inputs
 from seer_jax.gate import MASKED_LOGIT
 from seer_jax.k_compression import compress_prompt
 from seer_jax.model import positions_from_mask
 from seer_jax.rope import apply_rope
-from tests.seer_jax.decode_models import DECODE_BLOCK, decode_model, padded_batch
-from tests.seer_jax.tiny_models import TINY
+from tests.seer_jax.decode_models import DECODE_BLOCK, decode_model, padded_batch, with_decode
+from tests.seer_jax.tiny_models import TINY, random_tokens
 
 
 def brute_force_target(q, k, lengths, block_size):
@@ -168,3 +169,68 @@ def test_decode_collects_need_a_decode_config():
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, TINY.vocab_size, (1, 40)), jnp.int32)
     with pytest.raises(ValueError, match="no decode gates"):
         model.forward(tokens, collect=("decode_target",))
+
+
+def _recorded_decode_gate_scores(model, tokens, mask, fed):
+    """The scores the "gate" source returns at each teacher-forced decode step (prefill `tokens` with left padding
+    `mask`, then one jitted decode step per token of `fed` [B, C]): f32 [steps, layers, B, K, J]."""
+    source, recorded = DECODE_SOURCES["gate"], []
+
+    def recording(inputs):
+        scores = source(inputs)
+        jax.debug.callback(lambda value: recorded.append(np.asarray(value)), scores, ordered=True)  # layers in order
+        return scores
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(DECODE_SOURCES, "gate", recording)
+        _, cache = nnx.jit(lambda model, tokens, mask: model(tokens, attention_mask=mask, last_only=True))(
+            model, tokens, mask
+        )
+        cache = cache.padded_to(tokens.shape[1] + fed.shape[1])
+        step = nnx.jit(lambda model, token, cache: model.forward(token, cache=cache)[1])
+        for index in range(fed.shape[1]):
+            cache = step(model, fed[:, index : index + 1], cache)
+        jax.effects_barrier()
+    return np.stack(recorded).reshape(fed.shape[1], TINY.num_layers, *recorded[0].shape)
+
+
+@pytest.mark.parametrize("rope_at_block_end", [False, True])
+def test_training_logits_equal_the_scores_of_teacher_forced_decode_steps(rope_at_block_end):
+    """The decode gate learns on the logits it will compute: for every decode step of a left-padded batch (rows of
+    40, 27 and 32 prompt tokens, blocks of 16, 30 steps: prompt blocks, blocks completed while decoding, the steps
+    right after a completion and the completing steps themselves), the scores a decode step computes over the
+    compressed keys equal the training logits of that token over its completed earlier blocks (the ones selection
+    ranks), from one training forward over the whole sequence. A budget covering the context keeps every layer's
+    inputs the dense forward's. `rope_at_block_end` (the official inference) rotates blocks completed while decoding
+    at their last position, so there the two differ: the check that this comparison sees the compressed keys."""
+    model = decode_model(with_decode(rope_at_block_end=rope_at_block_end))
+    prompt, steps = 40, 30
+    padding = (0, 13, 8)
+    tokens, mask = padded_batch(prompt, padding)
+    fed = jnp.asarray(random_tokens(7, len(padding), steps))
+    decoded = _recorded_decode_gate_scores(model, tokens, mask, fed)
+    whole_mask = jnp.concatenate([mask, jnp.ones(fed.shape, bool)], axis=1)
+    features, _ = nnx.jit(decode_distillation_inputs)(model, jnp.concatenate([tokens, fed], axis=1), whole_mask)
+    training = [np.asarray(layer) for layer in nnx.jit(decode_gate_logits)(model, features)]  # [B, K, T, J] each
+    mismatched = []
+    for step in range(steps):
+        for row, pad in enumerate(padding):
+            t = prompt - pad + step  # the decoded token's index in its row
+            scored = t // DECODE_BLOCK  # completed earlier blocks: the ones selection ranks
+            for layer in range(TINY.num_layers):
+                got = decoded[step][layer][row, :, :scored]  # [K, scored]
+                expected = training[layer][row, :, t, :scored]
+                if not np.allclose(got, expected, rtol=1e-4, atol=1e-4):
+                    mismatched.append((step, row, layer, t))
+    if not rope_at_block_end:
+        assert not mismatched
+        assert np.std(training[1][training[1] > MASKED_LOGIT]) > 0.1
+    else:  # exactly the steps that score a block completed while decoding (ending at index >= the prompt) differ
+        first_decoded = {row: (prompt - pad) // DECODE_BLOCK for row, pad in enumerate(padding)}
+        expected = {
+            (step, row)
+            for step in range(steps)
+            for row, pad in enumerate(padding)
+            if (prompt - pad + step) // DECODE_BLOCK > first_decoded[row]
+        }
+        assert {(step, row) for step, row, _, _ in mismatched} == expected
