@@ -49,7 +49,8 @@ class BudgetAllocation:
     Attributes:
       densities: P calibration points, strictly increasing in (0, 1]: the mean density over the sparse layers.
       layer_densities: P tuples of L floats in (0, 1]: each layer's density at that point (1 for dense layers);
-        the mean over the sparse layers of each tuple is that point's density, so interpolating keeps the mean.
+        the mean over the sparse layers of each tuple is that point's density (up to one block: the blocks are
+        whole), so interpolating keeps the mean.
       length: the tokens per row of the calibration batch (the shares are measured at that length).
     """
 
@@ -80,9 +81,12 @@ class BudgetAllocation:
         return len(self.layer_densities[0])
 
     def layer_budgets(self, density: float) -> tuple[float, ...]:
-        """Each layer's density at mean density `density`, interpolated between the calibration points (clamped to
-        the first and last point outside them)."""
+        """Each layer's density at mean density `density`, interpolated between the calibration points; below the
+        first (the diagonal alone, when calibrated) the shares scale with the density, so a budget that small keeps
+        each row's diagonal only, as it would in a longer row."""
         points = np.asarray(self.layer_densities)  # [P, L]
+        if density < self.densities[0]:
+            return tuple(float(d) for d in points[0] * density / self.densities[0])
         return tuple(float(np.interp(density, self.densities, points[:, layer])) for layer in range(points.shape[1]))
 
 

@@ -204,13 +204,13 @@ ALLOCATION = BudgetAllocation(
 
 def test_allocation_interpolates_each_layer_and_keeps_the_mean():
     """for_layer gives each layer its share of the budget, interpolated linearly between calibration points (so
-    the mean stays the budget), clamped outside them; select_blocks refuses a selection not resolved per layer."""
+    the mean stays the budget), scaled below the first; select_blocks refuses a selection not resolved per layer."""
     selection = Selection(method="budget", budget=0.35, allocation=ALLOCATION)
     shares = [selection.for_layer(layer).budget for layer in range(2)]
     np.testing.assert_allclose(shares, [0.55, 0.15])
     assert np.mean(shares) == pytest.approx(0.35)
     assert selection.for_layer(0).allocation is None and selection.for_layer(0).method == "budget"
-    assert Selection(method="budget", budget=0.1, allocation=ALLOCATION).for_layer(1).budget == pytest.approx(0.1)
+    assert Selection(method="budget", budget=0.1, allocation=ALLOCATION).for_layer(1).budget == pytest.approx(0.05)
     assert Selection(method="threshold", threshold=0.1).for_layer(5) == Selection(method="threshold", threshold=0.1)
     with pytest.raises(ValueError, match="covers 2 layers"):
         selection.for_layer(2)
