@@ -66,7 +66,8 @@ def _probabilities(model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.A
     num_heads = model.config.num_q_heads
     num_blocks = -(-tokens.shape[1] // BLOCK_SIZE)
     lengths = tokens.shape[1] if attention_mask is None else jnp.sum(attention_mask, axis=-1)[:, None]  # [B, 1]
-    real_rows = jnp.arange(num_blocks)[None, :] * BLOCK_SIZE < lengths  # [B, I], rows in row-aligned coordinates
+    real_rows = jnp.arange(num_blocks)[None, :] * BLOCK_SIZE < lengths  # [B or 1, I], rows in row-aligned coordinates
+    real_rows = jnp.broadcast_to(real_rows, (tokens.shape[0], num_blocks))  # [B, I]: every row counts its blocks
     causal = causal_block_mask(num_blocks, num_blocks)  # [I, J]
     off_diagonal = causal & ~jnp.eye(num_blocks, dtype=bool)  # [I, J]
     candidates = real_rows[:, None, :, None] & off_diagonal  # [B, 1, I, J]

@@ -63,6 +63,19 @@ def test_threshold_reaches_the_reported_density(target):
     assert target - one_block < density <= target
 
 
+def test_threshold_without_a_mask_counts_every_row():
+    """Without an attention mask every row of the batch counts its blocks (the calibration once counted the first
+    row's only, so a batch of 2 kept about half the blocks asked for)."""
+    model = gated(LAST)
+    tokens = batch()[0][:, -6 * 64 :]  # both rows' last 384 tokens: all real
+    selection, density = threshold_for_density(model, tokens, density=0.75)
+    sparse = seer_with_abstract_gates(model, dataclasses.replace(model.seer_config, selection=selection))
+    reached = float(jnp.mean(block_density(sparse, tokens)))
+    assert reached == pytest.approx(density, abs=1e-6)
+    one_block = 1 / (TINY.num_layers * TINY.num_q_heads * 2 * 21)  # 2 rows of 6 query blocks
+    assert 0.75 - one_block < density <= 0.75
+
+
 def test_threshold_over_all_sparse_layers_and_limits():
     """All layers sparse: the reported density is the dense forward's estimate, close to the sparse forward's; a
     target below the forced blocks drops every other block; a target of 1 keeps everything."""
