@@ -38,9 +38,23 @@ CALIBRATION_DENSITIES = (0.02, 0.03, 0.05, 0.07, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3
 
 
 @nnx.jit
-def _gate_logits(model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None) -> tuple[jax.Array, ...]:
+def _gate_probabilities(
+    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None
+) -> tuple[jax.Array, ...]:
     _, _, collected = model.forward(tokens, attention_mask=attention_mask, collect=("gate_logits",))
-    return tuple(layer["gate_logits"] for layer in collected)
+    return tuple(masked_softmax(layer["gate_logits"]) for layer in collected)
+
+
+@nnx.jit
+def _attention_probabilities(
+    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None
+) -> tuple[jax.Array, ...]:
+    _, _, collected = model.forward(tokens, attention_mask=attention_mask, collect=("target",))
+    return tuple(layer["target"] for layer in collected)
+
+
+# Where a budget's shares come from: the gates' probabilities, or the true attention the gates are distilled on.
+SHARE_SOURCES = {"gate": _gate_probabilities, "attention": _attention_probabilities}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +71,17 @@ class _Probabilities:
     forced: int
 
 
-def _probabilities(model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None) -> _Probabilities:
+def _probabilities(
+    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None, source: str = "gate"
+) -> _Probabilities:
+    if source not in SHARE_SOURCES:
+        raise ValueError(f"shares_from must be one of {tuple(SHARE_SOURCES)}, got {source!r}")
     if model.seer_config.gate is None:
         raise ValueError("calibration needs prefill gates; this model has decode gates only")
     seer_config = model.seer_config
     dense = seer_with_abstract_gates(model, dataclasses.replace(seer_config, selection=Selection()))
-    logits = _gate_logits(dense, tokens, attention_mask)[seer_config.start_layer :]  # each [B, N, I, J]
+    # Each [B, N, I, J], row-aligned: the row softmax of the gate logits, or the row-normalised pooled attention.
+    row_probabilities = SHARE_SOURCES[source](dense, tokens, attention_mask)[seer_config.start_layer :]
     num_heads = model.config.num_q_heads
     num_blocks = -(-tokens.shape[1] // BLOCK_SIZE)
     lengths = tokens.shape[1] if attention_mask is None else jnp.sum(attention_mask, axis=-1)[:, None]  # [B, 1]
@@ -71,7 +90,7 @@ def _probabilities(model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.A
     causal = causal_block_mask(num_blocks, num_blocks)  # [I, J]
     off_diagonal = causal & ~jnp.eye(num_blocks, dtype=bool)  # [I, J]
     candidates = real_rows[:, None, :, None] & off_diagonal  # [B, 1, I, J]
-    per_layer = [np.asarray(masked_softmax(layer)[jnp.broadcast_to(candidates, layer.shape)]) for layer in logits]
+    per_layer = [np.asarray(layer[jnp.broadcast_to(candidates, layer.shape)]) for layer in row_probabilities]
     return _Probabilities(
         per_layer=per_layer,
         counted=num_heads * int(jnp.sum(real_rows[:, :, None] & causal)),
@@ -126,6 +145,7 @@ def budget_allocation(
     attention_mask: jax.Array | None = None,
     *,
     densities: tuple[float, ...] = CALIBRATION_DENSITIES,
+    shares_from: str = "gate",
 ) -> BudgetAllocation:
     """Each layer's share of a mean density, at each of `densities`, from one dense forward on this batch.
 
@@ -139,10 +159,14 @@ def budget_allocation(
       model: a model with prefill gates (its selection is ignored; its `start_layer` counts).
       tokens: int [B, T] distillation-like data; attention_mask: bool [B, T] left padding, or None.
       densities: mean densities in (0, 1] to calibrate at (`Selection.for_layer` interpolates in between).
+      shares_from: "gate": the order statistic of the gates' probabilities (the blocks one threshold would keep);
+        "attention": of the true row-normalised max-pooled attention (the gates' distillation target), so each layer
+        gets the share its attention needs even where its gate is confidently wrong. Either way the gate picks
+        the blocks within each layer at run time.
     """
     for density in densities:
         _check_density(density)
-    found = _probabilities(model, tokens, attention_mask)
+    found = _probabilities(model, tokens, attention_mask, shares_from)
     num_layers, num_sparse = len(model.model.layers), len(found.per_layer)
     if num_sparse == 0:
         raise ValueError("the model has no sparse layer (start_layer >= its layers): nothing to allocate")
@@ -166,7 +190,12 @@ def budget_allocation(
 
 
 def budget_for_density(
-    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None = None, *, density: float
+    model: SeerCausalLM,
+    tokens: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    density: float,
+    shares_from: str = "gate",
 ) -> Selection:
     """Selection(method="budget", budget=density) with the allocation `budget_allocation` measures on this batch
     (`density` among its points, so this batch's shares at `density` are exact, not interpolated).
@@ -176,5 +205,6 @@ def budget_for_density(
     the diagonal's share). `last_block_dense` is off.
     """
     _check_density(density)
-    allocation = budget_allocation(model, tokens, attention_mask, densities=(*CALIBRATION_DENSITIES, density))
+    densities = (*CALIBRATION_DENSITIES, density)
+    allocation = budget_allocation(model, tokens, attention_mask, densities=densities, shares_from=shares_from)
     return Selection(method="budget", budget=density, allocation=allocation)

@@ -114,21 +114,26 @@ def budget_model(scales: tuple[float, ...]) -> SeerCausalLM:
     return model
 
 
-def reference_shares(model: SeerCausalLM, density: float) -> np.ndarray:
-    """numpy, from the dense forward's gate logits: each layer's fraction of its causal blocks among the diagonal
-    plus the ⌊density · all⌋ − diagonal most probable off-diagonal blocks of every layer, head and row together."""
+def reference_shares(model: SeerCausalLM, density: float, source: str = "gate") -> np.ndarray:
+    """numpy, from the dense forward's gate logits (source "gate") or true attention ("attention": the pooled
+    attention map, normalised here): each layer's fraction of its causal blocks among the diagonal plus the
+    ⌊density · all⌋ − diagonal most probable off-diagonal blocks of every layer, head and row together."""
     dense = seer_with_abstract_gates(model, dataclasses.replace(model.seer_config, selection=Selection()))
-    _, _, collected = dense.forward(*batch()[:1], attention_mask=batch()[1], collect=("gate_logits",))
+    name = {"gate": "gate_logits", "attention": "target"}[source]
+    _, _, collected = dense.forward(*batch()[:1], attention_mask=batch()[1], collect=(name,))
     lengths = np.asarray(batch()[1].sum(-1))
     probabilities, layer_of, counted, forced = [], [], 0, 0
     for index, layer in enumerate(collected):
-        logits = np.asarray(layer["gate_logits"], np.float64)  # [B, N, I, J] row-aligned
-        rows = logits.shape[-1]
+        values = np.asarray(layer[name], np.float64)  # [B, N, I, J] row-aligned
+        rows = values.shape[-1]
         causal = np.tril(np.ones((rows, rows), bool))
         real = np.arange(rows)[None, :] * 64 < lengths[:, None]  # [B, I]
-        masked = np.where(causal, logits, -np.inf)
-        p = np.exp(masked - masked.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
+        if source == "gate":
+            masked = np.where(causal, values, -np.inf)
+            p = np.exp(masked - masked.max(-1, keepdims=True))
+        else:
+            p = np.where(causal, values, 0.0)
+        p /= np.maximum(p.sum(-1, keepdims=True), 1e-30)
         candidates = np.broadcast_to((real[:, :, None] & causal & ~np.eye(rows, dtype=bool))[:, None], p.shape)
         probabilities.append(p[candidates])
         layer_of.append(np.full(candidates.sum(), index))
@@ -164,6 +169,20 @@ def test_budget_reaches_its_target_with_the_gates_shares(target):
     achieved = layer_densities(model, selection)
     assert np.all(achieved <= expected + 1e-6) and np.all(achieved > expected - 2 * ONE_BLOCK)
     assert target - 2 * ONE_BLOCK < achieved.mean() <= target + 1e-6
+
+
+def test_budget_shares_from_attention():
+    """shares_from="attention": the order statistic runs on the true pooled attention (the gates' distillation
+    target), whatever the gates say: gates without any opinion (logits × 0) still get the attention's shares."""
+    model = budget_model((0.0, 0.0))
+    selection = budget_for_density(model, *batch(), density=0.5, shares_from="attention")
+    expected = reference_shares(model, 0.5, "attention")
+    np.testing.assert_allclose(selection.allocation.layer_budgets(0.5), expected, atol=1e-9)
+    assert abs(expected[0] - expected[1]) > 2 * ONE_BLOCK  # the layers' attention differs
+    achieved = layer_densities(model, selection)
+    assert np.all(achieved <= expected + 1e-6) and np.all(achieved > expected - 2 * ONE_BLOCK)
+    with pytest.raises(ValueError, match="shares_from"):
+        budget_allocation(model, *batch(), shares_from="oracle")
 
 
 def test_budget_is_not_uniform():
