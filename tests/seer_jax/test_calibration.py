@@ -114,10 +114,12 @@ def budget_model(scales: tuple[float, ...]) -> SeerCausalLM:
     return model
 
 
-def reference_shares(model: SeerCausalLM, density: float, source: str = "gate") -> np.ndarray:
+def reference_shares(model: SeerCausalLM, density: float, source: str = "gate", rule: str = "coverage") -> np.ndarray:
     """numpy, from the dense forward's gate logits (source "gate") or true attention ("attention": the pooled
     attention map, normalised here): each layer's fraction of its causal blocks among the diagonal plus the
-    ⌊density · all⌋ − diagonal most probable off-diagonal blocks of every layer, head and row together."""
+    ⌊density · all⌋ − diagonal first off-diagonal blocks of every layer, head and row together, by probability
+    (rule "probability") or by the mass their row holds before them (rule "coverage": diagonal, then higher
+    probabilities first)."""
     dense = seer_with_abstract_gates(model, dataclasses.replace(model.seer_config, selection=Selection()))
     name = {"gate": "gate_logits", "attention": "target"}[source]
     _, _, collected = dense.forward(*batch()[:1], attention_mask=batch()[1], collect=(name,))
@@ -135,7 +137,14 @@ def reference_shares(model: SeerCausalLM, density: float, source: str = "gate") 
             p = np.where(causal, values, 0.0)
         p /= np.maximum(p.sum(-1, keepdims=True), 1e-30)
         candidates = np.broadcast_to((real[:, :, None] & causal & ~np.eye(rows, dtype=bool))[:, None], p.shape)
-        probabilities.append(p[candidates])
+        if rule == "coverage":
+            key = np.zeros_like(p)
+            for b, n, i in np.ndindex(*p.shape[:3]):
+                ranked = [i] + [j for j in np.argsort(-p[b, n, i], kind="stable") if j != i]
+                key[b, n, i, ranked] = -(np.cumsum(p[b, n, i, ranked]) - p[b, n, i, ranked])  # minus: larger first
+            probabilities.append(key[candidates])
+        else:
+            probabilities.append(p[candidates])
         layer_of.append(np.full(candidates.sum(), index))
         counted = TINY.num_q_heads * np.sum(real[:, :, None] & causal)
         forced = TINY.num_q_heads * np.sum(real)
@@ -155,16 +164,17 @@ def layer_densities(model: SeerCausalLM, selection: Selection) -> np.ndarray:
 ONE_BLOCK = 1 / (TINY.num_q_heads * 38)
 
 
+@pytest.mark.parametrize("rule", ["coverage", "probability"])
 @pytest.mark.parametrize("target", [0.45, 0.6])
-def test_budget_reaches_its_target_with_the_gates_shares(target):
+def test_budget_reaches_its_target_with_the_gates_shares(target, rule):
     """Every layer sparse: the calibrated shares are the numpy order statistic over all layers, and the sparse
     forward reaches each layer's share (so the target on average) within one block per layer and batch row,
     although from the second layer on its gate logits differ from the dense calibration forward's."""
     model = budget_model((4.0, 1.0))
-    selection = budget_for_density(model, *batch(), density=target)
+    selection = budget_for_density(model, *batch(), density=target, rule=rule)
     assert selection.method == "budget" and selection.budget == target and not selection.last_block_dense
     assert selection.allocation.length == LENGTH
-    expected = reference_shares(model, target)
+    expected = reference_shares(model, target, rule=rule)
     np.testing.assert_allclose(selection.allocation.layer_budgets(target), expected, atol=1e-9)
     achieved = layer_densities(model, selection)
     assert np.all(achieved <= expected + 1e-6) and np.all(achieved > expected - 2 * ONE_BLOCK)
@@ -175,14 +185,18 @@ def test_budget_shares_from_attention():
     """shares_from="attention": the order statistic runs on the true pooled attention (the gates' distillation
     target), whatever the gates say: gates without any opinion (logits × 0) still get the attention's shares."""
     model = budget_model((0.0, 0.0))
-    selection = budget_for_density(model, *batch(), density=0.5, shares_from="attention")
-    expected = reference_shares(model, 0.5, "attention")
+    covered = budget_allocation(model, *batch(), densities=(0.5,), shares_from="attention")
+    np.testing.assert_allclose(covered.layer_budgets(0.5), reference_shares(model, 0.5, "attention"), atol=1e-9)
+    selection = budget_for_density(model, *batch(), density=0.5, shares_from="attention", rule="probability")
+    expected = reference_shares(model, 0.5, "attention", rule="probability")
     np.testing.assert_allclose(selection.allocation.layer_budgets(0.5), expected, atol=1e-9)
     assert abs(expected[0] - expected[1]) > 2 * ONE_BLOCK  # the layers' attention differs
     achieved = layer_densities(model, selection)
     assert np.all(achieved <= expected + 1e-6) and np.all(achieved > expected - 2 * ONE_BLOCK)
     with pytest.raises(ValueError, match="shares_from"):
         budget_allocation(model, *batch(), shares_from="oracle")
+    with pytest.raises(ValueError, match="rule"):
+        budget_allocation(model, *batch(), rule="top-p")
 
 
 def test_budget_is_not_uniform():
