@@ -16,7 +16,7 @@ without decode gates (dense decode).
 
 This project's format, a directory written by `save_adapter`:
 
-    seer_adapter.json    {"format": 1,
+    seer_adapter.json    {"format": 1 (2 when the selection is a "budget": older readers refuse it by number),
                           "base_model": <HF id, or the base directory's absolute path>,
                           "base_model_relative": <that directory relative to the adapter's; only for a directory>,
                           "seer_config": SeerConfig.to_dict(), the default selection included,
@@ -36,7 +36,8 @@ Default selection. An adapter's `seer_config.selection` (prefill) and `seer_conf
 `attach_gates` selects with unless told otherwise. `save_adapter` records the selection it is given, else the
 model's own, except that a prefill selection keeping every block (distillation runs dense) is recorded as
 `DEFAULT_SELECTION`; with `prefill_density` / `decode_density` it records the density that selection reached and
-on what data (`MeasuredDensity`).
+on what data (`MeasuredDensity`). `record_selection` replaces the default prefill selection (and its density) of an
+existing adapter, e.g. with a calibrated budget (`seer_jax.calibration.budget_for_density`).
 
 Base model. `base_model` is recorded as given when it is not a local directory (a hub id), else as the directory's
 absolute path plus its path relative to the adapter; `read_adapter` returns the first of those that exists, so an
@@ -89,6 +90,10 @@ SAFETENSORS_FILE = "gates.safetensors"
 OFFICIAL_PTH = "attn_gate_weights.pth"
 OFFICIAL_SAFETENSORS = "attn_gate_weights.safetensors"
 FORMAT_VERSION = 1
+# Format 2 is format 1 whose prefill selection may be a "budget" with a per-layer allocation, which format-1
+# readers cannot read; adapters without one are still written as format 1.
+BUDGET_FORMAT_VERSION = 2
+READABLE_FORMATS = (FORMAT_VERSION, BUDGET_FORMAT_VERSION)
 WeightsFormat = Literal["orbax", "safetensors"]
 # The prefill selection an adapter records when the model it is saved from keeps every block (and no selection is
 # given): TopK at nz_ratio 0.3 reaches ≈ 30% of the causal blocks by construction (docs/design.md §3) whatever the
@@ -239,7 +244,7 @@ def save_adapter(
             if value is not None
         }
         marker = {
-            "format": FORMAT_VERSION,
+            "format": _format_version(seer_config),
             **_base_location(base_model, directory),
             "seer_config": seer_config.to_dict(),
             "measured_density": measured,
@@ -254,6 +259,43 @@ def save_adapter(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _format_version(seer_config: SeerConfig) -> int:
+    return BUDGET_FORMAT_VERSION if seer_config.selection.method == "budget" else FORMAT_VERSION
+
+
+def record_selection(
+    directory: str | Path, selection: Selection, *, prefill_density: MeasuredDensity | None = None
+) -> None:
+    """Makes `selection` the default prefill selection of the adapter in `directory` (this project's format), with
+    the density it reached (or none recorded); the weights are untouched. The marker file is replaced atomically.
+    In a multi-process job every process calls this; process 0 writes."""
+    path = Path(directory) / ADAPTER_FILE
+    adapter = read_adapter(directory)  # checks the adapter is complete and ours
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not in this project's format; save it with save_adapter first")
+    seer_config = dataclasses.replace(adapter.seer_config, selection=selection)  # validates it against the gates
+    if seer_config.gate is None:
+        raise ValueError(f"{directory} has no prefill gates: there is no prefill selection to record")
+    # Tensor names hold the layer index (module docstring): model.layers.{L}.self_attn.attn_gate.…
+    num_layers = 1 + max(int(name.split(".")[2]) for name in adapter.tensors if "mask_linear_k" in name)
+    if selection.allocation is not None and selection.allocation.num_layers != num_layers:
+        raise ValueError(
+            f"the budget allocation covers {selection.allocation.num_layers} layers, the adapter's gates {num_layers}"
+        )
+    marker = json.loads(path.read_text())
+    marker["format"] = _format_version(seer_config)
+    marker["seer_config"] = seer_config.to_dict()
+    measured = {k: v for k, v in marker.get("measured_density", {}).items() if k != "prefill"}
+    if prefill_density is not None:
+        measured["prefill"] = dataclasses.asdict(prefill_density)
+    marker["measured_density"] = measured
+    if is_primary():
+        staging = path.with_name(f".{ADAPTER_FILE}.tmp")
+        staging.write_text(json.dumps(marker, indent=2) + "\n")
+        staging.replace(path)
+    sync(f"record_selection {directory}")
 
 
 def _base_location(base_model: str | Path, directory: Path) -> dict[str, str]:
@@ -319,9 +361,9 @@ def _read_own(directory: Path) -> Adapter:
         raise CheckpointError(f"{path} is not valid JSON ({error}); the adapter is corrupt: re-export it") from error
     if not isinstance(marker, dict):
         raise CheckpointError(f"{path} holds {type(marker).__name__}, not a JSON object; re-export the adapter")
-    if marker.get("format") != FORMAT_VERSION:
+    if marker.get("format") not in READABLE_FORMATS:
         raise CheckpointError(
-            f"{directory} was written in adapter format {marker.get('format')}, this code reads {FORMAT_VERSION}"
+            f"{directory} was written in adapter format {marker.get('format')}, this code reads {READABLE_FORMATS}"
         )
     missing = [key for key in ("base_model", "seer_config", "weights", "tensors") if key not in marker]
     if missing:
@@ -451,6 +493,12 @@ def attach_gates(
         seer_config = dataclasses.replace(seer_config, selection=selection)
     if decode is not None:
         seer_config = with_decode_selection(seer_config, decode)
+    allocation = seer_config.selection.allocation
+    if allocation is not None and allocation.num_layers != base.config.num_layers:
+        raise ValueError(
+            f"the budget allocation covers {allocation.num_layers} layers, the model has {base.config.num_layers}; "
+            "calibrate it for this model (seer_jax.calibration.budget_for_density)"
+        )
     seer = seer_with_abstract_gates(base, seer_config)
     graphdef, gates, rest = nnx.split(seer, GateParam, ...)
     targets = {".".join(map(str, path)): variable for path, variable in nnx.to_flat_state(gates)}

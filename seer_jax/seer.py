@@ -296,7 +296,7 @@ class SeerAttention(Attention):
         if decode_names and self.decode_gate is None:
             raise ValueError(f"cannot collect {sorted(decode_names)}: the model has no decode gates (no decode config)")
         collect = collect - decode_names
-        selection, block_size = self.seer_config.selection, BLOCK_SIZE
+        selection, block_size = self.seer_config.selection.for_layer(self.layer_index), BLOCK_SIZE
         batch, length = q.shape[:2]
         num_blocks = -(-length // block_size)
         every_block = jnp.broadcast_to(
@@ -361,7 +361,7 @@ class SeerAttention(Attention):
         self, inputs: ScoreInputs, every_block: jax.Array, collect: frozenset[str], fused_target: bool
     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """Attention over row-aligned inputs → (out [B, T, N, H] row-aligned, block mask [B, N, I, J], collected)."""
-        selection, source = self.seer_config.selection, self.seer_config.source
+        selection, source = self.seer_config.selection.for_layer(self.layer_index), self.seer_config.source
         collected = {}
         scores = None
         if self.is_sparse and not selection.is_dense:

@@ -13,7 +13,7 @@ from pallas_kernels.block_sparse_attention import BLOCK_SIZE
 from seer_jax.block_scores import RANKING_SOURCES, SOURCES
 from seer_jax.decode_config import DecodeConfig
 from seer_jax.gate import GateConfig
-from seer_jax.sparsity import Selection
+from seer_jax.sparsity import BudgetAllocation, Selection
 
 BLOCK_SOURCES: tuple[str, ...] = tuple(SOURCES)
 
@@ -25,7 +25,8 @@ class SeerConfig:
     Attributes:
       gate: the prefill AttnGate structure; its `block_size` must be the kernel's 64. None: the model has no
         prefill gates and prefills densely, so `selection` must keep every block.
-      selection: scores → block mask: method ("nz_ratio" | "threshold"), nz_ratio, threshold, last_block_dense.
+      selection: scores → block mask: method ("nz_ratio" | "threshold" | "budget"), nz_ratio, threshold, budget
+        and its per-layer allocation, last_block_dense.
       source: where block scores come from, one of `BLOCK_SOURCES` (`seer_jax.block_scores.SOURCES`).
       start_layer: layers with a smaller index attend densely.
       seed: seeds the "random" source (each layer folds in its index).
@@ -82,7 +83,12 @@ class SeerConfig:
         gate = data.pop("gate", {})
         if gate is not None:
             gate = _from_fields(GateConfig, gate, "seer_config.gate")
-        selection = _from_fields(Selection, data.pop("selection", {}), "seer_config.selection")
+        selection = dict(data.pop("selection", {}))
+        if selection.get("allocation") is not None:
+            selection["allocation"] = _from_fields(
+                BudgetAllocation, selection["allocation"], "seer_config.selection.allocation"
+            )
+        selection = _from_fields(Selection, selection, "seer_config.selection")
         decode = data.pop("decode", None)
         if decode is not None:
             decode = _from_fields(DecodeConfig, decode, "seer_config.decode")

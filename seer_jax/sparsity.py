@@ -8,8 +8,13 @@ padding out of the way before selecting).
 SeerAttention (docs/design.md §3) scores every 64×64 (query block i, key block j) pair, per query head, and keeps
   * `nz_ratio` (TopK): the same k = max(1, int((1 − sqrt(1 − nz)) · J)) blocks in every row, chosen on the raw
     masked scores; with causal truncation the kept fraction of the causal triangle ≈ 2r − r² = nz for r = k/J;
-  * `threshold`: the blocks whose softmax probability over the row's causal key blocks exceeds the threshold.
-Both optionally keep each row's last two real query-block rows dense (`last_block_dense`) and drop blocks above
+  * `threshold`: the blocks whose softmax probability over the row's causal key blocks exceeds the threshold;
+  * `budget`: a mean density that allocates itself. Each sparse layer keeps a fraction of its causal blocks (its
+    share of the budget, `BudgetAllocation`, calibrated on distillation data by `seer_jax.calibration`): the
+    diagonal plus the off-diagonal blocks of highest softmax probability over all heads and query-block rows of
+    each batch row, so heads and rows the gate is unsure about get more blocks, and every layer reaches its share
+    on any input. Without an allocation every sparse layer keeps the same fraction.
+All optionally keep each row's last two real query-block rows dense (`last_block_dense`) and drop blocks above
 the diagonal.
 
 Unlike the reference implementation, the diagonal block is always kept, so no row is ever empty: the official
@@ -25,12 +30,64 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.block_sparse_attention import BLOCK_SIZE, causal_block_mask  # also for seer_jax's other modules
 from pallas_kernels.block_topk import block_topk_mask
 
-SparsityMethod = Literal["nz_ratio", "threshold"]
+SparsityMethod = Literal["nz_ratio", "threshold", "budget"]
+METHODS: tuple[str, ...] = ("nz_ratio", "threshold", "budget")
 NUM_DENSE_LAST_ROWS = 2  # `last_block_dense` keeps this many final query-block rows dense (docs/design.md §3)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BudgetAllocation:
+    """How a `budget` selection shares a mean density among the layers: each layer's density at calibration points,
+    measured by `seer_jax.calibration.budget_allocation` (one global order statistic of the gates' probabilities
+    over every layer, head and block of a batch of distillation data) and interpolated linearly in between.
+
+    Attributes:
+      densities: P calibration points, strictly increasing in (0, 1]: the mean density over the sparse layers.
+      layer_densities: P tuples of L floats in (0, 1]: each layer's density at that point (1 for dense layers);
+        the mean over the sparse layers of each tuple is that point's density (up to one block: the blocks are
+        whole), so interpolating keeps the mean.
+      length: the tokens per row of the calibration batch (the shares are measured at that length).
+    """
+
+    densities: tuple[float, ...]
+    layer_densities: tuple[tuple[float, ...], ...]
+    length: int
+
+    def __post_init__(self):
+        # JSON gives lists; a Selection is a static jit argument, so everything it holds must hash.
+        object.__setattr__(self, "densities", tuple(float(d) for d in self.densities))
+        object.__setattr__(self, "layer_densities", tuple(tuple(float(d) for d in p) for p in self.layer_densities))
+        if not self.densities or len(self.layer_densities) != len(self.densities):
+            raise ValueError(
+                f"densities and layer_densities need one entry per calibration point, got {len(self.densities)} and "
+                f"{len(self.layer_densities)}"
+            )
+        if any(not 0.0 < d <= 1.0 for d in self.densities) or any(np.diff(self.densities) <= 0):
+            raise ValueError(f"densities must increase strictly in (0, 1], got {self.densities}")
+        if len({len(point) for point in self.layer_densities}) != 1 or not self.layer_densities[0]:
+            raise ValueError("layer_densities must hold the same number (>= 1) of layers at every point")
+        if any(not 0.0 < d <= 1.0 for point in self.layer_densities for d in point):
+            raise ValueError("layer_densities must be in (0, 1]")
+        if not isinstance(self.length, int) or self.length < 1:
+            raise ValueError(f"length must be a positive int, got {self.length!r}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_densities[0])
+
+    def layer_budgets(self, density: float) -> tuple[float, ...]:
+        """Each layer's density at mean density `density`, interpolated between the calibration points; below the
+        first (the diagonal alone, when calibrated) the shares scale with the density, so a budget that small keeps
+        each row's diagonal only, as it would in a longer row."""
+        points = np.asarray(self.layer_densities)  # [P, L]
+        if density < self.densities[0]:
+            return tuple(float(d) for d in points[0] * density / self.densities[0])
+        return tuple(float(np.interp(density, self.densities, points[:, layer])) for layer in range(points.shape[1]))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,31 +95,58 @@ class Selection:
     """How block scores become a block mask.
 
     Attributes:
-      method: "nz_ratio" (TopK per row) or "threshold" (on the row softmax of the scores).
+      method: "nz_ratio" (TopK per row), "threshold" (on the row softmax of the scores) or "budget" (a mean density
+        shared among layers by `allocation`; module docstring).
       nz_ratio: target causal block density for "nz_ratio", in (0, 1]; 1 keeps every causal block.
       threshold: probability threshold for "threshold", in [0, 1); 0 keeps every causal block.
+      budget: target mean causal block density of the sparse layers for "budget", in (0, 1]; 1 keeps every block.
+      allocation: "budget" only: each layer's share (`BudgetAllocation`), or None: every sparse layer keeps `budget`.
       last_block_dense: keep the last two query-block rows fully dense.
     """
 
     method: SparsityMethod = "nz_ratio"
     nz_ratio: float = 1.0
     threshold: float = 0.0
+    budget: float = 1.0
+    allocation: BudgetAllocation | None = None
     last_block_dense: bool = False
 
     def __post_init__(self):
-        if self.method not in ("nz_ratio", "threshold"):
-            raise ValueError(f"method must be 'nz_ratio' or 'threshold', got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0.0 < self.nz_ratio <= 1.0:
             raise ValueError(f"nz_ratio must be in (0, 1], got {self.nz_ratio}")
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.allocation is not None:
+            if not isinstance(self.allocation, BudgetAllocation):
+                raise ValueError(f"allocation must be a BudgetAllocation or None, got {type(self.allocation).__name__}")
+            if self.method != "budget":
+                raise ValueError(f"allocation applies to method 'budget' only, not {self.method!r}")
 
     @property
     def is_dense(self) -> bool:
         """True when this selection keeps every causal block (so sparse attention equals dense)."""
         if self.method == "nz_ratio":
             return self.nz_ratio >= 1.0
+        if self.method == "budget":
+            return self.budget >= 1.0
         return self.threshold <= 0.0
+
+    def for_layer(self, layer_index: int) -> "Selection":
+        """The selection layer `layer_index` applies: a budget with an allocation becomes that layer's own budget
+        (without allocation); every other selection applies as it is."""
+        if self.allocation is None:
+            return self
+        if not 0 <= layer_index < self.allocation.num_layers:
+            raise ValueError(
+                f"layer {layer_index}: the budget allocation covers {self.allocation.num_layers} layers; calibrate "
+                "it for this model"
+            )
+        budget = self.allocation.layer_budgets(self.budget)[layer_index]
+        return dataclasses.replace(self, budget=budget, allocation=None)
 
 
 def topk_per_row(nz_ratio: float, num_kv_blocks: int) -> int:
@@ -88,15 +172,46 @@ def select_blocks(scores: jax.Array, selection: Selection, lengths: jax.Array | 
     causal = causal_block_mask(num_q_blocks, num_kv_blocks)
     if selection.is_dense:
         return jnp.broadcast_to(causal, scores.shape)
+    if selection.allocation is not None:
+        raise ValueError("select_blocks applies one layer's selection: pass selection.for_layer(layer_index)")
     if selection.method == "nz_ratio":
         mask = block_topk_mask(scores, topk_per_row(selection.nz_ratio, num_kv_blocks))
-    else:
+    elif selection.method == "threshold":
         mask = masked_softmax(scores) > selection.threshold
+    else:
+        mask = _budget_mask(scores, selection.budget, lengths)
     rows = jnp.arange(num_q_blocks)[:, None]  # [I, 1]
     forced = rows == jnp.arange(num_kv_blocks)[None, :]  # [I, J] the diagonal: never an empty row
     if selection.last_block_dense:
         forced = forced | _last_real_rows(num_q_blocks, scores.shape[0], lengths)[:, None, :, None]  # [B, 1, I, J]
     return (mask | forced) & causal
+
+
+def _budget_mask(scores: jax.Array, budget: float, lengths: jax.Array | None) -> jax.Array:
+    """bool [B, N, I, J]: per batch row, the off-diagonal causal blocks of its real query-block rows with the
+    highest softmax probability over their row, pooled over heads, as many as keep ⌊budget · causal blocks⌋ with
+    the diagonal (never fewer than none). Ties go to the lower (head, row, block) index."""
+    batch, num_heads, num_q_blocks, num_kv_blocks = scores.shape
+    real_rows = _real_rows(num_q_blocks, batch, lengths)  # [B, I]
+    causal = causal_block_mask(num_q_blocks, num_kv_blocks)  # [I, J]
+    off_diagonal = causal & (jnp.arange(num_q_blocks)[:, None] != jnp.arange(num_kv_blocks)[None, :])  # [I, J]
+    candidates = jnp.broadcast_to(real_rows[:, None, :, None] & off_diagonal, scores.shape)  # [B, N, I, J]
+    counted = num_heads * jnp.sum(real_rows[:, :, None] & causal, axis=(1, 2))  # [B]
+    forced = num_heads * jnp.sum(real_rows, axis=1)  # [B]
+    # The small margin keeps a budget that is an exact fraction of the blocks (as calibrated) from rounding down.
+    keep = jnp.maximum(jnp.floor(budget * counted.astype(jnp.float32) + 1e-3).astype(jnp.int32) - forced, 0)  # [B]
+    probabilities = jnp.where(candidates, masked_softmax(scores), -1.0).reshape(batch, -1)  # [B, N·I·J]
+    order = jnp.argsort(-probabilities, axis=-1, stable=True)  # [B, N·I·J]
+    rank = jnp.arange(order.shape[1])[None, :] < keep[:, None]  # [B, N·I·J] in `order`'s order
+    kept = jnp.zeros_like(rank).at[jnp.arange(batch)[:, None], order].set(rank)  # [B, N·I·J]
+    return kept.reshape(scores.shape) & candidates  # [B, N, I, J]
+
+
+def _real_rows(num_q_blocks: int, batch: int, lengths: jax.Array | None) -> jax.Array:
+    """bool [B, I]: the query-block rows holding real tokens of each row (all of them when `lengths` is None)."""
+    if lengths is None:
+        return jnp.ones((batch, num_q_blocks), bool)
+    return jnp.arange(num_q_blocks)[None, :] * BLOCK_SIZE < lengths[:, None]
 
 
 def _last_real_rows(num_q_blocks: int, batch: int, lengths: jax.Array | None) -> jax.Array:
@@ -116,10 +231,7 @@ def block_density(block_mask: jax.Array, lengths: jax.Array | None = None) -> ja
     rows real). Blocks above the diagonal are not counted.
     """
     batch, _, num_q_blocks, num_kv_blocks = block_mask.shape
-    if lengths is None:
-        real_rows = jnp.ones((batch, num_q_blocks), bool)  # [B, I]
-    else:
-        real_rows = jnp.arange(num_q_blocks)[None, :] * BLOCK_SIZE < lengths[:, None]  # [B, I]
+    real_rows = _real_rows(num_q_blocks, batch, lengths)  # [B, I]
     counted = real_rows[:, :, None] & causal_block_mask(num_q_blocks, num_kv_blocks)  # [B, I, J]
     selected = jnp.sum(block_mask & counted[:, None], axis=(0, 2, 3), dtype=jnp.float32)  # [N]
     return selected / jnp.sum(counted)

@@ -9,6 +9,8 @@ structure, the official recipe by default), `--target both` both kinds in one ru
 and resume (`--resume`) as in every trainer of this project; SIGINT/SIGTERM save a checkpoint and stop with exit
 status 130/143 without writing the adapter (`--resume` finishes the run and writes it). `--eval-data FILES` then
 measures perplexity vs. block density (`train.perplexity`) into `OUT/eval`.
+`--budget-density D` makes the adapter's default prefill selection a density budget at D, its per-layer shares
+calibrated on the first distillation windows (`record_budget`).
 `--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains and evaluates on several devices
 (`seer_jax.sharding`); `--distributed` joins a multi-process job first (`train.flags`).
 
@@ -45,6 +47,8 @@ Q_HEAD_POOLING_CHOICES = ("Qproj", "Qavgproj", "Qavg")
 RECIPE_LEARNING_RATE = 1e-3
 RECIPE_WARMUP_STEPS = 20
 DECODE_SLICE = 0.5
+# Distillation windows (of --seq-len tokens, the first of the data) a --budget-density allocation is calibrated on.
+BUDGET_CALIBRATION_WINDOWS = 4
 
 # The embedded demo: distil and evaluate at 1024 tokens (16 blocks per row; the demo model trains at 512 tokens, so
 # this also exercises positions beyond its training length, within its 2048 maximum).
@@ -199,6 +203,29 @@ def run_distillation(config: DistillConfig) -> DistillResult:
     return result
 
 
+def record_budget(config: DistillConfig, result: DistillResult, density: float) -> None:
+    """Calibrates a density budget at `density` for the distilled gates on the first `BUDGET_CALIBRATION_WINDOWS`
+    windows of the distillation data (`seer_jax.calibration.budget_for_density`) and records it, with the density
+    the sparse model reaches there, as the adapter's default prefill selection."""
+    import jax.numpy as jnp
+
+    from seer_jax.adapters import MeasuredDensity, record_selection
+    from seer_jax.calibration import budget_for_density
+    from seer_jax.forwards import block_density
+    from seer_jax.seer import seer_with_abstract_gates
+    from train.data import eval_windows
+    from train.token_corpus import load_corpus
+
+    length = config.loader.seq_len
+    tokens = jnp.asarray(eval_windows(load_corpus(config.corpus), length=length, num_docs=BUDGET_CALIBRATION_WINDOWS))
+    selection = budget_for_density(result.model, tokens, density=density)
+    sparse = seer_with_abstract_gates(result.model, dataclasses.replace(result.model.seer_config, selection=selection))
+    reached = float(jnp.mean(block_density(sparse, tokens)))
+    data = f"distillation data: the {len(tokens)} calibration windows of {length} tokens"
+    record_selection(result.adapter_dir, selection, prefill_density=MeasuredDensity(density=reached, data=data))
+    log.info("recorded a density budget at %g (%.4f reached on %s) in %s", density, reached, data, result.adapter_dir)
+
+
 def run_evaluation(config: EvalConfig, out_dir: Path) -> None:
     """Perplexity vs. density with a progress bar; writes `out_dir` and prints the markdown table."""
     from seer_jax.multihost import is_primary
@@ -274,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="run directory (checkpoints, metrics, adapter, eval)")
     parser.add_argument("--eval-data", type=Path, nargs="+", help="held-out documents: evaluate PPL vs. density")
     parser.add_argument("--eval-lengths", type=int, nargs="+", default=[2048, 8192], help="evaluation lengths L")
+    parser.add_argument(
+        "--budget-density",
+        type=float,
+        help="record a density budget at this mean density as the adapter's default prefill selection, its "
+        f"per-layer shares calibrated on the first {BUDGET_CALIBRATION_WINDOWS} distillation windows (default: "
+        "TopK nz_ratio 0.3)",
+    )
     demo_cache = Path.home() / ".cache" / "seer-jax" / "demo"
     parser.add_argument("--demo-cache", type=Path, default=demo_cache, help="the demo's model and corpus cache")
     add_distill_arguments(parser)
@@ -304,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--model needs --data and --out")
         if args.eval_data and args.target == "decode":
             parser.error("--eval-data measures prefill gates; evaluate decode gates with python -m train.eval_ppl")
+        if args.budget_density is not None and (args.target == "decode" or not 0 < args.budget_density <= 1):
+            parser.error("--budget-density needs prefill gates (--target prefill or both) and a density in (0, 1]")
         args.model = resolve_model_path(args.model)
         args.tokenizer_dir = args.tokenizer_dir and resolve_model_path(args.tokenizer_dir, flag="--tokenizer-dir")
         config = distill_config_from_args(
@@ -314,7 +350,9 @@ def main(argv: list[str] | None = None) -> None:
             corpus_cache=args.corpus_cache,
             dtype=args.dtype,
         )
-        run_distillation(config)
+        result = run_distillation(config)
+        if args.budget_density is not None:
+            record_budget(config, result, args.budget_density)
         if args.eval_data:
             eval_config = EvalConfig(
                 model=args.model,

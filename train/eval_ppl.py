@@ -2,7 +2,7 @@
 
     python -m train.eval_ppl --model DIR [--gates DIR] --data PATHS... --out DIR
         [--mode prefill|decode] [--lengths 2048 8192] [--num-docs 16]
-        [--nz-ratios 0.5 0.4 0.3 0.2 0.1] [--thresholds ...]                           (prefill mode)
+        [--nz-ratios 0.5 0.4 0.3 0.2 0.1] [--thresholds ...] [--budgets ...]           (prefill mode)
         [--continuation 2048] [--decode-budgets 256 512 1024 2048 5% 10% 25%]
         [--decode-prefill nz_ratio=X | threshold=Y] [--decode-chunk 256]              (decode mode)
         [--methods dense gate oracle quest streaming random] [--batch-size 4] [--dtype bfloat16|float32]
@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--thresholds", type=float, nargs="*", default=[], help="prefill mode: gate threshold settings (default: none)"
+    )
+    parser.add_argument(
+        "--budgets",
+        type=float,
+        nargs="*",
+        default=[],
+        help="prefill mode: gate budget densities, shared among layers by the allocation the adapter records "
+        "(train.distill_gates --budget-density) (default: none)",
     )
     parser.add_argument(
         "--continuation",
@@ -159,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             num_docs=args.num_docs,
             nz_ratios=tuple(args.nz_ratios),
             thresholds=tuple(args.thresholds),
+            budgets=tuple(args.budgets),
             continuation=args.continuation,
             decode_budgets=tuple(DecodeBudget.parse(text) for text in args.decode_budgets),
             decode_prefill=None if args.decode_prefill is None else parse_selection(args.decode_prefill),

@@ -16,8 +16,10 @@ given as `gates`, ours or the official format), "oracle", "quest", "streaming", 
 in decode mode `seer_jax.decode_scores`).
 Each sparse method runs TopK at every `nz_ratio`, so all sources keep the same k blocks per row, plus the diagonal
 block where TopK left it out (`seer_jax.sparsity`): densities match up to that block. `thresholds` apply to the gate
-only, whose density is then whatever it selects. The achieved density (mean over layers >= start_layer and heads)
-comes from the same forward as the NLL (`seer_jax.forwards.logits_and_density`).
+only, whose density is then whatever it selects; so do `budgets`, mean densities the gate's layers share by the
+allocation the adapter records (`seer_jax.calibration.budget_for_density`), reached up to a block per layer and row.
+The achieved density (mean over layers >= start_layer and heads) comes from the same forward as the NLL
+(`seer_jax.forwards.logits_and_density`).
 
 Each (method, setting, L) is compiled once and reused for every batch of `batch_size` documents (a smaller last
 batch compiles once more). Settings that keep every block (nz_ratio 1, threshold 0) share one forward: no source is
@@ -54,7 +56,7 @@ from seer_jax.multihost import to_host
 from seer_jax.seer import SeerCausalLM, seer_with_abstract_gates
 from seer_jax.seer_config import BLOCK_SOURCES, SeerConfig
 from seer_jax.sharding import MeshConfig, batch_rows, build_mesh, logical_rules, shard_batch, tree_shardings
-from seer_jax.sparsity import Selection
+from seer_jax.sparsity import BudgetAllocation, Selection
 from train.data import eval_windows
 from train.decode_perplexity import (
     DEFAULT_BUDGETS,
@@ -101,6 +103,8 @@ class EvalConfig:
       num_docs: documents per length (the first that are at least L tokens long).
       nz_ratios: prefill mode: TopK target densities in (0, 1], run for every sparse method.
       thresholds: prefill mode: gate-only threshold settings in [0, 1).
+      budgets: prefill mode: gate-only budget densities in (0, 1], shared among layers by the allocation the
+        adapter's selection records (an adapter without one is an error).
       continuation: decode mode: C, the tokens scored at the end of each window, each predicted by a decode step.
       decode_budgets: decode mode: the budgets every sparse decode method runs at (`DecodeBudget`: tokens, or a
         fraction of the context).
@@ -132,6 +136,7 @@ class EvalConfig:
     num_docs: int = 16
     nz_ratios: tuple[float, ...] = (0.5, 0.4, 0.3, 0.2, 0.1)
     thresholds: tuple[float, ...] = ()
+    budgets: tuple[float, ...] = ()
     continuation: int = 2048
     decode_budgets: tuple[DecodeBudget, ...] = DEFAULT_BUDGETS
     decode_prefill: Selection | None = None
@@ -162,7 +167,7 @@ class EvalConfig:
             raise ValueError(f"lengths: {self.lengths} repeats a length")
         if self.num_docs <= 0:
             raise ValueError(f"num_docs: {self.num_docs} must be positive")
-        for field, method in (("nz_ratios", "nz_ratio"), ("thresholds", "threshold")):
+        for field, method in (("nz_ratios", "nz_ratio"), ("thresholds", "threshold"), ("budgets", "budget")):
             values = getattr(self, field)
             if len(set(values)) != len(values):
                 raise ValueError(f"{field}: {values} repeats a value")
@@ -178,10 +183,12 @@ class EvalConfig:
             if "gate" in self.methods and self.gates is None:
                 raise ValueError("methods: 'gate' needs gates (an adapter directory)")
         if self.mode == "prefill":
-            if self.thresholds and "gate" not in self.methods_to_run:
-                raise ValueError("thresholds: apply to the gate method only, which is not run (pass gates / 'gate')")
+            for field in ("thresholds", "budgets"):
+                if getattr(self, field) and "gate" not in self.methods_to_run:
+                    raise ValueError(f"{field}: apply to the gate method only, which is not run (pass gates / 'gate')")
             if not self.nz_ratios:
-                idle = [m for m in self.methods_to_run if m != "dense" and not (m == "gate" and self.thresholds)]
+                gate_settings = self.thresholds or self.budgets
+                idle = [m for m in self.methods_to_run if m != "dense" and not (m == "gate" and gate_settings)]
                 if idle:
                     raise ValueError(f"nz_ratios: empty, so methods {idle} have no setting to run")
         else:
@@ -198,8 +205,9 @@ class EvalConfig:
             raise ValueError("attention: cudnn runs bfloat16 only; use dtype bfloat16 or attention xla")
 
     def _check_decode(self) -> None:
-        if self.thresholds:
-            raise ValueError("thresholds: apply to prefill mode only; decode mode runs decode_budgets")
+        for field in ("thresholds", "budgets"):
+            if getattr(self, field):
+                raise ValueError(f"{field}: apply to prefill mode only; decode mode runs decode_budgets")
         if not isinstance(self.continuation, int) or self.continuation < 1:
             raise ValueError(f"continuation: must be an int >= 1, got {self.continuation!r}")
         short = [length for length in self.lengths if length < self.continuation + 2]
@@ -262,6 +270,8 @@ class Setting:
             return self.method
         if self.selection.method == "nz_ratio":
             return f"{self.method} nz {self.selection.nz_ratio:g}"
+        if self.selection.method == "budget":
+            return f"{self.method} budget {self.selection.budget:g}"
         return f"{self.method} threshold {self.selection.threshold:g}"
 
     @property
@@ -291,8 +301,9 @@ class EvalTask:
         return f"L={self.length} {self.setting.label} [{self.batch + 1}/{self.num_batches}]"
 
 
-def _settings(config: EvalConfig) -> list[Setting]:
-    """The (method, selection) pairs `evaluate` runs, in order: dense, then each method's nz_ratios, thresholds."""
+def _settings(config: EvalConfig, allocation: BudgetAllocation | None = None) -> list[Setting]:
+    """The (method, selection) pairs `evaluate` runs, in order: dense, then each method's nz_ratios, thresholds,
+    budgets (shared among layers by `allocation`)."""
     settings = []
     for method in config.methods_to_run:
         if method == "dense":
@@ -303,6 +314,9 @@ def _settings(config: EvalConfig) -> list[Setting]:
         if method == "gate":
             for threshold in config.thresholds:
                 selection = Selection(method="threshold", threshold=threshold, last_block_dense=False)
+                settings.append(Setting(method, selection))
+            for budget in config.budgets:
+                selection = Selection(method="budget", budget=budget, allocation=allocation, last_block_dense=False)
                 settings.append(Setting(method, selection))
     return settings
 
@@ -344,7 +358,7 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[Any]], Iterable
     windows = _windows(config, vocab_size=model_config.vocab_size)
     if config.mode == "decode":
         return _evaluate_decode(config, base, adapter, windows, start_layer=start_layer, progress=progress)
-    settings = _settings(config)
+    settings = _settings(config, _budget_allocation(adapter, config))
     forwards = list(dict.fromkeys(setting.computed_as for setting in settings))
     models = _Models(base, adapter, start_layer=start_layer, seed=config.seed, mesh=mesh)
     batches = {length: _batches(tokens, config.batch_size) for length, tokens in windows.items()}
@@ -397,6 +411,20 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[Any]], Iterable
         num_docs={length: len(tokens) for length, tokens in windows.items()},
         title=f"{Path(config.model).name}, {', '.join(Path(p).name for p in config.data)}",
     )
+
+
+def _budget_allocation(adapter: Adapter | None, config: EvalConfig) -> BudgetAllocation | None:
+    """The allocation the budget rows share their densities by: the one the adapter's selection records."""
+    if not config.budgets:
+        return None
+    allocation = adapter.seer_config.selection.allocation
+    if allocation is None:
+        raise ValueError(
+            f"budgets: the adapter {config.gates} records no budget allocation; calibrate one on distillation data "
+            "(python -m train.distill_gates ... --budget-density D, or seer_jax.calibration.budget_for_density and "
+            "seer_jax.adapters.record_selection)"
+        )
+    return allocation
 
 
 def _adapter_start_layer(adapter: Adapter | None, mode: str) -> int:
@@ -554,7 +582,9 @@ def _row(
         sparsity, target = "dense", None
     else:
         sparsity = selection.method
-        target = selection.nz_ratio if selection.method == "nz_ratio" else selection.threshold
+        target = {"nz_ratio": selection.nz_ratio, "threshold": selection.threshold, "budget": selection.budget}[
+            sparsity
+        ]
     return PplRow(
         method=setting.method,
         sparsity=sparsity,

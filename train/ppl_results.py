@@ -27,7 +27,7 @@ from matplotlib.ticker import FormatStrFormatter
 from seer_jax.multihost import is_primary, sync
 
 MISSED_TARGET_MARGIN = 0.05  # density above a TopK row's nz_ratio that the table flags as a missed target
-Sparsity = Literal["dense", "nz_ratio", "threshold", "token_budget", "context_fraction"]
+Sparsity = Literal["dense", "nz_ratio", "threshold", "budget", "token_budget", "context_fraction"]
 JSON_FILE = "results.json"
 MARKDOWN_FILE = "ppl_vs_density.md"
 PLOT_FILE = "ppl_vs_density.png"
@@ -47,9 +47,10 @@ class PplRow:
 
     Attributes:
       method: "dense" or a block source ("gate", "oracle", "quest", "streaming", "random").
-      sparsity: "dense", "nz_ratio" (TopK) or "threshold" (prefill mode); "token_budget" or "context_fraction"
-        (decode mode; "dense": dense decoding).
-      target: the nz_ratio, threshold, token budget (tokens) or context fraction; None for dense.
+      sparsity: "dense", "nz_ratio" (TopK), "threshold" or "budget" (a mean density shared among layers by the
+        adapter's calibrated allocation) (prefill mode); "token_budget" or "context_fraction" (decode mode;
+        "dense": dense decoding).
+      target: the nz_ratio, threshold, budget density, token budget (tokens) or context fraction; None for dense.
       length: L, tokens per window (BOS included); L − 1 next-token predictions per document (decode mode: the
         last `continuation` tokens).
       doc_nll: per document, the mean NLL (nats) of its predictions.
@@ -76,10 +77,10 @@ class PplRow:
 
     @property
     def misses_target(self) -> bool:
-        """A TopK row whose achieved density exceeds its nz_ratio by more than `MISSED_TARGET_MARGIN` (e.g.
+        """A TopK or budget row whose achieved density exceeds its target by more than `MISSED_TARGET_MARGIN` (e.g.
         StreamingLLM, whose sink and local window alone are denser than a small nz_ratio): it is not at its target,
         and the table marks it."""
-        return self.sparsity == "nz_ratio" and self.density > self.target + MISSED_TARGET_MARGIN
+        return self.sparsity in ("nz_ratio", "budget") and self.density > self.target + MISSED_TARGET_MARGIN
 
     @property
     def mean_nll(self) -> float:
@@ -92,14 +93,14 @@ class PplRow:
 
     @property
     def setting(self) -> str:
-        """A short label: "—" (dense), "nz 0.3", "threshold 0.002", "256 tokens", "10%"."""
+        """A short label: "—" (dense), "nz 0.3", "threshold 0.002", "budget 0.1", "256 tokens", "10%"."""
         if self.sparsity == "dense":
             return "—"
         if self.sparsity == "token_budget":
             return f"{self.target:g} tokens"
         if self.sparsity == "context_fraction":
             return f"{self.target * 100:g}%"
-        return f"{'nz' if self.sparsity == 'nz_ratio' else 'threshold'} {self.target:g}"
+        return f"{'nz' if self.sparsity == 'nz_ratio' else self.sparsity} {self.target:g}"
 
     @property
     def series(self) -> str:
@@ -210,8 +211,8 @@ class EvalResult:
         note = ""
         if missed:
             note = (
-                f"\n↑ the method cannot reach the row's nz_ratio: its forced blocks (sink, local window, diagonal) "
-                f"alone exceed it by more than {MISSED_TARGET_MARGIN}.\n"
+                f"\n↑ the method cannot reach the row's nz_ratio or budget: its forced blocks (sink, local window, "
+                f"diagonal) alone exceed it by more than {MISSED_TARGET_MARGIN}.\n"
             )
         return caption + "\n\n" + "\n".join(lines) + "\n" + note
 
@@ -235,7 +236,7 @@ class EvalResult:
                 points = sorted((r for r in rows if r.series == series), key=lambda r: r.density)
                 method = points[0].method
                 color, marker = _STYLE.get(method, ("black", "."))
-                # Prefill mode: TopK lines solid, thresholds dotted; decode mode: a sparse prefill dotted.
+                # Prefill mode: TopK lines solid, thresholds and budgets dotted; decode mode: a sparse prefill dotted.
                 solid = points[0].prefill == "dense" if decode else points[0].sparsity == "nz_ratio"
                 axis.plot(
                     [r.density for r in points],

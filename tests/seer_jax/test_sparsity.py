@@ -1,4 +1,5 @@
-"""Block selection: TopK density, threshold monotonicity, no empty rows, dense limits."""
+"""Block selection: TopK density, threshold monotonicity, the budget's per-layer order statistic, no empty rows,
+dense limits."""
 
 import itertools
 
@@ -7,7 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seer_jax.sparsity import Selection, block_density, masked_softmax, select_blocks, topk_per_row
+from seer_jax.sparsity import (
+    BudgetAllocation,
+    Selection,
+    block_density,
+    masked_softmax,
+    select_blocks,
+    topk_per_row,
+)
 
 
 def _random_scores(seed: int, shape) -> jax.Array:
@@ -35,7 +43,10 @@ def test_topk_keeps_the_largest_scores_per_row():
         assert set(np.flatnonzero(mask[0, 0, i])) == expected
 
 
-@pytest.mark.parametrize("method,kwargs", [("nz_ratio", {"nz_ratio": 0.05}), ("threshold", {"threshold": 0.9})])
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [("nz_ratio", {"nz_ratio": 0.05}), ("threshold", {"threshold": 0.9}), ("budget", {"budget": 0.01})],
+)
 @pytest.mark.parametrize("last_block_dense", [False, True])
 def test_no_row_is_ever_empty_and_mask_is_causal(method, kwargs, last_block_dense):
     scores = _random_scores(3, (2, 4, 33, 33))
@@ -67,7 +78,10 @@ def test_threshold_selects_on_softmax_probabilities():
     np.testing.assert_array_equal(mask, expected & np.tril(np.ones((16, 16), bool)))
 
 
-@pytest.mark.parametrize("selection", [Selection(method="nz_ratio", nz_ratio=1.0), Selection(method="threshold")])
+@pytest.mark.parametrize(
+    "selection",
+    [Selection(method="nz_ratio", nz_ratio=1.0), Selection(method="threshold"), Selection(method="budget", budget=1.0)],
+)
 def test_dense_settings_keep_every_causal_block(selection):
     mask = np.asarray(select_blocks(_random_scores(6, (1, 2, 9, 9)), selection))
     np.testing.assert_array_equal(mask[0, 0], np.tril(np.ones((9, 9), bool)))
@@ -80,6 +94,12 @@ def test_selection_validates_fields():
         Selection(method="threshold", threshold=1.5)
     with pytest.raises(ValueError, match="method"):
         Selection(method="topk")
+    with pytest.raises(ValueError, match="budget"):
+        Selection(method="budget", budget=0.0)
+    with pytest.raises(ValueError, match="allocation applies to method 'budget' only"):
+        Selection(method="threshold", threshold=0.1, allocation=ALLOCATION)
+    with pytest.raises(ValueError, match="increase strictly"):
+        BudgetAllocation(densities=(0.5, 0.4), layer_densities=((0.5, 0.5), (0.4, 0.4)), length=64)
 
 
 def test_select_blocks_under_jit():
@@ -134,3 +154,65 @@ def test_block_density_counts_real_rows_only():
     # row 0: 4 of 10 blocks; row 1: rows 0-1 only, 2 of 3 blocks
     np.testing.assert_allclose(block_density(jnp.asarray(mask), lengths), [(4 + 2) / (10 + 3)])
     np.testing.assert_allclose(block_density(jnp.asarray(mask)), [(4 + 7) / 20])
+
+
+def _budget_reference(scores: np.ndarray, budget: float, lengths: np.ndarray) -> np.ndarray:
+    """numpy: per batch row, the diagonal of real rows plus the ⌊budget · causal blocks⌋ − diagonal off-diagonal
+    causal blocks of real rows with the highest row-softmax probability over all heads (stable: lower (n, i, j)
+    first)."""
+    batch, heads, rows, cols = scores.shape
+    causal = np.tril(np.ones((rows, cols), bool))
+    mask = np.zeros(scores.shape, bool)
+    for b in range(batch):
+        real = np.arange(rows) * 64 < lengths[b]
+        logits = np.where(causal, scores[b].astype(np.float64), -np.inf)
+        probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+        probabilities /= probabilities.sum(-1, keepdims=True)  # [N, I, J]
+        candidates = np.broadcast_to(real[:, None] & causal & ~np.eye(rows, cols, dtype=bool), probabilities.shape)
+        counted, forced = heads * np.sum(real[:, None] & causal), heads * np.sum(real)
+        keep = max(int(np.floor(budget * counted + 1e-3)) - forced, 0)
+        flat = np.where(candidates, probabilities, -1.0).ravel()
+        chosen = np.argsort(-flat, kind="stable")[:keep]
+        mask[b].reshape(-1)[chosen] = True
+        mask[b, :, np.arange(rows), np.arange(rows)] = real[None, :].repeat(heads, 0).T  # the diagonal of real rows
+    return mask
+
+
+@pytest.mark.parametrize("budget", [0.07, 0.2, 0.5, 0.9])
+def test_budget_keeps_the_most_probable_blocks_over_heads_and_rows(budget):
+    """The budget mask is a per-row order statistic over heads × rows × blocks of the softmax probabilities, and its
+    density is ⌊budget · causal blocks⌋ / causal blocks of each row (the diagonal included), not a per-row TopK:
+    heads and rows get different numbers of blocks."""
+    scores = _random_scores(9, (2, 3, 12, 12))
+    lengths = np.asarray([12 * 64, 7 * 64 - 30])  # the second row: 7 real query-block rows
+    mask = np.asarray(select_blocks(scores, Selection(method="budget", budget=budget), jnp.asarray(lengths)))
+    expected = _budget_reference(np.asarray(scores), budget, lengths)
+    real = np.arange(12)[None, :] * 64 < lengths[:, None]  # [B, I]
+    np.testing.assert_array_equal(mask & real[:, None, :, None], expected)
+    for b, rows in enumerate((12, 7)):
+        counted = 3 * rows * (rows + 1) // 2
+        single = np.asarray(block_density(jnp.asarray(mask[b : b + 1]), jnp.asarray(lengths[b : b + 1])))
+        assert single.mean() == pytest.approx(max(np.floor(budget * counted + 1e-3), 3 * rows) / counted, abs=1e-6)
+    if budget > 12 / 78:  # above the diagonal's share: heads and rows keep different numbers of blocks
+        assert np.ptp(mask[0].sum(-1)[:, 6:]) > 0 and np.ptp(mask[0].sum((-1, -2))) > 0
+
+
+ALLOCATION = BudgetAllocation(
+    densities=(0.2, 0.5, 1.0), layer_densities=((0.3, 0.1), (0.8, 0.2), (1.0, 1.0)), length=512
+)
+
+
+def test_allocation_interpolates_each_layer_and_keeps_the_mean():
+    """for_layer gives each layer its share of the budget, interpolated linearly between calibration points (so
+    the mean stays the budget), scaled below the first; select_blocks refuses a selection not resolved per layer."""
+    selection = Selection(method="budget", budget=0.35, allocation=ALLOCATION)
+    shares = [selection.for_layer(layer).budget for layer in range(2)]
+    np.testing.assert_allclose(shares, [0.55, 0.15])
+    assert np.mean(shares) == pytest.approx(0.35)
+    assert selection.for_layer(0).allocation is None and selection.for_layer(0).method == "budget"
+    assert Selection(method="budget", budget=0.1, allocation=ALLOCATION).for_layer(1).budget == pytest.approx(0.05)
+    assert Selection(method="threshold", threshold=0.1).for_layer(5) == Selection(method="threshold", threshold=0.1)
+    with pytest.raises(ValueError, match="covers 2 layers"):
+        selection.for_layer(2)
+    with pytest.raises(ValueError, match="for_layer"):
+        select_blocks(_random_scores(1, (1, 1, 4, 4)), selection)

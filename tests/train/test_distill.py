@@ -1,8 +1,9 @@
 """Gate distillation of prefill gates, decode gates and both: learning, frozen base, optimizer scope, bit-exact
-resume, the adapter, config errors."""
+resume, the adapter, a recorded density budget, config errors."""
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 
 from seer_jax.adapters import ADAPTER_FILE, attach_gates, read_adapter
+from seer_jax.calibration import budget_for_density
 from seer_jax.decode_config import DecodeConfig
 from seer_jax.decode_gate import DECODE_GATE_PARAMS
 from seer_jax.gate import GateConfig, GateParam
@@ -18,9 +20,11 @@ from seer_jax.model import CausalLM
 from seer_jax.seer import SeerConfig, seer_from_base
 from tests.seer_jax.tiny_models import random_module
 from tests.train.tiny import write_docs
-from train.data import LoaderConfig
+from train.data import LoaderConfig, eval_windows
 from train.distill import ADAPTER_DIR, GATE_OPTIMIZER, DistillConfig, distill
-from train.token_corpus import CorpusConfig
+from train.distill_gates import BUDGET_CALIBRATION_WINDOWS, record_budget
+from train.distill_gates import main as distill_gates_main
+from train.token_corpus import CorpusConfig, load_corpus
 from train.trainer import TrainLoopConfig
 
 MODEL_CONFIG = {
@@ -231,3 +235,24 @@ def test_decode_config_errors_name_the_field(data, tmp_path):
         _config(data, tmp_path, steps=4, target="both", decode=DECODE, decode_slice_ratio=1.0)
     with pytest.raises(ValueError, match="seq_len"):
         _config(data, tmp_path, steps=4, seq_len=64, target="decode", decode=dataclasses.replace(DECODE, block_size=64))
+
+
+def test_budget_density_records_a_calibrated_budget(data, straight_run, tmp_path):
+    """--budget-density: the adapter's default selection becomes the budget calibrated on the first distillation
+    windows, recorded with the density the sparse model reaches there (within a block per layer and window)."""
+    model, result, _, _ = straight_run
+    adapter_dir = tmp_path / "adapter"
+    shutil.copytree(result.adapter_dir, adapter_dir)
+    config = _config(data, tmp_path / "run", steps=8)
+    record_budget(config, dataclasses.replace(result, adapter_dir=adapter_dir), 0.4)
+    adapter = read_adapter(adapter_dir)
+    windows = eval_windows(load_corpus(config.corpus), length=512, num_docs=BUDGET_CALIBRATION_WINDOWS)
+    assert adapter.seer_config.selection == budget_for_density(model, jnp.asarray(windows), density=0.4)
+    assert adapter.seer_config.selection.allocation.length == 512
+    one_block = 1 / (4 * 8 * 9 // 2)  # of a window's causal blocks in one layer
+    assert 0.4 - one_block < adapter.prefill_density.density <= 0.4 + 1e-6
+    assert f"{len(windows)} calibration windows of 512 tokens" in adapter.prefill_density.data
+    with pytest.raises(SystemExit):
+        distill_gates_main(
+            ["--model", "m", "--data", "d", "--out", "o", "--target", "decode", "--budget-density", "0.1"]
+        )

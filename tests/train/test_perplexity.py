@@ -1,5 +1,6 @@
 """Perplexity vs. density: the protocol against an independent NLL, sparse-equals-dense at nz_ratio 1, TopK densities,
-the output files, the CLI, config checks, and (testbed) dense PPL against Hugging Face torch."""
+budget rows at their densities, the output files, the CLI, config checks, and (testbed) dense PPL against Hugging
+Face torch."""
 
 import dataclasses
 import gzip
@@ -17,7 +18,8 @@ import transformers
 from flax import nnx
 from tokenizers import Tokenizer
 
-from seer_jax.adapters import save_adapter
+from seer_jax.adapters import attach_gates, read_adapter, save_adapter
+from seer_jax.calibration import budget_for_density
 from seer_jax.checkpoint import load_model
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.seer import SeerCausalLM, SeerConfig, seer_with_abstract_gates
@@ -349,3 +351,55 @@ def test_table_flags_rows_that_cannot_reach_their_nz_ratio():
     assert "0.228 ↑" in next(line for line in lines if line.startswith("| streaming"))
     assert "↑" not in next(line for line in lines if line.startswith("| gate"))
     assert any(line.startswith("↑ the method cannot reach") for line in lines)
+
+
+@pytest.fixture(scope="module")
+def budget_gates_dir(tmp_path_factory, model_dir, gates_dir, data_file) -> Path:
+    """`gates_dir`'s gates with layer 0 dense and a budget allocation calibrated on the evaluation windows."""
+    base, _ = load_model(model_dir)
+    adapter = read_adapter(gates_dir)
+    seer = attach_gates(
+        base, dataclasses.replace(adapter, seer_config=dataclasses.replace(adapter.seer_config, start_layer=1))
+    )
+    tokens = evaluate_windows(model_dir, data_file)
+    directory = tmp_path_factory.mktemp("budget") / "gates"
+    selection = budget_for_density(seer, jax.numpy.asarray(tokens), density=0.3)
+    save_adapter(seer, directory, base_model=str(model_dir), weights="safetensors", selection=selection)
+    return directory
+
+
+def evaluate_windows(model_dir: Path, data_file: Path) -> np.ndarray:
+    """The evaluation's windows ([NUM_DOCS, LENGTH]: BOS + text of the first documents that long)."""
+    tokenizer = load_tokenizer(model_dir)
+    texts = [json.loads(line)["text"] for line in data_file.read_text().splitlines()]
+    encoded = [[tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)] for text in texts]
+    return np.asarray([ids[:LENGTH] for ids in encoded if len(ids) >= LENGTH][:NUM_DOCS], np.int32)
+
+
+def test_gate_budget_rows_reach_their_densities(config, budget_gates_dir, gates_dir):
+    """Budget rows (gate only) share each density by the adapter's allocation and reach it within one block per
+    document (the only sparse layer's share is the whole budget); an adapter without an allocation is an error."""
+    budgets = (0.3, 0.6)
+    budget_config = dataclasses.replace(
+        config,
+        gates=budget_gates_dir,
+        methods=("dense", "gate"),
+        nz_ratios=(),
+        thresholds=(),
+        budgets=budgets,
+        start_layer=None,
+    )
+    result = evaluate(budget_config)
+    one_block = 1 / (TINY_LLAMA["num_attention_heads"] * 8 * 9 // 2)  # of one document's causal blocks
+    for budget in budgets:
+        row = _row(result, "gate", budget)
+        assert row.sparsity == "budget" and row.setting == f"budget {budget:g}"
+        assert row.layer_density[0] == 1.0 and row.density == row.layer_density[1]
+        assert budget - one_block < row.density <= budget + 1e-6
+        assert row.ppl != _row(result, "dense").ppl
+    assert "| gate | budget 0.3 |" in result.to_markdown()
+    with pytest.raises(ValueError, match="records no budget allocation"):
+        evaluate(dataclasses.replace(budget_config, gates=gates_dir))
+    for change in (dict(budgets=(0.0,)), dict(gates=None, methods=None, budgets=(0.1,))):
+        with pytest.raises(ValueError, match="budgets"):
+            dataclasses.replace(budget_config, **change)
