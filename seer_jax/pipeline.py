@@ -58,12 +58,13 @@ def default_attention() -> str:
 
 
 def parse_selection(text: str, default: Selection | None = None) -> Selection:
-    """A selection from "threshold=X" or "nz_ratio=Y", its other fields (last_block_dense) from `default` (None:
-    `Selection()`'s)."""
+    """A selection from "threshold=X", "nz_ratio=Y" or "budget=D", its other fields (last_block_dense, a density
+    budget's per-layer allocation) from `default` (None: `Selection()`'s). A budget without an allocation (the
+    adapter records none) gives every sparse layer the density D."""
     method, sep, value = text.partition("=")
     method = method.strip().replace("-", "_")
-    if not sep or method not in ("threshold", "nz_ratio"):
-        raise ValueError(f"selection {text!r}: expected threshold=X or nz_ratio=Y")
+    if not sep or method not in ("threshold", "nz_ratio", "budget"):
+        raise ValueError(f"selection {text!r}: expected threshold=X, nz_ratio=Y or budget=D")
     try:
         number = float(value)
     except ValueError:
@@ -423,8 +424,8 @@ def load(
         id; None for dense attention.
       decode_gates: an adapter whose decode gates to use (its prefill gates, if any, are left out); with `gates`,
         `gates`' own decode gates are replaced (`seer_jax.adapters.combine_adapters`).
-      selection: how the prefill gates select blocks: a `Selection`, "threshold=X" or "nz_ratio=Y"; None: the
-        adapter's.
+      selection: how the prefill gates select blocks: a `Selection`, "threshold=X", "nz_ratio=Y" or "budget=D";
+        None: the adapter's.
       decode_selection: how the decode gates select blocks: a `DecodeConfig` (the gates' structure unchanged),
         "token_budget=N" or "threshold=X"; None: the adapter's.
       dtype: compute and weight dtype, one of `DTYPES`; None: `default_dtype()`.

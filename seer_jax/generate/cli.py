@@ -2,7 +2,7 @@
 block-sparse decode with SeerAttention-R decode gates).
 
     python -m seer_jax.generate --model MODEL --prompt "def quicksort(xs):" [--gates ADAPTER] [--chat] \
-        [--max-new-tokens 256] [--temperature 0 --top-p 1 --seed 0] [--selection threshold=X | nz_ratio=Y]
+        [--max-new-tokens 256] [--temperature 0 --top-p 1 --seed 0] [--selection threshold=X | nz_ratio=Y | budget=D]
     python -m seer_jax.generate --gates PREFILL_ADAPTER --decode-gates DECODE_ADAPTER \
         [--decode-selection token_budget=N | threshold=X] --prompt "..."
     echo "Why is the sky blue?" | python -m seer_jax.generate --model MODEL --chat
@@ -132,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument(
-        "--selection", help="prefill block selection: threshold=X or nz_ratio=Y (default: the adapter's)"
+        "--selection",
+        help="prefill block selection: threshold=X, nz_ratio=Y or budget=D (mean density; default: the adapter's)",
     )
     parser.add_argument(
         "--decode-selection",

@@ -30,7 +30,13 @@ def test_parse_selection():
     assert parse_selection("nz_ratio=0.25", keeps) == Selection(
         method="nz_ratio", nz_ratio=0.25, threshold=0.01, last_block_dense=True
     )
-    for text, match in [("topk=3", "threshold=X or nz_ratio=Y"), ("threshold=a", "not a number")]:
+    from seer_jax.sparsity import BudgetAllocation
+
+    allocation = BudgetAllocation(densities=(0.1, 1.0), layer_densities=((0.05, 0.15), (1.0, 1.0)), length=256)
+    recorded = Selection(method="budget", budget=0.1, allocation=allocation)
+    assert parse_selection("budget=0.2", recorded) == Selection(method="budget", budget=0.2, allocation=allocation)
+    assert parse_selection("budget=0.2") == Selection(method="budget", budget=0.2)  # no allocation: uniform
+    for text, match in [("topk=3", "threshold=X, nz_ratio=Y or budget=D"), ("threshold=a", "not a number")]:
         with pytest.raises(ValueError, match=match):
             parse_selection(text)
     with pytest.raises(ValueError, match="nz_ratio must be in"):
