@@ -183,4 +183,5 @@ def test_left_padded_batch_that_does_not_split_over_the_batch_axes(sparse_model)
     with jax.set_mesh(mesh):
         got = jax.device_get(_forward_jit(model, tokens, mask))
     for want, have in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
-        np.testing.assert_allclose(have, want, rtol=2e-5, atol=2e-5)
+        # float32 sums split over tensor shards add in another order (as above): a few 1e-5 on logits of size ~3
+        np.testing.assert_allclose(have, want, rtol=2e-5, atol=5e-5)

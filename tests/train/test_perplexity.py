@@ -138,7 +138,8 @@ def test_nz_ratio_one_equals_dense(result, method):
     """Block-sparse attention over every causal block; one forward serves all methods (none consults its source)."""
     row, dense = _row(result, method, 1.0), _row(result, "dense")
     np.testing.assert_allclose(row.doc_nll, dense.doc_nll, rtol=1e-5)
-    assert row.doc_nll != dense.doc_nll  # the block-sparse path ran, not the dense model
+    # the block-sparse path ran (its kernel is reported), not the dense model; its NLLs may equal dense's bit for bit
+    assert result.environment["block_sparse_attention"] == {str(LENGTH): "reference"}
     assert row.doc_nll == _row(result, "oracle", 1.0).doc_nll
     assert row.density == 1.0 and row.layer_density == (1.0, 1.0)
 
