@@ -25,50 +25,34 @@ from seer_jax.model import CausalLM
 from seer_jax.rope import RopeConfig
 
 # Architectures to train from scratch; `vocab_size` and the special tokens come from the tokenizer.
+# The embedded demo's model (`train.demo.model`): a small Llama that trains on the standard-library corpus in about
+# two minutes on 2 CPU cores. Four query heads share two kv heads (G = 2); head_dim 64 like the large Llamas and the
+# kernels' tested shapes (so N·H = 256 > D). Hidden 128 rather than 256: at this budget (~300k tokens) the narrower
+# model is twice as fast per token and reaches a lower loss.
+_DEMO_LLAMA: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "initializer_range": 0.02,
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    # The embedded demo's model (`train.demo.model`): a small Llama that trains on the standard-library corpus in
-    # about two minutes on 2 CPU cores. Four query heads share two kv heads (G = 2); head_dim 64 like the large
-    # Llamas and the kernels' tested shapes (so N·H = 256 > D). Hidden 128 rather than 256: at this budget
-    # (~300k tokens) the narrower model is twice as fast per token and reaches a lower loss.
-    "demo-llama": {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 128,
-        "intermediate_size": 384,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 64,
-        "hidden_act": "silu",
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "initializer_range": 0.02,
-    },
-    # The shipped pretrained model of the embedded default (`train/demo/seer-demo-llama/`, its model card there):
-    # trained once on the H200 on Python source at 2048 tokens, small enough (~2.6M parameters, ~5 MB in bf16) to
-    # ship as package data and to distil gates for on 2 CPU cores in about a minute. Tied embeddings keep it small.
-    "seer-demo-llama": {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 192,
-        "intermediate_size": 512,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 64,
-        "hidden_act": "silu",
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-        "tie_word_embeddings": True,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "initializer_range": 0.02,
-    },
+    "demo-llama": _DEMO_LLAMA,
+    # The shipped pretrained model of the embedded default (`train/demo/seer-demo-llama/`, its model card there): the
+    # demo's architecture, wider, trained once on the H200 on Python source at 2048 tokens; small enough (~2.6M
+    # parameters, ~5 MB in bf16) to ship as package data. Tied embeddings keep it small.
+    "seer-demo-llama": {**_DEMO_LLAMA, "hidden_size": 192, "intermediate_size": 512, "tie_word_embeddings": True},
 }
 
 
