@@ -169,7 +169,7 @@ def test_errors_are_one_line(model_dir, adapter_dir, tmp_path, capsys, monkeypat
     assert "neither seer_adapter.json nor" in failure(
         capsys, "--model", model_dir, "--gates", tmp_path / "not-an-adapter", "--prompt", "x"
     )
-    assert "threshold=X or nz_ratio=Y" in failure(
+    assert "threshold=X, nz_ratio=Y or budget=D" in failure(
         capsys, "--gates", adapter_dir, "--selection", "top=3", "--prompt", "x"
     )
     assert "--selection needs --gates" in failure(
