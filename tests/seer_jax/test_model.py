@@ -115,7 +115,9 @@ def test_long_calls_run_the_mlp_over_sequence_chunks(monkeypatch, batch, length)
             logits, _ = model(tokens)
             return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
 
-        (value, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        # Compiled (a fresh function each call, so each traces with the MLP_TOKEN_CHUNK of its time): op by op the
+        # gradients take a minute on CPU.
+        (value, logits), grads = nnx.jit(lambda model: nnx.value_and_grad(loss, has_aux=True)(model))(model)
         return value, logits, grads
 
     whole_loss, whole, whole_grads = loss_and_grads()
@@ -129,4 +131,4 @@ def test_long_calls_run_the_mlp_over_sequence_chunks(monkeypatch, batch, length)
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(chunked_loss, whole_loss, rtol=1e-6)
     for (path, a), (_, b) in zip(nnx.to_flat_state(whole_grads), nnx.to_flat_state(chunked_grads), strict=True):
-        np.testing.assert_allclose(b.value, a.value, rtol=1e-4, atol=1e-7, err_msg=str(path))
+        np.testing.assert_allclose(b.get_value(), a.get_value(), rtol=1e-4, atol=1e-7, err_msg=str(path))

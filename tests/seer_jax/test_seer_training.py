@@ -33,12 +33,14 @@ def test_every_block_kept_matches_the_dense_model_in_logits_and_gradients():
     def dense_loss(model: CausalLM):
         return _lm_loss(model(tokens)[0], tokens)
 
-    seer_value, seer_grads = nnx.value_and_grad(seer_loss, argnums=nnx.DiffState(0, BASE_PARAMS))(seer)
-    dense_value, dense_grads = nnx.value_and_grad(dense_loss)(base_model())
+    # Compiled: op by op each gradient takes most of a minute on CPU.
+    seer_value, seer_grads = nnx.jit(nnx.value_and_grad(seer_loss, argnums=nnx.DiffState(0, BASE_PARAMS)))(seer)
+    dense_value, dense_grads = nnx.jit(nnx.value_and_grad(dense_loss))(base_model())
     np.testing.assert_allclose(seer_value, dense_value, rtol=1e-5)
     seer_flat = dict(nnx.to_flat_state(seer_grads))
     for path, grad in nnx.to_flat_state(dense_grads):
-        np.testing.assert_allclose(seer_flat[path].get_value(), grad.get_value(), rtol=2e-4, atol=1e-7)
+        want = grad.get_value()  # atol scaled as tests/train/test_sharded_training.py: fused sums round differently
+        np.testing.assert_allclose(seer_flat[path].get_value(), want, rtol=2e-4, atol=1e-5 * np.abs(want).max())
 
 
 def training_loss(model, tokens, remat=False):
@@ -55,7 +57,7 @@ def test_remat_gives_the_same_loss_and_gradients():
     tokens = jnp.asarray(random_tokens(6, 2, LENGTH))
     seer = seer_model(SeerConfig(gate=GATE, selection=Selection(nz_ratio=0.5)))
 
-    grad_fn = nnx.value_and_grad(training_loss, argnums=nnx.DiffState(0, nnx.Param))
+    grad_fn = nnx.jit(nnx.value_and_grad(training_loss, argnums=nnx.DiffState(0, nnx.Param)), static_argnums=2)
     value, grads = grad_fn(seer, tokens, False)
     remat_value, remat_grads = grad_fn(seer, tokens, True)
     assert np.isfinite(value)

@@ -86,7 +86,8 @@ def _loss_and_grads(model, loss_fn, trainable, tokens):
     return jax.device_get(run(params, frozen, tokens))
 
 
-@pytest.mark.parametrize("mesh_text", ["tensor=2", "fsdp=2,tensor=2", "data=2,fsdp=2,tensor=2"])
+# Tensor parallelism alone, and every axis at once (fsdp without data adds no collective the full mesh lacks).
+@pytest.mark.parametrize("mesh_text", ["tensor=2", "data=2,fsdp=2,tensor=2"])
 @pytest.mark.parametrize("loss_name", sorted(LOSSES))
 def test_loss_and_gradients_match_the_unsharded_step(loss_name, mesh_text):
     build, loss_fn, trainable = LOSSES[loss_name]
