@@ -301,8 +301,10 @@ def test_dense_layers_fuse_attention_and_target_with_dense_gradients():
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
     base_weights = nnx.All(nnx.Param, nnx.Not(GateParam))
-    fused_loss, fused = nnx.value_and_grad(lambda m: loss(m, ("target",)), argnums=nnx.DiffState(0, base_weights))(seer)
-    plain_loss, plain = nnx.value_and_grad(lambda m: loss(m, ()), argnums=nnx.DiffState(0, base_weights))(seer)
+    fused_loss, fused = nnx.jit(  # compiled: op by op the gradients take most of a minute on CPU
+        nnx.value_and_grad(lambda m: loss(m, ("target",)), argnums=nnx.DiffState(0, base_weights))
+    )(seer)
+    plain_loss, plain = nnx.jit(nnx.value_and_grad(lambda m: loss(m, ()), argnums=nnx.DiffState(0, base_weights)))(seer)
     np.testing.assert_allclose(fused_loss, plain_loss, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
