@@ -73,8 +73,12 @@ class SeerConfig:
             raise ValueError(f"decode must be a DecodeConfig or None, got {type(self.decode).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (`from_dict` reads it back)."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict (`from_dict` reads it back). `selection.force_sink` is written only when set, so that
+        adapters not using it stay readable by versions from before it."""
+        data = dataclasses.asdict(self)
+        if not self.selection.force_sink:
+            del data["selection"]["force_sink"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SeerConfig":

@@ -14,8 +14,10 @@ SeerAttention (docs/design.md §3) scores every 64×64 (query block i, key block
     diagonal plus the off-diagonal blocks of highest softmax probability over all heads and query-block rows of
     each batch row, so heads and rows the gate is unsure about get more blocks, and every layer reaches its share
     on any input. Without an allocation every sparse layer keeps the same fraction.
-All optionally keep each row's last two real query-block rows dense (`last_block_dense`) and drop blocks above
-the diagonal.
+All optionally keep each row's first key block, the attention sink, in every query-block row (`force_sink`: models
+such as SmolLM2 put most rows' largest weight on it), and each row's last two real query-block rows dense
+(`last_block_dense`), and drop blocks above the diagonal. Forced blocks count against a `budget`; under `nz_ratio`
+and `threshold` they come on top.
 
 Unlike the reference implementation, the diagonal block is always kept, so no row is ever empty: the official
 code can select nothing in a row under `threshold` and its kernel then divides 0 by 0 (docs/design.md §6.1).
@@ -101,6 +103,7 @@ class Selection:
       threshold: probability threshold for "threshold", in [0, 1); 0 keeps every causal block.
       budget: target mean causal block density of the sparse layers for "budget", in (0, 1]; 1 keeps every block.
       allocation: "budget" only: each layer's share (`BudgetAllocation`), or None: every sparse layer keeps `budget`.
+      force_sink: keep key block 0 (each row's first real tokens, the attention sink) in every query-block row.
       last_block_dense: keep the last two query-block rows fully dense.
     """
 
@@ -109,6 +112,7 @@ class Selection:
     threshold: float = 0.0
     budget: float = 1.0
     allocation: BudgetAllocation | None = None
+    force_sink: bool = False
     last_block_dense: bool = False
 
     def __post_init__(self):
@@ -179,25 +183,32 @@ def select_blocks(scores: jax.Array, selection: Selection, lengths: jax.Array | 
     elif selection.method == "threshold":
         mask = masked_softmax(scores) > selection.threshold
     else:
-        mask = _budget_mask(scores, selection.budget, lengths)
-    rows = jnp.arange(num_q_blocks)[:, None]  # [I, 1]
-    forced = rows == jnp.arange(num_kv_blocks)[None, :]  # [I, J] the diagonal: never an empty row
+        mask = _budget_mask(scores, selection.budget, lengths, selection.force_sink)
+    forced = _forced_blocks(num_q_blocks, num_kv_blocks, selection.force_sink)  # [I, J]
     if selection.last_block_dense:
         forced = forced | _last_real_rows(num_q_blocks, scores.shape[0], lengths)[:, None, :, None]  # [B, 1, I, J]
     return (mask | forced) & causal
 
 
-def _budget_mask(scores: jax.Array, budget: float, lengths: jax.Array | None) -> jax.Array:
-    """bool [B, N, I, J]: per batch row, the off-diagonal causal blocks of its real query-block rows with the
-    highest softmax probability over their row, pooled over heads, as many as keep ⌊budget · causal blocks⌋ with
-    the diagonal (never fewer than none). Ties go to the lower (head, row, block) index."""
+def _forced_blocks(num_q_blocks: int, num_kv_blocks: int, force_sink: bool) -> jax.Array:
+    """bool [I, J]: the blocks every selection keeps: the diagonal (never an empty row), and key block 0 with
+    `force_sink` (above the diagonal too: callers drop those)."""
+    forced = jnp.arange(num_q_blocks)[:, None] == jnp.arange(num_kv_blocks)[None, :]
+    return forced | (force_sink & (jnp.arange(num_kv_blocks)[None, :] == 0))
+
+
+def _budget_mask(scores: jax.Array, budget: float, lengths: jax.Array | None, force_sink: bool = False) -> jax.Array:
+    """bool [B, N, I, J]: per batch row, the unforced causal blocks of its real query-block rows with the highest
+    softmax probability over their row, pooled over heads, as many as keep ⌊budget · causal blocks⌋ with the forced
+    ones (the diagonal, and the sink with `force_sink`; never fewer than none). Ties go to the lower (head, row,
+    block) index."""
     batch, num_heads, num_q_blocks, num_kv_blocks = scores.shape
     real_rows = _real_rows(num_q_blocks, batch, lengths)  # [B, I]
     causal = causal_block_mask(num_q_blocks, num_kv_blocks)  # [I, J]
-    off_diagonal = causal & (jnp.arange(num_q_blocks)[:, None] != jnp.arange(num_kv_blocks)[None, :])  # [I, J]
-    candidates = jnp.broadcast_to(real_rows[:, None, :, None] & off_diagonal, scores.shape)  # [B, N, I, J]
+    forced_blocks = _forced_blocks(num_q_blocks, num_kv_blocks, force_sink) & causal  # [I, J]
+    candidates = jnp.broadcast_to(real_rows[:, None, :, None] & causal & ~forced_blocks, scores.shape)  # [B, N, I, J]
     counted = num_heads * jnp.sum(real_rows[:, :, None] & causal, axis=(1, 2))  # [B]
-    forced = num_heads * jnp.sum(real_rows, axis=1)  # [B]
+    forced = num_heads * jnp.sum(real_rows[:, :, None] & forced_blocks, axis=(1, 2))  # [B]
     # The small margin keeps a budget that is an exact fraction of the blocks (as calibrated) from rounding down.
     keep = jnp.maximum(jnp.floor(budget * counted.astype(jnp.float32) + 1e-3).astype(jnp.int32) - forced, 0)  # [B]
     probabilities = jnp.where(candidates, masked_softmax(scores), -1.0).reshape(batch, -1)  # [B, N·I·J]

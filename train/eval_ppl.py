@@ -2,7 +2,7 @@
 
     python -m train.eval_ppl --model DIR [--gates DIR] --data PATHS... --out DIR
         [--mode prefill|decode] [--lengths 2048 8192] [--num-docs 16]
-        [--nz-ratios 0.5 0.4 0.3 0.2 0.1] [--thresholds ...] [--budgets ...]           (prefill mode)
+        [--nz-ratios 0.5 0.4 0.3 0.2 0.1] [--thresholds ...] [--budgets ...] [--force-sink]  (prefill mode)
         [--continuation 2048] [--decode-budgets 256 512 1024 2048 5% 10% 25%]
         [--decode-prefill nz_ratio=X | threshold=Y] [--decode-chunk 256]              (decode mode)
         [--methods dense gate oracle quest streaming random] [--batch-size 4] [--dtype bfloat16|float32]
@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="first sparse layer (decode mode: first sparse decode layer); default: the adapter's, else 0",
     )
+    parser.add_argument(
+        "--force-sink",
+        action="store_true",
+        help="prefill mode: every sparse row also keeps key block 0 (the attention sink) in every query-block row",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the 'random' source (default: %(default)s)")
     parser.add_argument(
         "--batch-size", type=int, default=4, help="documents per forward (decode: per scan) (default: %(default)s)"
@@ -158,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             data=tuple(args.data),
             gates=args.gates and resolve_model_path(args.gates, flag="--gates"),
             allow_other_base=args.allow_other_base,
+            force_sink=args.force_sink,
             tokenizer_dir=None
             if args.tokenizer_dir is None
             else resolve_model_path(args.tokenizer_dir, flag="--tokenizer-dir"),

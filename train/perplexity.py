@@ -111,6 +111,8 @@ class EvalConfig:
       decode_prefill: decode mode: also run the gate's budgets and dense decoding after a block-sparse prefill with
         the adapter's prefill gates under this selection (prefill gates + decode gates); None: dense prefill only.
       decode_chunk: decode mode: decode steps per compiled call (the progress bar moves once per call).
+      force_sink: prefill mode: every sparse row also keeps key block 0, the attention sink, in every query-block
+        row (`Selection.force_sink`; counted against a budget, on top of nz_ratio and threshold).
       methods: the methods to run, in order; None means all, with "gate" only when `gates` is given (and, in decode
         mode, holds decode gates).
       start_layer: layers below it stay dense (decode mode: decode densely); None means the adapter's start_layer
@@ -141,6 +143,7 @@ class EvalConfig:
     decode_budgets: tuple[DecodeBudget, ...] = DEFAULT_BUDGETS
     decode_prefill: Selection | None = None
     decode_chunk: int = 256
+    force_sink: bool = False
     methods: tuple[str, ...] | None = None
     start_layer: int | None = None
     seed: int = 0
@@ -182,6 +185,8 @@ class EvalConfig:
                 raise ValueError(f"methods: need distinct methods from {METHODS}, got {self.methods}")
             if "gate" in self.methods and self.gates is None:
                 raise ValueError("methods: 'gate' needs gates (an adapter directory)")
+        if self.force_sink and self.mode != "prefill":
+            raise ValueError("force_sink: applies to prefill mode (decode configs carry their own force_sink)")
         if self.mode == "prefill":
             for field in ("thresholds", "budgets"):
                 if getattr(self, field) and "gate" not in self.methods_to_run:
@@ -305,18 +310,18 @@ def _settings(config: EvalConfig, allocation: BudgetAllocation | None = None) ->
     """The (method, selection) pairs `evaluate` runs, in order: dense, then each method's nz_ratios, thresholds,
     budgets (shared among layers by `allocation`)."""
     settings = []
+    forced = dict(force_sink=config.force_sink, last_block_dense=False)
     for method in config.methods_to_run:
         if method == "dense":
             settings.append(Setting("dense"))
             continue
         for ratio in config.nz_ratios:
-            settings.append(Setting(method, Selection(method="nz_ratio", nz_ratio=ratio, last_block_dense=False)))
+            settings.append(Setting(method, Selection(method="nz_ratio", nz_ratio=ratio, **forced)))
         if method == "gate":
             for threshold in config.thresholds:
-                selection = Selection(method="threshold", threshold=threshold, last_block_dense=False)
-                settings.append(Setting(method, selection))
+                settings.append(Setting(method, Selection(method="threshold", threshold=threshold, **forced)))
             for budget in config.budgets:
-                selection = Selection(method="budget", budget=budget, allocation=allocation, last_block_dense=False)
+                selection = Selection(method="budget", budget=budget, allocation=allocation, **forced)
                 settings.append(Setting(method, selection))
     return settings
 

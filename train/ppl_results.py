@@ -206,7 +206,8 @@ class EvalResult:
         else:
             caption = (
                 f"Perplexity vs. causal block density — {self.title}; documents: {docs}; "
-                f"{self.config.get('dtype')}, last_block_dense=False."
+                f"{self.config.get('dtype')}, last_block_dense=False"
+                f"{', the sink block kept in every row' if self.config.get('force_sink') else ''}."
             )
         note = ""
         if missed:

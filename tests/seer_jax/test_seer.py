@@ -239,6 +239,10 @@ def test_seer_config_dict_round_trip():
         source="oracle",
     )
     assert SeerConfig.from_dict(config.to_dict()) == config
+    assert "force_sink" not in config.to_dict()["selection"]  # readable by versions from before the field
+    with_sink = dataclasses.replace(config, selection=dataclasses.replace(config.selection, force_sink=True))
+    assert with_sink.to_dict()["selection"]["force_sink"] is True
+    assert SeerConfig.from_dict(with_sink.to_dict()) == with_sink
     with pytest.raises(ValueError, match=r"seer_config.selection has unknown keys \['topk'\]"):
         SeerConfig.from_dict({"selection": {"topk": 3}})
 

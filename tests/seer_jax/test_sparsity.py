@@ -1,6 +1,7 @@
 """Block selection: TopK density, threshold monotonicity, the budget's per-layer order statistic, no empty rows,
 dense limits."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -156,10 +157,10 @@ def test_block_density_counts_real_rows_only():
     np.testing.assert_allclose(block_density(jnp.asarray(mask)), [(4 + 7) / 20])
 
 
-def _budget_reference(scores: np.ndarray, budget: float, lengths: np.ndarray) -> np.ndarray:
-    """numpy: per batch row, the diagonal of real rows plus the ⌊budget · causal blocks⌋ − diagonal off-diagonal
-    causal blocks of real rows with the highest row-softmax probability over all heads (stable: lower (n, i, j)
-    first)."""
+def _budget_reference(scores: np.ndarray, budget: float, lengths: np.ndarray, force_sink: bool = False) -> np.ndarray:
+    """numpy: per batch row, the forced blocks of real rows (the diagonal; with `force_sink` also column 0) plus the
+    ⌊budget · causal blocks⌋ − forced other causal blocks of real rows with the highest row-softmax probability over
+    all heads (stable: lower (n, i, j) first)."""
     batch, heads, rows, cols = scores.shape
     causal = np.tril(np.ones((rows, cols), bool))
     mask = np.zeros(scores.shape, bool)
@@ -168,13 +169,14 @@ def _budget_reference(scores: np.ndarray, budget: float, lengths: np.ndarray) ->
         logits = np.where(causal, scores[b].astype(np.float64), -np.inf)
         probabilities = np.exp(logits - logits.max(-1, keepdims=True))
         probabilities /= probabilities.sum(-1, keepdims=True)  # [N, I, J]
-        candidates = np.broadcast_to(real[:, None] & causal & ~np.eye(rows, cols, dtype=bool), probabilities.shape)
-        counted, forced = heads * np.sum(real[:, None] & causal), heads * np.sum(real)
+        forced_blocks = np.eye(rows, cols, dtype=bool) | (force_sink & (np.arange(cols)[None, :] == 0))
+        candidates = np.broadcast_to(real[:, None] & causal & ~forced_blocks, probabilities.shape)
+        counted, forced = heads * np.sum(real[:, None] & causal), heads * np.sum(real[:, None] & forced_blocks)
         keep = max(int(np.floor(budget * counted + 1e-3)) - forced, 0)
         flat = np.where(candidates, probabilities, -1.0).ravel()
         chosen = np.argsort(-flat, kind="stable")[:keep]
         mask[b].reshape(-1)[chosen] = True
-        mask[b, :, np.arange(rows), np.arange(rows)] = real[None, :].repeat(heads, 0).T  # the diagonal of real rows
+        mask[b] |= real[None, :, None] & forced_blocks & causal  # the forced blocks of real rows
     return mask
 
 
@@ -195,6 +197,32 @@ def test_budget_keeps_the_most_probable_blocks_over_heads_and_rows(budget):
         assert single.mean() == pytest.approx(max(np.floor(budget * counted + 1e-3), 3 * rows) / counted, abs=1e-6)
     if budget > 12 / 78:  # above the diagonal's share: heads and rows keep different numbers of blocks
         assert np.ptp(mask[0].sum(-1)[:, 6:]) > 0 and np.ptp(mask[0].sum((-1, -2))) > 0
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.7])  # above the diagonal's and the sink's share (23/78, 13/28)
+def test_budget_with_the_sink_counts_it_against_the_budget(budget):
+    """With `force_sink` the sink column is kept in every real row and counts against the budget: the same density
+    as without it, fewer blocks chosen by probability."""
+    scores = _random_scores(11, (2, 3, 12, 12))
+    lengths = jnp.asarray([12 * 64, 7 * 64 - 30])
+    mask = np.asarray(select_blocks(scores, Selection(method="budget", budget=budget, force_sink=True), lengths))
+    expected = _budget_reference(np.asarray(scores), budget, np.asarray(lengths), force_sink=True)
+    real = np.arange(12)[None, :] * 64 < np.asarray(lengths)[:, None]  # [B, I]
+    np.testing.assert_array_equal(mask & real[:, None, :, None], expected)
+    assert (mask[..., 0] | ~real[:, None, :]).all()  # the sink in every real row
+    plain = select_blocks(scores, Selection(method="budget", budget=budget), lengths)
+    density = np.mean(block_density(jnp.asarray(mask), lengths))  # per head it differs: the budget pools heads
+    assert density == pytest.approx(float(np.mean(block_density(plain, lengths))), abs=1e-6)
+    assert not np.array_equal(mask, np.asarray(plain))
+
+
+@pytest.mark.parametrize("selection", [Selection(nz_ratio=0.1), Selection(method="threshold", threshold=0.2)])
+def test_the_sink_comes_on_top_of_topk_and_threshold(selection):
+    scores = _random_scores(12, (2, 3, 20, 20))
+    plain = np.asarray(select_blocks(scores, selection))
+    with_sink = np.asarray(select_blocks(scores, dataclasses.replace(selection, force_sink=True)))
+    np.testing.assert_array_equal(with_sink, plain | (np.arange(20)[None, :] == 0))  # column 0, causal everywhere
+    assert (with_sink != plain).any()
 
 
 ALLOCATION = BudgetAllocation(

@@ -404,3 +404,18 @@ def test_gate_budget_rows_reach_their_densities(config, budget_gates_dir, gates_
     for change in (dict(budgets=(0.0,)), dict(gates=None, methods=None, budgets=(0.1,))):
         with pytest.raises(ValueError, match="budgets"):
             dataclasses.replace(budget_config, **change)
+
+
+def test_force_sink_keeps_block_zero_in_every_sparse_row(config, result, tmp_path):
+    """StreamingLLM keeps the sink already: its row is unchanged. The gate's TopK gains the sink on top of its
+    blocks: denser, and a different PPL. The caption says so; decode mode refuses the prefill flag."""
+    with_sink = evaluate(
+        dataclasses.replace(config, methods=("streaming", "gate"), nz_ratios=(0.5,), thresholds=(), force_sink=True)
+    )
+    streaming, gate = _row(with_sink, "streaming", 0.5), _row(with_sink, "gate", 0.5)
+    np.testing.assert_allclose(streaming.doc_nll, _row(result, "streaming", 0.5).doc_nll, rtol=1e-6)
+    assert streaming.density == _row(result, "streaming", 0.5).density
+    assert gate.density > _row(result, "gate", 0.5).density and gate.ppl != _row(result, "gate", 0.5).ppl
+    assert "the sink block kept in every row" in with_sink.to_markdown()
+    with pytest.raises(ValueError, match="force_sink"):
+        dataclasses.replace(config, mode="decode", lengths=(LENGTH,), continuation=64, force_sink=True)
