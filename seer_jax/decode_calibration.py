@@ -48,6 +48,7 @@ from flax import nnx
 from seer_jax.decode_config import DECODE_ALLOCATION_RULES, DecodeAllocation, DecodeConfig
 from seer_jax.decode_target import training_logits
 from seer_jax.forwards import decode_distillation_inputs
+from seer_jax.multihost import to_host
 from seer_jax.seer import SeerCausalLM, seer_with_abstract_gates
 from seer_jax.sparsity import Selection
 
@@ -177,10 +178,10 @@ def decode_allocation(
     for row in range(tokens.shape[0]):
         mask = None if attention_mask is None else attention_mask[row : row + 1]
         row_keys, counted = _layer_keys(dense, tokens[row : row + 1], mask, rule=rule, scored_from=scored_from)
-        positions = np.flatnonzero(np.asarray(counted)[0])  # row-aligned t of the counted tokens
+        positions = np.flatnonzero(to_host(counted)[0])  # row-aligned t of the counted tokens
         row_blocks += model.config.num_kv_heads * float(np.sum(positions + 1)) / decode.block_size
         for layer, layer_keys in enumerate(row_keys):
-            layer_keys = np.asarray(layer_keys)
+            layer_keys = to_host(layer_keys)  # gathered when sharded over other processes' devices
             keys[layer].append(layer_keys[np.isfinite(layer_keys)])
     if row_blocks == 0:
         raise ValueError(f"no row to calibrate on: rows need more than {decode.block_size} tokens (one decode block)")
