@@ -16,7 +16,8 @@ without decode gates (dense decode).
 
 This project's format, a directory written by `save_adapter`:
 
-    seer_adapter.json    {"format": 1 (2 when the selection is a "budget": older readers refuse it by number),
+    seer_adapter.json    {"format": 1 (2 when the selection is a "budget", 3 when the decode config holds a
+                          per-layer allocation: older readers refuse them by number),
                           "base_model": <HF id, or the base directory's absolute path>,
                           "base_model_relative": <that directory relative to the adapter's; only for a directory>,
                           "seer_config": SeerConfig.to_dict(), the default selection included,
@@ -37,7 +38,8 @@ Default selection. An adapter's `seer_config.selection` (prefill) and `seer_conf
 model's own, except that a prefill selection keeping every block (distillation runs dense) is recorded as
 `DEFAULT_SELECTION`; with `prefill_density` / `decode_density` it records the density that selection reached and
 on what data (`MeasuredDensity`). `record_selection` replaces the default prefill selection (and its density) of an
-existing adapter, e.g. with a calibrated budget (`seer_jax.calibration.budget_for_density`).
+existing adapter, e.g. with a calibrated budget (`seer_jax.calibration.budget_for_density`), and/or its decode
+config, e.g. with a calibrated per-layer decode allocation (`seer_jax.decode_calibration.decode_allocation`).
 
 Base model. `base_model` is recorded as given when it is not a local directory (a hub id), else as the directory's
 absolute path plus its path relative to the adapter; `read_adapter` returns the first of those that exists, so an
@@ -93,7 +95,10 @@ FORMAT_VERSION = 1
 # Format 2 is format 1 whose prefill selection may be a "budget" with a per-layer allocation, which format-1
 # readers cannot read; adapters without one are still written as format 1.
 BUDGET_FORMAT_VERSION = 2
-READABLE_FORMATS = (FORMAT_VERSION, BUDGET_FORMAT_VERSION)
+# Format 3 is format 2 whose decode config may hold a per-layer allocation (`DecodeAllocation`), which format-2
+# readers cannot read; written only when it does.
+DECODE_ALLOCATION_FORMAT_VERSION = 3
+READABLE_FORMATS = (FORMAT_VERSION, BUDGET_FORMAT_VERSION, DECODE_ALLOCATION_FORMAT_VERSION)
 WeightsFormat = Literal["orbax", "safetensors"]
 # The prefill selection an adapter records when the model it is saved from keeps every block (and no selection is
 # given): TopK at nz_ratio 0.3 reaches ≈ 30% of the causal blocks by construction (docs/design.md §3) whatever the
@@ -262,34 +267,57 @@ def save_adapter(
 
 
 def _format_version(seer_config: SeerConfig) -> int:
+    if seer_config.decode is not None and seer_config.decode.allocation is not None:
+        return DECODE_ALLOCATION_FORMAT_VERSION
     return BUDGET_FORMAT_VERSION if seer_config.selection.method == "budget" else FORMAT_VERSION
 
 
 def record_selection(
-    directory: str | Path, selection: Selection, *, prefill_density: MeasuredDensity | None = None
+    directory: str | Path,
+    selection: Selection | None = None,
+    *,
+    decode: DecodeConfig | None = None,
+    prefill_density: MeasuredDensity | None = None,
+    decode_density: MeasuredDensity | None = None,
 ) -> None:
-    """Makes `selection` the default prefill selection of the adapter in `directory` (this project's format), with
-    the density it reached (or none recorded); the weights are untouched. The marker file is replaced atomically.
-    In a multi-process job every process calls this; process 0 writes."""
+    """Makes `selection` the default prefill selection and/or `decode` the decode config of the adapter in
+    `directory` (this project's format), each with the density it reached (or none recorded; a replaced selection's
+    old density is dropped); the weights are untouched. `decode` must keep the decode gates' structure
+    (`with_decode_selection`). The marker file is replaced atomically. In a multi-process job every process calls
+    this; process 0 writes."""
+    if selection is None and decode is None:
+        raise ValueError("record_selection needs a prefill selection, a decode config or both")
     path = Path(directory) / ADAPTER_FILE
     adapter = read_adapter(directory)  # checks the adapter is complete and ours
     if not path.is_file():
         raise CheckpointError(f"{directory} is not in this project's format; save it with save_adapter first")
-    seer_config = dataclasses.replace(adapter.seer_config, selection=selection)  # validates it against the gates
-    if seer_config.gate is None:
-        raise ValueError(f"{directory} has no prefill gates: there is no prefill selection to record")
+    seer_config = adapter.seer_config
     # Tensor names hold the layer index (module docstring): model.layers.{L}.self_attn.attn_gate.…
-    num_layers = 1 + max(int(name.split(".")[2]) for name in adapter.tensors if "mask_linear_k" in name)
-    if selection.allocation is not None and selection.allocation.num_layers != num_layers:
-        raise ValueError(
-            f"the budget allocation covers {selection.allocation.num_layers} layers, the adapter's gates {num_layers}"
-        )
+    num_layers = 1 + max(int(name.split(".")[2]) for name in adapter.tensors)
+    if selection is not None:
+        seer_config = dataclasses.replace(seer_config, selection=selection)  # validates it against the gates
+        if seer_config.gate is None:
+            raise ValueError(f"{directory} has no prefill gates: there is no prefill selection to record")
+        if selection.allocation is not None and selection.allocation.num_layers != num_layers:
+            raise ValueError(
+                f"the budget allocation covers {selection.allocation.num_layers} layers, the adapter's gates "
+                f"{num_layers}"
+            )
+    if decode is not None:
+        seer_config = with_decode_selection(seer_config, decode)
+        if decode.allocation is not None and decode.allocation.num_layers != num_layers:
+            raise ValueError(
+                f"the decode allocation covers {decode.allocation.num_layers} layers, the adapter's gates {num_layers}"
+            )
     marker = json.loads(path.read_text())
     marker["format"] = _format_version(seer_config)
     marker["seer_config"] = seer_config.to_dict()
-    measured = {k: v for k, v in marker.get("measured_density", {}).items() if k != "prefill"}
-    if prefill_density is not None:
-        measured["prefill"] = dataclasses.asdict(prefill_density)
+    measured = marker.get("measured_density", {})
+    for kind, given, density in (("prefill", selection, prefill_density), ("decode", decode, decode_density)):
+        if given is not None:
+            measured.pop(kind, None)
+            if density is not None:
+                measured[kind] = dataclasses.asdict(density)
     marker["measured_density"] = measured
     if is_primary():
         staging = path.with_name(f".{ADAPTER_FILE}.tmp")
@@ -475,8 +503,8 @@ def attach_gates(
     """A `SeerCausalLM` with `base`'s weights (shared, not copied) and the adapter's gates, cast to the base dtype.
 
     selection: how the prefill gates' scores become blocks; None keeps the adapter's (`adapter.seer_config.selection`).
-    decode: the decode config to decode with (token budget, threshold, ...); None keeps the adapter's. Its gate
-      fields must be the adapter's (`with_decode_selection`).
+    decode: the decode config to decode with (token budget, threshold, ..., with its per-layer allocation or none);
+      None keeps the adapter's. Its gate fields must be the adapter's (`with_decode_selection`).
 
     Raises `CheckpointError` naming the tensors when some are missing, unexpected (another layer count, another
     kind of gate than the seer_config says) or of the wrong shape (another head count, head_dim, gate type or hidden
@@ -498,6 +526,12 @@ def attach_gates(
         raise ValueError(
             f"the budget allocation covers {allocation.num_layers} layers, the model has {base.config.num_layers}; "
             "calibrate it for this model (seer_jax.calibration.budget_for_density)"
+        )
+    decode_allocation = None if seer_config.decode is None else seer_config.decode.allocation
+    if decode_allocation is not None and decode_allocation.num_layers != base.config.num_layers:
+        raise ValueError(
+            f"the decode allocation covers {decode_allocation.num_layers} layers, the model has "
+            f"{base.config.num_layers}; calibrate it for this model (seer_jax.decode_calibration.decode_allocation)"
         )
     seer = seer_with_abstract_gates(base, seer_config)
     graphdef, gates, rest = nnx.split(seer, GateParam, ...)

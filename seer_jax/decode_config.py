@@ -2,11 +2,18 @@
 
 Stored in `SeerConfig.decode` (None: decode steps are dense). The official config key of each field is given in
 parentheses (docs/design.md §8); fields without one are this project's (docs/design.md, "Sparse decoding").
+
+A budget (token budget or context fraction) is the same in every sparse layer unless the config carries a
+`DecodeAllocation`: each layer's context fraction at calibration points (`seer_jax.decode_calibration`), from which
+`DecodeConfig.for_layer` gives the budget one layer selects with.
 """
 
 import dataclasses
+import math
 import re
 from typing import Literal
+
+import numpy as np
 
 from seer_jax.gate import POOLING_OPS
 
@@ -17,6 +24,63 @@ DECODE_METHODS: tuple[str, ...] = ("token_budget", "context_fraction", "threshol
 DECODE_SOURCE_NAMES: tuple[str, ...] = ("gate", "oracle", "quest", "streaming", "random")
 RANKING_DECODE_SOURCES = ("streaming", "random")  # scores that are rankings, not logits: budget methods only
 _K_POOLING = re.compile(r"K(?P<ops>(?:max|min|avg)+)")
+# How a decode allocation's shares were measured (`seer_jax.decode_calibration`): which order fills the rows.
+DECODE_ALLOCATION_RULES: tuple[str, ...] = ("recall", "coverage")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeAllocation:
+    """How a decode budget is shared among layers: each layer's context fraction at calibration points, measured by
+    `seer_jax.decode_calibration.decode_allocation` (one global order over every sparse layer's candidate blocks of
+    a batch of distillation data) and interpolated linearly in between.
+
+    Attributes:
+      fractions: P calibration points, strictly increasing in (0, 1]: the mean context fraction over the sparse
+        layers (`DecodeConfig.context_fraction`'s meaning: a row of n tokens picks floor(f · n / block_size) blocks
+        by top-k, forced blocks on top).
+      layer_fractions: P tuples of L floats in [0, 1]: each layer's context fraction at that point (1 for layers
+        below the decode `start_layer` it was calibrated with); the mean over the sparse layers of each tuple is that
+        point's fraction up to one block, so interpolating keeps the mean.
+      length: the tokens per row of the calibration batch (a token budget is read as a fraction of it).
+      rule: how the shares were measured, one of `DECODE_ALLOCATION_RULES` (for labels; None: not recorded).
+    """
+
+    fractions: tuple[float, ...]
+    layer_fractions: tuple[tuple[float, ...], ...]
+    length: int
+    rule: str | None = None
+
+    def __post_init__(self):
+        # JSON gives lists; a DecodeConfig is a static jit argument, so everything it holds must hash.
+        object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
+        object.__setattr__(self, "layer_fractions", tuple(tuple(float(f) for f in p) for p in self.layer_fractions))
+        if not self.fractions or len(self.layer_fractions) != len(self.fractions):
+            raise ValueError(
+                f"fractions and layer_fractions need one entry per calibration point, got {len(self.fractions)} and "
+                f"{len(self.layer_fractions)}"
+            )
+        if any(not 0.0 < f <= 1.0 for f in self.fractions) or any(np.diff(self.fractions) <= 0):
+            raise ValueError(f"fractions must increase strictly in (0, 1], got {self.fractions}")
+        if len({len(point) for point in self.layer_fractions}) != 1 or not self.layer_fractions[0]:
+            raise ValueError("layer_fractions must hold the same number (>= 1) of layers at every point")
+        if any(not 0.0 <= f <= 1.0 for point in self.layer_fractions for f in point):
+            raise ValueError("layer_fractions must be in [0, 1]")
+        if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 1:
+            raise ValueError(f"length must be a positive int, got {self.length!r}")
+        if self.rule is not None and self.rule not in DECODE_ALLOCATION_RULES:
+            raise ValueError(f"rule must be one of {DECODE_ALLOCATION_RULES} or None, got {self.rule!r}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_fractions[0])
+
+    def layer_fractions_at(self, fraction: float) -> tuple[float, ...]:
+        """Each layer's context fraction at mean fraction `fraction`, interpolated between the calibration points;
+        below the first the fractions scale with `fraction` (0 at 0)."""
+        points = np.asarray(self.layer_fractions)  # [P, L]
+        if fraction < self.fractions[0]:
+            return tuple(float(f) for f in points[0] * fraction / self.fractions[0])
+        return tuple(float(np.interp(fraction, self.fractions, points[:, layer])) for layer in range(points.shape[1]))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +117,8 @@ class DecodeConfig:
       sliding_window: always attend the blocks holding the row's last `sliding_window` tokens; 0 for none
         (`seerattn_sliding_window_size`, dead in the official code).
       start_layer: layers with a smaller index decode densely (`seerattn_start_layer`).
+      allocation: "token_budget" and "context_fraction" only: each layer's share of the budget
+        (`DecodeAllocation`, `for_layer`), or None: every sparse layer selects with the same budget.
     The block of the current token is always attended.
     """
 
@@ -71,6 +137,7 @@ class DecodeConfig:
     force_sink: bool = True
     sliding_window: int = 0
     start_layer: int = 0
+    allocation: DecodeAllocation | None = None
 
     def __post_init__(self):
         if self.q_head_pooling not in Q_HEAD_POOLINGS:
@@ -105,6 +172,14 @@ class DecodeConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.threshold, int | float) or not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold!r}")
+        if self.allocation is not None:
+            if not isinstance(self.allocation, DecodeAllocation):
+                raise ValueError(f"allocation must be a DecodeAllocation or None, got {type(self.allocation).__name__}")
+            if self.method == "threshold":
+                raise ValueError(
+                    "allocation shares a budget among layers: it needs method 'token_budget' or "
+                    "'context_fraction', not 'threshold'"
+                )
 
     @property
     def k_ops(self) -> tuple[str, ...]:
@@ -116,3 +191,32 @@ class DecodeConfig:
     def budget_blocks(self) -> int:
         """Blocks chosen by top-k per step under "token_budget" (token_budget // block_size)."""
         return self.token_budget // self.block_size
+
+    def for_layer(self, layer_index: int) -> "DecodeConfig":
+        """The config layer `layer_index` selects with: its own budget from `allocation` (and no allocation); without
+        an allocation, this config.
+
+          * "context_fraction": the layer's fraction at mean fraction `context_fraction` (`layer_fractions_at`); a
+            layer whose fraction is 0 picks no block by top-k, written as the equivalent token budget 0 (a context
+            fraction must be positive).
+          * "token_budget": token_budget times the layer's share ratio (its fraction over the mean) at mean fraction
+            token_budget / allocation.length (at most 1), rounded to whole blocks.
+        """
+        if self.allocation is None:
+            return self
+        if not 0 <= layer_index < self.allocation.num_layers:
+            raise ValueError(
+                f"layer {layer_index}: the decode allocation covers {self.allocation.num_layers} layers; calibrate it "
+                "for this model"
+            )
+        if self.method == "context_fraction":
+            fraction = min(self.allocation.layer_fractions_at(self.context_fraction)[layer_index], 1.0)
+            if fraction <= 0.0:
+                return dataclasses.replace(self, method="token_budget", token_budget=0, allocation=None)
+            return dataclasses.replace(self, context_fraction=fraction, allocation=None)
+        mean = min(self.token_budget / self.allocation.length, 1.0)
+        if mean <= 0.0:
+            return dataclasses.replace(self, allocation=None)
+        ratio = self.allocation.layer_fractions_at(mean)[layer_index] / mean
+        blocks = max(math.floor(self.token_budget * ratio / self.block_size + 0.5), 0)
+        return dataclasses.replace(self, token_budget=blocks * self.block_size, allocation=None)

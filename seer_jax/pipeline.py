@@ -7,8 +7,9 @@
 `load` resolves `model` and `gates` with `seer_jax.model_path` (local directory, or hub id in the local Hugging
 Face cache), loads the weights (`seer_jax.checkpoint.load_model`), attaches the gates (`seer_jax.adapters`: prefill
 gates, SeerAttention-R decode gates or both; `decode_gates` takes the decode gates from a second adapter, e.g. an
-official prefill + decode pair) with the adapter's block selections or the ones given, and the tokenizer from the
-model directory (a converted directory carries it, `seer_jax.model_files`). Without `model`, the base model the
+official prefill + decode pair) with the adapter's block selections or the ones given (a decode budget shared
+among layers by the adapter's calibrated decode allocation, when it records one), and the tokenizer from the model
+directory (a converted directory carries it, `seer_jax.model_files`). Without `model`, the base model the
 adapter names is used. `Generator.gates_description` says which selections are used and where they come from.
 
 `Generator.run` tokenizes (the tokenizer's chat template with `chat=True`), left-pads batches of up to
@@ -73,22 +74,28 @@ def parse_selection(text: str, default: Selection | None = None) -> Selection:
 
 
 def parse_decode_selection(text: str, default: DecodeConfig) -> DecodeConfig:
-    """`default` (the decode gates' config) selecting by "token_budget=N" (tokens) or "threshold=X"."""
+    """`default` (the decode gates' config) selecting by "token_budget=N" (tokens), "context_fraction=F" (of each
+    row's context) or "threshold=X". A budget keeps `default`'s per-layer allocation (the adapter's calibrated shares;
+    uniform without one); a threshold has none."""
     method, sep, value = text.partition("=")
     method = method.strip().replace("-", "_")
-    if not sep or method not in ("token_budget", "threshold"):
-        raise ValueError(f"decode selection {text!r}: expected token_budget=N or threshold=X")
+    if not sep or method not in ("token_budget", "context_fraction", "threshold"):
+        raise ValueError(
+            f"decode selection {text!r}: expected token_budget=N or threshold=X, or context_fraction=F (of the context)"
+        )
     try:
         number = int(value) if method == "token_budget" else float(value)
     except ValueError:
         kind = "an integer" if method == "token_budget" else "a number"
         raise ValueError(f"decode selection {text!r}: {value!r} is not {kind}") from None
-    return dataclasses.replace(default, method=method, **{method: number})
+    allocation = None if method == "threshold" else default.allocation
+    return dataclasses.replace(default, method=method, allocation=allocation, **{method: number})
 
 
 def describe_selection(seer_config: SeerConfig) -> tuple[str, str]:
     """(prefill, decode): how `seer_config` selects blocks, e.g. ("nz_ratio=0.3, last_block_dense",
-    "token_budget=4096 (64 blocks of 64)"); "dense (no ... gates)" for an absent kind of gate."""
+    "token_budget=4096 (64 blocks of 64)", or with a decode allocation "context_fraction=0.1 shared among layers by a
+    recall allocation (calibrated at 8192 tokens)"); "dense (no ... gates)" for an absent kind of gate."""
     selection = seer_config.selection
     if seer_config.gate is None:
         prefill = "dense (no prefill gates)"
@@ -104,7 +111,10 @@ def describe_selection(seer_config: SeerConfig) -> tuple[str, str]:
         blocks = decode.budget_blocks
         text = f"token_budget={decode.token_budget} ({blocks} block{'s' * (blocks != 1)} of {decode.block_size})"
     else:
-        text = f"threshold={decode.threshold}"
+        text = f"{decode.method}={getattr(decode, decode.method)}"
+    if decode.allocation is not None:
+        rule = decode.allocation.rule or "calibrated"
+        text += f" shared among layers by a {rule} allocation (calibrated at {decode.allocation.length} tokens)"
     extras = [
         "" if decode.force_sink else "no sink block",
         f"sliding_window={decode.sliding_window}" if decode.sliding_window else "",
@@ -427,7 +437,8 @@ def load(
       selection: how the prefill gates select blocks: a `Selection`, "threshold=X", "nz_ratio=Y" or "budget=D";
         None: the adapter's.
       decode_selection: how the decode gates select blocks: a `DecodeConfig` (the gates' structure unchanged),
-        "token_budget=N" or "threshold=X"; None: the adapter's.
+        "token_budget=N", "context_fraction=F" or "threshold=X"; None: the adapter's. A budget is shared among
+        layers by the adapter's decode allocation when it records one (`parse_decode_selection`).
       dtype: compute and weight dtype, one of `DTYPES`; None: `default_dtype()`.
       attention: dense attention implementation, one of `ATTENTION`; None: `default_attention()`.
       tokenizer: the tokenizer's directory or hub id; None: the model's.

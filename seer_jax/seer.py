@@ -23,8 +23,9 @@ model's.
 Sparse decoding (`seer_config.decode`, docs/design.md "Sparse decoding"). `decode_state` compresses the prompt's
 pre-RoPE keys into a `KCompressionCache` (`seer_jax.k_compression`), which the `KVCache` carries; each decode step
 (`decode_attention`) adds the new key to it, scores the compressed blocks with the decode gate, selects blocks
-(`seer_jax.decode_selection`) and attends the selected blocks only (`pallas_kernels.block_sparse_decode` with each
-row's first real slot as its start; a per-query-head selection, Quest's, by dense attention under its key mask).
+(`seer_jax.decode_selection`; with the layer's own budget, `DecodeConfig.for_layer`, when `decode.allocation`
+shares it among layers) and attends the selected blocks only (`pallas_kernels.block_sparse_decode` with each row's
+first real slot as its start; a per-query-head selection, Quest's, by dense attention under its key mask).
 `decode.source` swaps the decode gate for another score source (`seer_jax.decode_scores`: oracle, Quest,
 StreamingLLM, random), which needs no compressed keys. Layers below `decode.start_layer` decode densely and keep no
 compressed keys. Without `decode`, decode steps are dense in every layer. Prefill and decode sparsity are
@@ -202,7 +203,7 @@ class SeerAttention(Attention):
                 key=jax.random.fold_in(jax.random.key(self.seer_config.seed), self.layer_index),
             )
             scores = DECODE_SOURCES[decode.source](inputs)  # [B, K, J], or [B, N, J] per query head (quest)
-            block_mask = select_decode_blocks(scores, lengths, decode)  # like scores
+            block_mask = select_decode_blocks(scores, lengths, decode.for_layer(self.layer_index))  # like scores
             if block_mask.shape[1] == self.num_kv_heads:
                 out = self._attend_blocks(q_rot, k_cache, v_cache, block_mask, key_mask)  # [B, 1, N, H]
             else:  # per query head: the decode kernel shares a selection by the query heads of a kv head
@@ -234,9 +235,10 @@ class SeerAttention(Attention):
         return out[:, None]  # [B, 1, N, H]
 
     def _max_selected_blocks(self, num_blocks: int) -> int:
-        """The most blocks a step can select out of `num_blocks` (the decode kernel's block-list length): the
-        token budget's plus the forced ones under "token_budget", all of them otherwise."""
-        decode = self.seer_config.decode
+        """The most blocks a step of this layer can select out of `num_blocks` (the decode kernel's block-list
+        length): the layer's token budget (`DecodeConfig.for_layer`) plus the forced ones under "token_budget", all
+        of them otherwise."""
+        decode = self.seer_config.decode.for_layer(self.layer_index)
         if decode.method != "token_budget":
             return num_blocks
         window_blocks = -(-decode.sliding_window // decode.block_size) + 1 if decode.sliding_window else 0

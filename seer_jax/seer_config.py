@@ -11,7 +11,7 @@ from typing import Any
 
 from pallas_kernels.block_sparse_attention import BLOCK_SIZE
 from seer_jax.block_scores import RANKING_SOURCES, SOURCES
-from seer_jax.decode_config import DecodeConfig
+from seer_jax.decode_config import DecodeAllocation, DecodeConfig
 from seer_jax.gate import GateConfig
 from seer_jax.sparsity import BudgetAllocation, Selection
 
@@ -30,8 +30,8 @@ class SeerConfig:
       source: where block scores come from, one of `BLOCK_SOURCES` (`seer_jax.block_scores.SOURCES`).
       start_layer: layers with a smaller index attend densely.
       seed: seeds the "random" source (each layer folds in its index).
-      decode: the decode gates and their selection (SeerAttention-R), or None: decode steps attend densely and
-        the model has no decode gates.
+      decode: the decode gates and their selection (SeerAttention-R) with its per-layer allocation, or None: decode
+        steps attend densely and the model has no decode gates.
     """
 
     gate: GateConfig | None = dataclasses.field(default_factory=GateConfig)
@@ -73,12 +73,15 @@ class SeerConfig:
             raise ValueError(f"decode must be a DecodeConfig or None, got {type(self.decode).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (`from_dict` reads it back). `selection.force_sink` is written only when set, so that
-        adapters not using it stay readable by versions from before it."""
-        data = dataclasses.asdict(self)
+        """A JSON-ready dict (`from_dict` reads it back). Fields added later are written only when set, so that what
+        does not use them reads as before they existed: `selection.force_sink` when True, `decode.allocation` when
+        not None."""
+        values = dataclasses.asdict(self)
         if not self.selection.force_sink:
-            del data["selection"]["force_sink"]
-        return data
+            del values["selection"]["force_sink"]
+        if self.decode is not None and self.decode.allocation is None:
+            del values["decode"]["allocation"]
+        return values
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SeerConfig":
@@ -95,6 +98,11 @@ class SeerConfig:
         selection = _from_fields(Selection, selection, "seer_config.selection")
         decode = data.pop("decode", None)
         if decode is not None:
+            decode = dict(decode)
+            if decode.get("allocation") is not None:
+                decode["allocation"] = _from_fields(
+                    DecodeAllocation, decode["allocation"], "seer_config.decode.allocation"
+                )
             decode = _from_fields(DecodeConfig, decode, "seer_config.decode")
         return _from_fields(cls, {**data, "gate": gate, "selection": selection, "decode": decode}, "seer_config")
 

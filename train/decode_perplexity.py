@@ -13,6 +13,9 @@ source (`seer_jax.decode_scores`: gate, oracle, quest, streaming, random) at eve
 budget // 64 blocks per step) or a fraction of the context (`DecodeConfig.context_fraction`: floor(f · n / 64)
 blocks at a step whose row holds n tokens); forced blocks (the current one, the sink) come on top, the same for every
 source, so at one budget every source attends the same number of blocks. Layers below `start_layer` decode densely.
+With a decode allocation (`seer_jax.decode_config.DecodeAllocation`: the adapter's, or calibrated on the prompts by
+`calibrate_allocation`) the "gate" rows share each budget among the layers by it (`DecodeConfig.for_layer`); the
+other sources keep a uniform budget.
 The prompt is prefilled densely; with `prefill` (a `Selection`) the "gate" rows and a dense-decode row are run once
 more after a block-sparse prefill with the adapter's prefill gates: prefill gates and decode gates together.
 Density: per layer, the blocks attended over the blocks holding real tokens (the current one included), summed over
@@ -35,7 +38,8 @@ import numpy as np
 from flax import nnx
 
 from seer_jax.adapters import Adapter, attach_gates
-from seer_jax.decode_config import DecodeConfig
+from seer_jax.decode_calibration import decode_allocation
+from seer_jax.decode_config import DecodeAllocation, DecodeConfig
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.kv_cache import KVCache
 from seer_jax.model import CausalLM
@@ -86,14 +90,21 @@ class DecodeBudget:
 DEFAULT_BUDGETS = tuple(DecodeBudget.parse(text) for text in ("256", "512", "1024", "2048", "5%", "10%", "25%"))
 
 
+def allocation_label(allocation: DecodeAllocation) -> str:
+    """ "recall allocation", "coverage allocation" ("calibrated allocation" when the rule is not recorded)."""
+    return f"{allocation.rule or 'calibrated'} allocation"
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeSetting:
-    """One row's model: a method ("dense" or a decode score source), its decode budget (None: dense decode) and the
-    prefill selection of the adapter's prefill gates (None: dense prefill)."""
+    """One row's model: a method ("dense" or a decode score source), its decode budget (None: dense decode), the
+    prefill selection of the adapter's prefill gates (None: dense prefill) and the per-layer decode allocation its
+    budget is shared by (None: every sparse layer the same budget)."""
 
     method: str
     budget: DecodeBudget | None = None
     prefill: Selection | None = None
+    allocation: DecodeAllocation | None = None
 
     @property
     def prefill_label(self) -> str:
@@ -107,6 +118,8 @@ class DecodeSetting:
     @property
     def label(self) -> str:
         decode = "dense decode" if self.budget is None else f"{self.method} {self.budget}"
+        if self.allocation is not None:
+            decode += f" ({allocation_label(self.allocation)})"
         return decode if self.prefill is None else f"{decode}, prefill {self.prefill_label}"
 
     @property
@@ -116,19 +129,24 @@ class DecodeSetting:
 
 
 def decode_settings(
-    methods: Sequence[str], budgets: Sequence[DecodeBudget], prefill: Selection | None
+    methods: Sequence[str],
+    budgets: Sequence[DecodeBudget],
+    prefill: Selection | None,
+    allocation: DecodeAllocation | None = None,
 ) -> list[DecodeSetting]:
-    """The settings of a decode-mode evaluation, in row order (module docstring)."""
+    """The settings of a decode-mode evaluation, in row order (module docstring); the "gate" rows' budgets are
+    shared among layers by `allocation`."""
     settings = []
     for method in methods:
         if method == "dense":
             settings.append(DecodeSetting("dense"))
         else:
-            settings += [DecodeSetting(method, budget) for budget in budgets]
+            shares = allocation if method == "gate" else None
+            settings += [DecodeSetting(method, budget, allocation=shares) for budget in budgets]
     if prefill is not None:
         settings.append(DecodeSetting("dense", prefill=prefill))
         if "gate" in methods:
-            settings += [DecodeSetting("gate", budget, prefill) for budget in budgets]
+            settings += [DecodeSetting("gate", budget, prefill, allocation) for budget in budgets]
     return settings
 
 
@@ -172,7 +190,8 @@ class DecodeModels:
 
     Every model carries the adapter's gate weights, prefill and decode, with zeros for gates the adapter does not
     have (only the "gate" source reads decode gates and only a sparse prefill reads prefill gates; both are checked
-    before running). Dense prefill: every layer attends densely (prefill start_layer = the layer count).
+    before running). Dense prefill: every layer attends densely (prefill start_layer = the layer count). The decode
+    allocation is the setting's (the adapter's own is not used unless the setting holds it).
     """
 
     def __init__(self, base: CausalLM, adapter: Adapter | None, *, start_layer: int, seed: int):
@@ -182,7 +201,11 @@ class DecodeModels:
         self.gate_config = GateConfig(hidden_size=config.head_dim) if seer_config is None else seer_config.gate
         self.prefill_start_layer = 0 if seer_config is None else seer_config.start_layer
         has_decode = seer_config is not None and seer_config.decode is not None
-        self.decode_structure = seer_config.decode if has_decode else DecodeConfig(hidden_size=config.head_dim)
+        self.decode_structure = (
+            dataclasses.replace(seer_config.decode, allocation=None)
+            if has_decode
+            else DecodeConfig(hidden_size=config.head_dim)
+        )
         template = seer_with_abstract_gates(base, SeerConfig(gate=self.gate_config, decode=self.decode_structure))
         gates = {path: jnp.zeros(v.get_value().shape, v.get_value().dtype) for path, v in _flat_gates(template)}
         if adapter is not None:
@@ -199,7 +222,7 @@ class DecodeModels:
                 decode = setting.budget.applied_to(
                     dataclasses.replace(self.decode_structure, start_layer=self.start_layer)
                 )
-                decode = dataclasses.replace(decode, source=setting.method)
+                decode = dataclasses.replace(decode, source=setting.method, allocation=setting.allocation)
             seer_config = SeerConfig(
                 gate=self.gate_config,
                 selection=Selection() if setting.prefill is None else setting.prefill,
@@ -213,6 +236,17 @@ class DecodeModels:
                 variable.set_value(self.gates[path])
             self._built[setting] = nnx.merge(graphdef, gates, rest)
         return self._built[setting]
+
+
+def calibrate_allocation(
+    base: CausalLM, adapter: Adapter, prompts: np.ndarray, *, rule: str, start_layer: int, seed: int
+) -> DecodeAllocation:
+    """The "gate" rows' decode allocation calibrated now (`seer_jax.decode_calibration.decode_allocation` by `rule`)
+    on `prompts` (int [B, T]: the windows' prompts, which no row scores), with the adapter's decode gates decoding
+    from `start_layer`."""
+    models = DecodeModels(base, adapter, start_layer=start_layer, seed=seed)
+    model = models.get(DecodeSetting("gate", DecodeBudget(fraction=1.0)))
+    return decode_allocation(model, jnp.asarray(prompts), rule=rule)
 
 
 def _flat_gates(model: SeerCausalLM) -> list[tuple[tuple, nnx.Variable]]:

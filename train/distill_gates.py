@@ -10,7 +10,10 @@ and resume (`--resume`) as in every trainer of this project; SIGINT/SIGTERM save
 status 130/143 without writing the adapter (`--resume` finishes the run and writes it). `--eval-data FILES` then
 measures perplexity vs. block density (`train.perplexity`) into `OUT/eval`.
 `--budget-density D` makes the adapter's default prefill selection a density budget at D, its per-layer shares
-calibrated on the first distillation windows (`record_budget`).
+calibrated on the first distillation windows (`record_budget`). With decode gates, `--decode-allocation` (default
+"recall") records in the adapter's decode config how a decode budget is shared among layers, calibrated on the same
+windows (`record_decode_allocation`; one dense forward per window after training); "none" leaves every layer the
+same budget.
 `--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains and evaluates on several devices
 (`seer_jax.sharding`); `--distributed` joins a multi-process job first (`train.flags`).
 
@@ -47,8 +50,11 @@ Q_HEAD_POOLING_CHOICES = ("Qproj", "Qavgproj", "Qavg")
 RECIPE_LEARNING_RATE = 1e-3
 RECIPE_WARMUP_STEPS = 20
 DECODE_SLICE = 0.5
-# Distillation windows (of --seq-len tokens, the first of the data) a --budget-density allocation is calibrated on.
+# Distillation windows (of --seq-len tokens, the first of the data) a --budget-density allocation and a
+# --decode-allocation are calibrated on.
 BUDGET_CALIBRATION_WINDOWS = 4
+# `seer_jax.decode_config.DECODE_ALLOCATION_RULES`, and "none".
+DECODE_ALLOCATION_CHOICES = ("none", "recall", "coverage")
 
 # The embedded demo: distil and evaluate at 1024 tokens (16 blocks per row; the demo model trains at 512 tokens, so
 # this also exercises positions beyond its training length, within its 2048 maximum).
@@ -226,6 +232,41 @@ def record_budget(config: DistillConfig, result: DistillResult, density: float) 
     log.info("recorded a density budget at %g (%.4f reached on %s) in %s", density, reached, data, result.adapter_dir)
 
 
+def record_decode_allocation(config: DistillConfig, result: DistillResult, rule: str) -> None:
+    """Calibrates how the distilled decode gates share a decode budget among layers
+    (`seer_jax.decode_calibration.decode_allocation` by `rule`, on the first `BUDGET_CALIBRATION_WINDOWS` windows of
+    the distillation data, scored from the run's `decode_slice_ratio` on) and records it in the adapter's decode
+    config."""
+    import jax.numpy as jnp
+
+    from seer_jax.adapters import record_selection
+    from seer_jax.decode_calibration import decode_allocation
+    from train.data import eval_windows
+    from train.token_corpus import load_corpus
+
+    length = config.loader.seq_len
+    tokens = jnp.asarray(eval_windows(load_corpus(config.corpus), length=length, num_docs=BUDGET_CALIBRATION_WINDOWS))
+    allocation = decode_allocation(result.model, tokens, rule=rule, scored_from=config.decode_slice_ratio)
+    decode = dataclasses.replace(result.model.seer_config.decode, allocation=allocation)
+    record_selection(result.adapter_dir, decode=decode)
+    at_tenth = " ".join(f"{fraction:.3f}" for fraction in allocation.layer_fractions_at(0.1))
+    log.info(
+        "recorded a %s decode allocation (%d windows of %d tokens; layer fractions at a 10%% budget: %s) in %s",
+        rule,
+        len(tokens),
+        length,
+        at_tenth,
+        result.adapter_dir,
+    )
+
+
+def record_decode_allocation_as_asked(args: argparse.Namespace, config: DistillConfig, result: DistillResult) -> None:
+    """`record_decode_allocation` by `--decode-allocation`'s rule: "recall" by default when decode gates trained."""
+    rule = args.decode_allocation or ("none" if config.target == "prefill" else "recall")
+    if rule != "none":
+        record_decode_allocation(config, result, rule)
+
+
 def run_evaluation(config: EvalConfig, out_dir: Path) -> None:
     """Perplexity vs. density with a progress bar; writes `out_dir` and prints the markdown table."""
     from seer_jax.multihost import is_primary
@@ -272,7 +313,8 @@ def run_demo(args: argparse.Namespace) -> None:
         corpus_cache=args.corpus_cache or cache / "tokens",
         dtype="float32",
     )
-    run_distillation(config)
+    result = run_distillation(config)
+    record_decode_allocation_as_asked(args, config, result)
     if config.target == "decode":
         log.info("demo: the perplexity table measures prefill gates; decode gates are evaluated by train.eval_ppl")
         return
@@ -308,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"per-layer shares calibrated on the first {BUDGET_CALIBRATION_WINDOWS} distillation windows (default: "
         "TopK nz_ratio 0.3)",
     )
+    parser.add_argument(
+        "--decode-allocation",
+        choices=DECODE_ALLOCATION_CHOICES,
+        help="with decode gates: record in the adapter how a decode budget is shared among layers, calibrated on the "
+        f"first {BUDGET_CALIBRATION_WINDOWS} distillation windows after training (one dense forward per window) by "
+        "rule recall (the gate's ranking: layers whose gate ranks poorly get more blocks) or coverage (the "
+        "attention's), or none: every layer the same budget (default: recall with decode gates)",
+    )
     demo_cache = Path.home() / ".cache" / "seer-jax" / "demo"
     parser.add_argument("--demo-cache", type=Path, default=demo_cache, help="the demo's model and corpus cache")
     add_distill_arguments(parser)
@@ -340,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--eval-data measures prefill gates; evaluate decode gates with python -m train.eval_ppl")
         if args.budget_density is not None and (args.target == "decode" or not 0 < args.budget_density <= 1):
             parser.error("--budget-density needs prefill gates (--target prefill or both) and a density in (0, 1]")
+        if args.decode_allocation not in (None, "none") and args.target == "prefill":
+            parser.error("--decode-allocation needs decode gates (--target decode or both)")
         args.model = resolve_model_path(args.model)
         args.tokenizer_dir = args.tokenizer_dir and resolve_model_path(args.tokenizer_dir, flag="--tokenizer-dir")
         config = distill_config_from_args(
@@ -353,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         result = run_distillation(config)
         if args.budget_density is not None:
             record_budget(config, result, args.budget_density)
+        record_decode_allocation_as_asked(args, config, result)
         if args.eval_data:
             eval_config = EvalConfig(
                 model=args.model,

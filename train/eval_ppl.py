@@ -4,7 +4,8 @@
         [--mode prefill|decode] [--lengths 2048 8192] [--num-docs 16]
         [--nz-ratios 0.5 0.4 0.3 0.2 0.1] [--thresholds ...] [--budgets ...] [--force-sink]  (prefill mode)
         [--continuation 2048] [--decode-budgets 256 512 1024 2048 5% 10% 25%]
-        [--decode-prefill nz_ratio=X | threshold=Y] [--decode-chunk 256]              (decode mode)
+        [--decode-prefill nz_ratio=X | threshold=Y] [--decode-chunk 256]
+        [--decode-allocation adapter|none|recall|coverage]                            (decode mode)
         [--methods dense gate oracle quest streaming random] [--batch-size 4] [--dtype bfloat16|float32]
         [--attention xla|cudnn] [--start-layer N] [--seed 0] [--text-field text] [--tokenizer-dir DIR]
         [--cache-dir DIR] [--mesh data=D,fsdp=F,tensor=T] [--distributed]
@@ -32,6 +33,7 @@ DTYPE_CHOICES = ("bfloat16", "float32")
 ATTENTION_CHOICES = ("xla", "cudnn")
 MODE_CHOICES = ("prefill", "decode")
 DEFAULT_DECODE_BUDGETS = ("256", "512", "1024", "2048", "5%", "10%", "25%")
+DECODE_ALLOCATION_CHOICES = ("adapter", "none", "recall", "coverage")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-prefill",
         help="decode mode: also run the gate's budgets and dense decoding after a block-sparse prefill with the "
         "adapter's prefill gates, nz_ratio=X or threshold=Y (default: dense prefill only)",
+    )
+    parser.add_argument(
+        "--decode-allocation",
+        choices=DECODE_ALLOCATION_CHOICES,
+        default="adapter",
+        help="decode mode: how the gate rows share each budget among layers: the adapter's calibrated allocation "
+        "(uniform if it records none), none (uniform), or calibrated now on the prompts of the first batch by rule "
+        "recall (the gate's ranking) or coverage (the attention's) (default: %(default)s)",
     )
     parser.add_argument(
         "--decode-chunk",
@@ -178,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             decode_budgets=tuple(DecodeBudget.parse(text) for text in args.decode_budgets),
             decode_prefill=None if args.decode_prefill is None else parse_selection(args.decode_prefill),
             decode_chunk=args.decode_chunk,
+            decode_allocation=args.decode_allocation,
             methods=None if args.methods is None else tuple(args.methods),
             start_layer=args.start_layer,
             seed=args.seed,

@@ -48,6 +48,7 @@ from seer_jax.attention import IMPLEMENTATIONS
 from seer_jax.base_identity import check_base_identity
 from seer_jax.checkpoint import load_model
 from seer_jax.config import ModelConfig
+from seer_jax.decode_config import DecodeAllocation
 from seer_jax.forwards import logits_and_density
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.head_parallel import sparse_prefill_implementation
@@ -63,6 +64,8 @@ from train.decode_perplexity import (
     DecodeBudget,
     DecodeMeasurement,
     DecodeSetting,
+    allocation_label,
+    calibrate_allocation,
     decode_settings,
     run_decode,
 )
@@ -76,6 +79,9 @@ DTYPES = ("bfloat16", "float32")
 MODES = ("prefill", "decode")
 EvalMode = Literal["prefill", "decode"]
 DEFAULT_LENGTHS: dict[str, tuple[int, ...]] = {"prefill": (2048, 8192), "decode": (8192,)}
+# How decode mode's "gate" rows share a budget among layers: the adapter's allocation (uniform without one), uniform,
+# or calibrated on the prompts by a `seer_jax.decode_calibration` rule.
+DECODE_ALLOCATIONS = ("adapter", "none", "recall", "coverage")
 _VERSIONED = ("jax", "jaxlib", "flax", "numpy", "transformers", "seer-jax")
 
 log = logging.getLogger(__name__)
@@ -113,6 +119,10 @@ class EvalConfig:
       decode_chunk: decode mode: decode steps per compiled call (the progress bar moves once per call).
       force_sink: prefill mode: every sparse row also keeps key block 0, the attention sink, in every query-block
         row (`Selection.force_sink`; counted against a budget, on top of nz_ratio and threshold).
+      decode_allocation: decode mode: how the "gate" rows share each budget among layers, one of
+        `DECODE_ALLOCATIONS`: "adapter" (the allocation the adapter's decode config records; uniform without one),
+        "none" (uniform), "recall" or "coverage" (`seer_jax.decode_calibration.decode_allocation` by that rule on the
+        prompts of the first `batch_size` windows of the first length, which no row scores).
       methods: the methods to run, in order; None means all, with "gate" only when `gates` is given (and, in decode
         mode, holds decode gates).
       start_layer: layers below it stay dense (decode mode: decode densely); None means the adapter's start_layer
@@ -144,6 +154,7 @@ class EvalConfig:
     decode_prefill: Selection | None = None
     decode_chunk: int = 256
     force_sink: bool = False
+    decode_allocation: str = "adapter"
     methods: tuple[str, ...] | None = None
     start_layer: int | None = None
     seed: int = 0
@@ -187,7 +198,11 @@ class EvalConfig:
                 raise ValueError("methods: 'gate' needs gates (an adapter directory)")
         if self.force_sink and self.mode != "prefill":
             raise ValueError("force_sink: applies to prefill mode (decode configs carry their own force_sink)")
+        if self.decode_allocation not in DECODE_ALLOCATIONS:
+            raise ValueError(f"decode_allocation: must be one of {DECODE_ALLOCATIONS}, got {self.decode_allocation!r}")
         if self.mode == "prefill":
+            if self.decode_allocation != "adapter":
+                raise ValueError("decode_allocation: applies to decode mode only")
             for field in ("thresholds", "budgets"):
                 if getattr(self, field) and "gate" not in self.methods_to_run:
                     raise ValueError(f"{field}: apply to the gate method only, which is not run (pass gates / 'gate')")
@@ -234,6 +249,11 @@ class EvalConfig:
                 raise ValueError("decode_prefill: a block-sparse prefill needs the adapter's prefill gates (gates)")
         if not isinstance(self.decode_chunk, int) or self.decode_chunk < 1:
             raise ValueError(f"decode_chunk: must be an int >= 1, got {self.decode_chunk!r}")
+        if self.decode_allocation in ("recall", "coverage") and "gate" not in self.methods_to_run:
+            raise ValueError(
+                f"decode_allocation: {self.decode_allocation!r} shares the gate rows' budgets; run the 'gate' method "
+                "(gates with decode gates)"
+            )
         if self.mesh is not None:
             raise ValueError("mesh: decode mode runs on one device")
 
@@ -465,10 +485,13 @@ def _evaluate_decode(
         methods.remove("gate")
     if config.decode_prefill is not None and not _has_prefill_gates(adapter):
         raise ValueError(f"decode_prefill: the adapter {config.gates} has no prefill gates")
-    settings = decode_settings(methods, config.decode_budgets, config.decode_prefill)
     dtype = jnp.dtype(config.dtype)
     precision = jax.default_matmul_precision("highest") if dtype == jnp.float32 else contextlib.nullcontext()
     with precision:  # float32 means float32: GPUs would otherwise run its matmuls as TF32
+        allocation = None
+        if "gate" in methods:
+            allocation = _decode_allocation(config, base, adapter, windows, start_layer=start_layer)
+        settings = decode_settings(methods, config.decode_budgets, config.decode_prefill, allocation)
         measured = run_decode(
             base,
             adapter,
@@ -485,15 +508,56 @@ def _evaluate_decode(
     for length in config.lengths:
         for setting in settings:
             rows.append(_decode_row(setting, length, measured[(length, setting)], start_layer=start_layer))
+    used = None if allocation is None else dataclasses.asdict(allocation)
     return EvalResult(
         rows=tuple(rows),
-        config=config.to_dict() | {"start_layer": start_layer, "methods": methods},
+        config=config.to_dict() | {"start_layer": start_layer, "methods": methods, "allocation": used},
         environment=_environment(),
         num_docs={length: len(tokens) for length, tokens in windows.items()},
         title=f"{Path(config.model).name}, {', '.join(Path(p).name for p in config.data)}",
         mode="decode",
         continuation=config.continuation,
     )
+
+
+def _decode_allocation(
+    config: EvalConfig, base: CausalLM, adapter: Adapter, windows: dict[int, np.ndarray], *, start_layer: int
+) -> DecodeAllocation | None:
+    """The allocation the "gate" rows share their budgets by (`EvalConfig.decode_allocation`)."""
+    if config.decode_allocation == "none":
+        return None
+    decode = adapter.seer_config.decode
+    if config.decode_allocation == "adapter":
+        if decode.allocation is not None and start_layer != decode.start_layer:
+            raise ValueError(
+                f"decode_allocation: the adapter's allocation was calibrated with decode start_layer "
+                f"{decode.start_layer}, not {start_layer}; evaluate at that start_layer, uniformly (none) or "
+                "recalibrate (recall, coverage)"
+            )
+        return decode.allocation
+    length = config.lengths[0]
+    prompts = windows[length][: config.batch_size, : length - config.continuation - 1]
+    allocation = calibrate_allocation(
+        base, adapter, prompts, rule=config.decode_allocation, start_layer=start_layer, seed=config.seed
+    )
+    log.info(
+        "decode allocation by %s on %d prompts of %d tokens: %s",
+        config.decode_allocation,
+        len(prompts),
+        prompts.shape[1],
+        _fractions_at(allocation, config.decode_budgets),
+    )
+    return allocation
+
+
+def _fractions_at(allocation: DecodeAllocation, budgets: Sequence[DecodeBudget]) -> str:
+    """Each fraction budget's layer fractions, for the log."""
+    shown = [
+        f"{budget}: " + " ".join(f"{f:.3f}" for f in allocation.layer_fractions_at(budget.fraction))
+        for budget in budgets
+        if budget.fraction is not None
+    ]
+    return "; ".join(shown) or f"points {allocation.fractions}"
 
 
 def _decode_row(setting: DecodeSetting, length: int, measured: DecodeMeasurement, *, start_layer: int) -> PplRow:
@@ -515,6 +579,7 @@ def _decode_row(setting: DecodeSetting, length: int, measured: DecodeMeasurement
         seconds=measured.seconds,
         prefill=setting.prefill_label,
         prefill_density=measured.prefill_density,
+        allocation=None if setting.allocation is None else allocation_label(setting.allocation),
     )
 
 

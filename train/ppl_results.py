@@ -11,7 +11,8 @@
 Prefill mode: densities are causal block densities (selected / causal 64×64 blocks), averaged over the sparse layers
 and heads. Decode mode (`train.decode_perplexity`): the PPL of each window's last `continuation` tokens under
 teacher-forced decoding; densities are decode densities (blocks attended / blocks holding real tokens, summed over
-steps, rows and heads), averaged over the sparse decode layers; each row also names its prefill.
+steps, rows and heads), averaged over the sparse decode layers; each row also names its prefill and, when its budget
+is shared among layers by a calibrated allocation, that allocation (its per-layer densities show the shares).
 """
 
 import dataclasses
@@ -62,6 +63,8 @@ class PplRow:
       prefill: decode mode: how the prompt was prefilled, "dense" or the prefill gates' selection ("gate nz 0.1");
         None in prefill mode.
       prefill_density: decode mode with a block-sparse prefill: its causal block density; else None.
+      allocation: decode mode: how the budget is shared among layers, e.g. "recall allocation"
+        (`seer_jax.decode_config.DecodeAllocation`); None: every sparse layer the same budget.
     """
 
     method: str
@@ -74,6 +77,7 @@ class PplRow:
     seconds: float
     prefill: str | None = None
     prefill_density: float | None = None
+    allocation: str | None = None
 
     @property
     def misses_target(self) -> bool:
@@ -93,21 +97,24 @@ class PplRow:
 
     @property
     def setting(self) -> str:
-        """A short label: "—" (dense), "nz 0.3", "threshold 0.002", "budget 0.1", "256 tokens", "10%"."""
+        """A short label: "—" (dense), "nz 0.3", "threshold 0.002", "budget 0.1", "256 tokens", "10%", "10% (recall
+        allocation)"."""
         if self.sparsity == "dense":
             return "—"
+        shared = "" if self.allocation is None else f" ({self.allocation})"
         if self.sparsity == "token_budget":
-            return f"{self.target:g} tokens"
+            return f"{self.target:g} tokens{shared}"
         if self.sparsity == "context_fraction":
-            return f"{self.target * 100:g}%"
+            return f"{self.target * 100:g}%{shared}"
         return f"{'nz' if self.sparsity == 'nz_ratio' else self.sparsity} {self.target:g}"
 
     @property
     def series(self) -> str:
-        """The plot line this row belongs to: the method, with its sparsity or (decode mode) its prefill when that
-        is not the default."""
+        """The plot line this row belongs to: the method, with its sparsity or (decode mode) its allocation and its
+        prefill when that is not the default."""
         if self.prefill is not None:
-            return self.method if self.prefill == "dense" else f"{self.method}, prefill {self.prefill}"
+            method = self.method if self.allocation is None else f"{self.method} ({self.allocation})"
+            return method if self.prefill == "dense" else f"{method}, prefill {self.prefill}"
         return self.method if self.sparsity in ("dense", "nz_ratio") else f"{self.method} ({self.sparsity})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,9 +181,10 @@ class EvalResult:
             header += [f"PPL L={length}", f"{density} L={length}", f"PPL/dense L={length}"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * (len(header) - 3 * len(lengths))]
         lines[1] += "--:|" * (3 * len(lengths))
-        by_key: dict[tuple[str, str, float | None, str | None], dict[int, PplRow]] = {}
+        by_key: dict[tuple[str, str, float | None, str | None, str | None], dict[int, PplRow]] = {}
         for row in self.rows:
-            by_key.setdefault((row.method, row.sparsity, row.target, row.prefill), {})[row.length] = row
+            key = (row.method, row.sparsity, row.target, row.prefill, row.allocation)
+            by_key.setdefault(key, {})[row.length] = row
         missed = False
         for per_length in by_key.values():
             first = next(iter(per_length.values()))

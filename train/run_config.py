@@ -9,7 +9,8 @@ resume that changes any field of the configuration other than those the caller l
 one line listing the changed fields, before anything is trained or written. Fields that may change are those that
 leave the trajectory as it is: where outputs and caches go, how often checkpoints and metrics are written, the
 device mesh (checkpoints restore onto any mesh), and for finetuning, the attention implementation and remat.
-`--steps` may only grow when the schedule does not depend on it (`--schedule constant`).
+`--steps` may only grow when the schedule does not depend on it (`--schedule constant`). A field added to the
+configuration since the run started (absent from the stored file) compares equal to its default None.
 
 Paths are stored as absolute paths, so a resume from another working directory compares equal.
 """
@@ -39,7 +40,7 @@ def store_run_config(path: Path, config: Any, *, resume: bool, may_change: Colle
         changed = [
             f"{name} {stored.get(name, _MISSING)!r} → {current.get(name, _MISSING)!r}"
             for name in sorted(stored.keys() | current.keys())
-            if stored.get(name, _MISSING) != current.get(name, _MISSING) and not _covered(name, may_change)
+            if not _same(stored.get(name, _MISSING), current.get(name, _MISSING)) and not _covered(name, may_change)
         ]
         if changed:
             raise ValueError(
@@ -64,6 +65,11 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
             flat.update(_flat(value, f"{prefix}{key}."))
         return flat if flat else {prefix[:-1]: {}}
     return {prefix[:-1]: tree}
+
+
+def _same(stored: Any, current: Any) -> bool:
+    """Equal values, or a field the stored configuration predates at its default None (e.g. a decode allocation)."""
+    return stored == current or (stored == _MISSING and current is None)
 
 
 def _covered(name: str, may_change: Collection[str]) -> bool:

@@ -4,7 +4,7 @@ block-sparse decode with SeerAttention-R decode gates).
     python -m seer_jax.generate --model MODEL --prompt "def quicksort(xs):" [--gates ADAPTER] [--chat] \
         [--max-new-tokens 256] [--temperature 0 --top-p 1 --seed 0] [--selection threshold=X | nz_ratio=Y | budget=D]
     python -m seer_jax.generate --gates PREFILL_ADAPTER --decode-gates DECODE_ADAPTER \
-        [--decode-selection token_budget=N | threshold=X] --prompt "..."
+        [--decode-selection token_budget=N | context_fraction=F | threshold=X] --prompt "..."
     echo "Why is the sky blue?" | python -m seer_jax.generate --model MODEL --chat
     python -m seer_jax.generate --model MODEL --prompts-file prompts.jsonl > completions.jsonl
 
@@ -16,8 +16,9 @@ decoded `--batch-size` at a time, each completion is written when done as one JS
 "completion"} (in the order they finish). Standard error gets the settings and, at the end, one summary line: prompt
 tokens, time to first token (prefill, compilation excluded), decode tokens/s and the prefill's block density (mean
 over layers and heads; "dense" without gates). The block selections used (the adapter's defaults unless
-`--selection` / `--decode-selection` are given) are logged before generating. On any error: one line and exit
-status 1.
+`--selection` / `--decode-selection` are given; a decode budget is shared among layers by the adapter's calibrated
+decode allocation when it records one, as `--selection budget=D` by its prefill allocation) are logged before
+generating. On any error: one line and exit status 1.
 """
 
 import argparse
@@ -137,7 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--decode-selection",
-        help="decode block selection: token_budget=N (tokens) or threshold=X (default: the adapter's)",
+        help="decode block selection: token_budget=N (tokens), context_fraction=F (of each row's context) or "
+        "threshold=X; a budget is shared among layers by the adapter's decode allocation when it records one "
+        "(default: the adapter's)",
     )
     parser.add_argument(
         "--attention",

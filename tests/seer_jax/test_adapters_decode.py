@@ -1,7 +1,8 @@
 """Adapters with SeerAttention-R decode gates: our format with prefill gates, decode gates or both (bit-exact round
 trips that decode as the saved model), decode-only adapters on a densely prefilling model, the official decode
 format (torch state dict with official names + config.json with official keys) against a natively built model,
-combining a prefill and a decode adapter, and one-line errors."""
+combining a prefill and a decode adapter, a per-layer decode allocation (format 3, recorded into an existing
+adapter; adapters without one are written and read as before), and one-line errors."""
 
 import dataclasses
 import json
@@ -15,13 +16,15 @@ from flax import nnx
 
 from seer_jax.adapters import (
     OFFICIAL_PTH,
+    MeasuredDensity,
     attach_gates,
     combine_adapters,
     gate_tensors,
     read_adapter,
+    record_selection,
     save_adapter,
 )
-from seer_jax.decode_config import DecodeConfig
+from seer_jax.decode_config import DecodeAllocation, DecodeConfig
 from seer_jax.decode_gate import DECODE_GATE_PARAMS
 from seer_jax.forwards import decode_logits_and_density
 from seer_jax.gate import GateParam
@@ -123,6 +126,69 @@ def test_decode_only_round_trip(tmp_path):
     assert teacher_forced(reselected)[1][1] > teacher_forced(attached)[1][1]  # a larger budget attends more
     with pytest.raises(ValueError, match="structure \\(hidden_size 8 → 16\\)"):
         attach_gates(base_model(), adapter, decode=dataclasses.replace(SMALL, hidden_size=16))
+
+
+# One block by top-k shared 0.25 : 1.75 among the layers at 16 / 160 tokens: layer 0 picks none, layer 1 two blocks.
+ALLOCATED = with_decode(
+    token_budget=DECODE_BLOCK,
+    force_sink=False,
+    allocation=DecodeAllocation(
+        fractions=(0.1, 1.0), layer_fractions=((0.025, 0.175), (1.0, 1.0)), length=160, rule="recall"
+    ),
+)
+
+
+def test_decode_allocation_round_trip(tmp_path):
+    """A decode config with an allocation is written as format 3 and comes back equal; the attached model decodes as
+    the saved one, differently from the uniform budget; without an allocation the format stays 1 and the JSON has no
+    allocation key."""
+    model = decode_only(ALLOCATED)
+    save_adapter(model, tmp_path / "allocated", base_model="org/tiny", weights="safetensors")
+    marker = json.loads((tmp_path / "allocated" / "seer_adapter.json").read_text())
+    assert marker["format"] == 3 and marker["seer_config"]["decode"]["allocation"]["length"] == 160
+    adapter = read_adapter(tmp_path / "allocated")
+    assert adapter.seer_config.decode == ALLOCATED
+    attached = attach_gates(base_model(), adapter)
+    logits, density = teacher_forced(attached)
+    expected_logits, expected_density = teacher_forced(model)
+    np.testing.assert_array_equal(logits, expected_logits)
+    np.testing.assert_array_equal(density, expected_density)
+    uniform = teacher_forced(decode_only(dataclasses.replace(ALLOCATED, allocation=None)))[1]
+    assert density[0] < uniform[0] and density[1] > uniform[1]  # layer 0 no block, layer 1 two instead of one
+    save_adapter(decode_only(SMALL), tmp_path / "plain", base_model="org/tiny")
+    plain = json.loads((tmp_path / "plain" / "seer_adapter.json").read_text())
+    assert plain["format"] == 1 and "allocation" not in plain["seer_config"]["decode"]
+    three_layers = dataclasses.replace(ALLOCATED.allocation, layer_fractions=((0.1, 0.1, 0.1), (1.0, 1.0, 1.0)))
+    with pytest.raises(ValueError, match="the decode allocation covers 3 layers, the model has 2"):
+        attach_gates(base_model(), adapter, decode=dataclasses.replace(ALLOCATED, allocation=three_layers))
+
+
+def test_record_a_decode_allocation_into_an_adapter(tmp_path):
+    """record_selection(decode=...) turns a format-1 decode adapter (written before allocations: its JSON has no
+    allocation key) into a format-3 one with the allocation, leaving weights and prefill density alone and dropping
+    the replaced decode config's density; a config for other gates or another layer count is refused."""
+    save_adapter(
+        decode_model(SMALL, SPARSE_PREFILL),
+        tmp_path / "adapter",
+        base_model="org/tiny",
+        decode_density=MeasuredDensity(density=0.4, data="old"),
+    )
+    path = tmp_path / "adapter" / "seer_adapter.json"
+    assert json.loads(path.read_text())["format"] == 1
+    before = read_adapter(tmp_path / "adapter")
+    record_selection(tmp_path / "adapter", decode=ALLOCATED)
+    after = read_adapter(tmp_path / "adapter")
+    assert json.loads(path.read_text())["format"] == 3
+    assert after.seer_config == dataclasses.replace(before.seer_config, decode=ALLOCATED)
+    assert after.decode_density is None
+    assert_same_tensors(after.tensors, before.tensors)
+    three_layers = dataclasses.replace(ALLOCATED.allocation, layer_fractions=((0.1, 0.1, 0.1), (1.0, 1.0, 1.0)))
+    with pytest.raises(ValueError, match="covers 3 layers, the adapter's gates 2"):
+        record_selection(tmp_path / "adapter", decode=dataclasses.replace(ALLOCATED, allocation=three_layers))
+    with pytest.raises(ValueError, match="structure"):
+        record_selection(tmp_path / "adapter", decode=dataclasses.replace(ALLOCATED, hidden_size=16))
+    with pytest.raises(ValueError, match="needs a prefill selection, a decode config or both"):
+        record_selection(tmp_path / "adapter")
 
 
 # --- official SeerAttention-R decode adapters ----------------------------------------------------------------------

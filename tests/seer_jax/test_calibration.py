@@ -270,6 +270,6 @@ def test_adapters_written_before_budgets_still_load(tmp_path):
         del marker["seer_config"]["selection"][key]
     path.write_text(json.dumps(marker))
     assert read_adapter(tmp_path / "old").seer_config.selection == selection
-    path.write_text(json.dumps(marker | {"format": 3}))
-    with pytest.raises(CheckpointError, match="adapter format 3"):
+    path.write_text(json.dumps(marker | {"format": 4}))
+    with pytest.raises(CheckpointError, match="adapter format 4"):
         read_adapter(tmp_path / "old")

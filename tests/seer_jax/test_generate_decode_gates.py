@@ -1,15 +1,17 @@
 """Decode gates in the pipeline and the generation CLI: a prefill adapter and a decode adapter loaded together
-(`--gates` + `--decode-gates`), decode-only adapters, `--decode-selection`, and the block selections reported
-(the adapter's defaults, the recorded measured density, or the ones given)."""
+(`--gates` + `--decode-gates`), decode-only adapters, `--decode-selection`, a recorded decode allocation (used by
+default and by a given budget), and the block selections reported (the adapter's defaults, the recorded measured
+density, or the ones given)."""
 
 import dataclasses
+import shutil
 
 import pytest
 from flax import nnx
 
-from seer_jax.adapters import DEFAULT_SELECTION, MeasuredDensity, gate_tensors, save_adapter
+from seer_jax.adapters import DEFAULT_SELECTION, MeasuredDensity, gate_tensors, record_selection, save_adapter
 from seer_jax.checkpoint import load_model
-from seer_jax.decode_config import DecodeConfig
+from seer_jax.decode_config import DecodeAllocation, DecodeConfig
 from seer_jax.generate.cli import main
 from seer_jax.pipeline import describe_selection, load, parse_decode_selection
 from seer_jax.seer import seer_from_base
@@ -19,6 +21,8 @@ from tests.seer_jax.tiny_chat_model import TEXT, write_tiny_chat_model
 PROMPT = " ".join(TEXT) * 3  # > 192 tokens: several blocks of 64 (prefill) and 16 (decode)
 DECODE = DecodeConfig(hidden_size=16, block_size=16, qk_norm=True, token_budget=16)
 DENSITY = MeasuredDensity(density=0.45, data="test continuations")
+# One layer (the tiny chat model's): the plumbing, not the shares.
+ALLOCATION = DecodeAllocation(fractions=(0.1, 1.0), layer_fractions=((0.1,), (1.0,)), length=256, rule="recall")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,21 @@ def test_parse_decode_selection():
     for text, match in [("nz_ratio=0.1", "token_budget=N or threshold=X"), ("token_budget=1.5", "not an integer")]:
         with pytest.raises(ValueError, match=match):
             parse_decode_selection(text, DECODE)
+
+
+def test_parse_decode_selection_keeps_the_allocation():
+    """A budget (token or context fraction) keeps the adapter's decode allocation; a threshold drops it."""
+    allocated = dataclasses.replace(DECODE, allocation=ALLOCATION)
+    assert parse_decode_selection("context_fraction=0.2", allocated) == dataclasses.replace(
+        allocated, method="context_fraction", context_fraction=0.2
+    )
+    assert parse_decode_selection("token_budget=64", allocated) == dataclasses.replace(allocated, token_budget=64)
+    assert parse_decode_selection("threshold=0.01", allocated) == dataclasses.replace(
+        DECODE, method="threshold", threshold=0.01
+    )
+    for text, match in [("context_fraction=x", "not a number"), ("context_fraction=0", "context_fraction must be in")]:
+        with pytest.raises(ValueError, match=match):
+            parse_decode_selection(text, allocated)
 
 
 def test_describe_selection():
@@ -84,6 +103,26 @@ def test_load_prefill_and_decode_adapters_together(adapters):
         load(gates=prefill_dir, decode_selection="token_budget=8")
     with pytest.raises(ValueError, match="no prefill gates \\(decode gates only\\)"):
         load(gates=decode_dir, selection="nz_ratio=0.5")
+
+
+def test_recorded_decode_allocation_is_the_default(adapters, tmp_path, capsys):
+    """An adapter recording a decode allocation decodes with it by default and under a given budget; the selection
+    logged names it; `--decode-selection context_fraction=F` generates."""
+    model_dir, _, decode_dir, _, _ = adapters
+    allocated_dir = tmp_path / "allocated"
+    shutil.copytree(decode_dir, allocated_dir)
+    record_selection(allocated_dir, decode=dataclasses.replace(DECODE, allocation=ALLOCATION))
+    assert load(model_dir, decode_gates=allocated_dir).model.seer_config.decode.allocation == ALLOCATION
+    generator = load(model_dir, decode_gates=allocated_dir, decode_selection="context_fraction=0.2")
+    assert generator.model.seer_config.decode == dataclasses.replace(
+        DECODE, method="context_fraction", context_fraction=0.2, allocation=ALLOCATION
+    )
+    assert generator.gates_description == (
+        "prefill dense (no prefill gates); decode context_fraction=0.2 shared among layers by a recall allocation "
+        "(calibrated at 256 tokens) (given)"
+    )
+    main(["--model", str(model_dir), "--decode-gates", str(allocated_dir), "--prompt", PROMPT, "--max-new-tokens", "3"])
+    assert "shared among layers by a recall allocation" in capsys.readouterr().err
 
 
 def test_cli_full_budget_and_every_block_equal_dense(adapters, capsys):

@@ -1,6 +1,7 @@
 """Sparse decoding through `generate`: a budget covering the context equals dense generation token for token; small
 budgets change tokens but stay finite and match teacher-forced decoding; left-padded rows decode as alone; the
-decode density report; prefill dense or sparse × decode dense or sparse under jit."""
+decode density report; a per-layer allocation gives each layer its own budget; prefill dense or sparse × decode
+dense or sparse under jit."""
 
 import dataclasses
 
@@ -11,7 +12,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels.block_sparse_decode import block_sparse_decode_implementation
-from seer_jax.decode_config import DecodeConfig
+from seer_jax.decode_config import DecodeAllocation, DecodeConfig
 from seer_jax.decode_selection import decode_key_mask
 from seer_jax.forwards import decode_logits_and_density
 from seer_jax.gate import GateConfig
@@ -81,6 +82,55 @@ def test_small_budget_generation_is_teacher_forced_decoding():
     expected = expected_density(np.asarray([PROMPT, PROMPT - 13]), NEW, chosen=1)
     np.testing.assert_allclose(np.asarray(density), [1.0, expected], rtol=1e-6)
     assert expected < 0.75
+
+
+def fraction_density(prompt_lengths: np.ndarray, new_tokens: int, fraction: float) -> float:
+    """Density of a context fraction's top-k (floor(fraction · n / 16) blocks in float32) + the current block, no
+    sink, no window, per step and row, n the row's tokens with the fed one."""
+    lengths = prompt_lengths[:, None] + 1 + np.arange(new_tokens - 1)[None, :]  # [B, steps]
+    current = (lengths - 1) // DECODE_BLOCK
+    count = np.floor(np.float32(fraction) * lengths.astype(np.float32) / DECODE_BLOCK).astype(int)
+    return float(np.sum(np.minimum(count, current) + 1) / np.sum(current + 1))
+
+
+# A token budget of one block shared 0.25 : 1.75 at 16 / 160 = 0.1 (layer 0 no block, layer 1 two); a context
+# fraction of 0.2 shared 0 : 0.6.
+TOKEN_SHARES = DecodeAllocation(fractions=(0.1, 1.0), layer_fractions=((0.025, 0.175), (1.0, 1.0)), length=160)
+FRACTION_SHARES = DecodeAllocation(fractions=(0.2, 1.0), layer_fractions=((0.0, 0.6), (1.0, 1.0)), length=160)
+
+
+@pytest.mark.parametrize(
+    ("decode", "expected"),
+    [
+        (
+            with_decode(token_budget=DECODE_BLOCK, force_sink=False, allocation=TOKEN_SHARES),
+            lambda lengths: [expected_density(lengths, NEW, 0), expected_density(lengths, NEW, 2)],
+        ),
+        (
+            with_decode(method="context_fraction", context_fraction=0.2, force_sink=False, allocation=FRACTION_SHARES),
+            lambda lengths: [expected_density(lengths, NEW, 0), fraction_density(lengths, NEW, 0.6)],
+        ),
+    ],
+    ids=["token_budget", "context_fraction"],
+)
+def test_allocation_gives_each_layer_its_budget(decode, expected, monkeypatch):
+    """Each layer selects with its own budget (`DecodeConfig.for_layer`): the density each layer reports is the
+    block count of its own budget, and the decode kernel's block lists hold every selected block (the logits are
+    those of masked dense attention over the same selection)."""
+    tokens, mask = padded_batch(PROMPT)
+    model = decode_model(decode)
+    generated = jnp.asarray(greedy(model, tokens, mask))
+    logits, density = decode_logits_and_density(model, tokens, mask, generated)
+    np.testing.assert_allclose(np.asarray(density), expected(np.asarray([PROMPT, PROMPT - 13])), rtol=1e-6)
+    monkeypatch.setattr(
+        SeerAttention,
+        "_attend_blocks",
+        lambda self, q, k, v, blocks, key_mask: self._attend_selected(
+            q, k, v, decode_key_mask(blocks, key_mask, DECODE_BLOCK)
+        ),
+    )
+    masked, _ = nnx.jit(decode_logits_and_density.__wrapped__)(model, tokens, mask, generated)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(masked), rtol=1e-5, atol=1e-5)
 
 
 def test_left_padded_row_decodes_as_alone():

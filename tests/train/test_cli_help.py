@@ -8,7 +8,7 @@ import pytest
 
 from convert import flax_to_hf
 from seer_jax.attention import IMPLEMENTATIONS
-from seer_jax.decode_config import Q_HEAD_POOLINGS
+from seer_jax.decode_config import DECODE_ALLOCATION_RULES, Q_HEAD_POOLINGS
 from seer_jax.hf_export import EXPORT_DTYPES
 from tests.conftest import REPO_ROOT
 from train import distill_gates, finetune
@@ -60,6 +60,7 @@ def test_distill_flags_show_the_library_values():
     assert GATE_OPTIMIZER.learning_rate == distill_gates.RECIPE_LEARNING_RATE
     assert GATE_OPTIMIZER.warmup_steps == distill_gates.RECIPE_WARMUP_STEPS
     assert distill_gates.DECODE_SLICE == DECODE_SLICE_RATIO
+    assert ("none", *DECODE_ALLOCATION_RULES) == distill_gates.DECODE_ALLOCATION_CHOICES
 
 
 def test_finetune_flags_show_the_library_values():

@@ -1,9 +1,11 @@
-"""Decode-mode perplexity: teacher-forced decoding equals token-by-token sparse generation; the evaluation's dense
-row against an independent full-forward NLL, covering budgets against dense, the block accounting, prefill gates +
-decode gates as a row, the outputs, the CLI (and its fast `--help`), config checks."""
+"""Decode-mode perplexity: teacher-forced decoding equals token-by-token sparse generation (with a per-layer decode
+allocation too); the evaluation's dense row against an independent full-forward NLL, covering budgets against dense,
+the block accounting, prefill gates + decode gates as a row, the gate rows under a calibrated or recorded allocation,
+the outputs, the CLI (and its fast `--help`), config checks."""
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,21 +16,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from seer_jax.adapters import save_adapter
+from seer_jax.adapters import read_adapter, record_selection, save_adapter
 from seer_jax.attention import IMPLEMENTATIONS
 from seer_jax.checkpoint import load_model
-from seer_jax.decode_config import DecodeConfig
+from seer_jax.decode_config import DecodeAllocation, DecodeConfig
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.generate import decode_step, generate, prefill
 from seer_jax.seer import SeerCausalLM, seer_with_abstract_gates
 from seer_jax.seer_config import SeerConfig
 from seer_jax.sparsity import Selection
 from tests.seer_jax.decode_models import DECODE_BLOCK, base_model, decode_model, padded_batch, with_decode
+from tests.seer_jax.test_sparse_decode import expected_density
 from tests.seer_jax.tiny_models import random_module
 from tests.train.test_perplexity import write_tiny_llama
 from train import eval_ppl
 from train.decode_perplexity import DEFAULT_BUDGETS, DecodeBudget, teacher_forced_log_probs
-from train.perplexity import DTYPES, METHODS, MODES, EvalConfig, evaluate
+from train.perplexity import DECODE_ALLOCATIONS, DTYPES, METHODS, MODES, EvalConfig, evaluate
 from train.ppl_results import JSON_FILE, MARKDOWN_FILE, PLOT_FILE
 from train.token_corpus import load_tokenizer
 
@@ -48,12 +51,23 @@ def token_by_token(model, tokens, mask, generated) -> np.ndarray:
     return np.stack(steps, axis=1)
 
 
-@pytest.mark.parametrize("source", ["gate", "quest", "random"])
-def test_teacher_forced_decoding_is_token_by_token_sparse_generation(source):
-    """Greedy sparse generation (one block by top-k, no sink; layer 1 sparse, per kv head or, quest, per query head;
-    a left-padded ragged batch), then its tokens teacher-forced in chunks: each step's log-probabilities are those
-    of generation's own decode steps, whose argmax are the generated tokens."""
-    decode = with_decode(source=source, token_budget=DECODE_BLOCK, force_sink=False, start_layer=1)
+# Layer 1's share of a 16-token budget at 16 / 160 = 0.1 is twice the mean: two blocks instead of one.
+DOUBLED = DecodeAllocation(fractions=(0.1, 1.0), layer_fractions=((1.0, 0.2), (1.0, 1.0)), length=160)
+
+
+@pytest.mark.parametrize(
+    ("source", "allocation", "chosen"),
+    [("gate", None, 1), ("quest", None, 1), ("random", None, 1), ("gate", DOUBLED, 2)],
+    ids=["gate", "quest", "random", "gate-allocated"],
+)
+def test_teacher_forced_decoding_is_token_by_token_sparse_generation(source, allocation, chosen):
+    """Greedy sparse generation (one block by top-k, or layer 1's share of it under an allocation; no sink; layer 1
+    sparse, per kv head or, quest, per query head; a left-padded ragged batch), then its tokens teacher-forced in
+    chunks: each step's log-probabilities are those of generation's own decode steps, whose argmax are the generated
+    tokens; layer 1 attends its `chosen` blocks plus the current one at every step."""
+    decode = with_decode(
+        source=source, token_budget=DECODE_BLOCK, force_sink=False, start_layer=1, allocation=allocation
+    )
     model = decode_model(decode)
     tokens, mask = padded_batch(PROMPT)
     generated = np.asarray(generate(model, tokens, mask, max_new_tokens=NEW, eos_token_id=()))
@@ -67,7 +81,8 @@ def test_teacher_forced_decoding_is_token_by_token_sparse_generation(source):
     expected = np.take_along_axis(steps, generated[:, 1:, None], axis=-1)[..., 0]  # [B, NEW − 1]
     np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-5)
     density = np.asarray(blocks[:, 0] / blocks[:, 1])
-    assert density[0] == 1.0 and density[1] < 0.75  # layer 0 dense, layer 1 one block plus the current one
+    assert density[0] == 1.0  # layer 0 dense
+    assert density[1] == pytest.approx(expected_density(np.asarray([PROMPT, PROMPT - 13]), NEW, chosen), rel=1e-6)
 
 
 @pytest.mark.parametrize("source", ["oracle", "streaming"])
@@ -206,6 +221,51 @@ def test_prefill_gates_with_decode_gates(result):
     assert _row(result, "gate", 64.0, prefill="gate nz 0.5").density < 1
 
 
+def fraction_density(fraction: float) -> float:
+    """A context fraction's decode density over the continuation's steps, with the sink and the current block
+    forced (64-token blocks): per step of n tokens, min(floor(fraction · n / 64), c − 1) + 2 of c + 1 blocks."""
+    tokens = np.arange(LENGTH - CONTINUATION, LENGTH)  # n at each step, the fed token included
+    current = (tokens - 1) // 64
+    count = np.floor(np.float32(fraction) * tokens.astype(np.float32) / 64).astype(int)
+    return float(np.sum(np.minimum(count, current - 1) + 2) / np.sum(current + 1))
+
+
+def test_gate_rows_share_the_budget_by_an_allocation(config, tmp_path):
+    """--decode-allocation recall: calibrated on the prompts, recorded in the results; the gate row's label says so
+    and each layer attends its own fraction; the same allocation recorded in the adapter (the default "adapter")
+    gives the same row; the other sources keep a uniform budget."""
+    budget = DecodeBudget(fraction=0.25)
+    calibrated = dataclasses.replace(
+        config, decode_allocation="recall", methods=("dense", "gate", "oracle"), decode_budgets=(budget,)
+    )
+    calibrated = dataclasses.replace(calibrated, decode_prefill=None)
+    result = evaluate(calibrated)
+    allocation = DecodeAllocation(**result.config["allocation"])
+    assert allocation.rule == "recall" and allocation.length == LENGTH - CONTINUATION - 1
+    shares = allocation.layer_fractions_at(0.25)
+    assert np.mean(shares) == pytest.approx(0.25, abs=0.01)
+    row = _row(result, "gate", 0.25)
+    assert row.allocation == "recall allocation" and row.setting == "25% (recall allocation)"
+    np.testing.assert_allclose(row.layer_density, [fraction_density(f) for f in shares], rtol=1e-6)
+    assert row.layer_density[0] != row.layer_density[1]  # the (random) gates' shares differ by a few blocks
+    oracle = _row(result, "oracle", 0.25)
+    assert oracle.allocation is None and oracle.layer_density == (fraction_density(0.25),) * 2
+    assert "| gate | 25% (recall allocation) | dense |" in result.to_markdown()
+
+    recorded = tmp_path / "gates"
+    shutil.copytree(config.gates, recorded)
+    decode = read_adapter(recorded).seer_config.decode
+    record_selection(recorded, decode=dataclasses.replace(decode, allocation=allocation))
+    from_adapter = evaluate(dataclasses.replace(calibrated, gates=recorded, decode_allocation="adapter"))
+    assert _row(from_adapter, "gate", 0.25) == dataclasses.replace(
+        row, seconds=_row(from_adapter, "gate", 0.25).seconds
+    )
+    uniform = evaluate(dataclasses.replace(calibrated, gates=recorded, decode_allocation="none", methods=("gate",)))
+    assert _row(uniform, "gate", 0.25).layer_density == (fraction_density(0.25),) * 2
+    with pytest.raises(ValueError, match="calibrated with decode start_layer 0, not 1"):
+        evaluate(dataclasses.replace(calibrated, gates=recorded, decode_allocation="adapter", start_layer=1))
+
+
 def test_outputs(result, tmp_path):
     paths = result.write(tmp_path / "out")
     saved = json.loads(paths["json"].read_text())
@@ -258,6 +318,7 @@ def test_help_is_fast_and_shows_defaults():
     assert "(default: 2048)" in shown and "(default: prefill)" in shown
     assert eval_ppl.METHOD_CHOICES == METHODS and eval_ppl.DTYPE_CHOICES == DTYPES
     assert eval_ppl.ATTENTION_CHOICES == IMPLEMENTATIONS and eval_ppl.MODE_CHOICES == MODES
+    assert eval_ppl.DECODE_ALLOCATION_CHOICES == DECODE_ALLOCATIONS and "(default: adapter)" in shown
     assert tuple(DecodeBudget.parse(text) for text in eval_ppl.DEFAULT_DECODE_BUDGETS) == DEFAULT_BUDGETS
 
 
@@ -286,6 +347,9 @@ def test_lengths_default_to_the_mode(model_dir, data_file):
         (dict(decode_budgets=("64",)), "decode_budgets"),
         (dict(gates=None, methods=("dense",)), "decode_prefill"),
         (dict(decode_chunk=0), "decode_chunk"),
+        (dict(decode_allocation="uniform"), "decode_allocation: must be one of"),
+        (dict(decode_allocation="recall", methods=("dense", "oracle")), "decode_allocation: 'recall' shares"),
+        (dict(mode="prefill", decode_allocation="coverage", decode_prefill=None), "decode mode only"),
     ],
 )
 def test_decode_config_errors_name_the_field(config, change, field):

@@ -1,6 +1,7 @@
 """Gate distillation of prefill gates, decode gates and both: learning, frozen base, optimizer scope, bit-exact
-resume, the adapter, a recorded density budget, config errors."""
+resume, the adapter, a recorded density budget, a recorded decode allocation, config errors."""
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -13,6 +14,7 @@ from flax import nnx
 
 from seer_jax.adapters import ADAPTER_FILE, attach_gates, read_adapter
 from seer_jax.calibration import budget_for_density
+from seer_jax.decode_calibration import decode_allocation
 from seer_jax.decode_config import DecodeConfig
 from seer_jax.decode_gate import DECODE_GATE_PARAMS
 from seer_jax.gate import GateConfig, GateParam
@@ -22,7 +24,7 @@ from tests.seer_jax.tiny_models import random_module
 from tests.train.tiny import write_docs
 from train.data import LoaderConfig, eval_windows
 from train.distill import ADAPTER_DIR, GATE_OPTIMIZER, DistillConfig, distill
-from train.distill_gates import BUDGET_CALIBRATION_WINDOWS, record_budget
+from train.distill_gates import BUDGET_CALIBRATION_WINDOWS, record_budget, record_decode_allocation_as_asked
 from train.distill_gates import main as distill_gates_main
 from train.token_corpus import CorpusConfig, load_corpus
 from train.trainer import TrainLoopConfig
@@ -256,3 +258,27 @@ def test_budget_density_records_a_calibrated_budget(data, straight_run, tmp_path
         distill_gates_main(
             ["--model", "m", "--data", "d", "--out", "o", "--target", "decode", "--budget-density", "0.1"]
         )
+
+
+def test_decode_allocation_is_recorded_by_default(data, decode_run, tmp_path):
+    """Decode gates trained and no --decode-allocation: the recall rule's allocation, calibrated on the first
+    distillation windows from the run's slice ratio on, joins the adapter's decode config (format 3); "none" and a
+    prefill-only run record nothing; asking for one without decode gates is a one-line CLI error."""
+    model, result, _, _, _ = decode_run
+    config = _config(data, tmp_path / "run", steps=8, target="decode", decode=DECODE, decode_slice_ratio=0.25)
+    copies = {}
+    for name, flag, target in (("default", None, "decode"), ("none", "none", "decode"), ("prefill", None, "prefill")):
+        copies[name] = tmp_path / name
+        shutil.copytree(result.adapter_dir, copies[name])
+        run = dataclasses.replace(config, target=target, decode=None if target == "prefill" else DECODE)
+        args = argparse.Namespace(decode_allocation=flag)
+        record_decode_allocation_as_asked(args, run, dataclasses.replace(result, adapter_dir=copies[name]))
+    windows = eval_windows(load_corpus(config.corpus), length=512, num_docs=BUDGET_CALIBRATION_WINDOWS)
+    expected = decode_allocation(model, jnp.asarray(windows), rule="recall", scored_from=0.25)
+    assert read_adapter(copies["default"]).seer_config.decode == dataclasses.replace(DECODE, allocation=expected)
+    assert expected.rule == "recall" and expected.length == 512
+    assert json.loads((copies["default"] / ADAPTER_FILE).read_text())["format"] == 3
+    for name in ("none", "prefill"):
+        assert read_adapter(copies[name]).seer_config.decode == DECODE
+    with pytest.raises(SystemExit):
+        distill_gates_main(["--model", "m", "--data", "d", "--out", "o", "--decode-allocation", "recall"])

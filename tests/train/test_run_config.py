@@ -59,3 +59,22 @@ def test_finetune_steps_may_grow_only_under_the_constant_schedule():
     assert "loop.total_steps" in may_change_on_resume(config)
     config.optimizer = OptimizerConfig(learning_rate=1e-3, schedule="cosine")
     assert "loop.total_steps" not in may_change_on_resume(config)
+
+
+def test_a_field_added_since_at_its_default_none_is_no_change(tmp_path):
+    """A run stored before a field existed (here the decode config's allocation) resumes while the field is None;
+    a value for it is a change."""
+    from seer_jax.decode_config import DecodeAllocation, DecodeConfig
+
+    path = tmp_path / "distill.json"
+    config = dataclasses.replace(distill_config(), target="decode", decode=DecodeConfig())
+    store_run_config(path, config, resume=False, may_change=MAY_CHANGE_ON_RESUME)
+    stored = json.loads(path.read_text())
+    del stored["decode"]["allocation"]
+    path.write_text(json.dumps(stored))
+    store_run_config(path, config, resume=True, may_change=MAY_CHANGE_ON_RESUME)
+    path.write_text(json.dumps(stored))
+    allocation = DecodeAllocation(fractions=(1.0,), layer_fractions=((1.0,),), length=64)
+    allocated = dataclasses.replace(config, decode=DecodeConfig(allocation=allocation))
+    with pytest.raises(ValueError, match=r"decode\.allocation\.fractions"):
+        store_run_config(path, allocated, resume=True, may_change=MAY_CHANGE_ON_RESUME)

@@ -199,7 +199,10 @@ def test_decode_distillation_cli_runs_on_a_mesh(cli_inputs):
     run_config = json.loads((out / "distill.json").read_text())
     assert run_config["target"] == "decode"
     assert run_config["decode"]["hidden_size"] == MODEL_CONFIG["head_dim"]  # the default E: the model's head_dim
-    assert json.loads((out / "adapter" / ADAPTER_FILE).read_text())["seer_config"]["decode"]["block_size"] == 32
+    marker = json.loads((out / "adapter" / ADAPTER_FILE).read_text())
+    assert marker["seer_config"]["decode"]["block_size"] == 32
+    # The default decode allocation is calibrated on the sharded model after training.
+    assert marker["format"] == 3 and marker["seer_config"]["decode"]["allocation"]["rule"] == "recall"
 
 
 @pytest.mark.parametrize(
