@@ -13,9 +13,8 @@ import math
 import re
 from typing import Literal
 
-import numpy as np
-
 from seer_jax.gate import POOLING_OPS
+from seer_jax.sparsity import interpolate_layer_points, layer_points
 
 Q_HEAD_POOLINGS = ("Qproj", "Qavgproj", "Qavg")
 DecodeMethod = Literal["token_budget", "context_fraction", "threshold"]
@@ -52,19 +51,9 @@ class DecodeAllocation:
 
     def __post_init__(self):
         # JSON gives lists; a DecodeConfig is a static jit argument, so everything it holds must hash.
-        object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
-        object.__setattr__(self, "layer_fractions", tuple(tuple(float(f) for f in p) for p in self.layer_fractions))
-        if not self.fractions or len(self.layer_fractions) != len(self.fractions):
-            raise ValueError(
-                f"fractions and layer_fractions need one entry per calibration point, got {len(self.fractions)} and "
-                f"{len(self.layer_fractions)}"
-            )
-        if any(not 0.0 < f <= 1.0 for f in self.fractions) or any(np.diff(self.fractions) <= 0):
-            raise ValueError(f"fractions must increase strictly in (0, 1], got {self.fractions}")
-        if len({len(point) for point in self.layer_fractions}) != 1 or not self.layer_fractions[0]:
-            raise ValueError("layer_fractions must hold the same number (>= 1) of layers at every point")
-        if any(not 0.0 <= f <= 1.0 for point in self.layer_fractions for f in point):
-            raise ValueError("layer_fractions must be in [0, 1]")
+        points, shares = layer_points(self.fractions, self.layer_fractions, "fractions", "layer_fractions")
+        object.__setattr__(self, "fractions", points)
+        object.__setattr__(self, "layer_fractions", shares)
         if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 1:
             raise ValueError(f"length must be a positive int, got {self.length!r}")
         if self.rule is not None and self.rule not in DECODE_ALLOCATION_RULES:
@@ -77,10 +66,7 @@ class DecodeAllocation:
     def layer_fractions_at(self, fraction: float) -> tuple[float, ...]:
         """Each layer's context fraction at mean fraction `fraction`, interpolated between the calibration points;
         below the first the fractions scale with `fraction` (0 at 0)."""
-        points = np.asarray(self.layer_fractions)  # [P, L]
-        if fraction < self.fractions[0]:
-            return tuple(float(f) for f in points[0] * fraction / self.fractions[0])
-        return tuple(float(np.interp(fraction, self.fractions, points[:, layer])) for layer in range(points.shape[1]))
+        return interpolate_layer_points(fraction, self.fractions, self.layer_fractions)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -42,6 +42,36 @@ METHODS: tuple[str, ...] = ("nz_ratio", "threshold", "budget")
 NUM_DENSE_LAST_ROWS = 2  # `last_block_dense` keeps this many final query-block rows dense (docs/design.md §3)
 
 
+def layer_points(
+    points, shares, points_name: str, shares_name: str
+) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
+    """Checks and freezes (as hashable float tuples) per-layer shares at calibration points, the content of
+    `BudgetAllocation` and `seer_jax.decode_config.DecodeAllocation`: P points strictly increasing in (0, 1], and
+    per point one share in [0, 1] for each of the same L >= 1 layers. Errors name the fields."""
+    points = tuple(float(x) for x in points)
+    shares = tuple(tuple(float(x) for x in point) for point in shares)
+    if not points or len(shares) != len(points):
+        raise ValueError(
+            f"{points_name} and {shares_name} need one entry per calibration point, got {len(points)} and {len(shares)}"
+        )
+    if any(not 0.0 < x <= 1.0 for x in points) or any(np.diff(points) <= 0):
+        raise ValueError(f"{points_name} must increase strictly in (0, 1], got {points}")
+    if len({len(point) for point in shares}) != 1 or not shares[0]:
+        raise ValueError(f"{shares_name} must hold the same number (>= 1) of layers at every point")
+    if any(not 0.0 <= x <= 1.0 for point in shares for x in point):
+        raise ValueError(f"{shares_name} must be in [0, 1]")
+    return points, shares
+
+
+def interpolate_layer_points(x: float, points: tuple[float, ...], shares: tuple[tuple[float, ...], ...]):
+    """Each layer's share at `x`, linear between the calibration points; below the first the shares scale with x
+    (0 at 0); above the last, the last's."""
+    table = np.asarray(shares)  # [P, L]
+    if x < points[0]:
+        return tuple(float(v) for v in table[0] * x / points[0])
+    return tuple(float(np.interp(x, points, table[:, layer])) for layer in range(table.shape[1]))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BudgetAllocation:
     """How a `budget` selection shares a mean density among the layers: each layer's density at calibration points,
@@ -62,18 +92,10 @@ class BudgetAllocation:
 
     def __post_init__(self):
         # JSON gives lists; a Selection is a static jit argument, so everything it holds must hash.
-        object.__setattr__(self, "densities", tuple(float(d) for d in self.densities))
-        object.__setattr__(self, "layer_densities", tuple(tuple(float(d) for d in p) for p in self.layer_densities))
-        if not self.densities or len(self.layer_densities) != len(self.densities):
-            raise ValueError(
-                f"densities and layer_densities need one entry per calibration point, got {len(self.densities)} and "
-                f"{len(self.layer_densities)}"
-            )
-        if any(not 0.0 < d <= 1.0 for d in self.densities) or any(np.diff(self.densities) <= 0):
-            raise ValueError(f"densities must increase strictly in (0, 1], got {self.densities}")
-        if len({len(point) for point in self.layer_densities}) != 1 or not self.layer_densities[0]:
-            raise ValueError("layer_densities must hold the same number (>= 1) of layers at every point")
-        if any(not 0.0 < d <= 1.0 for point in self.layer_densities for d in point):
+        points, shares = layer_points(self.densities, self.layer_densities, "densities", "layer_densities")
+        object.__setattr__(self, "densities", points)
+        object.__setattr__(self, "layer_densities", shares)
+        if any(d == 0.0 for point in shares for d in point):
             raise ValueError("layer_densities must be in (0, 1]")
         if not isinstance(self.length, int) or self.length < 1:
             raise ValueError(f"length must be a positive int, got {self.length!r}")
@@ -86,10 +108,7 @@ class BudgetAllocation:
         """Each layer's density at mean density `density`, interpolated between the calibration points; below the
         first (the diagonal alone, when calibrated) the shares scale with the density, so a budget that small keeps
         each row's diagonal only, as it would in a longer row."""
-        points = np.asarray(self.layer_densities)  # [P, L]
-        if density < self.densities[0]:
-            return tuple(float(d) for d in points[0] * density / self.densities[0])
-        return tuple(float(np.interp(density, self.densities, points[:, layer])) for layer in range(points.shape[1]))
+        return interpolate_layer_points(density, self.densities, self.layer_densities)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
