@@ -29,6 +29,9 @@ from seer_jax.sparsity import Selection
 from tests.conftest import REPO_ROOT
 from tests.seer_jax.tiny_chat_model import EOS_ID, IM_END_ID, TEXT, write_tiny_chat_model
 
+# One worker runs this module under `pytest -n` (pyproject: --dist loadgroup), so its module fixtures build once.
+pytestmark = pytest.mark.xdist_group("generate_cli")
+
 # Long enough for 4 blocks of 64 tokens, so that selection has blocks to drop.
 PROMPT = " ".join(TEXT) * 3
 NEW_TOKENS = "8"

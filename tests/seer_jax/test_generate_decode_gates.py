@@ -18,6 +18,9 @@ from seer_jax.seer import seer_from_base
 from seer_jax.seer_config import SeerConfig
 from tests.seer_jax.tiny_chat_model import TEXT, write_tiny_chat_model
 
+# One worker runs this module under `pytest -n` (pyproject: --dist loadgroup), so its module fixtures build once.
+pytestmark = pytest.mark.xdist_group("generate_decode_gates")
+
 PROMPT = " ".join(TEXT) * 3  # > 192 tokens: several blocks of 64 (prefill) and 16 (decode)
 DECODE = DecodeConfig(hidden_size=16, block_size=16, qk_norm=True, token_budget=16)
 DENSITY = MeasuredDensity(density=0.45, data="test continuations")

@@ -16,6 +16,9 @@ from seer_jax.sparsity import Selection
 from tests.seer_jax.test_model_path import fake_hub_cache
 from tests.seer_jax.tiny_chat_model import EOS_ID, IM_END_ID, write_tiny_chat_model
 
+# One worker runs this module under `pytest -n` (pyproject: --dist loadgroup), so its module fixtures build once.
+pytestmark = pytest.mark.xdist_group("pipeline")
+
 PROMPT = "def fibonacci(n):\n    a, b = 0, 1\n"
 
 

@@ -35,6 +35,9 @@ from train.perplexity import DECODE_ALLOCATIONS, DTYPES, METHODS, MODES, EvalCon
 from train.ppl_results import JSON_FILE, MARKDOWN_FILE, PLOT_FILE
 from train.token_corpus import load_tokenizer
 
+# One worker runs this module under `pytest -n` (pyproject: --dist loadgroup), so its module fixtures build once.
+pytestmark = pytest.mark.xdist_group("decode_ppl")
+
 PROMPT, NEW = 40, 30  # rows of 40 and 27 real tokens (left padding); 30 new tokens cross two 16-token blocks
 LENGTH, CONTINUATION, CHUNK = 320, 128, 64  # decode steps see 192 … 319 tokens: 3 to 5 blocks of 64
 NUM_DOCS = 2

@@ -29,6 +29,9 @@ from train.distill_gates import main as distill_gates_main
 from train.token_corpus import CorpusConfig, load_corpus
 from train.trainer import TrainLoopConfig
 
+# One worker runs this module under `pytest -n` (pyproject: --dist loadgroup), so its module fixtures build once.
+pytestmark = pytest.mark.xdist_group("distill")
+
 MODEL_CONFIG = {
     "model_type": "llama",
     "vocab_size": 512,

@@ -23,6 +23,9 @@ from train.finetune import main
 from train.progress import training_progress
 from train.trainer import read_metrics
 
+# One worker runs this module under `pytest -n` (pyproject: --dist loadgroup), so its module fixtures build once.
+pytestmark = pytest.mark.xdist_group("finetune")
+
 TINY = {
     "model_type": "llama",
     "hidden_size": 32,

@@ -46,6 +46,7 @@ from train.finetune import main as finetune_main
 from train.trainer import read_metrics
 
 pytestmark = [
+    pytest.mark.xdist_group("multiprocess"),  # one worker: the module fixtures build once (--dist loadgroup)
     pytest.mark.slow,
     pytest.mark.skipif(
         jax.default_backend() != "cpu" or jax.device_count() < 8,

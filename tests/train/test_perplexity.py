@@ -31,6 +31,9 @@ from train.perplexity import EvalConfig, evaluate
 from train.ppl_results import JSON_FILE, MARKDOWN_FILE, PLOT_FILE, EvalResult, PplRow
 from train.token_corpus import load_tokenizer
 
+# One worker runs this module under `pytest -n` (pyproject: --dist loadgroup), so its module fixtures build once.
+pytestmark = pytest.mark.xdist_group("perplexity")
+
 LENGTH = 512  # J = 8 key blocks
 NUM_DOCS = 2
 SPARSE_METHODS = ("gate", "oracle", "quest", "streaming", "random")
