@@ -112,7 +112,10 @@ def append_token(cache: KCompressionCache, gate: DecodeAttnGate, k: jax.Array, i
     completes = slot == block_size - 1  # [B]
     position = index if gate.decode_config.rope_at_block_end else block * block_size  # [B]
     key = gate.keys(gate.pool(remainder), position[:, None])  # [B, 1, K, E]
-    at_block = (jnp.arange(num_blocks)[None, :] == block[:, None]) & completes[:, None]  # [B, J]
-    blocks = jnp.where(at_block[:, :, None, None], key.astype(cache.blocks.dtype), cache.blocks)  # [B, J, K, E]
+    # One block slot per completing row, written in place (a scatter: a where over all J slots would rewrite the
+    # whole [B, J, K, E] cache every step); other rows aim past the last slot and are dropped.
+    target = jnp.where(completes, block, num_blocks)  # [B]
+    rows = jnp.arange(key.shape[0])
+    blocks = cache.blocks.at[rows, target].set(key[:, 0].astype(cache.blocks.dtype), mode="drop")  # [B, J, K, E]
     remainder = jnp.where(completes[:, None, None, None], 0, remainder).astype(cache.remainder.dtype)
     return KCompressionCache(blocks=blocks, remainder=remainder)
