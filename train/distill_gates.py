@@ -9,11 +9,12 @@ structure, the official recipe by default), `--target both` both kinds in one ru
 and resume (`--resume`) as in every trainer of this project; SIGINT/SIGTERM save a checkpoint and stop with exit
 status 130/143 without writing the adapter (`--resume` finishes the run and writes it). `--eval-data FILES` then
 measures perplexity vs. block density (`train.perplexity`) into `OUT/eval`.
-`--budget-density D` makes the adapter's default prefill selection a density budget at D, its per-layer shares
-calibrated on the first distillation windows (`record_budget`). With decode gates, `--decode-allocation` (default
-"recall") records in the adapter's decode config how a decode budget is shared among layers, calibrated on the same
-windows (`record_decode_allocation`; one dense forward per window after training); "none" leaves every layer the
-same budget.
+The adapter's default prefill selection is the threshold that keeps `--default-density` (0.3) of the blocks on the
+first distillation windows, recorded with the density it reaches there; `--budget-density D` makes it a density
+budget at D instead, its per-layer shares calibrated on the same windows (`record_prefill_selection`). With decode
+gates, `--decode-allocation recall|coverage` records in the adapter's decode config how a decode budget is shared
+among layers, calibrated on the same windows (`record_decode_allocation`; one dense forward per window after
+training); by default ("none") every layer gets the same budget, which measured best on the testbed (BENCHMARKS.md).
 `--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains and evaluates on several devices
 (`seer_jax.sharding`); `--distributed` joins a multi-process job first (`train.flags`).
 
@@ -53,6 +54,9 @@ DECODE_SLICE = 0.5
 # Distillation windows (of --seq-len tokens, the first of the data) a --budget-density allocation and a
 # --decode-allocation are calibrated on.
 BUDGET_CALIBRATION_WINDOWS = 4
+# The block density an adapter's default prefill selection keeps (a threshold calibrated on those windows): on the
+# testbeds the gates cost < 1% PPL there (BENCHMARKS.md), and a threshold adapts per row, where TopK does not.
+DEFAULT_DENSITY = 0.3
 # `seer_jax.decode_config.DECODE_ALLOCATION_RULES`, and "none".
 DECODE_ALLOCATION_CHOICES = ("none", "recall", "coverage")
 
@@ -61,15 +65,16 @@ DECODE_ALLOCATION_CHOICES = ("none", "recall", "coverage")
 DEMO_DISTILL = dict(seq_len=1024, batch_size=4, steps=80, gate_hidden_size=64)
 DEMO_EVAL = dict(lengths=(1024,), num_docs=8, nz_ratios=(0.5, 0.3, 0.2), thresholds=(0.02,))
 # With the shipped pretrained model (`train.demo.shipped`): its training length, 2048 tokens (32 blocks per row).
-# Sized for the 3-minute budget on 2 quiet cores with a stand-in of the same architecture (1.6 s per distillation
-# step of 2 x 2048 tokens, ~6 s per evaluated setting of 4 documents): ~70 s distilling, ~60 s evaluating. The
-# settings: dense, then gate, oracle, Quest and StreamingLLM at two densities, the comparison the demo is for.
+# About 90 s on 2 quiet cores (distillation ~30 s at 0.7 s per step of 2 x 2048 tokens; evaluation ~40 s, 11
+# settings of 8 documents). The table: dense; the gates by threshold (0.02 and 0.06 keep ~0.28 and ~0.17 of the
+# blocks on this model) and by TopK; the oracle, Quest and StreamingLLM by TopK at nz 0.3 and 0.2 (densities ~0.28
+# and ~0.18, so the baselines keep slightly more blocks than the gates' thresholds).
 SHIPPED_DISTILL = dict(seq_len=2048, batch_size=2, steps=40, gate_hidden_size=64)
 SHIPPED_EVAL = dict(
     lengths=(2048,),
-    num_docs=4,
-    nz_ratios=(0.3, 0.15),
-    thresholds=(),
+    num_docs=8,
+    nz_ratios=(0.3, 0.2),
+    thresholds=(0.02, 0.06),
     methods=("dense", "gate", "oracle", "quest", "streaming"),
 )
 
@@ -216,14 +221,15 @@ def run_distillation(config: DistillConfig) -> DistillResult:
     return result
 
 
-def record_budget(config: DistillConfig, result: DistillResult, density: float) -> None:
-    """Calibrates a density budget at `density` for the distilled gates on the first `BUDGET_CALIBRATION_WINDOWS`
-    windows of the distillation data (`seer_jax.calibration.budget_for_density`) and records it, with the density
-    the sparse model reaches there, as the adapter's default prefill selection."""
+def record_prefill_selection(config: DistillConfig, result: DistillResult, density: float, *, budget: bool) -> None:
+    """Calibrates the distilled prefill gates' default selection at mean block density `density` on the first
+    `BUDGET_CALIBRATION_WINDOWS` windows of the distillation data and records it, with the density the sparse model
+    reaches there, in the adapter: a density budget (`seer_jax.calibration.budget_for_density`, per-layer shares)
+    with `budget`, else the threshold that reaches `density` (`seer_jax.calibration.threshold_for_density`)."""
     import jax.numpy as jnp
 
     from seer_jax.adapters import MeasuredDensity, record_selection
-    from seer_jax.calibration import budget_for_density
+    from seer_jax.calibration import budget_for_density, threshold_for_density
     from seer_jax.forwards import block_density
     from seer_jax.seer import seer_with_abstract_gates
     from train.data import eval_windows
@@ -231,12 +237,16 @@ def record_budget(config: DistillConfig, result: DistillResult, density: float) 
 
     length = config.loader.seq_len
     tokens = jnp.asarray(eval_windows(load_corpus(config.corpus), length=length, num_docs=BUDGET_CALIBRATION_WINDOWS))
-    selection = budget_for_density(result.model, tokens, density=density)
+    if budget:
+        selection = budget_for_density(result.model, tokens, density=density)
+    else:
+        selection, _ = threshold_for_density(result.model, tokens, density=density)
     sparse = seer_with_abstract_gates(result.model, dataclasses.replace(result.model.seer_config, selection=selection))
     reached = float(jnp.mean(block_density(sparse, tokens)))
     data = f"distillation data: the {len(tokens)} calibration windows of {length} tokens"
     record_selection(result.adapter_dir, selection, prefill_density=MeasuredDensity(density=reached, data=data))
-    log.info("recorded a density budget at %g (%.4f reached on %s) in %s", density, reached, data, result.adapter_dir)
+    what = f"a density budget at {density:g}" if budget else f"threshold {selection.threshold:.4g} (target {density:g})"
+    log.info("recorded %s as the default prefill selection (%.4f reached on %s)", what, reached, data)
 
 
 def record_decode_allocation(config: DistillConfig, result: DistillResult, rule: str) -> None:
@@ -267,10 +277,15 @@ def record_decode_allocation(config: DistillConfig, result: DistillResult, rule:
     )
 
 
-def record_decode_allocation_as_asked(args: argparse.Namespace, config: DistillConfig, result: DistillResult) -> None:
-    """`record_decode_allocation` by `--decode-allocation`'s rule: "recall" by default when decode gates trained."""
-    rule = args.decode_allocation or ("none" if config.target == "prefill" else "recall")
-    if rule != "none":
+def record_default_selections(args: argparse.Namespace, config: DistillConfig, result: DistillResult) -> None:
+    """The adapter's default selections as the flags ask: with prefill gates a calibrated threshold
+    (`--default-density`) or density budget (`--budget-density`); with decode gates the decode allocation of
+    `--decode-allocation`'s rule, if any."""
+    if config.target != "decode":
+        budget = args.budget_density is not None
+        record_prefill_selection(config, result, args.budget_density if budget else args.default_density, budget=budget)
+    rule = args.decode_allocation or "none"
+    if rule != "none" and config.target != "prefill":
         record_decode_allocation(config, result, rule)
 
 
@@ -321,7 +336,7 @@ def run_demo(args: argparse.Namespace) -> None:
         dtype="float32",
     )
     result = run_distillation(config)
-    record_decode_allocation_as_asked(args, config, result)
+    record_default_selections(args, config, result)
     if config.target == "decode":
         log.info("demo: the perplexity table measures prefill gates; decode gates are evaluated by train.eval_ppl")
         return
@@ -355,7 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="record a density budget at this mean density as the adapter's default prefill selection, its "
         f"per-layer shares calibrated on the first {BUDGET_CALIBRATION_WINDOWS} distillation windows (default: "
-        "TopK nz_ratio 0.3)",
+        "the threshold of --default-density)",
+    )
+    parser.add_argument(
+        "--default-density",
+        type=float,
+        default=DEFAULT_DENSITY,
+        help="without --budget-density: record as the adapter's default prefill selection the threshold that keeps "
+        f"this block density on the first {BUDGET_CALIBRATION_WINDOWS} distillation windows, with the density reached",
     )
     parser.add_argument(
         "--decode-allocation",
@@ -363,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with decode gates: record in the adapter how a decode budget is shared among layers, calibrated on the "
         f"first {BUDGET_CALIBRATION_WINDOWS} distillation windows after training (one dense forward per window) by "
         "rule recall (the gate's ranking: layers whose gate ranks poorly get more blocks) or coverage (the "
-        "attention's), or none: every layer the same budget (default: recall with decode gates)",
+        "attention's), or none: every layer the same budget (on the testbed uniform measured best)",
     )
     demo_cache = Path.home() / ".cache" / "seer-jax" / "demo"
     parser.add_argument("--demo-cache", type=Path, default=demo_cache, help="the demo's model and corpus cache")
@@ -397,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--eval-data measures prefill gates; evaluate decode gates with python -m train.eval_ppl")
         if args.budget_density is not None and (args.target == "decode" or not 0 < args.budget_density <= 1):
             parser.error("--budget-density needs prefill gates (--target prefill or both) and a density in (0, 1]")
+        if not 0 < args.default_density <= 1:
+            parser.error(f"--default-density must be in (0, 1], got {args.default_density}")
         if args.decode_allocation not in (None, "none") and args.target == "prefill":
             parser.error("--decode-allocation needs decode gates (--target decode or both)")
         args.model = resolve_model_path(args.model)
@@ -410,9 +434,7 @@ def main(argv: list[str] | None = None) -> None:
             dtype=args.dtype,
         )
         result = run_distillation(config)
-        if args.budget_density is not None:
-            record_budget(config, result, args.budget_density)
-        record_decode_allocation_as_asked(args, config, result)
+        record_default_selections(args, config, result)
         if args.eval_data:
             eval_config = EvalConfig(
                 model=args.model,

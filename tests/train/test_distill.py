@@ -13,18 +13,19 @@ import pytest
 from flax import nnx
 
 from seer_jax.adapters import ADAPTER_FILE, attach_gates, read_adapter
-from seer_jax.calibration import budget_for_density
+from seer_jax.calibration import budget_for_density, threshold_for_density
 from seer_jax.decode_calibration import decode_allocation
 from seer_jax.decode_config import DecodeConfig
 from seer_jax.decode_gate import DECODE_GATE_PARAMS
+from seer_jax.forwards import block_density
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.model import CausalLM
-from seer_jax.seer import SeerConfig, seer_from_base
+from seer_jax.seer import SeerConfig, seer_from_base, seer_with_abstract_gates
 from tests.seer_jax.tiny_models import random_module
 from tests.train.tiny import write_docs
 from train.data import LoaderConfig, eval_windows
 from train.distill import ADAPTER_DIR, GATE_OPTIMIZER, DistillConfig, distill
-from train.distill_gates import BUDGET_CALIBRATION_WINDOWS, record_budget, record_decode_allocation_as_asked
+from train.distill_gates import BUDGET_CALIBRATION_WINDOWS, record_default_selections, record_prefill_selection
 from train.distill_gates import main as distill_gates_main
 from train.token_corpus import CorpusConfig, load_corpus
 from train.trainer import TrainLoopConfig
@@ -249,7 +250,7 @@ def test_budget_density_records_a_calibrated_budget(data, straight_run, tmp_path
     adapter_dir = tmp_path / "adapter"
     shutil.copytree(result.adapter_dir, adapter_dir)
     config = _config(data, tmp_path / "run", steps=8)
-    record_budget(config, dataclasses.replace(result, adapter_dir=adapter_dir), 0.4)
+    record_prefill_selection(config, dataclasses.replace(result, adapter_dir=adapter_dir), 0.4, budget=True)
     adapter = read_adapter(adapter_dir)
     windows = eval_windows(load_corpus(config.corpus), length=512, num_docs=BUDGET_CALIBRATION_WINDOWS)
     assert adapter.seer_config.selection == budget_for_density(model, jnp.asarray(windows), density=0.4)
@@ -263,25 +264,43 @@ def test_budget_density_records_a_calibrated_budget(data, straight_run, tmp_path
         )
 
 
-def test_decode_allocation_is_recorded_by_default(data, decode_run, tmp_path):
-    """Decode gates trained and no --decode-allocation: the recall rule's allocation, calibrated on the first
-    distillation windows from the run's slice ratio on, joins the adapter's decode config (format 3); "none" and a
-    prefill-only run record nothing; asking for one without decode gates is a one-line CLI error."""
+def test_default_prefill_selection_is_a_calibrated_threshold(data, straight_run, tmp_path):
+    """Without --budget-density: the adapter's default selection becomes the threshold that keeps
+    --default-density of the blocks on the first distillation windows (`threshold_for_density`), recorded with the
+    density the sparse model reaches there."""
+    model, result, _, _ = straight_run
+    adapter_dir = tmp_path / "adapter"
+    shutil.copytree(result.adapter_dir, adapter_dir)
+    config = _config(data, tmp_path / "run", steps=8)
+    args = argparse.Namespace(budget_density=None, default_density=0.3, decode_allocation=None)
+    record_default_selections(args, config, dataclasses.replace(result, adapter_dir=adapter_dir))
+    adapter = read_adapter(adapter_dir)
+    windows = jnp.asarray(eval_windows(load_corpus(config.corpus), length=512, num_docs=BUDGET_CALIBRATION_WINDOWS))
+    expected, estimated = threshold_for_density(model, windows, density=0.3)
+    assert adapter.seer_config.selection == expected and 0 < expected.threshold < 1
+    sparse = seer_with_abstract_gates(model, dataclasses.replace(model.seer_config, selection=expected))
+    np.testing.assert_allclose(adapter.prefill_density.density, float(jnp.mean(block_density(sparse, windows))))
+    assert abs(adapter.prefill_density.density - estimated) < 0.02  # the dense-logit estimate is close
+    assert f"{len(windows)} calibration windows of 512 tokens" in adapter.prefill_density.data
+
+
+def test_decode_allocation_is_recorded_when_asked(data, decode_run, tmp_path):
+    """--decode-allocation recall: the recall rule's allocation, calibrated on the first distillation windows from
+    the run's slice ratio on, joins the adapter's decode config (format 3); by default ("none", uniform budgets:
+    better on the testbed) nothing is recorded; asking for one without decode gates is a one-line CLI error."""
     model, result, _, _, _ = decode_run
     config = _config(data, tmp_path / "run", steps=8, target="decode", decode=DECODE, decode_slice_ratio=0.25)
     copies = {}
-    for name, flag, target in (("default", None, "decode"), ("none", "none", "decode"), ("prefill", None, "prefill")):
+    for name, flag in (("recall", "recall"), ("default", None)):
         copies[name] = tmp_path / name
         shutil.copytree(result.adapter_dir, copies[name])
-        run = dataclasses.replace(config, target=target, decode=None if target == "prefill" else DECODE)
-        args = argparse.Namespace(decode_allocation=flag)
-        record_decode_allocation_as_asked(args, run, dataclasses.replace(result, adapter_dir=copies[name]))
+        args = argparse.Namespace(decode_allocation=flag, budget_density=None, default_density=0.3)
+        record_default_selections(args, config, dataclasses.replace(result, adapter_dir=copies[name]))
     windows = eval_windows(load_corpus(config.corpus), length=512, num_docs=BUDGET_CALIBRATION_WINDOWS)
     expected = decode_allocation(model, jnp.asarray(windows), rule="recall", scored_from=0.25)
-    assert read_adapter(copies["default"]).seer_config.decode == dataclasses.replace(DECODE, allocation=expected)
+    assert read_adapter(copies["recall"]).seer_config.decode == dataclasses.replace(DECODE, allocation=expected)
     assert expected.rule == "recall" and expected.length == 512
-    assert json.loads((copies["default"] / ADAPTER_FILE).read_text())["format"] == 3
-    for name in ("none", "prefill"):
-        assert read_adapter(copies[name]).seer_config.decode == DECODE
+    assert json.loads((copies["recall"] / ADAPTER_FILE).read_text())["format"] == 3
+    assert read_adapter(copies["default"]).seer_config.decode == DECODE
     with pytest.raises(SystemExit):
         distill_gates_main(["--model", "m", "--data", "d", "--out", "o", "--decode-allocation", "recall"])
