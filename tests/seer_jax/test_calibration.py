@@ -185,7 +185,7 @@ def test_budget_shares_from_attention():
     """shares_from="attention": the order statistic runs on the true pooled attention (the gates' distillation
     target), whatever the gates say: gates without any opinion (logits × 0) still get the attention's shares."""
     model = budget_model((0.0, 0.0))
-    covered = budget_allocation(model, *batch(), densities=(0.5,), shares_from="attention")
+    covered = budget_allocation(model, *batch(), densities=(0.5,), shares_from="attention", rule="coverage")
     np.testing.assert_allclose(covered.layer_budgets(0.5), reference_shares(model, 0.5, "attention"), atol=1e-9)
     selection = budget_for_density(model, *batch(), density=0.5, shares_from="attention", rule="probability")
     expected = reference_shares(model, 0.5, "attention", rule="probability")
@@ -204,12 +204,13 @@ def test_budget_is_not_uniform():
     once the confident layer has its blocks, the budget goes to the unsure one; swapping the gates swaps the
     shares. A uniform budget (no allocation) gives both layers the target instead."""
     target = 0.6
+    rule = "probability"  # the default
     confident_first = budget_model((50.0, 0.0))
     shares = layer_densities(confident_first, budget_for_density(confident_first, *batch(), density=target))
     confident_last = budget_model((0.0, 50.0))
     swapped = layer_densities(confident_last, budget_for_density(confident_last, *batch(), density=target))
-    np.testing.assert_allclose(shares, reference_shares(confident_first, target), atol=2 * ONE_BLOCK)
-    np.testing.assert_allclose(swapped, reference_shares(confident_last, target), atol=2 * ONE_BLOCK)
+    np.testing.assert_allclose(shares, reference_shares(confident_first, target, rule=rule), atol=2 * ONE_BLOCK)
+    np.testing.assert_allclose(swapped, reference_shares(confident_last, target, rule=rule), atol=2 * ONE_BLOCK)
     assert shares[1] > shares[0] + 0.2 and swapped[0] > swapped[1] + 0.2
     uniform = layer_densities(confident_first, Selection(method="budget", budget=target))
     np.testing.assert_allclose(uniform, target, atol=2 * ONE_BLOCK)
@@ -222,7 +223,9 @@ def test_budget_allocation_points_and_limits():
     allocation = budget_allocation(model, *batch(), densities=(0.5,))
     assert allocation.densities == (11 / 38, 0.5, 1.0)
     assert allocation.layer_densities[0] == (11 / 38, 11 / 38) and allocation.layer_densities[-1] == (1.0, 1.0)
-    np.testing.assert_allclose(allocation.layer_densities[1], reference_shares(model, 0.5), atol=1e-9)
+    np.testing.assert_allclose(
+        allocation.layer_densities[1], reference_shares(model, 0.5, rule="probability"), atol=1e-9
+    )  # the default rule
     floor = layer_densities(model, budget_for_density(model, *batch(), density=0.05))
     np.testing.assert_allclose(floor, 11 / 38, atol=1e-6)
     one_sparse = budget_allocation(gated(LAST), *batch(), densities=(0.5,))
