@@ -18,6 +18,8 @@ docs/design.md §8 describes:
 
 `decode_key_mask` turns a selection into the key mask of the masked dense attention that computes it exactly;
 `decode_block_index` into the (block_index, block_count) lists of `pallas_kernels.block_sparse_decode`.
+`decode_block_lists` makes those lists straight from the scores (the decode step's path): under a budget from the
+top-k's block ids and the forced blocks, with no [B, K, J] mask, prefix sum or scatter in between.
 """
 
 import jax
@@ -64,10 +66,97 @@ def _top_blocks(scores: jax.Array, candidates: jax.Array, most: int, count: jax.
     chosen = jnp.zeros(scores.shape, bool)  # [B, K, J]
     if most == 0:
         return chosen
-    _, top = jax.lax.top_k(jnp.where(candidates[:, None, :], scores, -jnp.inf), most)  # [B, K, most], best first
+    _, top = jax.lax.top_k(_candidate_scores(scores, candidates), most)  # [B, K, most], best first
     keep = jnp.ones(top.shape, bool) if count is None else jnp.arange(most) < count[:, None, None]  # [B, K, most]
     chosen = jnp.put_along_axis(chosen, top, keep, axis=-1, inplace=False)  # [B, K, J]
     return chosen & candidates[:, None, :]
+
+
+def _candidate_scores(scores: jax.Array, candidates: jax.Array) -> jax.Array:
+    """float32 [B, K, J]: the candidates' scores (at least float32's lowest, so a −inf score still outranks every
+    non-candidate) and −inf elsewhere: a top-k of it lists every candidate before any non-candidate."""
+    finite = jnp.maximum(scores, jnp.finfo(jnp.float32).min)
+    return jnp.where(candidates[:, None, :], finite, -jnp.inf)
+
+
+def max_selected_blocks(config: DecodeConfig, num_blocks: int) -> int:
+    """The most blocks one step of `config` (one layer's: `DecodeConfig.for_layer`) selects per (row, head) out of
+    `num_blocks`: the length its kernel block lists need. Under "token_budget" the budget plus the forced blocks
+    (current, sink, window); under "context_fraction" the same with the fraction of a full cache; all of them under
+    "threshold"."""
+    if config.method == "threshold":
+        return num_blocks
+    return min(num_blocks, _top_count(config, num_blocks) + _max_forced(config))
+
+
+def _top_count(config: DecodeConfig, num_blocks: int) -> int:
+    """The top-k size of a budget: token_budget // block_size, or for a context fraction f the most any row of a
+    cache of num_blocks · block_size slots can get, floor(f · n / block_size) ≤ floor(f · num_blocks) (+1 for
+    float32 rounding)."""
+    if config.method == "token_budget":
+        return min(config.budget_blocks, num_blocks)
+    return min(int(config.context_fraction * num_blocks) + 1, num_blocks)
+
+
+def _max_forced(config: DecodeConfig) -> int:
+    """The most forced blocks of a step: the current one, the sink, and the blocks of the sliding window."""
+    window_blocks = -(-config.sliding_window // config.block_size) + 1 if config.sliding_window else 0
+    return 1 + int(config.force_sink) + window_blocks
+
+
+def decode_block_lists(
+    scores: jax.Array, lengths: jax.Array, config: DecodeConfig, num_slots: int
+) -> tuple[jax.Array, jax.Array]:
+    """`decode_block_index(select_decode_blocks(scores, lengths, config), num_slots)` as a set, built from the
+    scores directly: (block_index int32 [B, K, M], block_count int32 [B, K]) with M = num_slots ≥
+    `max_selected_blocks(config, J)`.
+
+    Under a budget the list is the top-k's candidate ids, best first, then the forced blocks (current block, the
+    window's blocks backwards, the sink), −1 after: the order `pallas_kernels.block_sparse_decode` accepts (any),
+    which spares the decode step a [B, K, J] mask, its prefix sum and a scatter per layer. A threshold selection goes
+    through the mask."""
+    num_blocks = scores.shape[-1]
+    if config.method == "threshold":
+        return decode_block_index(select_decode_blocks(scores, lengths, config), num_slots)
+    most = _top_count(config, num_blocks)
+    if num_slots < most + _max_forced(config) and num_slots < num_blocks:
+        raise ValueError(f"num_slots={num_slots} cannot hold the {most} top blocks and the forced ones")
+    block_size = config.block_size
+    blocks = jnp.arange(num_blocks)[None, :]  # [1, J]
+    current = (lengths - 1) // block_size  # [B]
+    first = current if not config.sliding_window else jnp.maximum(lengths - config.sliding_window, 0) // block_size
+    # Forced ids, distinct, in slots 0 … num_forced − 1: current, current − 1, … first (the window), then the sink
+    # unless the window (or the current block) already holds block 0.
+    num_window = current - first + 1  # [B]
+    sink = jnp.asarray(config.force_sink) & (first > 0)  # [B]
+    num_forced = num_window + sink.astype(num_window.dtype)  # [B]
+    slots_forced = _max_forced(config)
+    f = jnp.arange(slots_forced)[None, :]  # [1, F]
+    forced_ids = jnp.where(f < num_window[:, None], current[:, None] - f, 0)  # [B, F]; the sink at f == num_window
+    forced = (blocks >= first[:, None]) & (blocks <= current[:, None])  # [B, J]
+    if config.force_sink:
+        forced = forced | (blocks == 0)
+    candidates = (blocks < current[:, None]) & ~forced  # [B, J]
+    if config.method == "token_budget":
+        count = jnp.full(lengths.shape, most, jnp.int32)
+    else:
+        budget = jnp.float32(config.context_fraction) * lengths.astype(jnp.float32)  # [B] tokens
+        count = jnp.floor(budget / block_size).astype(jnp.int32)  # [B]
+    count = jnp.minimum(count, jnp.sum(candidates, axis=-1, dtype=jnp.int32))  # [B] top blocks taken
+    slots = jnp.arange(num_slots)[None, None, :]  # [1, 1, M]
+    taken = count[:, None, None]  # [B, 1, 1]
+    if most > 0:
+        _, top = jax.lax.top_k(_candidate_scores(scores, candidates), most)  # [B, K, most] candidates first
+        from_top = jnp.take_along_axis(top, jnp.minimum(slots, most - 1), axis=-1)  # [B, K, M]
+    else:
+        from_top = jnp.zeros((*scores.shape[:2], num_slots), jnp.int32)
+    from_forced = jnp.take_along_axis(
+        forced_ids[:, None, :], jnp.clip(slots - taken, 0, slots_forced - 1), axis=-1
+    )  # [B, 1, M]
+    total = (count + num_forced)[:, None]  # [B, 1]
+    index = jnp.where(slots < taken, from_top, jnp.where(slots < total[..., None], from_forced, -1))  # [B, K, M]
+    block_count = jnp.broadcast_to(jnp.minimum(total, num_slots), scores.shape[:2])  # [B, K]
+    return index.astype(jnp.int32), block_count.astype(jnp.int32)
 
 
 def available_blocks(lengths: jax.Array, block_size: int) -> jax.Array:

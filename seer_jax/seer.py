@@ -66,7 +66,13 @@ from seer_jax.block_scores import SOURCES, ScoreInputs
 from seer_jax.config import ModelConfig
 from seer_jax.decode_gate import DecodeAttnGate
 from seer_jax.decode_scores import DECODE_SOURCES, DecodeScoreInputs
-from seer_jax.decode_selection import available_blocks, decode_block_index, decode_key_mask, select_decode_blocks
+from seer_jax.decode_selection import (
+    available_blocks,
+    decode_block_lists,
+    decode_key_mask,
+    max_selected_blocks,
+    select_decode_blocks,
+)
 from seer_jax.decode_target import DecodeFeatures, decode_target_per_device
 from seer_jax.gate import AttnGate, GateParam
 from seer_jax.head_parallel import (
@@ -203,47 +209,53 @@ class SeerAttention(Attention):
                 key=jax.random.fold_in(jax.random.key(self.seer_config.seed), self.layer_index),
             )
             scores = DECODE_SOURCES[decode.source](inputs)  # [B, K, J], or [B, N, J] per query head (quest)
-            block_mask = select_decode_blocks(scores, lengths, decode.for_layer(self.layer_index))  # like scores
-            if block_mask.shape[1] == self.num_kv_heads:
-                out = self._attend_blocks(q_rot, k_cache, v_cache, block_mask, key_mask)  # [B, 1, N, H]
+            layer_decode = decode.for_layer(self.layer_index)
+            if scores.shape[1] == self.num_kv_heads:  # block lists straight from the scores, for the decode kernel
+                num_slots = max_selected_blocks(layer_decode, scores.shape[-1])
+                index, count = decode_block_lists(scores, lengths, layer_decode, num_slots)  # [B, K, M], [B, K]
+                out = self._attend_blocks(q_rot, k_cache, v_cache, index, count, key_mask)  # [B, 1, N, H]
+                selected = jnp.sum(count)
             else:  # per query head: the decode kernel shares a selection by the query heads of a kv head
+                block_mask = select_decode_blocks(scores, lengths, layer_decode)  # [B, N, J]
                 allowed = decode_key_mask(block_mask, key_mask, decode.block_size)  # [B, N, S]
                 out = self._attend_selected(q_rot, k_cache, v_cache, allowed)  # [B, 1, N, H]
-            selected, available = jnp.sum(block_mask), block_mask.shape[1] * available
+                selected = jnp.sum(block_mask)
+            available = scores.shape[1] * available
         collected = {}
         if "decode_blocks" in collect:
             collected["decode_blocks"] = jnp.stack([selected, available]).astype(jnp.float32)  # [2]
         return out, state, collected
 
     def _attend_blocks(
-        self, q_rot: jax.Array, k_cache: jax.Array, v_cache: jax.Array, block_mask: jax.Array, key_mask: jax.Array
+        self,
+        q_rot: jax.Array,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        block_index: jax.Array,
+        block_count: jax.Array,
+        key_mask: jax.Array,
     ) -> jax.Array:
-        """Rotated q [B, 1, N, H] over the blocks selected per kv head (bool [B, K, J], each row's own block
-        coordinates) of the left-padded cache [B, S, K, H] (real slots `key_mask` [B, S]) → [B, 1, N, H].
+        """Rotated q [B, 1, N, H] over the blocks listed per kv head (block_index int32 [B, K, M] with block_count
+        [B, K], each row's own block coordinates: `decode_block_lists`) of the left-padded cache [B, S, K, H] (real
+        slots `key_mask` [B, S]) → [B, 1, N, H].
 
-        `pallas_kernels.block_sparse_decode` reads the selected blocks only: row b's real tokens are contiguous from
+        `pallas_kernels.block_sparse_decode` reads the listed blocks only: row b's real tokens are contiguous from
         its first real slot (left padding, then every decoded token), so that slot is the row's `starts` and its
         own block j is slots starts + j · block_size ….
         """
-        decode = self.seer_config.decode
         lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)  # [B]
         starts = jnp.argmax(key_mask, axis=-1).astype(jnp.int32)  # [B] the first real slot
-        index, count = decode_block_index(block_mask, self._max_selected_blocks(block_mask.shape[-1]))
         out = block_sparse_decode_per_device(
-            q_rot[:, 0], k_cache, v_cache, lengths, index, count, starts, block_size=decode.block_size
+            q_rot[:, 0],
+            k_cache,
+            v_cache,
+            lengths,
+            block_index,
+            block_count,
+            starts,
+            block_size=self.seer_config.decode.block_size,
         )  # [B, N, H]
         return out[:, None]  # [B, 1, N, H]
-
-    def _max_selected_blocks(self, num_blocks: int) -> int:
-        """The most blocks a step of this layer can select out of `num_blocks` (the decode kernel's block-list
-        length): the layer's token budget (`DecodeConfig.for_layer`) plus the forced ones under "token_budget", all
-        of them otherwise."""
-        decode = self.seer_config.decode.for_layer(self.layer_index)
-        if decode.method != "token_budget":
-            return num_blocks
-        window_blocks = -(-decode.sliding_window // decode.block_size) + 1 if decode.sliding_window else 0
-        forced = 1 + int(decode.force_sink) + window_blocks
-        return min(num_blocks, decode.budget_blocks + forced)
 
     def _attend_selected(
         self, q_rot: jax.Array, k_cache: jax.Array, v_cache: jax.Array, allowed: jax.Array

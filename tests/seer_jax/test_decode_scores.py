@@ -17,7 +17,7 @@ from seer_jax.decode_scores import (
     row_blocks,
     streaming_decode_scores,
 )
-from seer_jax.decode_selection import decode_key_mask, select_decode_blocks
+from seer_jax.decode_selection import decode_block_lists, decode_key_mask, max_selected_blocks, select_decode_blocks
 from tests.seer_jax.decode_models import DECODE, decode_model
 
 BLOCK = 4
@@ -244,7 +244,10 @@ def test_attend_blocks_reads_each_rows_own_blocks_of_a_left_padded_cache(budget_
     k, v = rng.standard_normal((2, 3, slots, num_kv_heads, head_dim)).astype(np.float32)
     scores = rng.standard_normal((3, num_kv_heads, -(-slots // block))).astype(np.float32)
     block_mask = select_decode_blocks(jnp.asarray(scores), jnp.asarray(lengths, jnp.int32), decode)  # [B, K, J]
-    out = layer._attend_blocks(*(jnp.asarray(x) for x in (q, k, v, block_mask, key_mask)))
+    index, count = decode_block_lists(
+        jnp.asarray(scores), jnp.asarray(lengths, jnp.int32), decode, max_selected_blocks(decode, scores.shape[-1])
+    )
+    out = layer._attend_blocks(*(jnp.asarray(x) for x in (q, k, v, index, count, key_mask)))
     allowed = np.asarray(decode_key_mask(block_mask, jnp.asarray(key_mask), block))  # [B, K, S]
     assert (allowed.sum(-1) < key_mask.sum(-1)[:, None]).any() == (budget_blocks == 2)
     per_q_head = np.repeat(allowed, num_q_heads // num_kv_heads, axis=1)  # [B, N, S]

@@ -4,8 +4,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.block_sparse_decode.reference import check_decode_index, selected_block_mask
 from seer_jax.decode_config import DecodeConfig
-from seer_jax.decode_selection import available_blocks, decode_block_index, decode_key_mask, select_decode_blocks
+from seer_jax.decode_selection import (
+    available_blocks,
+    decode_block_index,
+    decode_block_lists,
+    decode_key_mask,
+    max_selected_blocks,
+    select_decode_blocks,
+)
 
 BLOCK = 16
 # Rows whose current block is 0 (one token; a full first block), 1 (just opened), 9 (completed at this token), 6.
@@ -131,3 +139,59 @@ def test_block_index_lists_the_selection():
     narrow, narrow_count = (np.asarray(x) for x in decode_block_index(jnp.asarray(block_mask), num_slots=2))
     np.testing.assert_array_equal(narrow_count, np.minimum(count, 2))  # the first two selected blocks kept
     np.testing.assert_array_equal(narrow, np.where(np.arange(2) < narrow_count[..., None], index[..., :2], -1))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        DecodeConfig(block_size=BLOCK, token_budget=3 * BLOCK + 5),
+        DecodeConfig(block_size=BLOCK, token_budget=2 * BLOCK, force_sink=False),
+        DecodeConfig(block_size=BLOCK, token_budget=BLOCK, sliding_window=40),
+        DecodeConfig(block_size=BLOCK, token_budget=0, force_sink=False, sliding_window=1),
+        DecodeConfig(block_size=BLOCK, token_budget=10**5),
+        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=0.25),
+        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=0.07, force_sink=False),
+        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=1.0),
+        DecodeConfig(block_size=BLOCK, method="threshold", threshold=0.08),
+        DecodeConfig(block_size=BLOCK, method="threshold", threshold=0.2, force_sink=False, sliding_window=33),
+    ],
+    ids=[
+        "budget",
+        "budget-no-sink",
+        "budget-window",
+        "window-only",
+        "everything",
+        "fraction",
+        "fraction-no-sink",
+        "fraction-everything",
+        "threshold",
+        "threshold-window",
+    ],
+)
+@pytest.mark.parametrize("scores_kind", ["random", "ties"])
+def test_block_lists_list_the_selection(config, scores_kind):
+    """`decode_block_lists` (the decode step's path: top-k ids and forced blocks, no mask) lists exactly the blocks
+    `select_decode_blocks` selects, each once, within `max_selected_blocks` slots, −1 after; ragged rows whose
+    current block is 0, just opened, just completed and mid-way; tied scores (ties to the lower block in both)."""
+    rng = np.random.default_rng(7)
+    num_blocks = 12
+    scores = rng.standard_normal((len(LENGTHS), 3, num_blocks)).astype(np.float32)
+    if scores_kind == "ties":
+        scores = np.round(scores)  # many equal scores
+    scores[1, 0, 0] = -np.inf  # a −inf candidate is still a candidate
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    num_slots = max_selected_blocks(config, num_blocks)
+    index, count = (np.asarray(x) for x in decode_block_lists(jnp.asarray(scores), lengths, config, num_slots))
+    assert index.shape == (len(LENGTHS), 3, num_slots) and index.dtype == count.dtype == np.int32
+    check_decode_index(index, count, num_kv_blocks=num_blocks)  # in range and distinct
+    expected = np.asarray(select_decode_blocks(jnp.asarray(scores), lengths, config))
+    np.testing.assert_array_equal(np.asarray(selected_block_mask(index, count, num_blocks)), expected)
+    np.testing.assert_array_equal(count, expected.sum(-1))
+    assert (index[np.arange(num_slots) >= count[..., None]] == -1).all()
+
+
+def test_block_lists_need_room_for_the_budget():
+    config = DecodeConfig(block_size=BLOCK, token_budget=4 * BLOCK)
+    scores, lengths = jnp.zeros((1, 1, 20)), jnp.asarray([300], jnp.int32)
+    with pytest.raises(ValueError, match="num_slots=4"):
+        decode_block_lists(scores, lengths, config, 4)

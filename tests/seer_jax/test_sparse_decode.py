@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels.block_sparse_decode import block_sparse_decode_implementation
+from pallas_kernels.block_sparse_decode.reference import selected_block_mask
 from seer_jax.decode_config import DecodeAllocation, DecodeConfig
 from seer_jax.decode_selection import decode_key_mask
 from seer_jax.forwards import decode_logits_and_density
@@ -125,12 +126,17 @@ def test_allocation_gives_each_layer_its_budget(decode, expected, monkeypatch):
     monkeypatch.setattr(
         SeerAttention,
         "_attend_blocks",
-        lambda self, q, k, v, blocks, key_mask: self._attend_selected(
-            q, k, v, decode_key_mask(blocks, key_mask, DECODE_BLOCK)
+        lambda self, q, k, v, index, count, key_mask: self._attend_selected(
+            q, k, v, decode_key_mask(listed_blocks(index, count, k.shape[1], DECODE_BLOCK), key_mask, DECODE_BLOCK)
         ),
     )
     masked, _ = nnx.jit(decode_logits_and_density.__wrapped__)(model, tokens, mask, generated)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(masked), rtol=1e-5, atol=1e-5)
+
+
+def listed_blocks(index: jax.Array, count: jax.Array, num_slots: int, block_size: int) -> jax.Array:
+    """The decode kernel's block lists as the bool [B, K, J] selection they list (J blocks of a num_slots cache)."""
+    return selected_block_mask(index, count, -(-num_slots // block_size))
 
 
 def test_left_padded_row_decodes_as_alone():
@@ -188,8 +194,11 @@ def test_mosaic_decode_kernel_in_the_model(monkeypatch):
     monkeypatch.setattr(  # the same selections through the masked dense path
         SeerAttention,
         "_attend_blocks",
-        lambda self, q, k, v, blocks, key_mask: self._attend_selected(
-            q, k, v, decode_key_mask(blocks, key_mask, small.block_size)
+        lambda self, q, k, v, index, count, key_mask: self._attend_selected(
+            q,
+            k,
+            v,
+            decode_key_mask(listed_blocks(index, count, k.shape[1], small.block_size), key_mask, small.block_size),
         ),
     )
     masked, masked_density = log_probs(small)
