@@ -282,6 +282,8 @@ def test_default_prefill_selection_is_a_calibrated_threshold(data, straight_run,
     np.testing.assert_allclose(adapter.prefill_density.density, float(jnp.mean(block_density(sparse, windows))))
     assert abs(adapter.prefill_density.density - estimated) < 0.02  # the dense-logit estimate is close
     assert f"{len(windows)} calibration windows of 512 tokens" in adapter.prefill_density.data
+    with pytest.raises(SystemExit):
+        distill_gates_main(["--model", "m", "--data", "d", "--out", "o", "--default-density", "0"])
 
 
 def test_decode_allocation_is_recorded_when_asked(data, decode_run, tmp_path):
