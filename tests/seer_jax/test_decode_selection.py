@@ -20,6 +20,36 @@ BLOCK = 16
 LENGTHS = np.asarray([1, 16, 17, 160, 100])
 
 
+# Every selection rule: budgets (with and without sink, window), context fractions, thresholds.
+CONFIGS = pytest.mark.parametrize(
+    "config",
+    [
+        DecodeConfig(block_size=BLOCK, token_budget=3 * BLOCK + 5),
+        DecodeConfig(block_size=BLOCK, token_budget=2 * BLOCK, force_sink=False),
+        DecodeConfig(block_size=BLOCK, token_budget=BLOCK, sliding_window=40),
+        DecodeConfig(block_size=BLOCK, token_budget=0, force_sink=False, sliding_window=1),
+        DecodeConfig(block_size=BLOCK, token_budget=10**5),
+        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=0.25),
+        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=0.07, force_sink=False),
+        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=1.0),
+        DecodeConfig(block_size=BLOCK, method="threshold", threshold=0.08),
+        DecodeConfig(block_size=BLOCK, method="threshold", threshold=0.2, force_sink=False, sliding_window=33),
+    ],
+    ids=[
+        "budget",
+        "budget-no-sink",
+        "budget-window",
+        "window-only",
+        "everything",
+        "fraction",
+        "fraction-no-sink",
+        "fraction-everything",
+        "threshold",
+        "threshold-window",
+    ],
+)
+
+
 def numpy_selection(scores: np.ndarray, lengths: np.ndarray, config: DecodeConfig) -> np.ndarray:
     """One (row, kv head) at a time, as SEER_R_SPEC §3 with docs/design.md's deviations."""
     batch, heads, _ = scores.shape
@@ -53,33 +83,7 @@ def numpy_selection(scores: np.ndarray, lengths: np.ndarray, config: DecodeConfi
     return mask
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        DecodeConfig(block_size=BLOCK, token_budget=3 * BLOCK + 5),
-        DecodeConfig(block_size=BLOCK, token_budget=2 * BLOCK, force_sink=False),
-        DecodeConfig(block_size=BLOCK, token_budget=BLOCK, sliding_window=40),
-        DecodeConfig(block_size=BLOCK, token_budget=0, force_sink=False, sliding_window=1),
-        DecodeConfig(block_size=BLOCK, token_budget=10**5),
-        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=0.25),
-        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=0.07, force_sink=False),
-        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=1.0),
-        DecodeConfig(block_size=BLOCK, method="threshold", threshold=0.08),
-        DecodeConfig(block_size=BLOCK, method="threshold", threshold=0.2, force_sink=False, sliding_window=33),
-    ],
-    ids=[
-        "budget",
-        "budget-no-sink",
-        "budget-window",
-        "window-only",
-        "everything",
-        "fraction",
-        "fraction-no-sink",
-        "fraction-everything",
-        "threshold",
-        "threshold-window",
-    ],
-)
+@CONFIGS
 @pytest.mark.parametrize("heads", [2, 4], ids=["per-kv-head", "per-q-head"])
 def test_selection_matches_numpy(config, heads):
     """Scores [B, K, J] or (Quest) [B, N, J]: each head selects on its own row of scores."""
@@ -141,33 +145,7 @@ def test_block_index_lists_the_selection():
     np.testing.assert_array_equal(narrow, np.where(np.arange(2) < narrow_count[..., None], index[..., :2], -1))
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        DecodeConfig(block_size=BLOCK, token_budget=3 * BLOCK + 5),
-        DecodeConfig(block_size=BLOCK, token_budget=2 * BLOCK, force_sink=False),
-        DecodeConfig(block_size=BLOCK, token_budget=BLOCK, sliding_window=40),
-        DecodeConfig(block_size=BLOCK, token_budget=0, force_sink=False, sliding_window=1),
-        DecodeConfig(block_size=BLOCK, token_budget=10**5),
-        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=0.25),
-        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=0.07, force_sink=False),
-        DecodeConfig(block_size=BLOCK, method="context_fraction", context_fraction=1.0),
-        DecodeConfig(block_size=BLOCK, method="threshold", threshold=0.08),
-        DecodeConfig(block_size=BLOCK, method="threshold", threshold=0.2, force_sink=False, sliding_window=33),
-    ],
-    ids=[
-        "budget",
-        "budget-no-sink",
-        "budget-window",
-        "window-only",
-        "everything",
-        "fraction",
-        "fraction-no-sink",
-        "fraction-everything",
-        "threshold",
-        "threshold-window",
-    ],
-)
+@CONFIGS
 @pytest.mark.parametrize("scores_kind", ["random", "ties"])
 def test_block_lists_list_the_selection(config, scores_kind):
     """`decode_block_lists` (the decode step's path: top-k ids and forced blocks, no mask) lists exactly the blocks
