@@ -22,6 +22,8 @@ docs/design.md §8 describes:
 top-k's block ids and the forced blocks, with no [B, K, J] mask, prefix sum or scatter in between.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -35,29 +37,48 @@ def select_decode_blocks(scores: jax.Array, lengths: jax.Array, config: DecodeCo
     included) → bool of the same shape, the attended blocks (module docstring). Blocks past the current one are
     never attended."""
     num_blocks = scores.shape[-1]
-    block_size = config.block_size
-    blocks = jnp.arange(num_blocks)[None, :]  # [1, J]
-    current = ((lengths - 1) // block_size)[:, None]  # [B, 1]
-    scored = blocks < current  # [B, J]
-    forced = blocks == current  # [B, J]
-    if config.force_sink:
-        forced = forced | (blocks == 0)
-    if config.sliding_window:
-        first = (jnp.maximum(lengths - config.sliding_window, 0) // block_size)[:, None]  # [B, 1]
-        forced = forced | ((blocks >= first) & (blocks <= current))
+    step = _StepBlocks.of(lengths, config, num_blocks)
     scores = scores.astype(jnp.float32)
     if config.method == "threshold":
-        probs = jax.nn.softmax(jnp.where(scored[:, None, :], scores, MASKED_LOGIT), axis=-1)  # [B, K, J]
-        chosen = (probs > config.threshold) & scored[:, None, :]
+        probs = jax.nn.softmax(jnp.where(step.scored[:, None, :], scores, MASKED_LOGIT), axis=-1)  # [B, K, J]
+        chosen = (probs > config.threshold) & step.scored[:, None, :]
+    elif config.method == "token_budget":
+        chosen = _top_blocks(scores, step.candidates, _top_count(config, num_blocks))
     else:
-        candidates = scored & ~forced  # [B, J]
-        if config.method == "token_budget":
-            chosen = _top_blocks(scores, candidates, min(config.budget_blocks, num_blocks))
-        else:
-            budget = jnp.float32(config.context_fraction) * lengths.astype(jnp.float32)  # [B] tokens
-            count = jnp.floor(budget / block_size).astype(jnp.int32)  # [B]
-            chosen = _top_blocks(scores, candidates, num_blocks, count)
-    return chosen | forced[:, None, :]
+        chosen = _top_blocks(scores, step.candidates, num_blocks, _row_budget_blocks(lengths, config))
+    return chosen | step.forced[:, None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepBlocks:
+    """One decode step's blocks per row (module docstring): current int [B] (the block holding the decoded token),
+    first int [B] (the window's first block; current without a window), forced bool [B, J] (current, window, sink),
+    scored bool [B, J] (completed earlier blocks) and candidates bool [B, J] (scored and not forced)."""
+
+    current: jax.Array
+    first: jax.Array
+    forced: jax.Array
+    scored: jax.Array
+    candidates: jax.Array
+
+    @classmethod
+    def of(cls, lengths: jax.Array, config: DecodeConfig, num_blocks: int) -> "_StepBlocks":
+        blocks = jnp.arange(num_blocks)[None, :]  # [1, J]
+        current = (lengths - 1) // config.block_size  # [B]
+        first = current
+        if config.sliding_window:
+            first = jnp.maximum(lengths - config.sliding_window, 0) // config.block_size  # [B]
+        forced = (blocks >= first[:, None]) & (blocks <= current[:, None])  # [B, J]
+        if config.force_sink:
+            forced = forced | (blocks == 0)
+        scored = blocks < current[:, None]  # [B, J]
+        return cls(current=current, first=first, forced=forced, scored=scored, candidates=scored & ~forced)
+
+
+def _row_budget_blocks(lengths: jax.Array, config: DecodeConfig) -> jax.Array:
+    """int32 [B]: the blocks "context_fraction" takes by top-k in each row, floor(f · n / block_size) in float32."""
+    budget = jnp.float32(config.context_fraction) * lengths.astype(jnp.float32)  # [B] tokens
+    return jnp.floor(budget / config.block_size).astype(jnp.int32)
 
 
 def _top_blocks(scores: jax.Array, candidates: jax.Array, most: int, count: jax.Array | None = None) -> jax.Array:
@@ -121,32 +142,24 @@ def decode_block_lists(
     most = _top_count(config, num_blocks)
     if num_slots < most + _max_forced(config) and num_slots < num_blocks:
         raise ValueError(f"num_slots={num_slots} cannot hold the {most} top blocks and the forced ones")
-    block_size = config.block_size
-    blocks = jnp.arange(num_blocks)[None, :]  # [1, J]
-    current = (lengths - 1) // block_size  # [B]
-    first = current if not config.sliding_window else jnp.maximum(lengths - config.sliding_window, 0) // block_size
+    step = _StepBlocks.of(lengths, config, num_blocks)
     # Forced ids, distinct, in slots 0 … num_forced − 1: current, current − 1, … first (the window), then the sink
     # unless the window (or the current block) already holds block 0.
-    num_window = current - first + 1  # [B]
-    sink = jnp.asarray(config.force_sink) & (first > 0)  # [B]
+    num_window = step.current - step.first + 1  # [B]
+    sink = jnp.asarray(config.force_sink) & (step.first > 0)  # [B]
     num_forced = num_window + sink.astype(num_window.dtype)  # [B]
     slots_forced = _max_forced(config)
     f = jnp.arange(slots_forced)[None, :]  # [1, F]
-    forced_ids = jnp.where(f < num_window[:, None], current[:, None] - f, 0)  # [B, F]; the sink at f == num_window
-    forced = (blocks >= first[:, None]) & (blocks <= current[:, None])  # [B, J]
-    if config.force_sink:
-        forced = forced | (blocks == 0)
-    candidates = (blocks < current[:, None]) & ~forced  # [B, J]
+    forced_ids = jnp.where(f < num_window[:, None], step.current[:, None] - f, 0)  # [B, F]; the sink at f == num_window
     if config.method == "token_budget":
         count = jnp.full(lengths.shape, most, jnp.int32)
     else:
-        budget = jnp.float32(config.context_fraction) * lengths.astype(jnp.float32)  # [B] tokens
-        count = jnp.floor(budget / block_size).astype(jnp.int32)  # [B]
-    count = jnp.minimum(count, jnp.sum(candidates, axis=-1, dtype=jnp.int32))  # [B] top blocks taken
+        count = _row_budget_blocks(lengths, config)
+    count = jnp.minimum(count, jnp.sum(step.candidates, axis=-1, dtype=jnp.int32))  # [B] top blocks taken
     slots = jnp.arange(num_slots)[None, None, :]  # [1, 1, M]
     taken = count[:, None, None]  # [B, 1, 1]
     if most > 0:
-        _, top = jax.lax.top_k(_candidate_scores(scores, candidates), most)  # [B, K, most] candidates first
+        _, top = jax.lax.top_k(_candidate_scores(scores, step.candidates), most)  # [B, K, most] candidates first
         from_top = jnp.take_along_axis(top, jnp.minimum(slots, most - 1), axis=-1)  # [B, K, M]
     else:
         from_top = jnp.zeros((*scores.shape[:2], num_slots), jnp.int32)
