@@ -1,13 +1,15 @@
 """End-to-end generation: dense vs block-sparse prefill + block-sparse decode, `python -m benchmarks.generate`.
 
     python -m benchmarks.generate [--lengths 32768 131072] [--batch-sizes 1 8] [--new-tokens 512] \
-        [--densities 0.1] [--layers 4] [--profile]
+        [--densities 0.1] [--quest-weights 0] [--layers 4] [--profile]
 
 Builds the Llama-3.1-8B architecture (`benchmarks.prefill.LLAMA_31_8B`, no download) with random bf16 weights and
 random float32 gates, and generates `--new-tokens` tokens (greedy, no early stop) after a prompt of each length, for
 each batch size: dense attention (cuDNN prefill and decode), and SeerAttention at each density d — TopK prefill at
 nz_ratio d with random prefill gates, and decode steps that read a token budget of d × the prompt length
-(`DecodeConfig`, random decode gates) through `pallas_kernels.block_sparse_decode`. Random gates select arbitrary
+(`DecodeConfig`, random decode gates) through `pallas_kernels.block_sparse_decode`; with several `--quest-weights`
+one such case per weight w (`DecodeConfig.quest_weight`: the gate's scores plus w × Quest's bound from the kept block
+key bounds), "seer d +wq". Random gates select arbitrary
 blocks, which is all a timing needs. Reports time to first token (`generate` of one token: the prefill and the
 first sample), the whole generation (one compiled `generate`: prefill and every decode step), decode tokens/s
 (B · (new tokens − 1) over the difference of the two), compile times and the device's peak memory
@@ -44,6 +46,7 @@ class GenerateBenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8)
     new_tokens: int = 512
     densities: tuple[float, ...] = (0.1,)
+    quest_weights: tuple[float, ...] = (0.0,)
     layers: int = 4
     runs: int = 3
     profile: bool = False
@@ -60,6 +63,8 @@ class GenerateBenchConfig:
             raise ValueError(f"new_tokens: {self.new_tokens} must be >= 2")
         if any(not 0.0 < d < 1.0 for d in self.densities):
             raise ValueError(f"densities: {self.densities} must be in (0, 1)")
+        if not self.quest_weights or any(not w >= 0 for w in self.quest_weights):
+            raise ValueError(f"quest_weights: {self.quest_weights} must be one or more weights >= 0")
         if not 1 <= self.layers <= LLAMA_31_8B["num_hidden_layers"]:
             raise ValueError(f"layers: {self.layers} must be in [1, 32]")
         if self.runs < 1:
@@ -132,6 +137,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens, help="tokens generated per row")
     parser.add_argument("--densities", type=float, nargs="+", default=defaults.densities)
     parser.add_argument(
+        "--quest-weights",
+        type=float,
+        nargs="+",
+        default=defaults.quest_weights,
+        help="one sparse case per weight of Quest's bound added to the decode gate's scores (default: 0)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="also trace each case: the GPU kernels of a decode step, device µs"
     )
     add_run_arguments(parser, defaults)
@@ -141,6 +153,7 @@ def main(argv: list[str] | None = None) -> Path:
         batch_sizes=tuple(args.batch_sizes),
         new_tokens=args.new_tokens,
         densities=tuple(args.densities),
+        quest_weights=tuple(args.quest_weights),
         layers=args.layers,
         runs=args.runs,
         profile=args.profile,
@@ -153,21 +166,23 @@ def main(argv: list[str] | None = None) -> Path:
     model_config = dense.config
     rows = []
     path = Path(config.output_dir) / "none"
-    header = f"{'B':>3} {'T':>7} {'case':>9} {'TTFT ms':>9} {'gen ms':>9} {'decode tok/s':>13} {'vs dense':>9}"
-    print(header + f" {'peak GiB':>9}", flush=True)
+    header = f"{'B':>3} {'T':>7} {'case':>14} {'TTFT ms':>9} {'gen ms':>9} {'decode tok/s':>13}"
+    print(header + f" {'TTFT x':>7} {'decode x':>8} {'whole x':>8} {'peak GiB':>9}", flush=True)
     for length in config.lengths:
         for batch in config.batch_sizes:
             tokens = jax.random.randint(jax.random.key(length), (batch, length), 0, model_config.vocab_size, jnp.int32)
             cases = [("dense", None, dense)]
             for density in config.densities:
-                seer_config = SeerConfig(
-                    gate=GateConfig(),
-                    selection=Selection(method="nz_ratio", nz_ratio=density),
-                    decode=DecodeConfig(token_budget=int(density * length)),
-                )
-                # The dense model's weights (shared, not copied) plus random float32 gates.
-                seer = seer_from_base(dense, seer_config, rngs=nnx.Rngs(config.seed), gate_param_dtype=jnp.float32)
-                cases.append((f"seer {density}", density, seer))
+                for weight in config.quest_weights:
+                    seer_config = SeerConfig(
+                        gate=GateConfig(),
+                        selection=Selection(method="nz_ratio", nz_ratio=density),
+                        decode=DecodeConfig(token_budget=int(density * length), quest_weight=weight),
+                    )
+                    # The dense model's weights (shared, not copied) plus random float32 gates.
+                    rngs = nnx.Rngs(config.seed)
+                    seer = seer_from_base(dense, seer_config, rngs=rngs, gate_param_dtype=jnp.float32)
+                    cases.append((f"seer {density}" + (f" +{weight:g}q" if weight else ""), density, seer))
             dense_result = None
             for name, density, model in cases:
                 result = time_generation(model, tokens, config.new_tokens, config.runs, profile=config.profile)
@@ -186,8 +201,9 @@ def main(argv: list[str] | None = None) -> Path:
                 rows.append(row)
                 gib = "—" if result["peak_bytes"] is None else f"{result['peak_bytes'] / 2**30:.1f}"
                 print(
-                    f"{batch:>3} {length:>7} {name:>9} {result['ttft_ms']:>9.1f} {result['generate_ms']:>9.1f} "
-                    f"{result['decode_tokens_per_s']:>13.1f} {row['generate_speedup']:>8.2f}x {gib:>9}",
+                    f"{batch:>3} {length:>7} {name:>14} {result['ttft_ms']:>9.1f} {result['generate_ms']:>9.1f} "
+                    f"{result['decode_tokens_per_s']:>13.1f} {row['ttft_speedup']:>7.2f} {row['decode_speedup']:>8.2f} "
+                    f"{row['generate_speedup']:>8.2f} {gib:>9}",
                     flush=True,
                 )
                 for kernel, (launches, micros) in (result.get("decode_step_kernels") or {}).items():

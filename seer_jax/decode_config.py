@@ -99,6 +99,10 @@ class DecodeConfig:
         decoded one included), top-k picks floor(context_fraction · n / block_size) blocks (float32), i.e. the
         token budget context_fraction · n; forced blocks come on top.
       threshold: keep blocks whose softmax probability over the scored blocks exceeds it (`seerattn_threshold`).
+      quest_weight: w >= 0; with w > 0 the "gate" source scores a block by its gate logit plus w times Quest's
+        bound on it (`seer_jax.decode_scores.quest_bound`, the max over the kv head's G query heads), and the
+        compressed-K cache keeps each block's channel max/min of the rotated keys for it (`k_compression`);
+        0 (the official gate): the gate's logits alone. Other sources ignore it. This project's (design §8).
       force_sink: always attend the row's first block (the attention sink; the official kernel does).
       sliding_window: always attend the blocks holding the row's last `sliding_window` tokens; 0 for none
         (`seerattn_sliding_window_size`, dead in the official code).
@@ -120,6 +124,7 @@ class DecodeConfig:
     token_budget: int = 4096
     context_fraction: float = 0.1
     threshold: float = 0.0
+    quest_weight: float = 0.0
     force_sink: bool = True
     sliding_window: int = 0
     start_layer: int = 0
@@ -158,6 +163,13 @@ class DecodeConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.threshold, int | float) or not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold!r}")
+        if (
+            not isinstance(self.quest_weight, int | float)
+            or isinstance(self.quest_weight, bool)
+            or not math.isfinite(self.quest_weight)
+            or self.quest_weight < 0
+        ):
+            raise ValueError(f"quest_weight must be a finite number >= 0, got {self.quest_weight!r}")
         if self.allocation is not None:
             if not isinstance(self.allocation, DecodeAllocation):
                 raise ValueError(f"allocation must be a DecodeAllocation or None, got {type(self.allocation).__name__}")
@@ -172,6 +184,11 @@ class DecodeConfig:
         """The k pooling ops, in concatenation order."""
         ops = self.k_pooling[1:]
         return tuple(ops[start : start + 3] for start in range(0, len(ops), 3))
+
+    @property
+    def keeps_key_bounds(self) -> bool:
+        """Whether the compressed-K cache keeps per-block key max/min: the "gate" source with quest_weight > 0."""
+        return self.source == "gate" and self.quest_weight > 0
 
     @property
     def budget_blocks(self) -> int:

@@ -12,7 +12,9 @@ same number of blocks per (row, head) and evaluations compare what is selected, 
 current one get scores too, which selection ignores (only completed earlier blocks are ranked).
 
 - `gate`: the layer's decode gate, its query against the compressed keys (`seer_jax.decode_gate`,
-  `seer_jax.k_compression`); the decoded token's key is appended first.
+  `seer_jax.k_compression`); the decoded token's key is appended first. With `DecodeConfig.quest_weight` w > 0, plus
+  w × Quest's bound (below), max over the kv head's G query heads, from the block key bounds the compressed cache
+  keeps (the same values Quest recomputes from the KV cache).
 - `oracle_decode_scores` (SEER_R_SPEC §3.8): exact attention from the post-RoPE q and the KV cache: per kv head,
   the max over its G query heads of the max over the block of softmax(q·k/√H) over the row's real keys (the decoded
   token's included), as a log-probability (finite: empty blocks get log of the smallest normal float32). TopK ranks
@@ -50,7 +52,8 @@ class DecodeScoreInputs:
       k_cache: the rotated keys [B, S, K, H], the decoded token's key already written.
       key_mask: bool [B, S], the cache's real slots (the decoded token's included).
       gate: the layer's decode gate.
-      state: the layer's compressed keys with the decoded token appended ("gate" only; None for the others).
+      state: the layer's compressed keys with the decoded token appended, and their key bounds with quest_weight > 0
+        ("gate" only; None for the others).
       key: the layer's `jax.random.key` (the "random" source).
     """
 
@@ -116,22 +119,29 @@ def oracle_decode_scores(q: jax.Array, k_cache: jax.Array, key_mask: jax.Array, 
     return log_prob.transpose(0, 2, 1)  # [B, K, J]
 
 
+def quest_bound(q: jax.Array, key_max: jax.Array, key_min: jax.Array) -> jax.Array:
+    """Post-RoPE q [B, N, H] and each block's channel max / min of its kv head's keys [B, J, K, H] → f32 [B, N, J],
+    Σ_h max(q_h·max_h, q_h·min_h) · H^-½ (Quest's upper bound on q·k/√H over the block), computed as
+    q⁺·max + q⁻·min with q⁺ = max(q, 0), q⁻ = min(q, 0): two matmuls, no [B, J, N, H] product."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = key_max.shape[2]
+    grouped = q.astype(jnp.float32).reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    exact = jax.lax.Precision.HIGHEST  # float32 products, not TF32: they rank blocks
+    upper = jnp.einsum("bkgh,bjkh->bkgj", jnp.maximum(grouped, 0.0), key_max.astype(jnp.float32), precision=exact)
+    lower = jnp.einsum("bkgh,bjkh->bkgj", jnp.minimum(grouped, 0.0), key_min.astype(jnp.float32), precision=exact)
+    return (upper + lower).reshape(batch, num_q_heads, -1) * head_dim**-0.5  # [B, N, J]
+
+
 def quest_decode_scores(q: jax.Array, k_cache: jax.Array, key_mask: jax.Array, *, block_size: int) -> jax.Array:
     """Post-RoPE q [B, N, H] of the decoded token, rotated keys [B, S, K, H] and the real slots bool [B, S] →
-    f32 [B, N, J]: per query head, Σ_h max(q_h·max_h, q_h·min_h) · H^-½ over block j's real keys of its kv head
-    (module docstring); 0 for a block without real keys."""
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
+    f32 [B, N, J]: per query head, `quest_bound` over block j's real keys of its kv head (module docstring); 0 for
+    a block without real keys."""
     blocks, valid = row_blocks(k_cache.astype(jnp.float32), key_mask, block_size)  # [B, J, block_size, K, H]
     real = valid[..., None, None]  # [B, J, block_size, 1, 1]
-    k_max = jnp.max(jnp.where(real, blocks, -jnp.inf), axis=2)  # [B, J, K, H]
-    k_min = jnp.min(jnp.where(real, blocks, jnp.inf), axis=2)  # [B, J, K, H]
     occupied = jnp.any(valid, axis=-1)[..., None, None]  # [B, J, 1, 1]
-    k_max, k_min = jnp.where(occupied, k_max, 0.0), jnp.where(occupied, k_min, 0.0)
-    grouped = q.astype(jnp.float32).reshape(batch, 1, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-    bound = jnp.maximum(grouped * k_max[:, :, :, None, :], grouped * k_min[:, :, :, None, :])  # [B, J, K, G, H]
-    scores = jnp.sum(bound, axis=-1).reshape(batch, -1, num_q_heads) * head_dim**-0.5  # [B, J, N]
-    return scores.transpose(0, 2, 1)  # [B, N, J]
+    k_max = jnp.where(occupied, jnp.max(jnp.where(real, blocks, -jnp.inf), axis=2), 0.0)  # [B, J, K, H]
+    k_min = jnp.where(occupied, jnp.min(jnp.where(real, blocks, jnp.inf), axis=2), 0.0)  # [B, J, K, H]
+    return quest_bound(q, k_max, k_min)
 
 
 def streaming_decode_scores(shape: tuple[int, int, int]) -> jax.Array:
@@ -151,7 +161,14 @@ def random_decode_scores(key: jax.Array, positions: jax.Array, shape: tuple[int,
 def _gate_scores(inputs: DecodeScoreInputs) -> jax.Array:
     position = inputs.lengths - 1  # [B] the decoded token's RoPE position
     q_gate = inputs.gate.query(inputs.q, position[:, None])[:, 0]  # [B, K, E]
-    return inputs.gate.scores(q_gate, inputs.state.blocks)  # [B, K, J]
+    scores = inputs.gate.scores(q_gate, inputs.state.blocks)  # [B, K, J]
+    weight = inputs.gate.decode_config.quest_weight
+    if weight > 0:  # plus Quest's bound from the kept key bounds, max over each kv head's query heads
+        bound = quest_bound(inputs.q_rot[:, 0], inputs.state.key_max, inputs.state.key_min)  # [B, N, J]
+        batch, num_kv_heads, num_blocks = scores.shape
+        bound = jnp.max(bound.reshape(batch, num_kv_heads, -1, num_blocks), axis=2)  # [B, K, J]
+        scores = scores + weight * bound
+    return scores
 
 
 DecodeScoreSource = Callable[[DecodeScoreInputs], jax.Array]

@@ -24,6 +24,13 @@ against 2 · K · H · itemsize bytes per token for the KV cache: a ratio of E /
 released gates (E = H = 128, block_size 64). Qwen3-8B (K = 8, bf16): 32 bytes per token per layer (the KV cache
 4096), plus 128 KiB of remainder per row per layer.
 
+Key bounds (`DecodeConfig.quest_weight` > 0 with the "gate" source, design §8): the cache also keeps, per block
+and kv head, the channel-wise max and min of the block's real rotated keys (the KV cache's values, in its dtype), for
+the Quest bound the gate's scores add (`seer_jax.decode_scores.quest_bound`): filled at prefill from the prompt's
+rotated keys (the open block's too), extended at every decode step (a block's first token resets its slot). They
+equal what Quest recomputes from the KV cache, read 2 · K · H · itemsize / block_size bytes per token per step (1/64
+of the KV cache's bytes at block_size 64: 32 bytes per token per layer for K = 8, H = 128, bf16, against 4096).
+
 Fixed capacity and static shapes: `padded_to` grows the block slots with the KV cache; unused slots are zeros.
 """
 
@@ -46,10 +53,14 @@ class KCompressionCache:
         slots of blocks not yet completed.
       remainder: [B, block_size, K, H] pre-RoPE keys of each row's open block, token n at slot n % block_size;
         zeros in the slots past the open block's tokens.
+      key_max, key_min: [B, J, K, H] the channel-wise max / min of each block's real rotated keys (completed blocks
+        and the open one), zeros for blocks without tokens; None when the gate adds no Quest bound.
     """
 
     blocks: jax.Array
     remainder: jax.Array
+    key_max: jax.Array | None = None
+    key_min: jax.Array | None = None
 
     @property
     def block_size(self) -> int:
@@ -60,17 +71,42 @@ class KCompressionCache:
         extra = -(-max_length // self.block_size) - self.blocks.shape[1]
         if extra < 0:
             raise ValueError(f"cannot shrink {self.blocks.shape[1]} compressed blocks to max_length={max_length}")
-        blocks = jnp.pad(self.blocks, [(0, 0), (0, extra), (0, 0), (0, 0)])  # [B, J', K, E]
-        return KCompressionCache(blocks=blocks, remainder=self.remainder)
+
+        def grow(x: jax.Array | None) -> jax.Array | None:
+            return None if x is None else jnp.pad(x, [(0, 0), (0, extra), (0, 0), (0, 0)])  # [B, J', K, ·]
+
+        return KCompressionCache(
+            blocks=grow(self.blocks), remainder=self.remainder, key_max=grow(self.key_max), key_min=grow(self.key_min)
+        )
 
 
-def compress_prompt(gate: DecodeAttnGate, k: jax.Array, lengths: jax.Array) -> KCompressionCache:
+def block_key_bounds(k_rot: jax.Array, lengths: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """Row-aligned rotated keys [B, T, K, H] (each row's real tokens first) and their count int [B] → the channel
+    max and min over each block's real keys [B, J, K, H] each (J = ceil(T / block_size)), in k_rot's dtype; zeros
+    for a block without real keys."""
+    batch, length = k_rot.shape[:2]
+    num_blocks = -(-length // block_size)
+    padded = jnp.pad(k_rot, [(0, 0), (0, num_blocks * block_size - length), (0, 0), (0, 0)])
+    blocks = padded.reshape(batch, num_blocks, block_size, *k_rot.shape[2:])  # [B, J, block_size, K, H]
+    real = jnp.arange(num_blocks * block_size).reshape(num_blocks, block_size)[None] < lengths[:, None, None]
+    real = real[..., None, None]  # [B, J, block_size, 1, 1]
+    occupied = jnp.any(real, axis=2)  # [B, J, 1, 1]
+    key_max = jnp.where(occupied, jnp.max(jnp.where(real, blocks, -jnp.inf), axis=2), 0)  # [B, J, K, H]
+    key_min = jnp.where(occupied, jnp.min(jnp.where(real, blocks, jnp.inf), axis=2), 0)  # [B, J, K, H]
+    return key_max.astype(k_rot.dtype), key_min.astype(k_rot.dtype)
+
+
+def compress_prompt(
+    gate: DecodeAttnGate, k: jax.Array, lengths: jax.Array, k_rot: jax.Array | None = None
+) -> KCompressionCache:
     """The compressed keys of a prompt.
 
     Args:
       gate: the layer's decode gate.
       k: pre-RoPE keys [B, T, K, H], each row's real tokens first (row-aligned: `seer.RowLayout.align`).
       lengths: int [B], the real tokens of each row.
+      k_rot: the same keys after RoPE, in the KV cache's dtype, aligned alike; needed for the key bounds
+        (`DecodeConfig.keeps_key_bounds`), ignored otherwise.
 
     Returns:
       A cache with ceil(T / block_size) block slots: blocks 0 … lengths // block_size − 1 filled.
@@ -88,10 +124,18 @@ def compress_prompt(gate: DecodeAttnGate, k: jax.Array, lengths: jax.Array) -> K
     source = complete[:, None] * block_size + slots[None, :]  # [B, block_size]
     remainder = jnp.take_along_axis(padded, source[:, :, None, None], axis=1)  # [B, block_size, K, H]
     is_open = (slots[None, :] < (lengths - complete * block_size)[:, None])[:, :, None, None]  # [B, block_size, 1, 1]
-    return KCompressionCache(blocks=blocks, remainder=jnp.where(is_open, remainder, 0).astype(k.dtype))
+    key_max = key_min = None
+    if gate.decode_config.keeps_key_bounds:
+        if k_rot is None:
+            raise ValueError("the decode config keeps key bounds (quest_weight > 0): pass the rotated keys k_rot")
+        key_max, key_min = block_key_bounds(k_rot, lengths, block_size)  # [B, J, K, H] each
+    remainder = jnp.where(is_open, remainder, 0).astype(k.dtype)
+    return KCompressionCache(blocks=blocks, remainder=remainder, key_max=key_max, key_min=key_min)
 
 
-def append_token(cache: KCompressionCache, gate: DecodeAttnGate, k: jax.Array, index: jax.Array) -> KCompressionCache:
+def append_token(
+    cache: KCompressionCache, gate: DecodeAttnGate, k: jax.Array, index: jax.Array, k_rot: jax.Array | None = None
+) -> KCompressionCache:
     """Adds one decoded token per row.
 
     Args:
@@ -99,6 +143,7 @@ def append_token(cache: KCompressionCache, gate: DecodeAttnGate, k: jax.Array, i
       gate: the layer's decode gate.
       k: the token's pre-RoPE key [B, 1, K, H].
       index: int [B], the token's index among the row's real tokens (its RoPE position).
+      k_rot: the token's rotated key [B, 1, K, H]; needed when the cache keeps key bounds, ignored otherwise.
 
     Returns:
       The cache with the token in the remainder, or, when it completes its block, that block compressed.
@@ -118,4 +163,13 @@ def append_token(cache: KCompressionCache, gate: DecodeAttnGate, k: jax.Array, i
     rows = jnp.arange(key.shape[0])
     blocks = cache.blocks.at[rows, target].set(key[:, 0].astype(cache.blocks.dtype), mode="drop")  # [B, J, K, E]
     remainder = jnp.where(completes[:, None, None, None], 0, remainder).astype(cache.remainder.dtype)
-    return KCompressionCache(blocks=blocks, remainder=remainder)
+    key_max, key_min = cache.key_max, cache.key_min
+    if key_max is not None:
+        if k_rot is None:
+            raise ValueError("this cache keeps key bounds (quest_weight > 0): pass the token's rotated key k_rot")
+        # The token's block slot only (a scatter, as above): its first token starts the block's bounds afresh.
+        new = k_rot[:, 0].astype(key_max.dtype)  # [B, K, H]
+        starts = (slot == 0)[:, None, None]  # [B, 1, 1]
+        key_max = key_max.at[rows, block].set(jnp.where(starts, new, jnp.maximum(key_max[rows, block], new)))
+        key_min = key_min.at[rows, block].set(jnp.where(starts, new, jnp.minimum(key_min[rows, block], new)))
+    return KCompressionCache(blocks=blocks, remainder=remainder, key_max=key_max, key_min=key_min)

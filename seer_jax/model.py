@@ -149,10 +149,11 @@ class Attention(nnx.Module):
             raise ValueError(f"a dense Attention layer collects nothing, asked for {sorted(collect)}")
         return self.attend(q_rot, k_rot, v, causal=True, key_mask=key_mask), {}
 
-    def decode_state(self, k: jax.Array, *, key_mask: jax.Array | None) -> Any:
+    def decode_state(self, k: jax.Array, k_rot: jax.Array, *, key_mask: jax.Array | None) -> Any:
         """The state a decode step of this layer needs besides the KV cache, built from a causal forward's pre-RoPE
-        keys k [B, T, K, H] (key_mask: bool [B, T] left padding, or None); None: a plain layer needs none."""
-        del k, key_mask
+        keys k [B, T, K, H] and the same keys after RoPE k_rot (key_mask: bool [B, T] left padding, or None); None:
+        a plain layer needs none."""
+        del k, k_rot, key_mask
         return None
 
     def decode_attention(
@@ -160,6 +161,7 @@ class Attention(nnx.Module):
         q: jax.Array,
         k: jax.Array,
         q_rot: jax.Array,
+        k_rot: jax.Array,
         k_cache: jax.Array,
         v_cache: jax.Array,
         *,
@@ -171,7 +173,7 @@ class Attention(nnx.Module):
 
         Args:
           q, k: the new token's pre-RoPE query [B, 1, N, H] and key [B, 1, K, H] (a gate's inputs).
-          q_rot: q after RoPE.
+          q_rot, k_rot: q and k after RoPE.
           k_cache, v_cache: the cache [B, S, K, H], the new token's rotated key and value already written.
           key_mask: bool [B, S], the real slots (the new token's included).
           state: the layer's decode state (`decode_state`, updated by earlier steps).
@@ -180,7 +182,7 @@ class Attention(nnx.Module):
         Returns:
           The attention output [B, 1, N, H] (before o_proj), the updated state, and the collected values by name.
         """
-        del q, k  # the pre-RoPE q/k feed gates, which a plain attention layer has none of
+        del q, k, k_rot  # the pre-RoPE q/k (and k_rot) feed gates, which a plain attention layer has none of
         if collect:
             raise ValueError(f"a dense Attention layer's decode step collects nothing, asked for {sorted(collect)}")
         return self.attend(q_rot, k_cache, v_cache, causal=False, key_mask=key_mask), state, {}
@@ -216,7 +218,7 @@ class Attention(nnx.Module):
         k_rot = apply_rope(k, positions, self.rope)
         if cache is None:
             out, collected = self.causal_attention(q, k, v, q_rot, k_rot, key_mask=key_mask, collect=collect)
-            kv = (k_rot, v, self.decode_state(k, key_mask=key_mask))  # [B, T, K, H] each, and the state
+            kv = (k_rot, v, self.decode_state(k, k_rot, key_mask=key_mask))  # [B, T, K, H] each, and the state
         else:
             if length != 1:
                 raise ValueError(f"decoding with a cache takes one token per step, got T={length}")
@@ -224,7 +226,7 @@ class Attention(nnx.Module):
             k_cache = jax.lax.dynamic_update_slice(cache[0], k_rot.astype(cache[0].dtype), start)  # [B, S, K, H]
             v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)  # [B, S, K, H]
             out, state, collected = self.decode_attention(
-                q, k, q_rot, k_cache, v_cache, key_mask=key_mask, state=cache[2], collect=collect
+                q, k, q_rot, k_rot, k_cache, v_cache, key_mask=key_mask, state=cache[2], collect=collect
             )
             kv = (k_cache, v_cache, state)
         out = self.o_proj(out.reshape(batch, length, self.num_q_heads * self.head_dim))  # [B, T, D]

@@ -159,7 +159,7 @@ class SeerAttention(Attention):
         decode = self.seer_config.decode
         return decode is not None and self.layer_index >= decode.start_layer
 
-    def decode_state(self, k: jax.Array, *, key_mask: jax.Array | None) -> KCompressionCache | None:
+    def decode_state(self, k: jax.Array, k_rot: jax.Array, *, key_mask: jax.Array | None) -> KCompressionCache | None:
         """The prompt's compressed keys in a layer that decodes sparsely with the decode gate (None otherwise: dense
         decoding and the other score sources need none); arguments as `Attention.decode_state`."""
         if not self.is_sparse_decode or self.seer_config.decode.source != "gate":
@@ -167,13 +167,15 @@ class SeerAttention(Attention):
         batch, length = k.shape[:2]
         rows = RowLayout(key_mask, length)
         lengths = jnp.full((batch,), length, jnp.int32) if rows.lengths is None else rows.lengths  # [B]
-        return compress_prompt(self.decode_gate, rows.align(k), lengths)
+        k_rot = rows.align(k_rot) if self.seer_config.decode.keeps_key_bounds else None
+        return compress_prompt(self.decode_gate, rows.align(k), lengths, k_rot)
 
     def decode_attention(
         self,
         q: jax.Array,
         k: jax.Array,
         q_rot: jax.Array,
+        k_rot: jax.Array,
         k_cache: jax.Array,
         v_cache: jax.Array,
         *,
@@ -198,7 +200,7 @@ class SeerAttention(Attention):
             selected = available = self.num_kv_heads * available
         else:
             if decode.source == "gate":
-                state = append_token(state, self.decode_gate, k, lengths - 1)
+                state = append_token(state, self.decode_gate, k, lengths - 1, k_rot.astype(k_cache.dtype))
             inputs = DecodeScoreInputs(
                 q=q,
                 q_rot=q_rot,

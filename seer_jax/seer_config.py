@@ -75,12 +75,14 @@ class SeerConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (`from_dict` reads it back). Fields added later are written only when set, so that what
         does not use them reads as before they existed: `selection.force_sink` when True, `decode.allocation` when
-        not None."""
+        not None, `decode.quest_weight` when not 0."""
         values = dataclasses.asdict(self)
         if not self.selection.force_sink:
             del values["selection"]["force_sink"]
         if self.decode is not None and self.decode.allocation is None:
             del values["decode"]["allocation"]
+        if self.decode is not None and self.decode.quest_weight == 0:
+            del values["decode"]["quest_weight"]
         return values
 
     @classmethod

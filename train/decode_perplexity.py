@@ -98,13 +98,20 @@ def allocation_label(allocation: DecodeAllocation) -> str:
 @dataclasses.dataclass(frozen=True)
 class DecodeSetting:
     """One row's model: a method ("dense" or a decode score source), its decode budget (None: dense decode), the
-    prefill selection of the adapter's prefill gates (None: dense prefill) and the per-layer decode allocation its
-    budget is shared by (None: every sparse layer the same budget)."""
+    prefill selection of the adapter's prefill gates (None: dense prefill), the per-layer decode allocation its
+    budget is shared by (None: every sparse layer the same budget) and, for "gate", the weight of Quest's bound
+    added to the gate's scores (`DecodeConfig.quest_weight`; 0: the gate alone)."""
 
     method: str
     budget: DecodeBudget | None = None
     prefill: Selection | None = None
     allocation: DecodeAllocation | None = None
+    quest_weight: float = 0.0
+
+    @property
+    def method_label(self) -> str:
+        """The method, "gate+0.25quest" for a gate with a Quest weight."""
+        return f"{self.method}+{self.quest_weight:g}quest" if self.quest_weight else self.method
 
     @property
     def prefill_label(self) -> str:
@@ -117,7 +124,7 @@ class DecodeSetting:
 
     @property
     def label(self) -> str:
-        decode = "dense decode" if self.budget is None else f"{self.method} {self.budget}"
+        decode = "dense decode" if self.budget is None else f"{self.method_label} {self.budget}"
         if self.allocation is not None:
             decode += f" ({allocation_label(self.allocation)})"
         return decode if self.prefill is None else f"{decode}, prefill {self.prefill_label}"
@@ -127,26 +134,41 @@ class DecodeSetting:
         """Whether its prefill must also fill the decode gate's compressed keys."""
         return self.method == "gate" and self.budget is not None
 
+    @property
+    def keeps_key_bounds(self) -> bool:
+        """Whether its compressed keys also keep the blocks' key bounds (a gate with a Quest weight)."""
+        return self.compresses_keys and self.quest_weight > 0
+
 
 def decode_settings(
     methods: Sequence[str],
     budgets: Sequence[DecodeBudget],
     prefill: Selection | None,
     allocation: DecodeAllocation | None = None,
+    quest_weights: Sequence[float] = (0.0,),
 ) -> list[DecodeSetting]:
     """The settings of a decode-mode evaluation, in row order (module docstring); the "gate" rows' budgets are
-    shared among layers by `allocation`."""
+    shared among layers by `allocation`, and they run once per Quest weight of `quest_weights`."""
     settings = []
     for method in methods:
         if method == "dense":
             settings.append(DecodeSetting("dense"))
+        elif method == "gate":
+            settings += [
+                DecodeSetting(method, budget, allocation=allocation, quest_weight=weight)
+                for weight in quest_weights
+                for budget in budgets
+            ]
         else:
-            shares = allocation if method == "gate" else None
-            settings += [DecodeSetting(method, budget, allocation=shares) for budget in budgets]
+            settings += [DecodeSetting(method, budget) for budget in budgets]
     if prefill is not None:
         settings.append(DecodeSetting("dense", prefill=prefill))
         if "gate" in methods:
-            settings += [DecodeSetting("gate", budget, prefill, allocation) for budget in budgets]
+            settings += [
+                DecodeSetting("gate", budget, prefill, allocation, weight)
+                for weight in quest_weights
+                for budget in budgets
+            ]
     return settings
 
 
@@ -222,7 +244,9 @@ class DecodeModels:
                 decode = setting.budget.applied_to(
                     dataclasses.replace(self.decode_structure, start_layer=self.start_layer)
                 )
-                decode = dataclasses.replace(decode, source=setting.method, allocation=setting.allocation)
+                decode = dataclasses.replace(
+                    decode, source=setting.method, allocation=setting.allocation, quest_weight=setting.quest_weight
+                )
             seer_config = SeerConfig(
                 gate=self.gate_config,
                 selection=Selection() if setting.prefill is None else setting.prefill,
@@ -379,7 +403,7 @@ def run_decode(
 
 def _prefill_key(setting: DecodeSetting) -> tuple:
     """Settings with the same key start from the same prefill cache."""
-    return (setting.prefill, setting.compresses_keys)
+    return (setting.prefill, setting.compresses_keys, setting.keeps_key_bounds)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("max_length", "density"))

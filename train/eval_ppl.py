@@ -5,7 +5,7 @@
         [--nz-ratios 0.5 0.4 0.3 0.2 0.1] [--thresholds ...] [--budgets ...] [--force-sink]  (prefill mode)
         [--continuation 2048] [--decode-budgets 256 512 1024 2048 5% 10% 25%]
         [--decode-prefill nz_ratio=X | threshold=Y] [--decode-chunk 256]
-        [--decode-allocation adapter|none|recall|coverage]                            (decode mode)
+        [--decode-allocation adapter|none|recall|coverage] [--decode-quest-weights W ...]  (decode mode)
         [--methods dense gate oracle quest streaming random] [--batch-size 4] [--dtype bfloat16|float32]
         [--attention xla|cudnn] [--start-layer N] [--seed 0] [--text-field text] [--tokenizer-dir DIR]
         [--cache-dir DIR] [--mesh data=D,fsdp=F,tensor=T] [--distributed]
@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         "recall (the gate's ranking) or coverage (the attention's) (default: %(default)s)",
     )
     parser.add_argument(
+        "--decode-quest-weights",
+        type=float,
+        nargs="+",
+        help="decode mode: run the gate rows once per weight w, scoring blocks by the gate's logits plus w times "
+        "Quest's bound (rows gate+<w>quest; 0: the gate alone) (default: the adapter's weight)",
+    )
+    parser.add_argument(
         "--decode-chunk",
         type=int,
         default=256,
@@ -189,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             decode_prefill=None if args.decode_prefill is None else parse_selection(args.decode_prefill),
             decode_chunk=args.decode_chunk,
             decode_allocation=args.decode_allocation,
+            decode_quest_weights=None if args.decode_quest_weights is None else tuple(args.decode_quest_weights),
             methods=None if args.methods is None else tuple(args.methods),
             start_layer=args.start_layer,
             seed=args.seed,

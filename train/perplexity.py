@@ -123,6 +123,8 @@ class EvalConfig:
         `DECODE_ALLOCATIONS`: "adapter" (the allocation the adapter's decode config records; uniform without one),
         "none" (uniform), "recall" or "coverage" (`seer_jax.decode_calibration.decode_allocation` by that rule on the
         prompts of the first `batch_size` windows of the first length, which no row scores).
+      decode_quest_weights: decode mode: the "gate" rows run once per weight w, scoring blocks by the gate's logits
+        plus w × Quest's bound (`DecodeConfig.quest_weight`; rows "gate+<w>quest"); None: the adapter's weight.
       methods: the methods to run, in order; None means all, with "gate" only when `gates` is given (and, in decode
         mode, holds decode gates).
       start_layer: layers below it stay dense (decode mode: decode densely); None means the adapter's start_layer
@@ -155,6 +157,7 @@ class EvalConfig:
     decode_chunk: int = 256
     force_sink: bool = False
     decode_allocation: str = "adapter"
+    decode_quest_weights: tuple[float, ...] | None = None
     methods: tuple[str, ...] | None = None
     start_layer: int | None = None
     seed: int = 0
@@ -203,6 +206,8 @@ class EvalConfig:
         if self.mode == "prefill":
             if self.decode_allocation != "adapter":
                 raise ValueError("decode_allocation: applies to decode mode only")
+            if self.decode_quest_weights is not None:
+                raise ValueError("decode_quest_weights: apply to decode mode only")
             for field in ("thresholds", "budgets"):
                 if getattr(self, field) and "gate" not in self.methods_to_run:
                     raise ValueError(f"{field}: apply to the gate method only, which is not run (pass gates / 'gate')")
@@ -254,6 +259,12 @@ class EvalConfig:
                 f"decode_allocation: {self.decode_allocation!r} shares the gate rows' budgets; run the 'gate' method "
                 "(gates with decode gates)"
             )
+        if self.decode_quest_weights is not None:
+            weights = self.decode_quest_weights
+            if not weights or len(set(weights)) != len(weights) or any(not w >= 0 for w in weights):
+                raise ValueError(f"decode_quest_weights: need distinct weights >= 0, got {weights}")
+            if "gate" not in self.methods_to_run:
+                raise ValueError("decode_quest_weights: apply to the 'gate' rows; run the 'gate' method (gates)")
         if self.mesh is not None:
             raise ValueError("mesh: decode mode runs on one device")
 
@@ -491,7 +502,10 @@ def _evaluate_decode(
         allocation = None
         if "gate" in methods:
             allocation = _decode_allocation(config, base, adapter, windows, start_layer=start_layer)
-        settings = decode_settings(methods, config.decode_budgets, config.decode_prefill, allocation)
+        weights = config.decode_quest_weights
+        if weights is None:  # the adapter's own
+            weights = (adapter.seer_config.decode.quest_weight,) if "gate" in methods else (0.0,)
+        settings = decode_settings(methods, config.decode_budgets, config.decode_prefill, allocation, weights)
         measured = run_decode(
             base,
             adapter,
@@ -569,7 +583,7 @@ def _decode_row(setting: DecodeSetting, length: int, measured: DecodeMeasurement
     else:
         sparsity, target = "context_fraction", budget.fraction
     return PplRow(
-        method=setting.method,
+        method=setting.method_label,
         sparsity=sparsity,
         target=target,
         length=length,
@@ -656,7 +670,7 @@ def _row(
             sparsity
         ]
     return PplRow(
-        method=setting.method,
+        method=setting.method_label,
         sparsity=sparsity,
         target=target,
         length=length,

@@ -39,6 +39,7 @@ _STYLE = {
     "quest": ("tab:orange", "^"),
     "streaming": ("tab:purple", "v"),
     "random": ("tab:gray", "x"),
+    "gate+quest": ("tab:cyan", "D"),  # a gate with Quest's bound added, any weight ("gate+0.25quest")
 }
 
 
@@ -244,7 +245,7 @@ class EvalResult:
             for series in dict.fromkeys(r.series for r in rows if r.sparsity != "dense"):
                 points = sorted((r for r in rows if r.series == series), key=lambda r: r.density)
                 method = points[0].method
-                color, marker = _STYLE.get(method, ("black", "."))
+                color, marker = _STYLE.get(method, _STYLE["gate+quest"] if "+" in method else ("black", "."))
                 # Prefill mode: TopK lines solid, thresholds and budgets dotted; decode mode: a sparse prefill dotted.
                 solid = points[0].prefill == "dense" if decode else points[0].sparsity == "nz_ratio"
                 axis.plot(

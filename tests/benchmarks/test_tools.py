@@ -45,6 +45,7 @@ def test_generate_benchmark_times_dense_and_sparse_generation(tmp_path, monkeypa
     tiny.update(num_attention_heads=2, num_key_value_heads=1, head_dim=64)
     monkeypatch.setattr(prefill, "LLAMA_31_8B", tiny)  # the model builder and the record read it
     flags = ["--lengths", "128", "--batch-sizes", "1", "2", "--new-tokens", "3", "--densities", "0.5", "--layers", "1"]
+    flags += ["--quest-weights", "0", "0.25"]
     path = generate.main([*flags, "--runs", "1", "--commit", "abc", "--output-dir", str(tmp_path), "--profile"])
     record = json.loads(path.read_text())
     assert record["git_commit"] == "abc" and record["model"]["hidden_size"] == 128
@@ -52,7 +53,11 @@ def test_generate_benchmark_times_dense_and_sparse_generation(tmp_path, monkeypa
     assert all(row["decode_step_kernels"] is None for row in record["rows"])  # no GPU trace on a CPU
     rows = record["rows"]
     cases = [(row["batch"], row["case"]) for row in rows]
-    assert cases == [(1, "dense"), (1, "seer 0.5"), (2, "dense"), (2, "seer 0.5")]
+    assert cases == [(1, "dense"), (1, "seer 0.5"), (1, "seer 0.5 +0.25q")] + [
+        (2, "dense"),
+        (2, "seer 0.5"),
+        (2, "seer 0.5 +0.25q"),
+    ]
     for row in rows:
         assert row["generate_ms"] > 0 and row["ttft_ms"] > 0 and row["decode_tokens_per_s"] > 0  # tiny: timing noise
         decode_seconds = max(row["generate_ms"] - row["ttft_ms"], 1e-6) / 1e3

@@ -11,6 +11,7 @@ import pytest
 from seer_jax.decode_config import DECODE_SOURCE_NAMES, DecodeConfig
 from seer_jax.decode_scores import (
     DECODE_SOURCES,
+    DecodeScoreInputs,
     oracle_decode_scores,
     quest_decode_scores,
     random_decode_scores,
@@ -18,7 +19,10 @@ from seer_jax.decode_scores import (
     streaming_decode_scores,
 )
 from seer_jax.decode_selection import decode_block_lists, decode_key_mask, max_selected_blocks, select_decode_blocks
-from tests.seer_jax.decode_models import DECODE, decode_model
+from seer_jax.k_compression import compress_prompt
+from seer_jax.rope import apply_rope
+from tests.seer_jax.decode_models import DECODE, decode_model, with_decode
+from tests.seer_jax.tiny_models import TINY as TINY_MODEL
 
 BLOCK = 4
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
@@ -253,3 +257,33 @@ def test_attend_blocks_reads_each_rows_own_blocks_of_a_left_padded_cache(budget_
     per_q_head = np.repeat(allowed, num_q_heads // num_kv_heads, axis=1)  # [B, N, S]
     expected = numpy_masked_attention(q[:, 0], k, v, per_q_head)
     np.testing.assert_allclose(np.asarray(out)[:, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gate_plus_quest_adds_the_weighted_group_max_of_quests_bound():
+    """quest_weight w: the "gate" source's scores are the gate's own logits (the same gate at w = 0) plus w × the max
+    over each kv head's query heads of Quest's bound recomputed from the KV cache (`quest_decode_scores`, checked
+    against NumPy above), on a ragged batch whose second row has an open block."""
+    rng = np.random.default_rng(3)
+    lengths = jnp.asarray([40, 27])
+    slots, heads, kv_heads, head_dim = 48, TINY_MODEL.num_q_heads, TINY_MODEL.num_kv_heads, TINY_MODEL.head_dim
+    k = jnp.asarray(rng.standard_normal((2, slots, kv_heads, head_dim)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((2, 1, heads, head_dim)), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(slots), (2, slots))
+    rope = decode_model().model.layers[1].self_attn.rope
+    k_rot, q_rot = apply_rope(k, positions, rope), apply_rope(q, (lengths - 1)[:, None], rope)
+    key_mask = jnp.arange(slots)[None, :] < lengths[:, None]
+
+    def scores(weight):
+        gate = decode_model(with_decode(quest_weight=weight)).model.layers[1].self_attn.decode_gate
+        state = compress_prompt(gate, k, lengths, k_rot)
+        inputs = DecodeScoreInputs(
+            q=q, q_rot=q_rot, k_cache=k_rot, key_mask=key_mask, gate=gate, state=state, key=jax.random.key(0)
+        )
+        return np.asarray(DECODE_SOURCES["gate"](inputs))
+
+    quest = np.asarray(quest_decode_scores(q_rot[:, 0], k_rot, key_mask, block_size=16))  # [B, N, J]
+    group_max = quest.reshape(2, kv_heads, heads // kv_heads, -1).max(axis=2)  # [B, K, J]
+    gate_only = scores(0.0)
+    assert gate_only.shape == group_max.shape == (2, kv_heads, 3)
+    np.testing.assert_allclose(scores(0.5), gate_only + 0.5 * group_max, rtol=1e-5, atol=1e-5)
+    assert np.abs(group_max).max() > 0.1  # the bound moves the scores

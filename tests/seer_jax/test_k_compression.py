@@ -37,7 +37,7 @@ def decoded_and_recomputed(model, tokens, mask, feed):
 
 @nnx.jit
 def decode_state(attention, k, mask):
-    return attention.decode_state(k, key_mask=mask)
+    return attention.decode_state(k, k, key_mask=mask)  # no key bounds: k_rot unused
 
 
 @pytest.mark.parametrize("budget", [DECODE_BLOCK, 10**6], ids=["sparse", "dense"])
@@ -58,6 +58,42 @@ def test_cache_after_decode_steps_equals_recompute(budget):
     blocks, remainder = (np.asarray(x) for x in (cache.decode_states[0].blocks, cache.decode_states[0].remainder))
     assert np.abs(blocks[0, :4]).min(axis=(1, 2)).all() and not blocks[0, 4:].any() and not blocks[1, 3:].any()
     assert remainder[0, :6].any(axis=(1, 2)).all() and not remainder[0, 6:].any() and not remainder[1, 9:].any()
+
+
+def numpy_key_bounds(keys: np.ndarray, mask: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force from a KV cache [B, S, K, H] and its real slots [B, S]: per row, the channel max / min over each
+    of its own blocks (its i-th real slot in block i // DECODE_BLOCK), zeros for blocks without tokens."""
+    key_max = np.zeros((keys.shape[0], num_blocks, *keys.shape[2:]), keys.dtype)
+    key_min = np.zeros_like(key_max)
+    for b in range(keys.shape[0]):
+        real = keys[b, mask[b]]  # [n, K, H]
+        for j in range(-(-len(real) // DECODE_BLOCK)):
+            block = real[j * DECODE_BLOCK : (j + 1) * DECODE_BLOCK]
+            key_max[b, j], key_min[b, j] = block.max(0), block.min(0)
+    return key_max, key_min
+
+
+@pytest.mark.parametrize("budget", [DECODE_BLOCK, 10**6], ids=["sparse", "dense"])
+def test_key_bounds_after_decode_steps_are_those_of_the_kv_cache(budget):
+    """With quest_weight > 0 each layer's block key bounds, kept through prefill and 30 decode steps (blocks
+    completing at different steps in a left-padded row), equal the channel max / min of each row's own blocks of
+    its KV cache (an independent brute force), in every layer and for the open blocks too; with a budget covering
+    the context they also equal the bounds a causal forward over the whole sequence computes."""
+    model = decode_model(with_decode(token_budget=budget, quest_weight=0.5))
+    tokens, mask = padded_batch(PROMPT)
+    cache, full = decoded_and_recomputed(model, tokens, mask, jnp.asarray(random_tokens(5, 2, STEPS)))
+    for layer in range(TINY.num_layers):
+        state = cache.decode_states[layer]
+        assert state.key_max.shape == state.key_min.shape == (2, 5, TINY.num_kv_heads, TINY.head_dim)
+        expected = numpy_key_bounds(np.asarray(cache.keys[layer]), np.asarray(cache.key_mask), 5)
+        np.testing.assert_array_equal(np.asarray(state.key_max), expected[0])
+        np.testing.assert_array_equal(np.asarray(state.key_min), expected[1])
+        if budget != DECODE_BLOCK:
+            recomputed = full.decode_states[layer]
+            np.testing.assert_allclose(np.asarray(state.key_max), np.asarray(recomputed.key_max), atol=1e-5)
+            np.testing.assert_allclose(np.asarray(state.key_min), np.asarray(recomputed.key_min), atol=1e-5)
+    plain = full_forward_cache(decode_model(with_decode(token_budget=budget)), tokens, mask).decode_states[0]
+    assert plain.key_max is None and plain.key_min is None  # quest_weight 0 keeps no bounds
 
 
 def test_prompt_blocks_count_each_rows_real_tokens():

@@ -45,8 +45,12 @@ def greedy(model, tokens, mask, new_tokens: int = NEW) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "decode,padded",
-    [(DECODE, True), (with_decode(method="threshold", threshold=0.0, sliding_window=20), False)],
-    ids=["budget-left-padded", "threshold-unpadded"],
+    [
+        (DECODE, True),
+        (with_decode(method="threshold", threshold=0.0, sliding_window=20), False),
+        (with_decode(quest_weight=0.5), True),
+    ],
+    ids=["budget-left-padded", "threshold-unpadded", "gate+quest-left-padded"],
 )
 def test_full_budget_generation_equals_dense(decode, padded):
     """Every block selected (GQA, one unpadded and one left-padded row; or no padding and no mask): the greedy

@@ -59,18 +59,22 @@ DOUBLED = DecodeAllocation(fractions=(0.1, 1.0), layer_fractions=((1.0, 0.2), (1
 
 
 @pytest.mark.parametrize(
-    ("source", "allocation", "chosen"),
-    [("gate", None, 1), ("quest", None, 1), ("random", None, 1), ("gate", DOUBLED, 2)],
-    ids=["gate", "quest", "random", "gate-allocated"],
+    ("changes", "chosen"),
+    [
+        (dict(source="gate"), 1),
+        (dict(source="quest"), 1),
+        (dict(source="random"), 1),
+        (dict(source="gate", allocation=DOUBLED), 2),
+        (dict(source="gate", quest_weight=0.5), 1),
+    ],
+    ids=["gate", "quest", "random", "gate-allocated", "gate+quest"],
 )
-def test_teacher_forced_decoding_is_token_by_token_sparse_generation(source, allocation, chosen):
+def test_teacher_forced_decoding_is_token_by_token_sparse_generation(changes, chosen):
     """Greedy sparse generation (one block by top-k, or layer 1's share of it under an allocation; no sink; layer 1
     sparse, per kv head or, quest, per query head; a left-padded ragged batch), then its tokens teacher-forced in
     chunks: each step's log-probabilities are those of generation's own decode steps, whose argmax are the generated
     tokens; layer 1 attends its `chosen` blocks plus the current one at every step."""
-    decode = with_decode(
-        source=source, token_budget=DECODE_BLOCK, force_sink=False, start_layer=1, allocation=allocation
-    )
+    decode = with_decode(token_budget=DECODE_BLOCK, force_sink=False, start_layer=1, **changes)
     model = decode_model(decode)
     tokens, mask = padded_batch(PROMPT)
     generated = np.asarray(generate(model, tokens, mask, max_new_tokens=NEW, eos_token_id=()))
@@ -269,6 +273,23 @@ def test_gate_rows_share_the_budget_by_an_allocation(config, tmp_path):
         evaluate(dataclasses.replace(calibrated, gates=recorded, decode_allocation="adapter", start_layer=1))
 
 
+def test_quest_weights_run_the_gate_rows_once_per_weight(config):
+    """--decode-quest-weights 0 0.5: the gate rows twice, "gate" (the adapter's gate alone: the same rows as without
+    the flag) and "gate+0.5quest", with and after the sparse prefill; the same block counts; the covering budget still
+    equals dense decoding; Quest's bound changes the selection, and so the NLL, at one block."""
+    both = evaluate(dataclasses.replace(config, methods=("dense", "gate"), decode_quest_weights=(0.0, 0.5)))
+    plain = evaluate(dataclasses.replace(config, methods=("dense", "gate")))
+    for label in ("dense", "gate nz 0.5"):
+        for target in (64.0, 1.0):
+            gate, hybrid = _row(both, "gate", target, label), _row(both, "gate+0.5quest", target, label)
+            assert gate.doc_nll == _row(plain, "gate", target, label).doc_nll
+            assert hybrid.layer_density == gate.layer_density
+    np.testing.assert_allclose(_row(both, "gate+0.5quest", 1.0).doc_nll, _row(both, "dense").doc_nll, rtol=1e-5)
+    assert _row(both, "gate+0.5quest", 64.0).doc_nll != _row(both, "gate", 64.0).doc_nll
+    assert "| gate+0.5quest | 64 tokens | dense |" in both.to_markdown()
+    assert both.config["decode_quest_weights"] == [0.0, 0.5]
+
+
 def test_outputs(result, tmp_path):
     paths = result.write(tmp_path / "out")
     saved = json.loads(paths["json"].read_text())
@@ -353,6 +374,10 @@ def test_lengths_default_to_the_mode(model_dir, data_file):
         (dict(decode_allocation="uniform"), "decode_allocation: must be one of"),
         (dict(decode_allocation="recall", methods=("dense", "oracle")), "decode_allocation: 'recall' shares"),
         (dict(mode="prefill", decode_allocation="coverage", decode_prefill=None), "decode mode only"),
+        (dict(decode_quest_weights=(0.5, 0.5)), "decode_quest_weights: need distinct"),
+        (dict(decode_quest_weights=(-1.0,)), "decode_quest_weights: need distinct weights >= 0"),
+        (dict(decode_quest_weights=(0.5,), methods=("dense", "quest")), "run the 'gate' method"),
+        (dict(mode="prefill", decode_quest_weights=(0.5,), decode_prefill=None), "decode mode only"),
     ],
 )
 def test_decode_config_errors_name_the_field(config, change, field):
