@@ -28,8 +28,9 @@ Key bounds (`DecodeConfig.quest_weight` > 0 with the "gate" source, design §8):
 and kv head, the channel-wise max and min of the block's real rotated keys (the KV cache's values, in its dtype), for
 the Quest bound the gate's scores add (`seer_jax.decode_scores.quest_bound`): filled at prefill from the prompt's
 rotated keys (the open block's too), extended at every decode step (a block's first token resets its slot). They
-equal what Quest recomputes from the KV cache, read 2 · K · H · itemsize / block_size bytes per token per step (1/64
-of the KV cache's bytes at block_size 64: 32 bytes per token per layer for K = 8, H = 128, bf16, against 4096).
+equal what Quest recomputes from the KV cache. Max and min sit in one array, so a step updates one slot and scores
+every block with one matmul. They take 2 · K · H · itemsize / block_size bytes per token, read every step: 1/64
+of the KV cache's bytes at block_size 64 (64 bytes per token per layer for K = 8, H = 128, bf16, against 4096).
 
 Fixed capacity and static shapes: `padded_to` grows the block slots with the KV cache; unused slots are zeros.
 """
@@ -53,14 +54,14 @@ class KCompressionCache:
         slots of blocks not yet completed.
       remainder: [B, block_size, K, H] pre-RoPE keys of each row's open block, token n at slot n % block_size;
         zeros in the slots past the open block's tokens.
-      key_max, key_min: [B, J, K, H] the channel-wise max / min of each block's real rotated keys (completed blocks
-        and the open one), zeros for blocks without tokens; None when the gate adds no Quest bound.
+      key_bounds: [B, J, K, 2, H] the channel-wise max (index 0) and min (index 1) of each block's real rotated
+        keys (completed blocks and the open one), zeros for blocks without tokens; None when the gate adds no Quest
+        bound.
     """
 
     blocks: jax.Array
     remainder: jax.Array
-    key_max: jax.Array | None = None
-    key_min: jax.Array | None = None
+    key_bounds: jax.Array | None = None
 
     @property
     def block_size(self) -> int:
@@ -73,16 +74,14 @@ class KCompressionCache:
             raise ValueError(f"cannot shrink {self.blocks.shape[1]} compressed blocks to max_length={max_length}")
 
         def grow(x: jax.Array | None) -> jax.Array | None:
-            return None if x is None else jnp.pad(x, [(0, 0), (0, extra), (0, 0), (0, 0)])  # [B, J', K, ·]
+            return None if x is None else jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))  # [B, J', ...]
 
-        return KCompressionCache(
-            blocks=grow(self.blocks), remainder=self.remainder, key_max=grow(self.key_max), key_min=grow(self.key_min)
-        )
+        return KCompressionCache(blocks=grow(self.blocks), remainder=self.remainder, key_bounds=grow(self.key_bounds))
 
 
-def block_key_bounds(k_rot: jax.Array, lengths: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+def block_key_bounds(k_rot: jax.Array, lengths: jax.Array, block_size: int) -> jax.Array:
     """Row-aligned rotated keys [B, T, K, H] (each row's real tokens first) and their count int [B] → the channel
-    max and min over each block's real keys [B, J, K, H] each (J = ceil(T / block_size)), in k_rot's dtype; zeros
+    max and min over each block's real keys [B, J, K, 2, H] (J = ceil(T / block_size)), in k_rot's dtype; zeros
     for a block without real keys."""
     batch, length = k_rot.shape[:2]
     num_blocks = -(-length // block_size)
@@ -93,7 +92,7 @@ def block_key_bounds(k_rot: jax.Array, lengths: jax.Array, block_size: int) -> t
     occupied = jnp.any(real, axis=2)  # [B, J, 1, 1]
     key_max = jnp.where(occupied, jnp.max(jnp.where(real, blocks, -jnp.inf), axis=2), 0)  # [B, J, K, H]
     key_min = jnp.where(occupied, jnp.min(jnp.where(real, blocks, jnp.inf), axis=2), 0)  # [B, J, K, H]
-    return key_max.astype(k_rot.dtype), key_min.astype(k_rot.dtype)
+    return jnp.stack([key_max, key_min], axis=3).astype(k_rot.dtype)
 
 
 def compress_prompt(
@@ -124,13 +123,13 @@ def compress_prompt(
     source = complete[:, None] * block_size + slots[None, :]  # [B, block_size]
     remainder = jnp.take_along_axis(padded, source[:, :, None, None], axis=1)  # [B, block_size, K, H]
     is_open = (slots[None, :] < (lengths - complete * block_size)[:, None])[:, :, None, None]  # [B, block_size, 1, 1]
-    key_max = key_min = None
+    key_bounds = None
     if gate.decode_config.keeps_key_bounds:
         if k_rot is None:
             raise ValueError("the decode config keeps key bounds (quest_weight > 0): pass the rotated keys k_rot")
-        key_max, key_min = block_key_bounds(k_rot, lengths, block_size)  # [B, J, K, H] each
+        key_bounds = block_key_bounds(k_rot, lengths, block_size)  # [B, J, K, 2, H]
     remainder = jnp.where(is_open, remainder, 0).astype(k.dtype)
-    return KCompressionCache(blocks=blocks, remainder=remainder, key_max=key_max, key_min=key_min)
+    return KCompressionCache(blocks=blocks, remainder=remainder, key_bounds=key_bounds)
 
 
 def append_token(
@@ -163,13 +162,14 @@ def append_token(
     rows = jnp.arange(key.shape[0])
     blocks = cache.blocks.at[rows, target].set(key[:, 0].astype(cache.blocks.dtype), mode="drop")  # [B, J, K, E]
     remainder = jnp.where(completes[:, None, None, None], 0, remainder).astype(cache.remainder.dtype)
-    key_max, key_min = cache.key_max, cache.key_min
-    if key_max is not None:
+    key_bounds = cache.key_bounds
+    if key_bounds is not None:
         if k_rot is None:
             raise ValueError("this cache keeps key bounds (quest_weight > 0): pass the token's rotated key k_rot")
         # The token's block slot only (a scatter, as above): its first token starts the block's bounds afresh.
-        new = k_rot[:, 0].astype(key_max.dtype)  # [B, K, H]
-        starts = (slot == 0)[:, None, None]  # [B, 1, 1]
-        key_max = key_max.at[rows, block].set(jnp.where(starts, new, jnp.maximum(key_max[rows, block], new)))
-        key_min = key_min.at[rows, block].set(jnp.where(starts, new, jnp.minimum(key_min[rows, block], new)))
-    return KCompressionCache(blocks=blocks, remainder=remainder, key_max=key_max, key_min=key_min)
+        new = k_rot[:, 0].astype(key_bounds.dtype)  # [B, K, H]
+        old = key_bounds[rows, block]  # [B, K, 2, H]
+        extended = jnp.stack([jnp.maximum(old[:, :, 0], new), jnp.minimum(old[:, :, 1], new)], axis=2)
+        fresh = jnp.stack([new, new], axis=2)  # [B, K, 2, H]
+        key_bounds = key_bounds.at[rows, block].set(jnp.where((slot == 0)[:, None, None, None], fresh, extended))
+    return KCompressionCache(blocks=blocks, remainder=remainder, key_bounds=key_bounds)

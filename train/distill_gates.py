@@ -15,6 +15,8 @@ budget at D instead, its per-layer shares calibrated on the same windows (`recor
 gates, `--decode-allocation recall|coverage` records in the adapter's decode config how a decode budget is shared
 among layers, calibrated on the same windows (`record_decode_allocation`; one dense forward per window after
 training); by default ("none") every layer gets the same budget, which measured best on the testbed (BENCHMARKS.md).
+Decode gates are recorded with `--decode-quest-weight` (0.5): their scores add that weight times Quest's bound on
+each block (`DecodeConfig.quest_weight`), which measured better than the gate alone and than Quest (BENCHMARKS.md).
 `--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains and evaluates on several devices
 (`seer_jax.sharding`); `--distributed` joins a multi-process job first (`train.flags`).
 
@@ -46,6 +48,10 @@ if TYPE_CHECKING:
 # Library values the flags show, written out so that `--help` imports no jax (a test checks they are the library's:
 # train.losses.DISTILLATION_TARGETS, DECODE_SLICE_RATIO; train.distill.DTYPES, GATE_OPTIMIZER; Q_HEAD_POOLINGS).
 TARGETS = ("prefill", "decode", "both")
+# The decode gates' recorded Quest weight (`DecodeConfig.quest_weight`): on the testbed at L = 8192 (H200, 16 docs)
+# gate + 0.5 × Quest beat the gate alone at every budget from 256 tokens to 25% (+10.3% vs +12.4% PPL at 10%) and
+# Quest at every one (design §8, BENCHMARKS.md).
+DECODE_QUEST_WEIGHT = 0.5
 DTYPE_CHOICES = ("bfloat16", "float32")
 Q_HEAD_POOLING_CHOICES = ("Qproj", "Qavgproj", "Qavg")
 RECIPE_LEARNING_RATE = 1e-3
@@ -123,6 +129,13 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode-rope", action=argparse.BooleanOptionalAction, default=True, help="RoPE inside the gate"
     )
     decode.add_argument(
+        "--decode-quest-weight",
+        type=float,
+        default=DECODE_QUEST_WEIGHT,
+        help="recorded in the adapter: the gate's decode scores plus this weight times Quest's bound on each block "
+        "(DecodeConfig.quest_weight; 0: the official gate alone; not a training setting) (default: %(default)s)",
+    )
+    decode.add_argument(
         "--decode-slice-ratio",
         type=float,
         default=DECODE_SLICE,
@@ -192,6 +205,7 @@ def decode_config_from_args(args: argparse.Namespace, model: Path) -> DecodeConf
         block_size=args.decode_block_size,
         qk_norm=args.decode_qk_norm,
         use_rope=args.decode_rope,
+        quest_weight=args.decode_quest_weight,
     )
 
 

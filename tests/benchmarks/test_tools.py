@@ -53,11 +53,7 @@ def test_generate_benchmark_times_dense_and_sparse_generation(tmp_path, monkeypa
     assert all(row["decode_step_kernels"] is None for row in record["rows"])  # no GPU trace on a CPU
     rows = record["rows"]
     cases = [(row["batch"], row["case"]) for row in rows]
-    assert cases == [(1, "dense"), (1, "seer 0.5"), (1, "seer 0.5 +0.25q")] + [
-        (2, "dense"),
-        (2, "seer 0.5"),
-        (2, "seer 0.5 +0.25q"),
-    ]
+    assert cases == [(batch, case) for batch in (1, 2) for case in ("dense", "seer 0.5", "seer 0.5 +0.25q")]
     for row in rows:
         assert row["generate_ms"] > 0 and row["ttft_ms"] > 0 and row["decode_tokens_per_s"] > 0  # tiny: timing noise
         decode_seconds = max(row["generate_ms"] - row["ttft_ms"], 1e-6) / 1e3

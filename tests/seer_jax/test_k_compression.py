@@ -60,17 +60,17 @@ def test_cache_after_decode_steps_equals_recompute(budget):
     assert remainder[0, :6].any(axis=(1, 2)).all() and not remainder[0, 6:].any() and not remainder[1, 9:].any()
 
 
-def numpy_key_bounds(keys: np.ndarray, mask: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute force from a KV cache [B, S, K, H] and its real slots [B, S]: per row, the channel max / min over each
-    of its own blocks (its i-th real slot in block i // DECODE_BLOCK), zeros for blocks without tokens."""
-    key_max = np.zeros((keys.shape[0], num_blocks, *keys.shape[2:]), keys.dtype)
-    key_min = np.zeros_like(key_max)
+def numpy_key_bounds(keys: np.ndarray, mask: np.ndarray, num_blocks: int) -> np.ndarray:
+    """Brute force from a KV cache [B, S, K, H] and its real slots [B, S]: per row, the channel max and min over
+    each of its own blocks (its i-th real slot in block i // DECODE_BLOCK) [B, J, K, 2, H], zeros for blocks without
+    tokens."""
+    bounds = np.zeros((keys.shape[0], num_blocks, keys.shape[2], 2, keys.shape[3]), keys.dtype)
     for b in range(keys.shape[0]):
         real = keys[b, mask[b]]  # [n, K, H]
         for j in range(-(-len(real) // DECODE_BLOCK)):
             block = real[j * DECODE_BLOCK : (j + 1) * DECODE_BLOCK]
-            key_max[b, j], key_min[b, j] = block.max(0), block.min(0)
-    return key_max, key_min
+            bounds[b, j, :, 0], bounds[b, j, :, 1] = block.max(0), block.min(0)
+    return bounds
 
 
 @pytest.mark.parametrize("budget", [DECODE_BLOCK, 10**6], ids=["sparse", "dense"])
@@ -84,16 +84,14 @@ def test_key_bounds_after_decode_steps_are_those_of_the_kv_cache(budget):
     cache, full = decoded_and_recomputed(model, tokens, mask, jnp.asarray(random_tokens(5, 2, STEPS)))
     for layer in range(TINY.num_layers):
         state = cache.decode_states[layer]
-        assert state.key_max.shape == state.key_min.shape == (2, 5, TINY.num_kv_heads, TINY.head_dim)
+        assert state.key_bounds.shape == (2, 5, TINY.num_kv_heads, 2, TINY.head_dim)
         expected = numpy_key_bounds(np.asarray(cache.keys[layer]), np.asarray(cache.key_mask), 5)
-        np.testing.assert_array_equal(np.asarray(state.key_max), expected[0])
-        np.testing.assert_array_equal(np.asarray(state.key_min), expected[1])
+        np.testing.assert_array_equal(np.asarray(state.key_bounds), expected)
         if budget != DECODE_BLOCK:
-            recomputed = full.decode_states[layer]
-            np.testing.assert_allclose(np.asarray(state.key_max), np.asarray(recomputed.key_max), atol=1e-5)
-            np.testing.assert_allclose(np.asarray(state.key_min), np.asarray(recomputed.key_min), atol=1e-5)
+            recomputed = full.decode_states[layer].key_bounds
+            np.testing.assert_allclose(np.asarray(state.key_bounds), np.asarray(recomputed), atol=1e-5)
     plain = full_forward_cache(decode_model(with_decode(token_budget=budget)), tokens, mask).decode_states[0]
-    assert plain.key_max is None and plain.key_min is None  # quest_weight 0 keeps no bounds
+    assert plain.key_bounds is None  # quest_weight 0 keeps no bounds
 
 
 def test_prompt_blocks_count_each_rows_real_tokens():

@@ -206,6 +206,7 @@ def test_decode_distillation_cli_runs_on_a_mesh(cli_inputs):
     assert run_config["decode"]["hidden_size"] == MODEL_CONFIG["head_dim"]  # the default E: the model's head_dim
     marker = json.loads((out / "adapter" / ADAPTER_FILE).read_text())
     assert marker["seer_config"]["decode"]["block_size"] == 32
+    assert marker["seer_config"]["decode"]["quest_weight"] == 0.5  # recorded by default, not the official 0
     # The decode allocation is calibrated on the sharded model after training.
     assert marker["format"] == 3 and marker["seer_config"]["decode"]["allocation"]["rule"] == "recall"
 
