@@ -120,20 +120,20 @@ def oracle_decode_scores(q: jax.Array, k_cache: jax.Array, key_mask: jax.Array, 
 
 
 def quest_bound(q: jax.Array, key_bounds: jax.Array) -> jax.Array:
-    """Post-RoPE q [B, N, H] and each block's channel max and min of its kv head's keys [B, J, K, 2, H] → f32
+    """Post-RoPE q [B, N, H] and each block's channel max and min of its kv head's keys [B, K, J, 2, H] → f32
     [B, N, J], Σ_h max(q_h·max_h, q_h·min_h) · H^-½ (Quest's upper bound on q·k/√H over the block), computed as
     q⁺·max + q⁻·min with q⁺ = max(q, 0), q⁻ = min(q, 0): one matmul over (max, min) × H, no [B, J, N, H] product.
 
     In the bounds' dtype with float32 accumulation: q is cast to it (the KV cache's dtype, which attention reads q
     in too), so every product is exact in float32, as a float32 matmul of the same values would give."""
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = key_bounds.shape[2]
+    num_kv_heads = key_bounds.shape[1]
     grouped = q.astype(key_bounds.dtype).reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     zero = jnp.zeros((), grouped.dtype)
     signed = jnp.stack([jnp.maximum(grouped, zero), jnp.minimum(grouped, zero)], axis=3)  # [B, K, G, 2, H]
     exact = jax.lax.Precision.HIGHEST  # float32 bounds: float32 products, not TF32
     scores = jnp.einsum(
-        "bkgch,bjkch->bkgj", signed, key_bounds, precision=exact, preferred_element_type=jnp.float32
+        "bkgch,bkjch->bkgj", signed, key_bounds, precision=exact, preferred_element_type=jnp.float32
     )  # [B, K, G, J]
     return scores.reshape(batch, num_q_heads, -1) * head_dim**-0.5  # [B, N, J]
 
@@ -147,7 +147,7 @@ def quest_decode_scores(q: jax.Array, k_cache: jax.Array, key_mask: jax.Array, *
     occupied = jnp.any(valid, axis=-1)[..., None, None]  # [B, J, 1, 1]
     k_max = jnp.where(occupied, jnp.max(jnp.where(real, blocks, -jnp.inf), axis=2), 0.0)  # [B, J, K, H]
     k_min = jnp.where(occupied, jnp.min(jnp.where(real, blocks, jnp.inf), axis=2), 0.0)  # [B, J, K, H]
-    return quest_bound(q.astype(jnp.float32), jnp.stack([k_max, k_min], axis=3))
+    return quest_bound(q.astype(jnp.float32), jnp.stack([k_max, k_min], axis=3).transpose(0, 2, 1, 3, 4))
 
 
 def streaming_decode_scores(shape: tuple[int, int, int]) -> jax.Array:

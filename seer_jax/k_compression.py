@@ -54,9 +54,9 @@ class KCompressionCache:
         slots of blocks not yet completed.
       remainder: [B, block_size, K, H] pre-RoPE keys of each row's open block, token n at slot n % block_size;
         zeros in the slots past the open block's tokens.
-      key_bounds: [B, J, K, 2, H] the channel-wise max (index 0) and min (index 1) of each block's real rotated
+      key_bounds: [B, K, J, 2, H] the channel-wise max (index 0) and min (index 1) of each block's real rotated
         keys (completed blocks and the open one), zeros for blocks without tokens; None when the gate adds no Quest
-        bound.
+        bound. Kv-head-major, so that the bound's matmul (batched over rows and kv heads) reads it in place.
     """
 
     blocks: jax.Array
@@ -73,15 +73,16 @@ class KCompressionCache:
         if extra < 0:
             raise ValueError(f"cannot shrink {self.blocks.shape[1]} compressed blocks to max_length={max_length}")
 
-        def grow(x: jax.Array | None) -> jax.Array | None:
-            return None if x is None else jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))  # [B, J', ...]
-
-        return KCompressionCache(blocks=grow(self.blocks), remainder=self.remainder, key_bounds=grow(self.key_bounds))
+        blocks = jnp.pad(self.blocks, [(0, 0), (0, extra), (0, 0), (0, 0)])  # [B, J', K, E]
+        key_bounds = self.key_bounds
+        if key_bounds is not None:
+            key_bounds = jnp.pad(key_bounds, [(0, 0), (0, 0), (0, extra), (0, 0), (0, 0)])  # [B, K, J', 2, H]
+        return KCompressionCache(blocks=blocks, remainder=self.remainder, key_bounds=key_bounds)
 
 
 def block_key_bounds(k_rot: jax.Array, lengths: jax.Array, block_size: int) -> jax.Array:
     """Row-aligned rotated keys [B, T, K, H] (each row's real tokens first) and their count int [B] → the channel
-    max and min over each block's real keys [B, J, K, 2, H] (J = ceil(T / block_size)), in k_rot's dtype; zeros
+    max and min over each block's real keys [B, K, J, 2, H] (J = ceil(T / block_size)), in k_rot's dtype; zeros
     for a block without real keys."""
     batch, length = k_rot.shape[:2]
     num_blocks = -(-length // block_size)
@@ -92,7 +93,7 @@ def block_key_bounds(k_rot: jax.Array, lengths: jax.Array, block_size: int) -> j
     occupied = jnp.any(real, axis=2)  # [B, J, 1, 1]
     key_max = jnp.where(occupied, jnp.max(jnp.where(real, blocks, -jnp.inf), axis=2), 0)  # [B, J, K, H]
     key_min = jnp.where(occupied, jnp.min(jnp.where(real, blocks, jnp.inf), axis=2), 0)  # [B, J, K, H]
-    return jnp.stack([key_max, key_min], axis=3).astype(k_rot.dtype)
+    return jnp.stack([key_max, key_min], axis=3).transpose(0, 2, 1, 3, 4).astype(k_rot.dtype)  # [B, K, J, 2, H]
 
 
 def compress_prompt(
@@ -127,7 +128,7 @@ def compress_prompt(
     if gate.decode_config.keeps_key_bounds:
         if k_rot is None:
             raise ValueError("the decode config keeps key bounds (quest_weight > 0): pass the rotated keys k_rot")
-        key_bounds = block_key_bounds(k_rot, lengths, block_size)  # [B, J, K, 2, H]
+        key_bounds = block_key_bounds(k_rot, lengths, block_size)  # [B, K, J, 2, H]
     remainder = jnp.where(is_open, remainder, 0).astype(k.dtype)
     return KCompressionCache(blocks=blocks, remainder=remainder, key_bounds=key_bounds)
 
@@ -168,8 +169,8 @@ def append_token(
             raise ValueError("this cache keeps key bounds (quest_weight > 0): pass the token's rotated key k_rot")
         # The token's block slot only (a scatter, as above): its first token starts the block's bounds afresh.
         new = k_rot[:, 0].astype(key_bounds.dtype)  # [B, K, H]
-        old = key_bounds[rows, block]  # [B, K, 2, H]
+        old = key_bounds[rows, :, block]  # [B, K, 2, H]
         extended = jnp.stack([jnp.maximum(old[:, :, 0], new), jnp.minimum(old[:, :, 1], new)], axis=2)
         fresh = jnp.stack([new, new], axis=2)  # [B, K, 2, H]
-        key_bounds = key_bounds.at[rows, block].set(jnp.where((slot == 0)[:, None, None, None], fresh, extended))
+        key_bounds = key_bounds.at[rows, :, block].set(jnp.where((slot == 0)[:, None, None, None], fresh, extended))
     return KCompressionCache(blocks=blocks, remainder=remainder, key_bounds=key_bounds)

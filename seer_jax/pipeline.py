@@ -75,21 +75,30 @@ def parse_selection(text: str, default: Selection | None = None) -> Selection:
 
 def parse_decode_selection(text: str, default: DecodeConfig) -> DecodeConfig:
     """`default` (the decode gates' config) selecting by "token_budget=N" (tokens), "context_fraction=F" (of each
-    row's context) or "threshold=X". A budget keeps `default`'s per-layer allocation (the adapter's calibrated shares;
-    uniform without one); a threshold has none."""
-    method, sep, value = text.partition("=")
-    method = method.strip().replace("-", "_")
-    if not sep or method not in ("token_budget", "context_fraction", "threshold"):
-        raise ValueError(
-            f"decode selection {text!r}: expected token_budget=N or threshold=X, or context_fraction=F (of the context)"
-        )
-    try:
-        number = int(value) if method == "token_budget" else float(value)
-    except ValueError:
-        kind = "an integer" if method == "token_budget" else "a number"
-        raise ValueError(f"decode selection {text!r}: {value!r} is not {kind}") from None
-    allocation = None if method == "threshold" else default.allocation
-    return dataclasses.replace(default, method=method, allocation=allocation, **{method: number})
+    row's context) or "threshold=X", and/or scoring with "quest_weight=W" (`DecodeConfig.quest_weight`), comma
+    separated ("context_fraction=0.1,quest_weight=0.5"). A budget keeps `default`'s per-layer allocation (the
+    adapter's calibrated shares; uniform without one); a threshold has none."""
+    changes: dict = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in ("token_budget", "context_fraction", "threshold", "quest_weight") or key in changes:
+            raise ValueError(
+                f"decode selection {text!r}: expected token_budget=N or threshold=X, or context_fraction=F (of the "
+                "context), and/or quest_weight=W, each once, comma separated"
+            )
+        try:
+            changes[key] = int(value) if key == "token_budget" else float(value)
+        except ValueError:
+            kind = "an integer" if key == "token_budget" else "a number"
+            raise ValueError(f"decode selection {text!r}: {value!r} is not {kind}") from None
+    methods = [key for key in changes if key != "quest_weight"]
+    if len(methods) > 1:
+        raise ValueError(f"decode selection {text!r}: give one of token_budget, context_fraction and threshold")
+    if methods:
+        method = methods[0]
+        changes |= dict(method=method, allocation=None if method == "threshold" else default.allocation)
+    return dataclasses.replace(default, **changes)
 
 
 def describe_selection(seer_config: SeerConfig) -> tuple[str, str]:
@@ -120,6 +129,7 @@ def describe_selection(seer_config: SeerConfig) -> tuple[str, str]:
         f"sliding_window={decode.sliding_window}" if decode.sliding_window else "",
         f"dense below layer {decode.start_layer}" if decode.start_layer else "",
         "rope_at_block_end" if decode.rope_at_block_end else "",
+        f"gate scores + {decode.quest_weight:g} × Quest bound" if decode.keeps_key_bounds else "",
     ]
     return prefill, ", ".join([text, *filter(None, extras)])
 

@@ -15,8 +15,9 @@ budget at D instead, its per-layer shares calibrated on the same windows (`recor
 gates, `--decode-allocation recall|coverage` records in the adapter's decode config how a decode budget is shared
 among layers, calibrated on the same windows (`record_decode_allocation`; one dense forward per window after
 training); by default ("none") every layer gets the same budget, which measured best on the testbed (BENCHMARKS.md).
-Decode gates are recorded with `--decode-quest-weight` (0.5): their scores add that weight times Quest's bound on
-each block (`DecodeConfig.quest_weight`), which measured better than the gate alone and than Quest (BENCHMARKS.md).
+`--decode-quest-weight 0.5` records decode gates whose scores add 0.5 × Quest's bound on each block
+(`DecodeConfig.quest_weight`): more accurate than the gate alone and than Quest on the testbed, slower per step
+(BENCHMARKS.md); the default, 0, is the official gate alone.
 `--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains and evaluates on several devices
 (`seer_jax.sharding`); `--distributed` joins a multi-process job first (`train.flags`).
 
@@ -48,10 +49,11 @@ if TYPE_CHECKING:
 # Library values the flags show, written out so that `--help` imports no jax (a test checks they are the library's:
 # train.losses.DISTILLATION_TARGETS, DECODE_SLICE_RATIO; train.distill.DTYPES, GATE_OPTIMIZER; Q_HEAD_POOLINGS).
 TARGETS = ("prefill", "decode", "both")
-# The decode gates' recorded Quest weight (`DecodeConfig.quest_weight`): on the testbed at L = 8192 (H200, 16 docs)
-# gate + 0.5 × Quest beat the gate alone at every budget from 256 tokens to 25% (+10.3% vs +12.4% PPL at 10%) and
-# Quest at every one (design §8, BENCHMARKS.md).
-DECODE_QUEST_WEIGHT = 0.5
+# The decode gates' recorded Quest weight (`DecodeConfig.quest_weight`) by default: 0, the gate alone. On the testbed
+# at L = 8192 (H200, 16 docs) gate + 0.5 × Quest beat the gate alone at every budget from 256 tokens to 25% (+10.3%
+# vs +12.4% PPL at 10%) and Quest at every one, but cost 19% of the decode tokens/s at 128k, batch 8 (2.59× dense
+# instead of 3.18×): opt-in until that overhead is gone (design §8, BENCHMARKS.md).
+DECODE_QUEST_WEIGHT = 0.0
 DTYPE_CHOICES = ("bfloat16", "float32")
 Q_HEAD_POOLING_CHOICES = ("Qproj", "Qavgproj", "Qavg")
 RECIPE_LEARNING_RATE = 1e-3

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
@@ -39,8 +40,9 @@ _STYLE = {
     "quest": ("tab:orange", "^"),
     "streaming": ("tab:purple", "v"),
     "random": ("tab:gray", "x"),
-    "gate+quest": ("tab:cyan", "D"),  # a gate with Quest's bound added, any weight ("gate+0.25quest")
 }
+# Gates with a Quest weight ("gate+0.25quest", ...): one shade of this colour map each, this marker.
+_HYBRID_COLORMAP, _HYBRID_MARKER = "cool", "D"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -242,10 +244,15 @@ class EvalResult:
             def value(row: PplRow, dense: float | None = dense, increase: bool = increase) -> float:
                 return 100 * (row.ppl / dense - 1) if increase else row.ppl
 
+            # Gates with a Quest weight ("gate+0.25quest", ...): one shade of a colour map each, in row order.
+            hybrids = list(dict.fromkeys(r.method for r in rows if "+" in r.method))
             for series in dict.fromkeys(r.series for r in rows if r.sparsity != "dense"):
                 points = sorted((r for r in rows if r.series == series), key=lambda r: r.density)
                 method = points[0].method
-                color, marker = _STYLE.get(method, _STYLE["gate+quest"] if "+" in method else ("black", "."))
+                color, marker = _STYLE.get(method, ("black", "."))
+                if method in hybrids:
+                    color = colormaps[_HYBRID_COLORMAP](hybrids.index(method) / max(len(hybrids) - 1, 1))
+                    marker = _HYBRID_MARKER
                 # Prefill mode: TopK lines solid, thresholds and budgets dotted; decode mode: a sparse prefill dotted.
                 solid = points[0].prefill == "dense" if decode else points[0].sparsity == "nz_ratio"
                 axis.plot(

@@ -139,8 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--decode-selection",
         help="decode block selection: token_budget=N (tokens), context_fraction=F (of each row's context) or "
-        "threshold=X; a budget is shared among layers by the adapter's decode allocation when it records one "
-        "(default: the adapter's)",
+        "threshold=X, and/or quest_weight=W (the gate's scores plus W times Quest's bound), comma separated; a "
+        "budget is shared among layers by the adapter's decode allocation when it records one (default: the "
+        "adapter's)",
     )
     parser.add_argument(
         "--attention",

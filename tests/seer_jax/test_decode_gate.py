@@ -1,5 +1,7 @@
 """The decode AttnGate against numpy, its weights and names, and DecodeConfig (checks, SeerConfig round trip)."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -121,6 +123,9 @@ def test_weights_are_gate_params_at_the_official_names():
         (dict(source="random", method="threshold"), "ranks blocks without probabilities"),
         (dict(method="context_fraction", context_fraction=0.0), "context_fraction"),
         (dict(context_fraction=1.5), "context_fraction"),
+        (dict(quest_weight=-0.5), "quest_weight must be a finite number >= 0"),
+        (dict(quest_weight=float("nan")), "quest_weight"),
+        (dict(quest_weight=True), "quest_weight"),
     ],
 )
 def test_decode_config_errors(kwargs, match):
@@ -146,6 +151,11 @@ def test_seer_config_with_decode_round_trips():
     quest = SeerConfig(decode=DecodeConfig(source="quest", method="context_fraction", context_fraction=0.05))
     assert SeerConfig.from_dict(quest.to_dict()) == quest
     assert SeerConfig.from_dict(SeerConfig().to_dict()).decode is None
+    hybrid = SeerConfig(decode=DecodeConfig(quest_weight=0.25))
+    assert hybrid.to_dict()["decode"]["quest_weight"] == 0.25 and SeerConfig.from_dict(hybrid.to_dict()) == hybrid
+    assert "quest_weight" not in config.to_dict()["decode"]  # 0, the official gate: written as before it existed
+    assert hybrid.decode.keeps_key_bounds and not quest.decode.keeps_key_bounds
+    assert not dataclasses.replace(hybrid.decode, source="oracle").keeps_key_bounds  # other sources ignore it
     with pytest.raises(ValueError, match=r"seer_config.decode has unknown keys \['budget'\]"):
         SeerConfig.from_dict({"decode": {"budget": 3}})
     with pytest.raises(ValueError, match="decode must be a DecodeConfig"):

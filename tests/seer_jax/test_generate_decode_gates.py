@@ -47,7 +47,18 @@ def test_parse_decode_selection():
     assert parse_decode_selection("threshold=0.004", DECODE) == dataclasses.replace(
         DECODE, method="threshold", threshold=0.004
     )
-    for text, match in [("nz_ratio=0.1", "token_budget=N or threshold=X"), ("token_budget=1.5", "not an integer")]:
+    assert parse_decode_selection("context_fraction=0.1,quest_weight=0.5", DECODE) == dataclasses.replace(
+        DECODE, method="context_fraction", context_fraction=0.1, quest_weight=0.5
+    )
+    assert parse_decode_selection("quest_weight=0.25", DECODE) == dataclasses.replace(DECODE, quest_weight=0.25)
+    bad = [
+        ("nz_ratio=0.1", "token_budget=N or threshold=X"),
+        ("token_budget=1.5", "not an integer"),
+        ("token_budget=64,threshold=0.1", "give one of"),
+        ("quest_weight=1,quest_weight=2", "each once"),
+        ("quest_weight=-1", "quest_weight must be"),
+    ]
+    for text, match in bad:
         with pytest.raises(ValueError, match=match):
             parse_decode_selection(text, DECODE)
 
@@ -77,6 +88,8 @@ def test_describe_selection():
         "dense (no prefill gates)",
         "threshold=0.01, no sink block, dense below layer 2",
     )
+    hybrid = dataclasses.replace(DECODE, token_budget=128, quest_weight=0.5)
+    assert describe_selection(SeerConfig(gate=None, decode=hybrid))[1].endswith(", gate scores + 0.5 × Quest bound")
 
 
 def test_load_prefill_and_decode_adapters_together(adapters):

@@ -62,14 +62,14 @@ def test_cache_after_decode_steps_equals_recompute(budget):
 
 def numpy_key_bounds(keys: np.ndarray, mask: np.ndarray, num_blocks: int) -> np.ndarray:
     """Brute force from a KV cache [B, S, K, H] and its real slots [B, S]: per row, the channel max and min over
-    each of its own blocks (its i-th real slot in block i // DECODE_BLOCK) [B, J, K, 2, H], zeros for blocks without
+    each of its own blocks (its i-th real slot in block i // DECODE_BLOCK) [B, K, J, 2, H], zeros for blocks without
     tokens."""
-    bounds = np.zeros((keys.shape[0], num_blocks, keys.shape[2], 2, keys.shape[3]), keys.dtype)
+    bounds = np.zeros((keys.shape[0], keys.shape[2], num_blocks, 2, keys.shape[3]), keys.dtype)
     for b in range(keys.shape[0]):
         real = keys[b, mask[b]]  # [n, K, H]
         for j in range(-(-len(real) // DECODE_BLOCK)):
             block = real[j * DECODE_BLOCK : (j + 1) * DECODE_BLOCK]
-            bounds[b, j, :, 0], bounds[b, j, :, 1] = block.max(0), block.min(0)
+            bounds[b, :, j, 0], bounds[b, :, j, 1] = block.max(0), block.min(0)
     return bounds
 
 
@@ -84,7 +84,7 @@ def test_key_bounds_after_decode_steps_are_those_of_the_kv_cache(budget):
     cache, full = decoded_and_recomputed(model, tokens, mask, jnp.asarray(random_tokens(5, 2, STEPS)))
     for layer in range(TINY.num_layers):
         state = cache.decode_states[layer]
-        assert state.key_bounds.shape == (2, 5, TINY.num_kv_heads, 2, TINY.head_dim)
+        assert state.key_bounds.shape == (2, TINY.num_kv_heads, 5, 2, TINY.head_dim)
         expected = numpy_key_bounds(np.asarray(cache.keys[layer]), np.asarray(cache.key_mask), 5)
         np.testing.assert_array_equal(np.asarray(state.key_bounds), expected)
         if budget != DECODE_BLOCK:
