@@ -670,7 +670,7 @@ def _row(
             sparsity
         ]
     return PplRow(
-        method=setting.method_label,
+        method=setting.method,
         sparsity=sparsity,
         target=target,
         length=length,
