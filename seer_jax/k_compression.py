@@ -72,7 +72,6 @@ class KCompressionCache:
         extra = -(-max_length // self.block_size) - self.blocks.shape[1]
         if extra < 0:
             raise ValueError(f"cannot shrink {self.blocks.shape[1]} compressed blocks to max_length={max_length}")
-
         blocks = jnp.pad(self.blocks, [(0, 0), (0, extra), (0, 0), (0, 0)])  # [B, J', K, E]
         key_bounds = self.key_bounds
         if key_bounds is not None:

@@ -182,7 +182,7 @@ class Attention(nnx.Module):
         Returns:
           The attention output [B, 1, N, H] (before o_proj), the updated state, and the collected values by name.
         """
-        del q, k, k_rot  # the pre-RoPE q/k (and k_rot) feed gates, which a plain attention layer has none of
+        del q, k, k_rot  # they feed gates and their caches, which a plain attention layer has none of
         if collect:
             raise ValueError(f"a dense Attention layer's decode step collects nothing, asked for {sorted(collect)}")
         return self.attend(q_rot, k_cache, v_cache, causal=False, key_mask=key_mask), state, {}

@@ -21,7 +21,8 @@ With a dense selection (nz_ratio 1, threshold 0) every causal block is computed 
 model's.
 
 Sparse decoding (`seer_config.decode`, docs/design.md "Sparse decoding"). `decode_state` compresses the prompt's
-pre-RoPE keys into a `KCompressionCache` (`seer_jax.k_compression`), which the `KVCache` carries; each decode step
+pre-RoPE keys (and, with `decode.quest_weight` > 0, bounds its rotated keys per block) into a `KCompressionCache`
+(`seer_jax.k_compression`), which the `KVCache` carries; each decode step
 (`decode_attention`) adds the new key to it, scores the compressed blocks with the decode gate, selects blocks
 (`seer_jax.decode_selection`; with the layer's own budget, `DecodeConfig.for_layer`, when `decode.allocation`
 shares it among layers) and attends the selected blocks only (`pallas_kernels.block_sparse_decode` with each row's
