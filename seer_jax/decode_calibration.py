@@ -17,7 +17,9 @@ sliding window); the forced blocks and the current one are attended anyway.
 Rule. Each candidate's key is the true mass its row already holds before it is kept: the forced blocks' mass plus
 that of the candidates ranked above it in the row, ranked
   * "recall" (default): by the decode gate's score (descending, ties to the lower block), the order in which the
-    gate's top-k keeps them at run time, so the key is the recall the row reaches just before the block;
+    gate's top-k keeps them at run time, so the key is the recall the row reaches just before the block (the gate's
+    logits alone: with `DecodeConfig.quest_weight` > 0 the run-time order also weighs Quest's bound, which a
+    dense forward over training features does not compute, so the shares approximate that order);
   * "coverage": by the true mass itself (gate-independent, like the prefill rule `shares_from="attention"`).
 One order over every sparse layer, row and candidate (key ascending, ties to the lower layer) then keeps, at mean
 fraction f, the first ⌊f · Σ_rows n_row / block_size · sparse layers⌋; a layer's fraction is the count it keeps over
