@@ -279,12 +279,14 @@ def record_selection(
     decode: DecodeConfig | None = None,
     prefill_density: MeasuredDensity | None = None,
     decode_density: MeasuredDensity | None = None,
+    quest_weight: float | None = None,
 ) -> None:
     """Makes `selection` the default prefill selection and/or `decode` the decode config of the adapter in
     `directory` (this project's format), each with the density it reached (or none recorded; a replaced selection's
-    old density is dropped); the weights are untouched. `decode` must keep the decode gates' structure
-    (`with_decode_selection`). The marker file is replaced atomically. In a multi-process job every process calls
-    this; process 0 writes."""
+    old density is dropped), and with `quest_weight` the prefill gates' `SeerConfig.quest_weight` (recorded with
+    `selection`, which it was calibrated with); the weights are untouched. `decode` must keep the decode gates'
+    structure (`with_decode_selection`). The marker file is replaced atomically. In a multi-process job every process
+    calls this; process 0 writes."""
     if selection is None and decode is None:
         raise ValueError("record_selection needs a prefill selection, a decode config or both")
     path = Path(directory) / ADAPTER_FILE
@@ -294,8 +296,11 @@ def record_selection(
     seer_config = adapter.seer_config
     # Tensor names hold the layer index (module docstring): model.layers.{L}.self_attn.attn_gate.…
     num_layers = 1 + max(int(name.split(".")[2]) for name in adapter.tensors)
+    if quest_weight is not None and selection is None:
+        raise ValueError("record_selection: a quest_weight is recorded with the prefill selection calibrated with it")
     if selection is not None:
-        seer_config = dataclasses.replace(seer_config, selection=selection)  # validates it against the gates
+        weight = seer_config.quest_weight if quest_weight is None else quest_weight
+        seer_config = dataclasses.replace(seer_config, selection=selection, quest_weight=weight)  # validates both
         if seer_config.gate is None:
             raise ValueError(f"{directory} has no prefill gates: there is no prefill selection to record")
         if selection.allocation is not None and selection.allocation.num_layers != num_layers:

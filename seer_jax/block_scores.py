@@ -5,7 +5,8 @@ Every source returns float32 scores [B, N, I, J] where larger means more importa
 the same number of blocks per row (plus the forced diagonal), so densities match by construction and evaluations
 compare what is selected, not how much. A source is called with one layer's `ScoreInputs`.
 
-- `gate`: the layer's learned AttnGate on the pre-RoPE q/k (`seer_jax.gate`).
+- `gate`: the layer's learned AttnGate on the pre-RoPE q/k (`seer_jax.gate`); with `quest_weight` w > 0
+  (`SeerConfig.quest_weight`), plus w × `quest_scores`.
 
 - `oracle_scores`: the true 2D max-pooled attention map of the layer (`attention_with_pooling`, the gate's
   distillation target), as log-probabilities: TopK keeps the blocks with the largest pooled attention, and
@@ -39,6 +40,7 @@ class ScoreInputs:
       lengths: int [B] real tokens per row, or None when every position is real.
       gate: the layer's AttnGate.
       key: the layer's `jax.random.key` (the "random" source).
+      quest_weight: the weight of `quest_scores` added to the gate's logits ("gate" only; `SeerConfig.quest_weight`).
     """
 
     q: jax.Array
@@ -49,6 +51,7 @@ class ScoreInputs:
     lengths: jax.Array | None
     gate: AttnGate
     key: jax.Array
+    quest_weight: float = 0.0
 
     @property
     def block_size(self) -> int:
@@ -98,13 +101,20 @@ def random_scores(key: jax.Array, shape: tuple[int, int, int, int]) -> jax.Array
     return jax.random.uniform(key, shape, jnp.float32)
 
 
+def _quest(inputs: ScoreInputs) -> jax.Array:
+    return quest_scores(inputs.q_rot, inputs.k_rot, block_size=inputs.block_size, lengths=inputs.lengths)
+
+
+def _gate(inputs: ScoreInputs) -> jax.Array:
+    logits = inputs.gate(inputs.q, inputs.k, lengths=inputs.lengths)  # [B, N, I, J]
+    return logits + inputs.quest_weight * _quest(inputs) if inputs.quest_weight > 0 else logits
+
+
 ScoreSource = Callable[[ScoreInputs], jax.Array]
 SOURCES: dict[str, ScoreSource] = {
-    "gate": lambda inputs: inputs.gate(inputs.q, inputs.k, lengths=inputs.lengths),
+    "gate": _gate,
     "oracle": lambda inputs: oracle_scores(inputs.q_rot, inputs.k_rot, inputs.v, block_size=inputs.block_size),
-    "quest": lambda inputs: quest_scores(
-        inputs.q_rot, inputs.k_rot, block_size=inputs.block_size, lengths=inputs.lengths
-    ),
+    "quest": _quest,
     "streaming": lambda inputs: streaming_scores(inputs.score_shape),
     "random": lambda inputs: random_scores(inputs.key, inputs.score_shape),
 }

@@ -43,8 +43,9 @@ CALIBRATION_DENSITIES = (0.02, 0.03, 0.05, 0.07, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3
 def _gate_probabilities(
     model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None
 ) -> tuple[jax.Array, ...]:
-    _, _, collected = model.forward(tokens, attention_mask=attention_mask, collect=("gate_logits",))
-    return tuple(masked_softmax(layer["gate_logits"]) for layer in collected)
+    # The scores selection ranks: the gate's logits, plus the weighted quest scores with a `quest_weight`.
+    _, _, collected = model.forward(tokens, attention_mask=attention_mask, collect=("block_scores",))
+    return tuple(masked_softmax(layer["block_scores"]) for layer in collected)
 
 
 @nnx.jit

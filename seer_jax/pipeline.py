@@ -113,6 +113,8 @@ def describe_selection(seer_config: SeerConfig) -> tuple[str, str]:
         prefill += ", last_block_dense" if selection.last_block_dense else ""
         prefill += " (every block)" if selection.is_dense else ""
         prefill += f", dense below layer {seer_config.start_layer}" if seer_config.start_layer else ""
+        weighted = seer_config.quest_weight and seer_config.source == "gate"
+        prefill += f", gate scores + {seer_config.quest_weight:g} × quest scores" if weighted else ""
     decode = seer_config.decode
     if decode is None:
         return prefill, "dense (no decode gates)"

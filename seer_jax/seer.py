@@ -35,6 +35,9 @@ independent: either can be dense.
 What else a layer produces is asked for by name (`CausalLM.forward(..., collect=...)`, names in `COLLECTABLE`):
     "gate_features"  the gate's `GateFeatures` (block-pooled pre-RoPE q/k): distillation's input
     "gate_logits"    the gate's logits f32 [B, N, I, J] (fine-tuning's gate loss)
+    "block_scores"   the scores the layer's selection ranks f32 [B, N, I, J] (its source's; for the gate with a
+                     `quest_weight`, logits plus the weighted quest scores), even when the selection keeps every
+                     block (calibration)
     "target"         the true row-normalised max-pooled attention map f32 [B, N, I, J], the gate's distillation
                      target (docs/design.md, "Distillation"); no gradient flows into it
     "density"        f32 [N], the fraction of causal blocks computed over the query blocks holding real tokens
@@ -88,7 +91,16 @@ from seer_jax.sparsity import BLOCK_SIZE, causal_block_mask, select_blocks
 from seer_jax.sparsity import block_density as mask_density
 
 DECODE_TRAINING_COLLECTABLE = ("decode_features", "decode_target")
-COLLECTABLE = ("gate_features", "gate_logits", "target", "density", "block_mask", *DECODE_TRAINING_COLLECTABLE)
+COLLECTABLE = (
+    "gate_features",
+    "gate_logits",
+    "block_scores",
+    "target",
+    "density",
+    "block_mask",
+    *DECODE_TRAINING_COLLECTABLE,
+)
+_SCORE_COLLECTABLE = {"gate_features", "gate_logits", "block_scores"}  # computed from the row-aligned inputs
 DECODE_COLLECTABLE = ("decode_blocks",)
 
 
@@ -307,8 +319,8 @@ class SeerAttention(Attention):
         unknown = sorted(collect - set(COLLECTABLE))
         if unknown:
             raise ValueError(f"cannot collect {unknown}: a SeerAttention layer collects {COLLECTABLE}")
-        if self.attn_gate is None and collect & {"gate_features", "gate_logits"}:
-            raise ValueError("cannot collect gate_features or gate_logits: this model has no prefill gates")
+        if self.attn_gate is None and collect & _SCORE_COLLECTABLE:
+            raise ValueError(f"cannot collect {sorted(_SCORE_COLLECTABLE)}: this model has no prefill gates")
         decode_names = collect & set(DECODE_TRAINING_COLLECTABLE)
         if decode_names and self.decode_gate is None:
             raise ValueError(f"cannot collect {sorted(decode_names)}: the model has no decode gates (no decode config)")
@@ -321,7 +333,7 @@ class SeerAttention(Attention):
         )
         attends_densely = not self.is_sparse or selection.is_dense
         fused_target = "target" in collect and attends_densely
-        if not self.is_sparse and not fused_target and not collect & {"gate_features", "gate_logits"}:
+        if not self.is_sparse and not fused_target and not collect & _SCORE_COLLECTABLE:
             out, block_mask, rows = self.attend(q_rot, k_rot, v, causal=True, key_mask=key_mask), every_block, None
             collected = {}
         else:
@@ -335,6 +347,7 @@ class SeerAttention(Attention):
                 lengths=rows.lengths,
                 gate=self.attn_gate,
                 key=jax.random.fold_in(jax.random.key(self.seer_config.seed), self.layer_index),
+                quest_weight=self.seer_config.quest_weight,
             )
             out, block_mask, collected = self._attend_rows(inputs, every_block, collect, fused_target)
             out = rows.restore(out)
@@ -385,8 +398,11 @@ class SeerAttention(Attention):
             scores = SOURCES[source](inputs)  # [B, N, I, J]
         if "gate_features" in collect:
             collected["gate_features"] = self.attn_gate.pool(inputs.q, inputs.k, lengths=inputs.lengths)
+        if "block_scores" in collect:
+            scores = SOURCES[source](inputs) if scores is None else scores
+            collected["block_scores"] = scores
         if "gate_logits" in collect:
-            reuse = scores is not None and source == "gate"
+            reuse = scores is not None and source == "gate" and inputs.quest_weight == 0
             collected["gate_logits"] = scores if reuse else self.attn_gate(inputs.q, inputs.k, lengths=inputs.lengths)
         block_size = BLOCK_SIZE
         if fused_target:

@@ -6,6 +6,7 @@ e.g. with only SeerAttention-R decode gates attached), `decode=None` one without
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,9 @@ class SeerConfig:
       selection: scores → block mask: method ("nz_ratio" | "threshold" | "budget"), nz_ratio, threshold, budget
         and its per-layer allocation, last_block_dense.
       source: where block scores come from, one of `BLOCK_SOURCES` (`seer_jax.block_scores.SOURCES`).
+      quest_weight: w >= 0; with w > 0 the "gate" source ranks blocks by the gate's logits plus w times the "quest"
+        source's scores (mean-pooled post-RoPE q · k, `block_scores.quest_scores`); 0 (the official gate): the
+        logits alone. Other sources ignore it. This project's (docs/design.md §3).
       start_layer: layers with a smaller index attend densely.
       seed: seeds the "random" source (each layer folds in its index).
       decode: the decode gates and their selection (SeerAttention-R) with its per-layer allocation, or None: decode
@@ -37,6 +41,7 @@ class SeerConfig:
     gate: GateConfig | None = dataclasses.field(default_factory=GateConfig)
     selection: Selection = dataclasses.field(default_factory=Selection)
     source: str = "gate"
+    quest_weight: float = 0.0
     start_layer: int = 0
     seed: int = 0
     decode: DecodeConfig | None = None
@@ -65,6 +70,9 @@ class SeerConfig:
                 f"source {self.source!r} ranks blocks without probabilities: use selection method 'nz_ratio', "
                 f"not {self.selection.method!r}"
             )
+        weight = self.quest_weight
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"quest_weight must be a finite number >= 0, got {weight!r}")
         if not isinstance(self.start_layer, int) or self.start_layer < 0:
             raise ValueError(f"start_layer must be an int >= 0, got {self.start_layer!r}")
         if not isinstance(self.seed, int):
@@ -75,12 +83,14 @@ class SeerConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (`from_dict` reads it back). Fields added later are written only when set, so that what
         does not use them reads as before they existed: `selection.force_sink` when True, `decode.allocation` when
-        not None, `decode.quest_weight` when not 0."""
+        not None, `quest_weight` and `decode.quest_weight` when not 0."""
         values = dataclasses.asdict(self)
         if not self.selection.force_sink:
             del values["selection"]["force_sink"]
         if self.decode is not None and self.decode.allocation is None:
             del values["decode"]["allocation"]
+        if self.quest_weight == 0:
+            del values["quest_weight"]
         if self.decode is not None and self.decode.quest_weight == 0:
             del values["decode"]["quest_weight"]
         return values

@@ -222,6 +222,7 @@ class DecodeModels:
         seer_config = None if adapter is None else adapter.seer_config
         self.gate_config = GateConfig(hidden_size=config.head_dim) if seer_config is None else seer_config.gate
         self.prefill_start_layer = 0 if seer_config is None else seer_config.start_layer
+        self.prefill_quest_weight = 0.0 if seer_config is None else seer_config.quest_weight
         has_decode = seer_config is not None and seer_config.decode is not None
         self.decode_structure = (
             dataclasses.replace(seer_config.decode, allocation=None)
@@ -251,6 +252,7 @@ class DecodeModels:
                 gate=self.gate_config,
                 selection=Selection() if setting.prefill is None else setting.prefill,
                 start_layer=self.base.config.num_layers if setting.prefill is None else self.prefill_start_layer,
+                quest_weight=self.prefill_quest_weight,
                 seed=self.seed,
                 decode=decode,
             )

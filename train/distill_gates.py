@@ -10,7 +10,8 @@ and resume (`--resume`) as in every trainer of this project; SIGINT/SIGTERM save
 status 130/143 without writing the adapter (`--resume` finishes the run and writes it). `--eval-data FILES` then
 measures perplexity vs. block density (`train.perplexity`) into `OUT/eval`.
 The adapter's default prefill selection is the threshold that keeps `--default-density` (0.3) of the blocks on the
-first distillation windows, recorded with the density it reaches there; `--budget-density D` makes it a density
+first distillation windows, recorded with the density it reaches there (on the gate's logits plus `--quest-weight`
+× the quest scores, recorded too, when given); `--budget-density D` makes it a density
 budget at D instead, its per-layer shares calibrated on the same windows (`record_prefill_selection`). With decode
 gates, `--decode-allocation recall|coverage` records in the adapter's decode config how a decode budget is shared
 among layers, calibrated on the same windows (`record_decode_allocation`; one dense forward per window after
@@ -237,11 +238,14 @@ def run_distillation(config: DistillConfig) -> DistillResult:
     return result
 
 
-def record_prefill_selection(config: DistillConfig, result: DistillResult, density: float, *, budget: bool) -> None:
+def record_prefill_selection(
+    config: DistillConfig, result: DistillResult, density: float, *, budget: bool, quest_weight: float = 0.0
+) -> None:
     """Calibrates the distilled prefill gates' default selection at mean block density `density` on the first
     `BUDGET_CALIBRATION_WINDOWS` windows of the distillation data and records it, with the density the sparse model
     reaches there, in the adapter: a density budget (`seer_jax.calibration.budget_for_density`, per-layer shares)
-    with `budget`, else the threshold that reaches `density` (`seer_jax.calibration.threshold_for_density`)."""
+    with `budget`, else the threshold that reaches `density` (`seer_jax.calibration.threshold_for_density`); both
+    on the scores the gates rank by with `quest_weight` (`SeerConfig.quest_weight`), which is recorded too."""
     import jax.numpy as jnp
 
     from seer_jax.adapters import MeasuredDensity, record_selection
@@ -253,14 +257,17 @@ def record_prefill_selection(config: DistillConfig, result: DistillResult, densi
 
     length = config.loader.seq_len
     tokens = jnp.asarray(eval_windows(load_corpus(config.corpus), length=length, num_docs=BUDGET_CALIBRATION_WINDOWS))
+    seer_config = dataclasses.replace(result.model.seer_config, quest_weight=quest_weight)
+    model = seer_with_abstract_gates(result.model, seer_config)
     if budget:
-        selection = budget_for_density(result.model, tokens, density=density)
+        selection = budget_for_density(model, tokens, density=density)
     else:
-        selection, _ = threshold_for_density(result.model, tokens, density=density)
-    sparse = seer_with_abstract_gates(result.model, dataclasses.replace(result.model.seer_config, selection=selection))
+        selection, _ = threshold_for_density(model, tokens, density=density)
+    sparse = seer_with_abstract_gates(model, dataclasses.replace(seer_config, selection=selection))
     reached = float(jnp.mean(block_density(sparse, tokens)))
     data = f"distillation data: the {len(tokens)} calibration windows of {length} tokens"
-    record_selection(result.adapter_dir, selection, prefill_density=MeasuredDensity(density=reached, data=data))
+    measured = MeasuredDensity(density=reached, data=data)
+    record_selection(result.adapter_dir, selection, prefill_density=measured, quest_weight=quest_weight)
     what = f"a density budget at {density:g}" if budget else f"threshold {selection.threshold:.4g} (target {density:g})"
     log.info("recorded %s as the default prefill selection (%.4f reached on %s)", what, reached, data)
 
@@ -299,7 +306,8 @@ def record_default_selections(args: argparse.Namespace, config: DistillConfig, r
     `--decode-allocation`'s rule, if any."""
     if config.target != "decode":
         budget = args.budget_density is not None
-        record_prefill_selection(config, result, args.budget_density if budget else args.default_density, budget=budget)
+        density = args.budget_density if budget else args.default_density
+        record_prefill_selection(config, result, density, budget=budget, quest_weight=args.quest_weight)
     rule = args.decode_allocation or "none"
     if rule != "none" and config.target != "prefill":
         record_decode_allocation(config, result, rule)
@@ -396,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"this block density on the first {BUDGET_CALIBRATION_WINDOWS} distillation windows, with the density reached",
     )
     parser.add_argument(
+        "--quest-weight",
+        type=float,
+        default=0.0,
+        help="with prefill gates: record that their selection ranks blocks by the gate's logits plus this weight "
+        "times the quest source's scores (SeerConfig.quest_weight), and calibrate the default selection on those "
+        "scores; 0: the gate alone (not a training setting)",
+    )
+    parser.add_argument(
         "--decode-allocation",
         choices=DECODE_ALLOCATION_CHOICES,
         help="with decode gates: record in the adapter how a decode budget is shared among layers, calibrated on the "
@@ -419,6 +435,10 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_logging()
     try:
+        if not 0 <= args.quest_weight < float("inf"):
+            parser.error(f"--quest-weight must be a finite number >= 0, got {args.quest_weight}")
+        if args.quest_weight and args.target == "decode":
+            parser.error("--quest-weight weighs prefill gates' scores; for decode gates use --decode-quest-weight")
         if args.model is None:
             if args.data:
                 parser.error("--data needs --model (without --model the embedded demo runs on its own corpus)")

@@ -2,7 +2,8 @@
 
     python -m train.eval_ppl --model DIR [--gates DIR] --data PATHS... --out DIR
         [--mode prefill|decode] [--lengths 2048 8192] [--num-docs 16]
-        [--nz-ratios 0.5 0.4 0.3 0.2 0.1] [--thresholds ...] [--budgets ...] [--force-sink]  (prefill mode)
+        [--nz-ratios 0.5 0.4 0.3 0.2 0.1] [--thresholds ...] [--budgets ...] [--force-sink]
+        [--quest-weights W ...]                                                        (prefill mode)
         [--continuation 2048] [--decode-budgets 256 512 1024 2048 5% 10% 25%]
         [--decode-prefill nz_ratio=X | threshold=Y] [--decode-chunk 256]
         [--decode-allocation adapter|none|recall|coverage] [--decode-quest-weights W ...]  (decode mode)
@@ -112,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "recall (the gate's ranking) or coverage (the attention's) (default: %(default)s)",
     )
     parser.add_argument(
+        "--quest-weights",
+        type=float,
+        nargs="+",
+        help="prefill mode: run the gate rows once per weight w, ranking blocks by the gate's logits plus w times the "
+        "quest source's scores (rows gate+<w>quest; 0: the gate alone) (default: the adapter's weight)",
+    )
+    parser.add_argument(
         "--decode-quest-weights",
         type=float,
         nargs="+",
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             decode_chunk=args.decode_chunk,
             decode_allocation=args.decode_allocation,
             decode_quest_weights=None if args.decode_quest_weights is None else tuple(args.decode_quest_weights),
+            quest_weights=None if args.quest_weights is None else tuple(args.quest_weights),
             methods=None if args.methods is None else tuple(args.methods),
             start_layer=args.start_layer,
             seed=args.seed,

@@ -123,6 +123,9 @@ class EvalConfig:
         `DECODE_ALLOCATIONS`: "adapter" (the allocation the adapter's decode config records; uniform without one),
         "none" (uniform), "recall" or "coverage" (`seer_jax.decode_calibration.decode_allocation` by that rule on the
         prompts of the first `batch_size` windows of the first length, which no row scores).
+      quest_weights: prefill mode: the "gate" rows run once per weight w, ranking blocks by the gate's logits plus
+        w × the "quest" source's scores (`SeerConfig.quest_weight`; rows "gate+<w>quest"; a budget row keeps the
+        adapter's per-layer shares, calibrated with its own weight); None: the adapter's weight.
       decode_quest_weights: decode mode: the "gate" rows run once per weight w, scoring blocks by the gate's logits
         plus w × Quest's bound (`DecodeConfig.quest_weight`; rows "gate+<w>quest"); None: the adapter's weight.
       methods: the methods to run, in order; None means all, with "gate" only when `gates` is given (and, in decode
@@ -158,6 +161,7 @@ class EvalConfig:
     force_sink: bool = False
     decode_allocation: str = "adapter"
     decode_quest_weights: tuple[float, ...] | None = None
+    quest_weights: tuple[float, ...] | None = None
     methods: tuple[str, ...] | None = None
     start_layer: int | None = None
     seed: int = 0
@@ -208,6 +212,12 @@ class EvalConfig:
                 raise ValueError("decode_allocation: applies to decode mode only")
             if self.decode_quest_weights is not None:
                 raise ValueError("decode_quest_weights: apply to decode mode only")
+            if self.quest_weights is not None:
+                weights = self.quest_weights
+                if not weights or len(set(weights)) != len(weights) or any(not w >= 0 for w in weights):
+                    raise ValueError(f"quest_weights: need distinct weights >= 0, got {weights}")
+                if "gate" not in self.methods_to_run:
+                    raise ValueError("quest_weights: apply to the 'gate' rows; run the 'gate' method (gates)")
             for field in ("thresholds", "budgets"):
                 if getattr(self, field) and "gate" not in self.methods_to_run:
                     raise ValueError(f"{field}: apply to the gate method only, which is not run (pass gates / 'gate')")
@@ -230,6 +240,8 @@ class EvalConfig:
             raise ValueError("attention: cudnn runs bfloat16 only; use dtype bfloat16 or attention xla")
 
     def _check_decode(self) -> None:
+        if self.quest_weights is not None:
+            raise ValueError("quest_weights: apply to prefill mode only; decode mode runs decode_quest_weights")
         for field in ("thresholds", "budgets"):
             if getattr(self, field):
                 raise ValueError(f"{field}: apply to prefill mode only; decode mode runs decode_budgets")
@@ -299,16 +311,22 @@ class Setting:
 
     method: str
     selection: Selection | None = None
+    quest_weight: float = 0.0
+
+    @property
+    def method_label(self) -> str:
+        """The method, "gate+0.25quest" for a gate with a Quest weight (`SeerConfig.quest_weight`)."""
+        return f"{self.method}+{self.quest_weight:g}quest" if self.quest_weight else self.method
 
     @property
     def label(self) -> str:
         if self.selection is None:
             return self.method
         if self.selection.method == "nz_ratio":
-            return f"{self.method} nz {self.selection.nz_ratio:g}"
+            return f"{self.method_label} nz {self.selection.nz_ratio:g}"
         if self.selection.method == "budget":
-            return f"{self.method} budget {self.selection.budget:g}"
-        return f"{self.method} threshold {self.selection.threshold:g}"
+            return f"{self.method_label} budget {self.selection.budget:g}"
+        return f"{self.method_label} threshold {self.selection.threshold:g}"
 
     @property
     def computed_as(self) -> "Setting":
@@ -337,23 +355,28 @@ class EvalTask:
         return f"L={self.length} {self.setting.label} [{self.batch + 1}/{self.num_batches}]"
 
 
-def _settings(config: EvalConfig, allocation: BudgetAllocation | None = None) -> list[Setting]:
+def _settings(
+    config: EvalConfig, allocation: BudgetAllocation | None = None, quest_weights: Sequence[float] = (0.0,)
+) -> list[Setting]:
     """The (method, selection) pairs `evaluate` runs, in order: dense, then each method's nz_ratios, thresholds,
-    budgets (shared among layers by `allocation`)."""
+    budgets (shared among layers by `allocation`); the gate's once per Quest weight of `quest_weights`."""
     settings = []
     forced = dict(force_sink=config.force_sink, last_block_dense=False)
     for method in config.methods_to_run:
         if method == "dense":
             settings.append(Setting("dense"))
             continue
-        for ratio in config.nz_ratios:
-            settings.append(Setting(method, Selection(method="nz_ratio", nz_ratio=ratio, **forced)))
-        if method == "gate":
-            for threshold in config.thresholds:
-                settings.append(Setting(method, Selection(method="threshold", threshold=threshold, **forced)))
-            for budget in config.budgets:
-                selection = Selection(method="budget", budget=budget, allocation=allocation, **forced)
-                settings.append(Setting(method, selection))
+        if method != "gate":
+            for ratio in config.nz_ratios:
+                settings.append(Setting(method, Selection(method="nz_ratio", nz_ratio=ratio, **forced)))
+            continue
+        for weight in quest_weights:
+            selections = [Selection(method="nz_ratio", nz_ratio=ratio, **forced) for ratio in config.nz_ratios]
+            selections += [Selection(method="threshold", threshold=t, **forced) for t in config.thresholds]
+            selections += [
+                Selection(method="budget", budget=budget, allocation=allocation, **forced) for budget in config.budgets
+            ]
+            settings += [Setting(method, selection, weight) for selection in selections]
     return settings
 
 
@@ -394,7 +417,10 @@ def evaluate(config: EvalConfig, *, progress: Callable[[Sequence[Any]], Iterable
     windows = _windows(config, vocab_size=model_config.vocab_size)
     if config.mode == "decode":
         return _evaluate_decode(config, base, adapter, windows, start_layer=start_layer, progress=progress)
-    settings = _settings(config, _budget_allocation(adapter, config))
+    weights = config.quest_weights
+    if weights is None:  # the adapter's own
+        weights = (0.0,) if adapter is None or adapter.seer_config.gate is None else (adapter.seer_config.quest_weight,)
+    settings = _settings(config, _budget_allocation(adapter, config), weights)
     forwards = list(dict.fromkeys(setting.computed_as for setting in settings))
     models = _Models(base, adapter, start_layer=start_layer, seed=config.seed, mesh=mesh)
     batches = {length: _batches(tokens, config.batch_size) for length, tokens in windows.items()}
@@ -626,6 +652,7 @@ class _Models:
                 selection=setting.selection,
                 # Keeping every block, no source is consulted: any one builds that forward.
                 source="gate" if setting.selection.is_dense else setting.method,
+                quest_weight=setting.quest_weight,
                 start_layer=self.start_layer,
                 seed=self.seed,
             )
@@ -670,7 +697,7 @@ def _row(
             sparsity
         ]
     return PplRow(
-        method=setting.method,
+        method=setting.method_label,
         sparsity=sparsity,
         target=target,
         length=length,

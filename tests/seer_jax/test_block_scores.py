@@ -15,9 +15,10 @@ from tokenizers import Tokenizer
 from pallas_kernels.attention_with_pooling import attention_with_pooling
 from seer_jax import block_scores
 from seer_jax.checkpoint import load_model
-from seer_jax.gate import GateConfig
+from seer_jax.gate import AttnGate, GateConfig
 from seer_jax.seer import SeerConfig, seer_from_base
 from seer_jax.sparsity import Selection, block_density, masked_softmax, select_blocks, topk_per_row
+from tests.seer_jax.tiny_models import TINY, random_module
 
 NUM_BLOCKS = 64  # J >= 64: TopK density within ±0.02 of the target
 LENGTH = NUM_BLOCKS * 64 - 20  # a ragged last block
@@ -81,6 +82,26 @@ def test_quest_is_the_product_of_mean_pooled_blocks():
     k_mean = np.stack([k[start : start + 64].mean(0) for start in range(0, 130, 64)])  # [3, K, H]
     expected = np.einsum("inh,jnh->nij", q_mean, np.repeat(k_mean, 2, axis=1)) / 4.0
     np.testing.assert_allclose(scores[0, :, :3, :3], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_with_a_quest_weight_adds_the_weighted_quest_scores():
+    """The "gate" source with quest_weight w: the gate's logits (its own call) plus w × `quest_scores` (checked
+    against NumPy above) on the rotated q/k, on a ragged row."""
+    q, k, v = random_qkv(5, 150)  # TINY's heads: 4 query, 2 kv, head_dim 16
+    gate_config = GateConfig(hidden_size=TINY.head_dim)
+    gate = random_module(
+        lambda: AttnGate(TINY, gate_config, param_dtype=jnp.float32, rngs=nnx.Rngs(0)), 2, weight_std=0.3
+    )
+    lengths = jnp.asarray([130])
+    inputs = block_scores.ScoreInputs(
+        q=q, k=k, q_rot=q * 0.5, k_rot=k + 0.1, v=v, lengths=lengths, gate=gate, key=jax.random.key(0)
+    )
+    weighted = dataclasses.replace(inputs, quest_weight=0.5)
+    logits = np.asarray(gate(q, k, lengths=lengths))
+    quest = np.asarray(block_scores.quest_scores(q * 0.5, k + 0.1, block_size=64, lengths=lengths))
+    np.testing.assert_array_equal(np.asarray(block_scores.SOURCES["gate"](inputs)), logits)
+    np.testing.assert_allclose(np.asarray(block_scores.SOURCES["gate"](weighted)), logits + 0.5 * quest, rtol=1e-6)
+    assert np.abs(quest[0, :, :3, :3]).max() > 0.1
 
 
 def test_random_scores_follow_the_key():

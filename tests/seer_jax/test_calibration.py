@@ -28,10 +28,11 @@ LAST = TINY.num_layers - 1
 
 
 @functools.cache
-def gated(start_layer: int) -> SeerCausalLM:
-    """Random base and gates; layers below start_layer dense."""
+def gated(start_layer: int, quest_weight: float = 0.0) -> SeerCausalLM:
+    """Random base and gates (the same for every quest_weight); layers below start_layer dense."""
     base = random_module(lambda: CausalLM(TINY, rngs=nnx.Rngs(0)), 0, weight_std=0.3)
     seer_config = SeerConfig(gate=GateConfig(hidden_size=TINY.head_dim), start_layer=start_layer)
+    seer_config = dataclasses.replace(seer_config, quest_weight=quest_weight)
     gates = random_module(lambda: SeerCausalLM(TINY, seer_config, rngs=nnx.Rngs(0)), 1, weight_std=0.5)
     seer = seer_with_abstract_gates(base, seer_config)
     nnx.update(seer, nnx.state(gates, GateParam))
@@ -49,12 +50,14 @@ def measured(model: SeerCausalLM, selection: Selection) -> float:
     return float(jnp.mean(block_density(sparse, *batch())))
 
 
+@pytest.mark.parametrize("quest_weight", [0.0, 0.5])
 @pytest.mark.parametrize("target", [0.75, 0.9])
-def test_threshold_reaches_the_reported_density(target):
+def test_threshold_reaches_the_reported_density(target, quest_weight):
     """Only the last layer sparse (its gate sees the inputs of dense layers, as in the calibration's forward): the
     sparse forward's density is exactly the one reported, at most the target, and one more block would exceed it.
-    (Layer 0 is dense: densities start at 0.5 + 0.5 · the diagonal's share.)"""
-    model = gated(LAST)
+    (Layer 0 is dense: densities start at 0.5 + 0.5 · the diagonal's share.) With a Quest weight the calibration
+    ranks the scores the sparse forward selects by, gate + w · quest."""
+    model = gated(LAST, quest_weight)
     selection, density = threshold_for_density(model, *batch(), density=target)
     assert selection.method == "threshold" and 0 < selection.threshold < 1 and not selection.last_block_dense
     assert measured(model, selection) == pytest.approx(density, abs=1e-6)

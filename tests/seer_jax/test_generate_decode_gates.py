@@ -88,6 +88,8 @@ def test_describe_selection():
         "dense (no prefill gates)",
         "threshold=0.01, no sink block, dense below layer 2",
     )
+    prefill = SeerConfig(selection=DEFAULT_SELECTION, quest_weight=0.25)
+    assert describe_selection(prefill)[0] == "nz_ratio=0.3, last_block_dense, gate scores + 0.25 × quest scores"
     hybrid = dataclasses.replace(DECODE, token_budget=128, quest_weight=0.5)
     assert describe_selection(SeerConfig(gate=None, decode=hybrid))[1].endswith(", gate scores + 0.5 × Quest bound")
 

@@ -18,7 +18,7 @@ from seer_jax.generate import generate
 from seer_jax.model import CausalLM, positions_from_mask
 from seer_jax.rope import apply_rope
 from seer_jax.seer import SeerCausalLM, SeerConfig, seer_from_base
-from seer_jax.sparsity import Selection
+from seer_jax.sparsity import Selection, select_blocks
 from tests.seer_jax.hf_reference import relative_error
 from tests.seer_jax.tiny_models import HOPPER_TINY, TINY, hopper_base_model, random_module, random_tokens
 
@@ -166,6 +166,42 @@ def test_sources_select_causal_blocks_in_row_coordinates(source):
         assert block_mask.sum() == 2 * TINY.num_q_heads * 7
 
 
+def test_quest_weight_scores_select_and_leave_the_gate_logits_alone():
+    """quest_weight 0.5: "block_scores" (collected even when the selection keeps every block, as calibration needs)
+    are the gate's logits plus 0.5 × the quest source's scores of the same layer inputs; "gate_logits" stay the
+    gate's own (fine-tuning's loss); the sparse layer selects from the weighted scores, like the quest source when the
+    weight swamps the logits."""
+    _, mask = padded_batch()
+    hidden = jnp.asarray(np.random.default_rng(6).standard_normal((2, LENGTH, TINY.hidden_size)), jnp.float32)
+
+    def collected(config, names):
+        attention = seer_model(config).model.layers[1].self_attn
+        return nnx.jit(
+            lambda attention, hidden, mask: attention(
+                hidden, positions_from_mask(mask), key_mask=mask, collect=frozenset(names)
+            )[2]
+        )(attention, hidden, mask)
+
+    every = dataclasses.replace(SPARSE, selection=Selection())
+    names = {"block_scores", "gate_logits"}
+    gate = collected(every, names)
+    quest = collected(dataclasses.replace(every, source="quest"), {"block_scores"})["block_scores"]
+    weighted = collected(dataclasses.replace(every, quest_weight=0.5), names)
+    np.testing.assert_array_equal(np.asarray(gate["block_scores"]), np.asarray(gate["gate_logits"]))
+    np.testing.assert_array_equal(np.asarray(weighted["gate_logits"]), np.asarray(gate["gate_logits"]))
+    expected = np.asarray(gate["gate_logits"]) + 0.5 * np.asarray(quest)
+    np.testing.assert_allclose(np.asarray(weighted["block_scores"]), expected, rtol=1e-5, atol=1e-5)
+    sparse = collected(dataclasses.replace(SPARSE, quest_weight=0.5), {"block_scores", "block_mask"})
+    lengths = jnp.sum(mask, axis=-1)
+    chosen = select_blocks(sparse["block_scores"], SPARSE.selection, lengths)
+    np.testing.assert_array_equal(np.asarray(sparse["block_mask"]), np.asarray(chosen))
+    # A weight that swamps the logits selects what the quest source selects, which is not what the gate selects.
+    swamped = collected(dataclasses.replace(SPARSE, quest_weight=1e4), {"block_mask"})["block_mask"]
+    quest_mask = collected(dataclasses.replace(SPARSE, source="quest"), {"block_mask"})["block_mask"]
+    np.testing.assert_array_equal(np.asarray(swamped), np.asarray(quest_mask))
+    assert not np.array_equal(np.asarray(collected(SPARSE, {"block_mask"})["block_mask"]), np.asarray(quest_mask))
+
+
 def test_distillation_inputs():
     """Features are the gate's pooling of each layer's pre-RoPE q/k; targets are the layer's pooled attention."""
     seer = seer_model(SPARSE)
@@ -224,6 +260,8 @@ def test_generate_sparse_prefill_dense_decode():
         (dict(source="bigbird"), "source must be one of"),
         (dict(source="streaming", selection=Selection(method="threshold", threshold=0.01)), "use selection method"),
         (dict(start_layer=-1), "start_layer"),
+        (dict(quest_weight=-0.1), "quest_weight must be a finite number >= 0"),
+        (dict(quest_weight=float("inf")), "quest_weight"),
     ],
 )
 def test_seer_config_errors(kwargs, match):
@@ -245,6 +283,9 @@ def test_seer_config_dict_round_trip():
     assert SeerConfig.from_dict(with_sink.to_dict()) == with_sink
     with pytest.raises(ValueError, match=r"seer_config.selection has unknown keys \['topk'\]"):
         SeerConfig.from_dict({"selection": {"topk": 3}})
+    assert "quest_weight" not in config.to_dict()  # 0: written as before the field existed
+    weighted = dataclasses.replace(config, source="gate", quest_weight=0.25)
+    assert weighted.to_dict()["quest_weight"] == 0.25 and SeerConfig.from_dict(weighted.to_dict()) == weighted
 
 
 def test_model_checks():

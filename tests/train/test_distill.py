@@ -264,26 +264,34 @@ def test_budget_density_records_a_calibrated_budget(data, straight_run, tmp_path
         )
 
 
-def test_default_prefill_selection_is_a_calibrated_threshold(data, straight_run, tmp_path):
+@pytest.mark.parametrize("quest_weight", [0.0, 0.5])
+def test_default_prefill_selection_is_a_calibrated_threshold(data, straight_run, tmp_path, quest_weight):
     """Without --budget-density: the adapter's default selection becomes the threshold that keeps
     --default-density of the blocks on the first distillation windows (`threshold_for_density`), recorded with the
-    density the sparse model reaches there."""
+    density the sparse model reaches there; with --quest-weight on the weighted scores, the weight recorded too."""
     model, result, _, _ = straight_run
+    model = seer_with_abstract_gates(model, dataclasses.replace(model.seer_config, quest_weight=quest_weight))
     adapter_dir = tmp_path / "adapter"
     shutil.copytree(result.adapter_dir, adapter_dir)
     config = _config(data, tmp_path / "run", steps=8)
-    args = argparse.Namespace(budget_density=None, default_density=0.3, decode_allocation=None)
+    args = argparse.Namespace(
+        budget_density=None, default_density=0.3, decode_allocation=None, quest_weight=quest_weight
+    )
     record_default_selections(args, config, dataclasses.replace(result, adapter_dir=adapter_dir))
     adapter = read_adapter(adapter_dir)
     windows = jnp.asarray(eval_windows(load_corpus(config.corpus), length=512, num_docs=BUDGET_CALIBRATION_WINDOWS))
     expected, estimated = threshold_for_density(model, windows, density=0.3)
     assert adapter.seer_config.selection == expected and 0 < expected.threshold < 1
+    assert adapter.seer_config.quest_weight == quest_weight
     sparse = seer_with_abstract_gates(model, dataclasses.replace(model.seer_config, selection=expected))
     np.testing.assert_allclose(adapter.prefill_density.density, float(jnp.mean(block_density(sparse, windows))))
     assert abs(adapter.prefill_density.density - estimated) < 0.02  # the dense-logit estimate is close
     assert f"{len(windows)} calibration windows of 512 tokens" in adapter.prefill_density.data
     with pytest.raises(SystemExit):
         distill_gates_main(["--model", "m", "--data", "d", "--out", "o", "--default-density", "0"])
+    for flags in (["--quest-weight", "-1"], ["--target", "decode", "--quest-weight", "0.5"]):
+        with pytest.raises(SystemExit):
+            distill_gates_main(["--model", "m", "--data", "d", "--out", "o", *flags])
 
 
 def test_decode_allocation_is_recorded_when_asked(data, decode_run, tmp_path):
@@ -296,7 +304,7 @@ def test_decode_allocation_is_recorded_when_asked(data, decode_run, tmp_path):
     for name, flag in (("recall", "recall"), ("default", None)):
         copies[name] = tmp_path / name
         shutil.copytree(result.adapter_dir, copies[name])
-        args = argparse.Namespace(decode_allocation=flag, budget_density=None, default_density=0.3)
+        args = argparse.Namespace(decode_allocation=flag, budget_density=None, default_density=0.3, quest_weight=0.0)
         record_default_selections(args, config, dataclasses.replace(result, adapter_dir=copies[name]))
     windows = eval_windows(load_corpus(config.corpus), length=512, num_docs=BUDGET_CALIBRATION_WINDOWS)
     expected = decode_allocation(model, jnp.asarray(windows), rule="recall", scored_from=0.25)

@@ -173,6 +173,22 @@ def test_gate_threshold_reports_what_it_selected(result):
     assert row.layer_density[0] == 1.0
 
 
+def test_quest_weights_run_the_gate_rows_once_per_weight(config, result):
+    """--quest-weights 0 0.5: the gate rows twice, "gate" (the same as without the flag: the adapter records no
+    weight) and "gate+0.5quest"; nz_ratio 1 still equals dense; at 0.5 about the same block counts (TopK) but another
+    selection, and a threshold selects from the weighted scores (another density)."""
+    both = evaluate(dataclasses.replace(config, methods=("dense", "gate"), quest_weights=(0.0, 0.5)))
+    for target in (1.0, 0.5, 0.05):
+        assert _row(both, "gate", target).doc_nll == _row(result, "gate", target).doc_nll
+    hybrid = _row(both, "gate+0.5quest", 1.0)
+    np.testing.assert_allclose(hybrid.doc_nll, _row(both, "dense").doc_nll, rtol=1e-5)
+    topk, plain = _row(both, "gate+0.5quest", 0.5), _row(both, "gate", 0.5)
+    # TopK keeps k blocks per row either way (plus the diagonal when its top-k missed it): nearly the same density
+    assert topk.density == pytest.approx(plain.density, abs=0.02) and topk.doc_nll != plain.doc_nll
+    assert _row(both, "gate+0.5quest", 0.05).density != _row(both, "gate", 0.05).density
+    assert "| gate+0.5quest | nz 0.5 |" in both.to_markdown() and both.config["quest_weights"] == [0.0, 0.5]
+
+
 def test_outputs(result, tmp_path):
     paths = result.write(tmp_path / "out")
     saved = json.loads(paths["json"].read_text())
@@ -229,6 +245,9 @@ def test_dtype_and_attention_default_to_the_device(model_dir, data_file):
         (dict(dtype="float16"), "dtype"),
         (dict(attention="flash"), "attention"),
         (dict(attention="cudnn", dtype="float32"), "attention"),
+        (dict(quest_weights=(0.5, 0.5)), "quest_weights: need distinct"),
+        (dict(quest_weights=(-1.0,)), "quest_weights: need distinct weights >= 0"),
+        (dict(quest_weights=(0.5,), methods=("dense", "quest")), "quest_weights: apply to the 'gate' rows"),
     ],
 )
 def test_config_errors_name_the_field(config, change, field):
