@@ -98,7 +98,15 @@ BUDGET_FORMAT_VERSION = 2
 # Format 3 is format 2 whose decode config may hold a per-layer allocation (`DecodeAllocation`), which format-2
 # readers cannot read; written only when it does.
 DECODE_ALLOCATION_FORMAT_VERSION = 3
-READABLE_FORMATS = (FORMAT_VERSION, BUDGET_FORMAT_VERSION, DECODE_ALLOCATION_FORMAT_VERSION)
+# Format 4 is format 3 whose prefill or decode config may weigh Quest-style scores into the gate's (`quest_weight`),
+# which format-3 readers cannot read; written only when a weight is not 0.
+QUEST_WEIGHT_FORMAT_VERSION = 4
+READABLE_FORMATS = (
+    FORMAT_VERSION,
+    BUDGET_FORMAT_VERSION,
+    DECODE_ALLOCATION_FORMAT_VERSION,
+    QUEST_WEIGHT_FORMAT_VERSION,
+)
 WeightsFormat = Literal["orbax", "safetensors"]
 # The prefill selection an adapter records when the model it is saved from keeps every block (and no selection is
 # given): TopK at nz_ratio 0.3 reaches ≈ 30% of the causal blocks by construction (docs/design.md §3) whatever the
@@ -267,6 +275,9 @@ def save_adapter(
 
 
 def _format_version(seer_config: SeerConfig) -> int:
+    decode = seer_config.decode
+    if seer_config.quest_weight > 0 or (decode is not None and decode.quest_weight > 0):
+        return QUEST_WEIGHT_FORMAT_VERSION
     if seer_config.decode is not None and seer_config.decode.allocation is not None:
         return DECODE_ALLOCATION_FORMAT_VERSION
     return BUDGET_FORMAT_VERSION if seer_config.selection.method == "budget" else FORMAT_VERSION

@@ -283,6 +283,7 @@ def test_default_prefill_selection_is_a_calibrated_threshold(data, straight_run,
     expected, estimated = threshold_for_density(model, windows, density=0.3)
     assert adapter.seer_config.selection == expected and 0 < expected.threshold < 1
     assert adapter.seer_config.quest_weight == quest_weight
+    assert json.loads((adapter_dir / ADAPTER_FILE).read_text())["format"] == (4 if quest_weight else 1)
     sparse = seer_with_abstract_gates(model, dataclasses.replace(model.seer_config, selection=expected))
     np.testing.assert_allclose(adapter.prefill_density.density, float(jnp.mean(block_density(sparse, windows))))
     assert abs(adapter.prefill_density.density - estimated) < 0.02  # the dense-logit estimate is close

@@ -208,7 +208,7 @@ def test_decode_distillation_cli_runs_on_a_mesh(cli_inputs):
     assert marker["seer_config"]["decode"]["block_size"] == 32
     assert marker["seer_config"]["decode"]["quest_weight"] == 0.5  # the flag's; the default, 0, is not written
     # The decode allocation is calibrated on the sharded model after training.
-    assert marker["format"] == 3 and marker["seer_config"]["decode"]["allocation"]["rule"] == "recall"
+    assert marker["format"] == 4 and marker["seer_config"]["decode"]["allocation"]["rule"] == "recall"  # 4: a weight
 
 
 @pytest.mark.parametrize(
