@@ -398,9 +398,8 @@ class SeerAttention(Attention):
             scores = SOURCES[source](inputs)  # [B, N, I, J]
         if "gate_features" in collect:
             collected["gate_features"] = self.attn_gate.pool(inputs.q, inputs.k, lengths=inputs.lengths)
-        if "block_scores" in collect:
-            scores = SOURCES[source](inputs) if scores is None else scores
-            collected["block_scores"] = scores
+        if "block_scores" in collect:  # the selection's scores; computed here when the selection did not need them
+            collected["block_scores"] = SOURCES[source](inputs) if scores is None else scores
         if "gate_logits" in collect:
             reuse = scores is not None and source == "gate" and inputs.quest_weight == 0
             collected["gate_logits"] = scores if reuse else self.attn_gate(inputs.q, inputs.k, lengths=inputs.lengths)
