@@ -514,11 +514,17 @@ def _read_pth(path: Path) -> dict[str, np.ndarray]:
 
 
 def attach_gates(
-    base: CausalLM, adapter: Adapter, *, selection: Selection | None = None, decode: DecodeConfig | None = None
+    base: CausalLM,
+    adapter: Adapter,
+    *,
+    selection: Selection | None = None,
+    decode: DecodeConfig | None = None,
+    quest_weight: float | None = None,
 ) -> SeerCausalLM:
     """A `SeerCausalLM` with `base`'s weights (shared, not copied) and the adapter's gates, cast to the base dtype.
 
     selection: how the prefill gates' scores become blocks; None keeps the adapter's (`adapter.seer_config.selection`).
+    quest_weight: the prefill gates' `SeerConfig.quest_weight`; None keeps the adapter's.
     decode: the decode config to decode with (token budget, threshold, ..., with its per-layer allocation or none);
       None keeps the adapter's. Its gate fields must be the adapter's (`with_decode_selection`).
 
@@ -535,6 +541,10 @@ def attach_gates(
                 "combine it with a prefill adapter (combine_adapters) for sparse prefill"
             )
         seer_config = dataclasses.replace(seer_config, selection=selection)
+    if quest_weight is not None:
+        if seer_config.gate is None and quest_weight:
+            raise ValueError("the adapter has no prefill gates: a prefill quest_weight has no gate scores to add to")
+        seer_config = dataclasses.replace(seer_config, quest_weight=quest_weight)
     if decode is not None:
         seer_config = with_decode_selection(seer_config, decode)
     allocation = seer_config.selection.allocation

@@ -58,6 +58,24 @@ def default_attention() -> str:
     return "cudnn" if jax.default_backend() == "gpu" else "xla"
 
 
+def split_quest_weight(text: str) -> tuple[str | None, float | None]:
+    """A prefill selection flag "threshold=X,quest_weight=W" → ("threshold=X", W): the selection's text (None when
+    only the weight is given) and the prefill `SeerConfig.quest_weight` (None when not given)."""
+    parts = [part.strip() for part in text.split(",")]
+    weights = [part for part in parts if part.partition("=")[0].strip().replace("-", "_") == "quest_weight"]
+    rest = [part for part in parts if part not in weights]
+    if len(weights) > 1 or len(rest) > 1 or not parts:
+        raise ValueError(f"selection {text!r}: expected threshold=X, nz_ratio=Y or budget=D and/or quest_weight=W")
+    weight = None
+    if weights:
+        value = weights[0].partition("=")[2]
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"selection {text!r}: {value!r} is not a number") from None
+    return (rest[0] if rest else None), weight
+
+
 def parse_selection(text: str, default: Selection | None = None) -> Selection:
     """A selection from "threshold=X", "nz_ratio=Y" or "budget=D", its other fields (last_block_dense, a density
     budget's per-layer allocation) from `default` (None: `Selection()`'s). A budget without an allocation (the
@@ -446,8 +464,8 @@ def load(
         id; None for dense attention.
       decode_gates: an adapter whose decode gates to use (its prefill gates, if any, are left out); with `gates`,
         `gates`' own decode gates are replaced (`seer_jax.adapters.combine_adapters`).
-      selection: how the prefill gates select blocks: a `Selection`, "threshold=X", "nz_ratio=Y" or "budget=D";
-        None: the adapter's.
+      selection: how the prefill gates select blocks: a `Selection`, "threshold=X", "nz_ratio=Y" or "budget=D",
+        and/or "quest_weight=W" (the prefill `SeerConfig.quest_weight`), comma separated; None: the adapter's.
       decode_selection: how the decode gates select blocks: a `DecodeConfig` (the gates' structure unchanged),
         "token_budget=N", "context_fraction=F" or "threshold=X"; None: the adapter's. A budget is shared among
         layers by the adapter's decode allocation when it records one (`parse_decode_selection`).
@@ -480,18 +498,21 @@ def load(
     base, _ = load_model(model_dir, dtype=jnp.dtype(dtype), attention_implementation=attention)
     lm: CausalLM = base
     description = None
+    quest_weight = None
     if adapter is not None:
         if isinstance(selection, str):
-            selection = parse_selection(selection, adapter.seer_config.selection)
+            text, quest_weight = split_quest_weight(selection)
+            selection = None if text is None else parse_selection(text, adapter.seer_config.selection)
         if isinstance(decode_selection, str):
             if adapter.seer_config.decode is None:
                 raise ValueError("a decode selection needs decode gates; these gates are prefill gates only")
             decode_selection = parse_decode_selection(decode_selection, adapter.seer_config.decode)
         name = " + ".join(str(path) for path in (gates, decode_gates) if path is not None)
         check_base_identity(adapter.base_identity, base, adapter=name, allow_other_base=allow_other_base)
-        lm = attach_gates(base, adapter, selection=selection, decode=decode_selection)
+        lm = attach_gates(base, adapter, selection=selection, decode=decode_selection, quest_weight=quest_weight)
+        prefill_given = selection is not None or quest_weight is not None
         description = describe_gates(
-            lm, adapter, prefill_given=selection is not None, decode_given=decode_selection is not None
+            lm, adapter, prefill_given=prefill_given, decode_given=decode_selection is not None
         )
     tokenizer_dir = model_dir if tokenizer is None else resolve_model_path(tokenizer, flag="--tokenizer")
     return Generator(

@@ -5,6 +5,7 @@ block-sparse decode with SeerAttention-R decode gates).
         [--max-new-tokens 256] [--temperature 0 --top-p 1 --seed 0] [--selection threshold=X | nz_ratio=Y | budget=D]
     python -m seer_jax.generate --gates PREFILL_ADAPTER --decode-gates DECODE_ADAPTER \
         [--decode-selection token_budget=N | context_fraction=F | threshold=X] --prompt "..."
+    (either selection flag also takes quest_weight=W: "--selection threshold=0.02,quest_weight=0.25")
     echo "Why is the sky blue?" | python -m seer_jax.generate --model MODEL --chat
     python -m seer_jax.generate --model MODEL --prompts-file prompts.jsonl > completions.jsonl
 
@@ -134,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument(
         "--selection",
-        help="prefill block selection: threshold=X, nz_ratio=Y or budget=D (mean density; default: the adapter's)",
+        help="prefill block selection: threshold=X, nz_ratio=Y or budget=D (mean density), and/or quest_weight=W (the "
+        "gate's scores plus W times the quest scores), comma separated (default: the adapter's)",
     )
     parser.add_argument(
         "--decode-selection",

@@ -13,7 +13,7 @@ from seer_jax.adapters import DEFAULT_SELECTION, MeasuredDensity, gate_tensors, 
 from seer_jax.checkpoint import load_model
 from seer_jax.decode_config import DecodeAllocation, DecodeConfig
 from seer_jax.generate.cli import main
-from seer_jax.pipeline import describe_selection, load, parse_decode_selection
+from seer_jax.pipeline import describe_selection, load, parse_decode_selection, split_quest_weight
 from seer_jax.seer import seer_from_base
 from seer_jax.seer_config import SeerConfig
 from tests.seer_jax.tiny_chat_model import TEXT, write_tiny_chat_model
@@ -121,6 +121,29 @@ def test_load_prefill_and_decode_adapters_together(adapters):
         load(gates=prefill_dir, decode_selection="token_budget=8")
     with pytest.raises(ValueError, match="no prefill gates \\(decode gates only\\)"):
         load(gates=decode_dir, selection="nz_ratio=0.5")
+
+
+def test_prefill_quest_weight_at_load(adapters):
+    """--selection quest_weight=W sets the prefill gates' quest weight and keeps the adapter's selection, or comes
+    with one; the description says so; decode-only gates refuse it."""
+    _, prefill_dir, decode_dir, _, _ = adapters
+    weighted = load(gates=prefill_dir, selection="quest_weight=0.25")
+    assert weighted.model.seer_config.quest_weight == 0.25
+    assert weighted.model.seer_config.selection == DEFAULT_SELECTION
+    assert "gate scores + 0.25 × quest scores (given)" in weighted.gates_description
+    both = load(gates=prefill_dir, selection="threshold=0.02, quest_weight=0.5")
+    assert both.model.seer_config.quest_weight == 0.5 and both.model.seer_config.selection.threshold == 0.02
+    assert load(gates=prefill_dir, selection="nz_ratio=0.2").model.seer_config.quest_weight == 0.0
+    with pytest.raises(ValueError, match="no prefill gates: a prefill quest_weight"):
+        load(gates=decode_dir, selection="quest_weight=0.5")
+    for text, match in [
+        ("quest_weight=x", "'x' is not a number"),
+        ("quest_weight=1,quest_weight=2", "and/or quest_weight=W"),
+        ("nz_ratio=0.1,threshold=0.1", "and/or quest_weight=W"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            split_quest_weight(text)
+    assert split_quest_weight("budget=0.1") == ("budget=0.1", None)
 
 
 def test_recorded_decode_allocation_is_the_default(adapters, tmp_path, capsys):
