@@ -46,6 +46,7 @@ from seer_jax.model import CausalLM
 from seer_jax.seer import DECODE_COLLECTABLE, SeerCausalLM, seer_with_abstract_gates
 from seer_jax.seer_config import SeerConfig
 from seer_jax.sparsity import Selection
+from train.ppl_results import weighted_method
 
 _PERCENT = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)%")
 
@@ -111,7 +112,7 @@ class DecodeSetting:
     @property
     def method_label(self) -> str:
         """The method, "gate+0.25quest" for a gate with a Quest weight."""
-        return f"{self.method}+{self.quest_weight:g}quest" if self.quest_weight else self.method
+        return weighted_method(self.method, self.quest_weight)
 
     @property
     def prefill_label(self) -> str:

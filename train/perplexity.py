@@ -70,7 +70,7 @@ from train.decode_perplexity import (
     run_decode,
 )
 from train.losses import next_token_nll
-from train.ppl_results import EvalResult, PplRow
+from train.ppl_results import EvalResult, PplRow, weighted_method
 from train.token_corpus import CorpusConfig, load_corpus
 
 # "dense" (the base model) and one method per block-score source (`seer_jax.block_scores.SOURCES`)
@@ -212,12 +212,7 @@ class EvalConfig:
                 raise ValueError("decode_allocation: applies to decode mode only")
             if self.decode_quest_weights is not None:
                 raise ValueError("decode_quest_weights: apply to decode mode only")
-            if self.quest_weights is not None:
-                weights = self.quest_weights
-                if not weights or len(set(weights)) != len(weights) or any(not w >= 0 for w in weights):
-                    raise ValueError(f"quest_weights: need distinct weights >= 0, got {weights}")
-                if "gate" not in self.methods_to_run:
-                    raise ValueError("quest_weights: apply to the 'gate' rows; run the 'gate' method (gates)")
+            self._check_weights("quest_weights")
             for field in ("thresholds", "budgets"):
                 if getattr(self, field) and "gate" not in self.methods_to_run:
                     raise ValueError(f"{field}: apply to the gate method only, which is not run (pass gates / 'gate')")
@@ -238,6 +233,15 @@ class EvalConfig:
             raise ValueError(f"attention: must be one of {IMPLEMENTATIONS}, got {self.attention!r}")
         if self.attention == "cudnn" and self.dtype != "bfloat16":
             raise ValueError("attention: cudnn runs bfloat16 only; use dtype bfloat16 or attention xla")
+
+    def _check_weights(self, field: str) -> None:
+        weights = getattr(self, field)
+        if weights is None:
+            return
+        if not weights or len(set(weights)) != len(weights) or any(not w >= 0 for w in weights):
+            raise ValueError(f"{field}: need distinct weights >= 0, got {weights}")
+        if "gate" not in self.methods_to_run:
+            raise ValueError(f"{field}: apply to the 'gate' rows; run the 'gate' method (gates)")
 
     def _check_decode(self) -> None:
         if self.quest_weights is not None:
@@ -271,12 +275,7 @@ class EvalConfig:
                 f"decode_allocation: {self.decode_allocation!r} shares the gate rows' budgets; run the 'gate' method "
                 "(gates with decode gates)"
             )
-        if self.decode_quest_weights is not None:
-            weights = self.decode_quest_weights
-            if not weights or len(set(weights)) != len(weights) or any(not w >= 0 for w in weights):
-                raise ValueError(f"decode_quest_weights: need distinct weights >= 0, got {weights}")
-            if "gate" not in self.methods_to_run:
-                raise ValueError("decode_quest_weights: apply to the 'gate' rows; run the 'gate' method (gates)")
+        self._check_weights("decode_quest_weights")
         if self.mesh is not None:
             raise ValueError("mesh: decode mode runs on one device")
 
@@ -316,7 +315,7 @@ class Setting:
     @property
     def method_label(self) -> str:
         """The method, "gate+0.25quest" for a gate with a Quest weight (`SeerConfig.quest_weight`)."""
-        return f"{self.method}+{self.quest_weight:g}quest" if self.quest_weight else self.method
+        return weighted_method(self.method, self.quest_weight)
 
     @property
     def label(self) -> str:

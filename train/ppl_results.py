@@ -45,6 +45,11 @@ _STYLE = {
 _HYBRID_COLORMAP, _HYBRID_MARKER = "cool", "D"
 
 
+def weighted_method(method: str, quest_weight: float) -> str:
+    """A row's method name: `method`, or "gate+0.25quest" for a gate whose scores add a Quest weight."""
+    return f"{method}+{quest_weight:g}quest" if quest_weight else method
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PplRow:
     """One measurement.
