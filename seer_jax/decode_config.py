@@ -27,6 +27,12 @@ _K_POOLING = re.compile(r"K(?P<ops>(?:max|min|avg)+)")
 DECODE_ALLOCATION_RULES: tuple[str, ...] = ("recall", "coverage")
 
 
+def check_quest_weight(weight: float) -> None:
+    """Raises ValueError unless `weight` (a prefill or decode `quest_weight`) is a finite number >= 0."""
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"quest_weight must be a finite number >= 0, got {weight!r}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecodeAllocation:
     """How a decode budget is shared among layers: each layer's context fraction at calibration points, measured by
@@ -163,13 +169,7 @@ class DecodeConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.threshold, int | float) or not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold!r}")
-        if (
-            not isinstance(self.quest_weight, int | float)
-            or isinstance(self.quest_weight, bool)
-            or not math.isfinite(self.quest_weight)
-            or self.quest_weight < 0
-        ):
-            raise ValueError(f"quest_weight must be a finite number >= 0, got {self.quest_weight!r}")
+        check_quest_weight(self.quest_weight)
         if self.allocation is not None:
             if not isinstance(self.allocation, DecodeAllocation):
                 raise ValueError(f"allocation must be a DecodeAllocation or None, got {type(self.allocation).__name__}")

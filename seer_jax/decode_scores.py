@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from seer_jax.decode_gate import DecodeAttnGate
-from seer_jax.k_compression import KCompressionCache
+from seer_jax.k_compression import KCompressionCache, block_key_bounds
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -142,12 +142,10 @@ def quest_decode_scores(q: jax.Array, k_cache: jax.Array, key_mask: jax.Array, *
     """Post-RoPE q [B, N, H] of the decoded token, rotated keys [B, S, K, H] and the real slots bool [B, S] →
     f32 [B, N, J]: per query head, `quest_bound` over block j's real keys of its kv head (module docstring); 0 for
     a block without real keys."""
-    blocks, valid = row_blocks(k_cache.astype(jnp.float32), key_mask, block_size)  # [B, J, block_size, K, H]
-    real = valid[..., None, None]  # [B, J, block_size, 1, 1]
-    occupied = jnp.any(valid, axis=-1)[..., None, None]  # [B, J, 1, 1]
-    k_max = jnp.where(occupied, jnp.max(jnp.where(real, blocks, -jnp.inf), axis=2), 0.0)  # [B, J, K, H]
-    k_min = jnp.where(occupied, jnp.min(jnp.where(real, blocks, jnp.inf), axis=2), 0.0)  # [B, J, K, H]
-    return quest_bound(q.astype(jnp.float32), jnp.stack([k_max, k_min], axis=3).transpose(0, 2, 1, 3, 4))
+    blocks, _ = row_blocks(k_cache.astype(jnp.float32), key_mask, block_size)  # [B, J, block_size, K, H]
+    aligned = blocks.reshape(blocks.shape[0], -1, *blocks.shape[3:])  # [B, J·block_size, K, H], real tokens first
+    lengths = jnp.sum(key_mask, axis=-1)  # [B]
+    return quest_bound(q.astype(jnp.float32), block_key_bounds(aligned, lengths, block_size))
 
 
 def streaming_decode_scores(shape: tuple[int, int, int]) -> jax.Array:

@@ -59,13 +59,13 @@ def default_attention() -> str:
 
 
 def split_quest_weight(text: str) -> tuple[str | None, float | None]:
-    """A prefill selection flag "threshold=X,quest_weight=W" → ("threshold=X", W): the selection's text (None when
-    only the weight is given) and the prefill `SeerConfig.quest_weight` (None when not given)."""
+    """A selection flag "threshold=X,quest_weight=W" → ("threshold=X", W): the selection's text (None when only the
+    weight is given) and the `quest_weight` (None when not given). For `--selection` and `--decode-selection`."""
     parts = [part.strip() for part in text.split(",")]
     weights = [part for part in parts if part.partition("=")[0].strip().replace("-", "_") == "quest_weight"]
     rest = [part for part in parts if part not in weights]
-    if len(weights) > 1 or len(rest) > 1 or not parts:
-        raise ValueError(f"selection {text!r}: expected threshold=X, nz_ratio=Y or budget=D and/or quest_weight=W")
+    if len(weights) > 1 or len(rest) > 1:
+        raise ValueError(f"selection {text!r}: expected one selection and/or quest_weight=W, comma separated")
     weight = None
     if weights:
         value = weights[0].partition("=")[2]
@@ -96,27 +96,23 @@ def parse_decode_selection(text: str, default: DecodeConfig) -> DecodeConfig:
     row's context) or "threshold=X", and/or scoring with "quest_weight=W" (`DecodeConfig.quest_weight`), comma
     separated ("context_fraction=0.1,quest_weight=0.5"). A budget keeps `default`'s per-layer allocation (the
     adapter's calibrated shares; uniform without one); a threshold has none."""
-    changes: dict = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in ("token_budget", "context_fraction", "threshold", "quest_weight") or key in changes:
-            raise ValueError(
-                f"decode selection {text!r}: expected token_budget=N or threshold=X, or context_fraction=F (of the "
-                "context), and/or quest_weight=W, each once, comma separated"
-            )
-        try:
-            changes[key] = int(value) if key == "token_budget" else float(value)
-        except ValueError:
-            kind = "an integer" if key == "token_budget" else "a number"
-            raise ValueError(f"decode selection {text!r}: {value!r} is not {kind}") from None
-    methods = [key for key in changes if key != "quest_weight"]
-    if len(methods) > 1:
-        raise ValueError(f"decode selection {text!r}: give one of token_budget, context_fraction and threshold")
-    if methods:
-        method = methods[0]
-        changes |= dict(method=method, allocation=None if method == "threshold" else default.allocation)
-    return dataclasses.replace(default, **changes)
+    selection, weight = split_quest_weight(text)
+    decode = default if weight is None else dataclasses.replace(default, quest_weight=weight)
+    if selection is None:
+        return decode
+    method, sep, value = selection.partition("=")
+    method = method.strip().replace("-", "_")
+    if not sep or method not in ("token_budget", "context_fraction", "threshold"):
+        raise ValueError(
+            f"decode selection {text!r}: expected token_budget=N or threshold=X, or context_fraction=F (of the context)"
+        )
+    try:
+        number = int(value) if method == "token_budget" else float(value)
+    except ValueError:
+        kind = "an integer" if method == "token_budget" else "a number"
+        raise ValueError(f"decode selection {text!r}: {value!r} is not {kind}") from None
+    allocation = None if method == "threshold" else default.allocation
+    return dataclasses.replace(decode, method=method, allocation=allocation, **{method: number})
 
 
 def describe_selection(seer_config: SeerConfig) -> tuple[str, str]:

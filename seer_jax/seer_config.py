@@ -6,13 +6,12 @@ e.g. with only SeerAttention-R decode gates attached), `decode=None` one without
 """
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from pallas_kernels.block_sparse_attention import BLOCK_SIZE
 from seer_jax.block_scores import RANKING_SOURCES, SOURCES
-from seer_jax.decode_config import DecodeAllocation, DecodeConfig
+from seer_jax.decode_config import DecodeAllocation, DecodeConfig, check_quest_weight
 from seer_jax.gate import GateConfig
 from seer_jax.sparsity import BudgetAllocation, Selection
 
@@ -70,9 +69,7 @@ class SeerConfig:
                 f"source {self.source!r} ranks blocks without probabilities: use selection method 'nz_ratio', "
                 f"not {self.selection.method!r}"
             )
-        weight = self.quest_weight
-        if not isinstance(weight, int | float) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"quest_weight must be a finite number >= 0, got {weight!r}")
+        check_quest_weight(self.quest_weight)
         if not isinstance(self.start_layer, int) or self.start_layer < 0:
             raise ValueError(f"start_layer must be an int >= 0, got {self.start_layer!r}")
         if not isinstance(self.seed, int):

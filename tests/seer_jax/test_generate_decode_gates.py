@@ -54,8 +54,8 @@ def test_parse_decode_selection():
     bad = [
         ("nz_ratio=0.1", "token_budget=N or threshold=X"),
         ("token_budget=1.5", "not an integer"),
-        ("token_budget=64,threshold=0.1", "give one of"),
-        ("quest_weight=1,quest_weight=2", "each once"),
+        ("token_budget=64,threshold=0.1", "one selection and/or quest_weight"),
+        ("quest_weight=1,quest_weight=2", "one selection and/or quest_weight"),
         ("quest_weight=-1", "quest_weight must be"),
     ]
     for text, match in bad:
@@ -138,8 +138,8 @@ def test_prefill_quest_weight_at_load(adapters):
         load(gates=decode_dir, selection="quest_weight=0.5")
     for text, match in [
         ("quest_weight=x", "'x' is not a number"),
-        ("quest_weight=1,quest_weight=2", "and/or quest_weight=W"),
-        ("nz_ratio=0.1,threshold=0.1", "and/or quest_weight=W"),
+        ("quest_weight=1,quest_weight=2", "one selection and/or quest_weight"),
+        ("nz_ratio=0.1,threshold=0.1", "one selection and/or quest_weight"),
     ]:
         with pytest.raises(ValueError, match=match):
             split_quest_weight(text)
