@@ -2,9 +2,12 @@
 
 Algorithm (SeerAttention-R's index-based decode kernels, on a warp-specialised TMA pipeline):
   * One CTA per (batch row b, kv head k, split s): grid (B, K, num_splits). The T·G query rows of a kv group
-    (T draft tokens × G query heads, row r = t·G + g) form one 64-row wgmma tile, zero-padded by the wrapper, so
-    every K/V block loaded serves the whole group (decode is memory-bound: the wasted rows cost tensor-core time,
-    which is idle anyway, not bytes).
+    (T draft tokens × G query heads, row r = t·G + g) form one 64-row wgmma tile, so every K/V block loaded serves
+    the whole group (decode is memory-bound: the wasted rows cost tensor-core time, which is idle anyway, not
+    bytes). With one token (T = 1) the group's G heads are consecutive rows of q, and the kernel copies them by TMA
+    straight into the tile's first G rows; rows G … 63 hold whatever shared memory held, which is harmless: every
+    row of QKᵀ, the softmax and PV depends only on its own query row, and those rows are never written out. With
+    T > 1 the rows interleave tokens and heads, and the wrapper packs them, zero-padded (`pack_queries`).
   * Split-K over the selected blocks, balanced on the real count: split s of (b, k) takes list slots
     [s·c, min((s+1)·c, n)) with n = block_count[b, k] and c = ceil(n / num_splits), so a sparse row's work is
     spread over all its CTAs, and no padding slot is ever read. Both warpgroups read the block ids of their slots
@@ -19,7 +22,8 @@ Algorithm (SeerAttention-R's index-based decode kernels, on a warp-specialised T
     read by wgmma through an aliased (8, 64)-tiled view of the same bytes (`_ring`). Rows of a window past the
     cache's last slot S − 1 are out of bounds for the TMA, which fills them with zeros (never NaN, never the next
     row's slots); they are past the row's length, so masked anyway.
-  * Each CTA writes its normalised partial output (float32, all 64 rows) and its log2-domain lse; `combine`
+  * Each CTA writes its normalised partial output (float32, the first T·G rows rounded up to 8: a 64-row
+    write was 4 MB per step at batch 1 and 128k, for 4 rows used) and its log2-domain lse; `combine`
     (XLA, a few µs) merges the splits by their logsumexp. A split with nothing to do writes out 0, lse −inf
     (weight 0); a query that attends nothing ends as out 0, lse −inf, never NaN: the running max starts at a
     finite −1e30, so fully masked blocks never make inf − inf.
@@ -96,7 +100,7 @@ def check_supported(q: jax.Array, k_cache: jax.Array, block_size: int) -> None:
 
 def _decode_kernel(
     # inputs
-    q_ref,  # [B, K, 64, H]: each kv group's T·G query rows, zero-padded to 64
+    q_ref,  # [B, 1, N, H] (direct_q: the raw queries) or [B, K, 64, H] (each group's T·G rows, zero-padded)
     k_ref,  # [B, S, K, H]
     v_ref,  # [B, S, K, H]
     lengths_ref,  # int32 [B]
@@ -104,10 +108,10 @@ def _decode_kernel(
     index_ref,  # int32 [B, K, M]: block lists
     count_ref,  # int32 [B, K]
     # outputs
-    out_ref,  # f32 [B, K, splits, 64, H]: each split's normalised partial output
-    lse_ref,  # f32 [B, K, splits, 64]: each split's logsumexp, log2 domain (−inf: nothing attended)
+    out_ref,  # f32 [B, K, splits, R, H]: each split's normalised partial output (R = T·G rounded up to 8)
+    lse_ref,  # f32 [B, K, splits, R]: each split's logsumexp, log2 domain (−inf: nothing attended)
     # scratch
-    q_smem,  # [H/64, 64, 64]: the query rows, by 64-column half of H
+    q_smem,  # [H/64, 64, 64]: the query rows, by 64-column half of H (`_ring`: a copy view and a wgmma view)
     k_ring,  # [stages, H/64, 64, 64]: K blocks by half of H (`_ring`: a copy view and a wgmma view)
     v_ring,  # [stages, H/64, 64, 64]: V blocks, likewise
     out_smem,  # f32 [64, H]
@@ -123,6 +127,7 @@ def _decode_kernel(
     num_splits: int,
     num_queries: int,
     group: int,
+    direct_q: bool,
     interpret: bool,
 ):
     batch = lax.axis_index("batch")
@@ -133,9 +138,11 @@ def _decode_kernel(
     per_split = lax.div(count + (num_splits - 1), num_splits)
     first = split * per_split
     num_steps = jnp.clip(count - first, 0, per_split)
-    num_halves = q_smem.shape[0]
+    q_copy, q_mma = (q_smem, q_smem) if interpret else q_smem
+    num_halves = q_mma.shape[0]
     head_dim = num_halves * BLOCK
-    dtype = q_smem.dtype
+    dtype = q_mma.dtype
+    out_rows = lse_ref.shape[-1]
     scale_log2 = sm_scale * _LOG2E
     k_copy, k_mma = (k_ring, k_ring) if interpret else k_ring
     v_copy, v_mma = (v_ring, v_ring) if interpret else v_ring
@@ -153,13 +160,13 @@ def _decode_kernel(
     def scores(slot):
         """Q Kᵀ of the block in ring slot `slot` on the tensor cores, f32 [64 rows, 64 keys]: one wgmma per half."""
         if interpret:  # the interpreter's wgmma takes no transposed operand
-            q = jnp.concatenate([q_smem[half] for half in range(num_halves)], axis=-1)  # [64, H]
+            q = jnp.concatenate([q_mma[half] for half in range(num_halves)], axis=-1)  # [64, H]
             k = jnp.concatenate([k_mma[slot, half] for half in range(num_halves)], axis=-1)  # [64, H]
             return jnp.dot(q, k.T, preferred_element_type=jnp.float32)
 
         def scoped(acc_ref):
             for half in range(num_halves):
-                plgpu.wgmma(acc_ref, q_smem.at[half], k_mma.at[slot, half].transpose((1, 0)))
+                plgpu.wgmma(acc_ref, q_mma.at[half], k_mma.at[slot, half].transpose((1, 0)))
             return acc_ref[...]
 
         return pl.run_scoped(scoped, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
@@ -187,7 +194,11 @@ def _decode_kernel(
         plgpu.set_max_registers(232, action="increase")
         for half in range(num_halves):
             columns = pl.ds(half * BLOCK, BLOCK)
-            plgpu.copy_gmem_to_smem(q_ref.at[batch, kv_head, :, columns], q_smem.at[half], q_barrier)
+            if direct_q:  # the group's G heads, consecutive in q: the tile's rows 0 … G − 1
+                heads = pl.ds(kv_head * group, group)
+                plgpu.copy_gmem_to_smem(q_ref.at[batch, 0, heads, columns], q_copy.at[half, pl.ds(0, group)], q_barrier)
+            else:
+                plgpu.copy_gmem_to_smem(q_ref.at[batch, kv_head, :, columns], q_copy.at[half], q_barrier)
         # Query row r = t·G + g sits at position lengths[b] − T + t and attends keys up to it.
         rows = iota(0)
         cols = iota(1)
@@ -226,8 +237,8 @@ def _decode_kernel(
         out_smem[...] = acc
         lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[batch, kv_head, split])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, kv_head, split])
+        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, out_rows)], out_ref.at[batch, kv_head, split])
+        plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, out_rows)], lse_ref.at[batch, kv_head, split])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 1)
@@ -261,7 +272,8 @@ def _decode_kernel(
 
 
 def _ring(shape, dtype, *, interpret: bool):
-    """The K (or V) ring [stages, H/64, 64, 64], as (copy view, wgmma view) of the same shared memory.
+    """The K (or V) ring [stages, H/64, 64, 64] or the query tile [H/64, 64, 64], as (copy view, wgmma view) of
+    the same shared memory.
 
     The TMA fills it through the copy view: untiled, 128-byte swizzle, so a block's first cache slot may be any
     integer. wgmma reads it through the wgmma view: (8, 64)-tiled, 128-byte swizzle. A [64, 64] half (64 rows of
@@ -292,12 +304,18 @@ def split_partials(
     config: Config,
     interpret=None,
 ):
-    """Runs the kernel. q [B, K, 64, H]: the T·G query rows of each kv group (row t·G + g), zero-padded;
-    starts int32 [B]; index int32 [B, K, M]; `interpret`: jax's GPU interpreter params.
+    """Runs the kernel. q [B, T, N, H]; starts int32 [B]; index int32 [B, K, M]; `interpret`: jax's GPU
+    interpreter params.
 
-    Returns out f32 [B, K, splits, 64, H] and lse f32 [B, K, splits, 64] (log2 domain) per split.
+    Returns out f32 [B, K, splits, R, H] and lse f32 [B, K, splits, R] (log2 domain) per split, for query rows
+    r = t·G + g < T·G (rows up to R, T·G rounded up to 8, are padding).
     """
-    batch, num_kv_heads, _, head_dim = q.shape
+    batch, _, _, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    direct_q = num_queries == 1  # G consecutive heads per group: copied by the kernel, no packing kernel
+    if not direct_q:
+        q = pack_queries(q, num_kv_heads)  # [B, K, 64, H]
+    out_rows = -(-(num_queries * group) // 8) * 8
     stages, splits = config.num_stages, config.num_splits
     halves = head_dim // BLOCK
     swizzle = plgpu.SwizzleTransform(128)
@@ -307,7 +325,7 @@ def split_partials(
             _decode_kernel,
             q_ref, k_ref, v_ref, lengths_ref, starts_ref, index_ref, count_ref, out_ref, lse_ref,
             sm_scale=sm_scale, num_stages=stages, num_splits=splits, num_queries=num_queries, group=group,
-            interpret=interpret is not None,
+            direct_q=direct_q, interpret=interpret is not None,
         )  # fmt: skip
 
         def scoped(smem, barriers):
@@ -317,7 +335,7 @@ def split_partials(
         pl.run_scoped(
             scoped,
             (
-                plgpu.SMEM((halves, BLOCK, BLOCK), q.dtype, transforms=(plgpu.TilingTransform((8, BLOCK)), swizzle)),
+                _ring((halves, BLOCK, BLOCK), q.dtype, interpret=interpret is not None),
                 _ring(ring_shape, q.dtype, interpret=interpret is not None),
                 _ring(ring_shape, q.dtype, interpret=interpret is not None),
                 plgpu.SMEM((BLOCK, head_dim), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)), swizzle)),
@@ -334,8 +352,8 @@ def split_partials(
         )
 
     out_type = (
-        jax.ShapeDtypeStruct((batch, num_kv_heads, splits, BLOCK, head_dim), jnp.float32),
-        jax.ShapeDtypeStruct((batch, num_kv_heads, splits, BLOCK), jnp.float32),
+        jax.ShapeDtypeStruct((batch, num_kv_heads, splits, out_rows, head_dim), jnp.float32),
+        jax.ShapeDtypeStruct((batch, num_kv_heads, splits, out_rows), jnp.float32),
     )
     return plgpu.kernel(
         body,
@@ -361,7 +379,7 @@ def pack_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
 def combine(out_splits: jax.Array, lse_splits_log2: jax.Array, *, num_queries: int, group: int):
     """Merges the splits' partials by their logsumexp: out [B, T, N, H] float32, lse [B, N, T] (natural log).
 
-    out_splits f32 [B, K, splits, 64, H] (normalised per split), lse_splits_log2 f32 [B, K, splits, 64].
+    out_splits f32 [B, K, splits, R, H] (normalised per split), lse_splits_log2 f32 [B, K, splits, R], R ≥ T·G.
     Splits with lse −inf weigh 0; a row whose splits are all empty gets out 0 and lse −inf.
     """
     batch, num_kv_heads, _, _, head_dim = out_splits.shape
@@ -398,7 +416,7 @@ def block_sparse_decode_sm90(
     num_slots = block_index.shape[-1]
     config = config or default_config(batch=batch, num_kv_heads=num_kv_heads, num_slots=num_slots, head_dim=head_dim)
     out_splits, lse_splits = split_partials(
-        pack_queries(q, num_kv_heads), k_cache, v_cache, lengths, starts, block_index, block_count,
+        q, k_cache, v_cache, lengths, starts, block_index, block_count,
         num_queries=num_queries, group=group, sm_scale=sm_scale, config=config, interpret=interpret,
     )  # fmt: skip
     out, lse = combine(out_splits, lse_splits, num_queries=num_queries, group=group)

@@ -325,15 +325,19 @@ def test_implementation_choice():
 
 
 @pytest.mark.slow
-def test_kernel_in_gpu_interpreter(request):
-    """The Mosaic GPU kernel's pipeline, split-K and masking in jax's GPU interpreter (CPU): 2 splits, T = 2,
-    head_dim 128 (two halves), rows starting at slots 0 and 5. The interpreter does not model the TMA's zero fill
-    past the cache's end, so no selected window runs past it here (the gpu-marked cases cover that)."""
+@pytest.mark.parametrize("num_queries,num_kv_heads", [(2, 1), (1, 2)], ids=["T2-packed", "T1-direct"])
+def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads):
+    """The Mosaic GPU kernel's pipeline, split-K and masking in jax's GPU interpreter (CPU): 2 splits, head_dim 128
+    (two halves), rows starting at slots 0 and 5; T = 2 (query rows packed by the wrapper) and T = 1 (each group's
+    heads copied from q by the kernel, the second group's from head 4 on). The interpreter does not model the TMA's
+    zero fill past the cache's end, so no selected window runs past it here (the gpu-marked cases cover that)."""
     if dispatch.hopper_available():
         pytest.skip("the compiled kernel runs on this machine (the gpu-marked cases)")
     interpret = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
-    case = DecodeCase(name="interpret", num_queries=2, num_q_heads=4, num_kv_heads=1, head_dim=128, cache_len=320,
-                      lengths=(200, 2), density=0.6)  # fmt: skip
+    case = DecodeCase(
+        name="interpret", num_queries=num_queries, num_q_heads=4 * num_kv_heads, num_kv_heads=num_kv_heads,
+        head_dim=128, cache_len=320, lengths=(200, 2), density=0.6,
+    )  # fmt: skip
     starts = jnp.asarray([0, 5], jnp.int32)
     q, k, v = _qkv(request, case, jnp.bfloat16, starts)
     lengths = jnp.asarray(case.lengths, jnp.int32)
