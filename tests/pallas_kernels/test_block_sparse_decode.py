@@ -351,3 +351,31 @@ def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads):
     )
     harness.assert_close(out, expected_out, 1e-2, "out")
     harness.assert_lse_close(lse, expected_lse, 1e-2)
+
+
+def test_combine_merges_splits_by_logsumexp():
+    """The split merge (one variadic reduction) against the float64 logsumexp merge of the same partials: empty
+    splits (lse −inf) weigh 0, a row with every split empty gives out 0 and lse −inf, never NaN."""
+    num_queries, group, num_splits, rows, head_dim = 2, 3, 5, 8, 16
+    keys = jax.random.split(input_key(11), 3)
+    out_splits = jax.random.normal(keys[0], (2, 3, num_splits, rows, head_dim))
+    lse_log2 = 5 * jax.random.normal(keys[1], (2, 3, num_splits, rows))
+    lse_log2 = jnp.where(jax.random.uniform(keys[2], lse_log2.shape) < 0.4, -jnp.inf, lse_log2)
+    lse_log2 = lse_log2.at[0, 0, :, 1].set(-jnp.inf)  # query row 1 of (b 0, kv head 0): nothing attended
+    out, lse = kernel_sm90.combine(out_splits, lse_log2, num_queries=num_queries, group=group)
+
+    used = num_queries * group
+    lse_nat = np.asarray(lse_log2, np.float64)[..., :used] * np.log(2.0)  # [B, K, S, R]
+    top = np.max(lse_nat, axis=2, keepdims=True)
+    weights = np.exp(lse_nat - np.where(np.isfinite(top), top, 0.0))  # [B, K, S, R]
+    total = weights.sum(axis=2)  # [B, K, R]
+    merged = np.einsum("bksr,bksrh->bkrh", weights, np.asarray(out_splits, np.float64)[..., :used, :])
+    merged /= np.where(total == 0, 1.0, total)[..., None]
+    merged_lse = np.where(total == 0, -np.inf, np.squeeze(top, 2) + np.log(np.where(total == 0, 1.0, total)))
+    expected_out = merged.reshape(2, 3, num_queries, group, head_dim).transpose(0, 2, 1, 3, 4).reshape(2, 2, 9, -1)
+    expected_lse = merged_lse.reshape(2, 3, num_queries, group).transpose(0, 1, 3, 2).reshape(2, 9, num_queries)
+    np.testing.assert_allclose(np.asarray(out), expected_out, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(np.isneginf(np.asarray(lse)), np.isneginf(expected_lse)) and np.isneginf(lse[0, 1, 0])
+    finite = np.isfinite(expected_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], expected_lse[finite], rtol=1e-5, atol=1e-5)
+    assert not np.isnan(np.asarray(out)).any() and not np.asarray(out)[0, 0, 1].any()
