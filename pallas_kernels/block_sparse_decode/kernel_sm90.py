@@ -381,29 +381,17 @@ def combine(out_splits: jax.Array, lse_splits_log2: jax.Array, *, num_queries: i
 
     out_splits f32 [B, K, splits, R, H] (normalised per split), lse_splits_log2 f32 [B, K, splits, R], R ≥ T·G.
     Splits with lse −inf weigh 0; a row whose splits are all empty gets out 0 and lse −inf.
-
-    One variadic reduction over the splits whose combiner merges two (lse, out) pairs as the online softmax does,
-    so XLA runs it as one kernel (the max, the weights and the weighted sum were three kernels, 3.8 µs of a 21 µs
-    step at batch 1 and 128k; BENCHMARKS.md, issue 18). The lse rides along broadcast over H.
     """
     batch, num_kv_heads, _, _, head_dim = out_splits.shape
     rows = num_queries * group
-    out = out_splits[..., :rows, :]  # [B, K, splits, R, H]
-    lse = jnp.broadcast_to(lse_splits_log2[..., :rows, None], out.shape)
-
-    def merge(a, b):
-        (lse_a, out_a), (lse_b, out_b) = a, b
-        top = jnp.maximum(lse_a, lse_b)
-        top = jnp.where(top == -jnp.inf, 0.0, top)  # both empty: weights exp2(−inf) = 0, never inf − inf
-        weight_a, weight_b = jnp.exp2(lse_a - top), jnp.exp2(lse_b - top)
-        total = weight_a + weight_b
-        empty = total == 0
-        total = jnp.where(empty, 1.0, total)
-        return jnp.where(empty, -jnp.inf, top + jnp.log2(total)), (weight_a * out_a + weight_b * out_b) / total
-
-    init = (jnp.float32(-jnp.inf), jnp.float32(0))  # the empty split: weight 0
-    lse, out = lax.reduce((lse, out), init, merge, (2,))  # [B, K, R, H] each
-    lse = lse[..., 0] * (1.0 / _LOG2E)  # [B, K, R], natural log
+    lse = lse_splits_log2[..., :rows] * (1.0 / _LOG2E)  # [B, K, splits, R]
+    lse_max = jnp.max(lse, axis=2)  # [B, K, R]
+    lse_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
+    weights = jnp.exp(lse - lse_max[:, :, None])  # [B, K, splits, R], 0 for empty splits
+    total = jnp.sum(weights, axis=2)  # [B, K, R]
+    out = jnp.einsum("bksr,bksrh->bkrh", weights, out_splits[..., :rows, :])  # [B, K, R, H]
+    out = out / jnp.where(total == 0, 1.0, total)[..., None]
+    lse = jnp.where(total == 0, -jnp.inf, lse_max + jnp.log(jnp.where(total == 0, 1.0, total)))  # [B, K, R]
     out = out.reshape(batch, num_kv_heads, num_queries, group, head_dim).transpose(0, 2, 1, 3, 4)  # [B, T, K, G, H]
     out = out.reshape(batch, num_queries, num_kv_heads * group, head_dim)  # [B, T, N, H]
     lse = lse.reshape(batch, num_kv_heads, num_queries, group).transpose(0, 1, 3, 2)  # [B, K, G, T]

@@ -354,7 +354,7 @@ def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads):
 
 
 def test_combine_merges_splits_by_logsumexp():
-    """The split merge (one variadic reduction) against the float64 logsumexp merge of the same partials: empty
+    """The split merge against the float64 logsumexp merge of the same partials: empty
     splits (lse −inf) weigh 0, a row with every split empty gives out 0 and lse −inf, never NaN."""
     num_queries, group, num_splits, rows, head_dim = 2, 3, 5, 8, 16
     keys = jax.random.split(input_key(11), 3)
