@@ -74,13 +74,16 @@ class BenchConfig:
     seed: int = 0
     commit: str | None = None
     profile: bool = False  # also trace one call: device time per step and the kernels it runs
+    block_size: int = BLOCK  # keys per selected block (the decode gate's block size: 64 or 32)
 
     def __post_init__(self):
         unknown = set(self.shapes) - set(HEAD_SHAPES)
         if unknown:
             raise ValueError(f"shapes must be among {sorted(HEAD_SHAPES)}, got {sorted(unknown)}")
-        if any(context < 1 or context % BLOCK for context in self.contexts):
-            raise ValueError(f"contexts must be positive multiples of {BLOCK}, got {self.contexts}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if any(context < 1 or context % self.block_size for context in self.contexts):
+            raise ValueError(f"contexts must be positive multiples of {self.block_size}, got {self.contexts}")
         if any(not 0.0 <= sparsity < 1.0 for sparsity in self.sparsities):
             raise ValueError(f"sparsities must be in [0, 1), got {self.sparsities}")
         if min(self.batches) < 1 or self.runs < 1 or self.warmup < 1 or self.steps < 1:
@@ -228,21 +231,22 @@ def bench_case(shape: HeadShape, batch: int, context: int, config: BenchConfig, 
 
         rows.append(_measure(Row(**common, case="dense", implementation=name), dense, q, k, v,
                              kv_bytes=dense_bytes, config=config))  # fmt: skip
-    num_kv_blocks = context // BLOCK
+    num_kv_blocks = context // config.block_size
+    sizes = dict(block_size=config.block_size)
     for sparsity in config.sparsities:
         num_selected = max(1, -(-round(num_kv_blocks * (1 - sparsity) * 1e6) // 1_000_000))
         index, count = random_selection(index_key, (batch, shape.num_kv_heads), num_kv_blocks, num_selected)
         row = Row(**common, case=f"sparse {sparsity:.2f}", implementation="", blocks=num_selected)
         try:
             implementation = block_sparse_decode_implementation(
-                q, k, v, lengths, index, count, implementation=config.implementation
+                q, k, v, lengths, index, count, implementation=config.implementation, **sizes
             )
         except NotImplementedError as error:
             rows.append(dataclasses.replace(row, implementation="mosaic", note=_skip_note(error)))
             continue
 
         def sparse(q, k, v, lengths, index, count):
-            return block_sparse_decode(q, k, v, lengths, index, count, implementation=config.implementation)
+            return block_sparse_decode(q, k, v, lengths, index, count, implementation=config.implementation, **sizes)
 
         kv_bytes = dense_bytes * num_selected / num_kv_blocks
         row = dataclasses.replace(row, implementation=implementation)
@@ -280,6 +284,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument(
         "--profile", action="store_true", help="also trace one call per case: device time per step, kernels run"
     )
+    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="keys per block (64 or 32)")
     args = parser.parse_args(argv)
     return BenchConfig(
         shapes=tuple(args.shapes),
@@ -294,6 +299,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         seed=args.seed,
         commit=args.commit,
         profile=args.profile,
+        block_size=args.block_size,
     )
 
 

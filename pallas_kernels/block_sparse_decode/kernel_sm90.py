@@ -15,13 +15,13 @@ Algorithm (SeerAttention-R's index-based decode kernels, on a warp-specialised T
   * A memory warpgroup streams those K/V blocks by TMA into a `num_stages`-deep ring; the compute warpgroup runs
     QKᵀ and PV on the tensor cores with an online softmax in the exp2 domain. Keys past a query's own position (the
     row's partial block, draft tokens) are masked with iota on every block, so the list may be in any order.
-  * Block j of row b is positions j·64 … j·64 + 63 = cache slots starts[b] + j·64 …: a window at any slot, not
-    a multiple of 64 (left-padded caches). The TMA copies it at that dynamic slot, which needs a shared-memory
-    layout without the usual 8-row tiling (a tiled copy splits the slot into tile and row, so its start must be a
-    multiple of 8): each 64-column half of H is copied as one untiled [64, 64] box with the 128-byte swizzle, and
-    read by wgmma through an aliased (8, 64)-tiled view of the same bytes (`_ring`). Rows of a window past the
-    cache's last slot S − 1 are out of bounds for the TMA, which fills them with zeros (never NaN, never the next
-    row's slots); they are past the row's length, so masked anyway.
+  * Block j of row b (block size n, 64 or 32) is positions j·n … j·n + n − 1 = cache slots starts[b] + j·n …: a
+    window at any slot, not a multiple of n (left-padded caches). The TMA copies it at that dynamic slot, which
+    needs a shared-memory layout without the usual 8-row tiling (a tiled copy splits the slot into tile and row,
+    so its start must be a multiple of 8): each 64-column half of H is copied as one untiled [n, 64] box with the
+    128-byte swizzle, and read by wgmma through an aliased (8, 64)-tiled view of the same bytes (`_ring`). Rows
+    of a window past the cache's last slot S − 1 are out of bounds for the TMA, which fills them with zeros (never
+    NaN, never the next row's slots); they are past the row's length, so masked anyway.
   * Each CTA writes its normalised partial output (float32, the first T·G rows rounded up to 8: a 64-row
     write was 4 MB per step at batch 1 and 128k, for 4 rows used) and its log2-domain lse; `combine`
     (XLA, a few µs) merges the splits by their logsumexp. A split with nothing to do writes out 0, lse −inf
@@ -29,7 +29,8 @@ Algorithm (SeerAttention-R's index-based decode kernels, on a warp-specialised T
     finite −1e30, so fully masked blocks never make inf − inf.
 
 Layout limits: q [B, T, N, H] with T·G ≤ 64, caches [B, S, K, H] (any S), bf16 or fp16, H ∈ {64, 128},
-block_size 64. Anything else raises NotImplementedError (the dispatcher then runs the reference).
+block_size 32 or 64 (the decode gate's sizes: a 32-key block is a [64 rows, 32 keys] score tile and a PV over 32
+keys, with a ring twice as deep). Anything else raises NotImplementedError (the dispatcher then runs the reference).
 """
 
 import dataclasses
@@ -44,7 +45,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import dispatch
 
-BLOCK = 64  # keys per K/V block (the gate's block size), query rows per wgmma tile, columns per swizzled half of H
+BLOCK = 64  # query rows per wgmma tile, columns per swizzled half of H, and the default keys per K/V block
+BLOCK_SIZES = (32, 64)  # keys per K/V block (the decode gate's block size) the kernel supports
 _LOG2E = math.log2(math.e)
 _M_INIT = -1e30  # running-max floor (log2 domain): finite, so masked blocks give exp2(-inf) = 0, never inf - inf
 
@@ -68,7 +70,7 @@ def num_sms() -> int:
     return getattr(jax.devices()[0], "core_count", 132)
 
 
-def default_config(*, batch: int, num_kv_heads: int, num_slots: int, head_dim: int) -> Config:
+def default_config(*, batch: int, num_kv_heads: int, num_slots: int, head_dim: int, block_size: int = BLOCK) -> Config:
     """One wave of CTAs, one per SM (the ring takes most of its shared memory): as many splits as fit in
     sms // (B·K), but at least 4 list slots per split. 136 CTAs for 132 SMs leave 4 for a second wave (B=1, 128k,
     sparsity 0 took 0.25 ms with 17 splits, 0.18 ms with 16). More splits do not pay: in device traces (B=1, 128k,
@@ -76,10 +78,10 @@ def default_config(*, batch: int, num_kv_heads: int, num_slots: int, head_dim: i
     splits 208 / 215 / 219 µs (two waves of half-length CTAs looked ~10% faster in wall-clock timing, which the
     device trace does not confirm). The ring holds 128 KiB of K/V in flight per SM (4 blocks at head_dim 128, 8 at
     64); a 5-deep ring at 128 gained nothing at B=1 (19.6 against 19.0 µs), a 6-deep one does not fit in shared
-    memory. BENCHMARKS.md, issue 18."""
+    memory. 32-key blocks are half as large, so twice as many fit in the same bytes. BENCHMARKS.md, issue 18."""
     splits = max(1, num_sms() // (batch * num_kv_heads))
     splits = min(splits, max(1, num_slots // 4))
-    return Config(num_splits=splits, num_stages=4 if head_dim > 64 else 8)
+    return Config(num_splits=splits, num_stages=(4 if head_dim > 64 else 8) * (BLOCK // block_size))
 
 
 def check_supported(q: jax.Array, k_cache: jax.Array, block_size: int) -> None:
@@ -90,8 +92,8 @@ def check_supported(q: jax.Array, k_cache: jax.Array, block_size: int) -> None:
         raise NotImplementedError(f"Mosaic GPU decode supports bf16/fp16, got {q.dtype}")
     if q.shape[-1] not in (64, 128):
         raise NotImplementedError(f"head_dim must be 64 or 128, got {q.shape[-1]}")
-    if block_size != BLOCK:
-        raise NotImplementedError(f"block_size must be {BLOCK}, got {block_size}")
+    if block_size not in BLOCK_SIZES:
+        raise NotImplementedError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
     num_queries, num_q_heads = q.shape[1], q.shape[2]
     rows = num_queries * (num_q_heads // k_cache.shape[2])
     if rows > BLOCK:
@@ -146,6 +148,7 @@ def _decode_kernel(
     scale_log2 = sm_scale * _LOG2E
     k_copy, k_mma = (k_ring, k_ring) if interpret else k_ring
     v_copy, v_mma = (v_ring, v_ring) if interpret else v_ring
+    keys = k_mma.shape[-2]  # positions per K/V block (block_size)
 
     # Register layouts are Mosaic GPU lowering hints, which jax's GPU interpreter (CPU) cannot lower.
     def full(shape, value, layout):
@@ -154,11 +157,11 @@ def _decode_kernel(
 
     def iota(dimension):
         if interpret:
-            return lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), dimension)
-        return plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), dimension, layout=plgpu.Layout.WGMMA)
+            return lax.broadcasted_iota(jnp.int32, (BLOCK, keys), dimension)
+        return plgpu.broadcasted_iota(jnp.int32, (BLOCK, keys), dimension, layout=plgpu.Layout.WGMMA)
 
     def scores(slot):
-        """Q Kᵀ of the block in ring slot `slot` on the tensor cores, f32 [64 rows, 64 keys]: one wgmma per half."""
+        """Q Kᵀ of the block in ring slot `slot` on the tensor cores, f32 [64 rows, keys]: one wgmma per half."""
         if interpret:  # the interpreter's wgmma takes no transposed operand
             q = jnp.concatenate([q_mma[half] for half in range(num_halves)], axis=-1)  # [64, H]
             k = jnp.concatenate([k_mma[slot, half] for half in range(num_halves)], axis=-1)  # [64, H]
@@ -169,10 +172,10 @@ def _decode_kernel(
                 plgpu.wgmma(acc_ref, q_mma.at[half], k_mma.at[slot, half].transpose((1, 0)))
             return acc_ref[...]
 
-        return pl.run_scoped(scoped, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
+        return pl.run_scoped(scoped, plgpu.ACC((BLOCK, keys), jnp.float32))
 
     def weighted_values(p16, slot):
-        """p16 [64 rows, 64 keys] @ the V block in ring slot `slot`, f32 [64 rows, H]: one wgmma per half."""
+        """p16 [64 rows, keys] @ the V block in ring slot `slot`, f32 [64 rows, H]: one wgmma per half."""
         if interpret:
             v = jnp.concatenate([v_mma[slot, half] for half in range(num_halves)], axis=-1)  # [64, H]
             return jnp.dot(p16, v, preferred_element_type=jnp.float32)
@@ -213,10 +216,10 @@ def _decode_kernel(
         def step(s, carry):
             acc, m_i, l_i = carry
             slot = lax.rem(s, num_stages)
-            key_offset = read_block_id(s) * BLOCK  # position of the block's first key
+            key_offset = read_block_id(s) * keys  # position of the block's first key
             plgpu.barrier_wait(k_barriers.at[slot])
 
-            qk = scores(slot)  # [64 rows, 64 keys]
+            qk = scores(slot)  # [64 rows, keys]
             plgpu.barrier_arrive(k_consumed_barriers.at[slot])
             qk = jnp.where(cols + key_offset <= limits, qk * scale_log2, -jnp.inf)
             m_new = jnp.maximum(m_i, qk.max(axis=1))
@@ -248,9 +251,9 @@ def _decode_kernel(
 
         def fetch(ring, barrier, cache_ref, slot, block_id):
             """Copies block `block_id` of (b, kv head) from `cache_ref` into ring slot `slot`, half by half."""
-            first_key = row_start + block_id * BLOCK  # its first cache slot: dynamic, any alignment
+            first_key = row_start + block_id * keys  # its first cache slot: dynamic, any alignment
             for half in range(num_halves):
-                window = (batch, pl.ds(first_key, BLOCK), kv_head, pl.ds(half * BLOCK, BLOCK))
+                window = (batch, pl.ds(first_key, keys), kv_head, pl.ds(half * BLOCK, BLOCK))
                 plgpu.copy_gmem_to_smem(cache_ref.at[window], ring.at[slot, half], barrier.at[slot])
 
         for s in range(num_stages):
@@ -269,6 +272,15 @@ def _decode_kernel(
             fetch(k_copy, k_barriers, k_ref, slot, block_id)
             plgpu.barrier_wait(v_consumed_barriers.at[slot])
             fetch(v_copy, v_barriers, v_ref, slot, block_id)
+
+        # Drain: observe the last `num_stages` consumptions too, so that every phase of every barrier this
+        # warpgroup waits on is observed (jax's GPU interpreter checks it; on the GPU it only idles this warpgroup
+        # while the compute warpgroup finishes).
+        @pl.loop(jnp.maximum(num_steps, num_stages) - num_stages, num_steps)
+        def _drain(s):
+            slot = lax.rem(s, num_stages)
+            plgpu.barrier_wait(k_consumed_barriers.at[slot])
+            plgpu.barrier_wait(v_consumed_barriers.at[slot])
 
 
 def _ring(shape, dtype, *, interpret: bool):
@@ -302,10 +314,11 @@ def split_partials(
     group: int,
     sm_scale: float,
     config: Config,
+    block_size: int = BLOCK,
     interpret=None,
 ):
-    """Runs the kernel. q [B, T, N, H]; starts int32 [B]; index int32 [B, K, M]; `interpret`: jax's GPU
-    interpreter params.
+    """Runs the kernel. q [B, T, N, H]; starts int32 [B]; index int32 [B, K, M] of `block_size`-key blocks;
+    `interpret`: jax's GPU interpreter params.
 
     Returns out f32 [B, K, splits, R, H] and lse f32 [B, K, splits, R] (log2 domain) per split, for query rows
     r = t·G + g < T·G (rows up to R, T·G rounded up to 8, are padding).
@@ -331,7 +344,7 @@ def split_partials(
         def scoped(smem, barriers):
             kernel(*smem, *barriers)
 
-        ring_shape = (stages, halves, BLOCK, BLOCK)
+        ring_shape = (stages, halves, block_size, BLOCK)
         pl.run_scoped(
             scoped,
             (
@@ -414,10 +427,13 @@ def block_sparse_decode_sm90(
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     num_slots = block_index.shape[-1]
-    config = config or default_config(batch=batch, num_kv_heads=num_kv_heads, num_slots=num_slots, head_dim=head_dim)
+    config = config or default_config(
+        batch=batch, num_kv_heads=num_kv_heads, num_slots=num_slots, head_dim=head_dim, block_size=block_size
+    )
     out_splits, lse_splits = split_partials(
         q, k_cache, v_cache, lengths, starts, block_index, block_count,
-        num_queries=num_queries, group=group, sm_scale=sm_scale, config=config, interpret=interpret,
+        num_queries=num_queries, group=group, sm_scale=sm_scale, config=config, block_size=block_size,
+        interpret=interpret,
     )  # fmt: skip
     out, lse = combine(out_splits, lse_splits, num_queries=num_queries, group=group)
     return out.astype(q.dtype), lse

@@ -26,6 +26,18 @@ def test_bench_decode_reference_on_cpu(tmp_path, capsys):
     assert "sparse 0.90" in capsys.readouterr().out
 
 
+def test_bench_decode_block_size_32(tmp_path):
+    """--block-size 32 counts and selects 32-key blocks (256 keys: 8 blocks, 1 of them at sparsity 0.9)."""
+    flags = ["--shapes", "h64", "--batches", "1", "--contexts", "256", "--sparsities", "0", "0.9", "--block-size", "32"]
+    flags += ["--runs", "1", "--warmup", "1", "--steps", "2", "--implementation", "reference"]
+    record = json.loads(bench.main(["--decode", *flags, "--output-dir", str(tmp_path)]).read_text())
+    assert record["config"]["block_size"] == 32
+    blocks = {row["case"]: row["blocks"] for row in record["rows"] if row["implementation"] == "reference"}
+    assert blocks == {"sparse 0.00": 8, "sparse 0.90": 1}
+    with pytest.raises(ValueError, match="multiples of 32"):
+        bench.main(["--decode", *flags[:5], "100", *flags[6:], "--output-dir", str(tmp_path)])
+
+
 def _profiled_run(tmp_path, implementation: str) -> dict:
     flags = ["--shapes", "h64", "--batches", "1", "--contexts", "4096", "--sparsities", "0", "0.9", "--profile"]
     flags += ["--runs", "1", "--warmup", "1", "--steps", "3", "--implementation", implementation]

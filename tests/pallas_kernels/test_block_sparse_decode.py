@@ -43,6 +43,7 @@ class DecodeCase:
     density: float = 0.5
     empty: tuple[tuple[int, int], ...] = ()
     starts: str = "rows"
+    block_size: int = BLOCK
 
     @property
     def batch(self) -> int:
@@ -66,12 +67,18 @@ CASES = (
                lengths=(999, 333, 64, 130)),
     DecodeCase(name="g4_h128_t1_right_aligned", num_queries=1, num_q_heads=4, num_kv_heads=1, head_dim=128,
                cache_len=320, lengths=(320, 77), starts="zero"),
+    DecodeCase(name="g4_h128_t1_block32", num_queries=1, num_q_heads=8, num_kv_heads=2, head_dim=128, cache_len=500,
+               lengths=(500, 130, 33), empty=((1, 1),), block_size=32),
+    DecodeCase(name="g2_h64_t4_block32", num_queries=4, num_q_heads=4, num_kv_heads=2, head_dim=64, cache_len=256,
+               lengths=(256, 3, 97), density=0.6, block_size=32),
 )  # fmt: skip
 GPU_CASES = (
     DecodeCase(name="llama3_8b_t32768_sparse90", num_queries=1, num_q_heads=32, num_kv_heads=8, head_dim=128,
                cache_len=32768, lengths=(32768, 20001), density=0.1),
     DecodeCase(name="g4_h64_t16384_t2_dense", num_queries=2, num_q_heads=16, num_kv_heads=4, head_dim=64,
                cache_len=16384, lengths=(16384, 9999, 1), density=1.0),
+    DecodeCase(name="llama3_8b_t32768_sparse90_block32", num_queries=1, num_q_heads=32, num_kv_heads=8,
+               head_dim=128, cache_len=32768, lengths=(32768, 20001), density=0.1, block_size=32),
 )  # fmt: skip
 
 
@@ -118,12 +125,12 @@ def _selection(rng, case: DecodeCase, *, num_slots=None, beyond=True):
     """Random shuffled block lists, padded with -1: the partial last block always, each other valid block with
     probability `density`, and now and then (if `beyond`) a block wholly past the row's length (it must contribute
     nothing; with `starts`, its window may lie partly or wholly past the cache's last slot)."""
-    num_blocks = -(-case.cache_len // BLOCK)
+    num_blocks = -(-case.cache_len // case.block_size)
     num_slots = num_slots or num_blocks
     index = np.full((case.batch, case.num_kv_heads, num_slots), -1, np.int32)
     count = np.zeros((case.batch, case.num_kv_heads), np.int32)
     for b, length in enumerate(case.lengths):
-        valid_blocks = -(-length // BLOCK)
+        valid_blocks = -(-length // case.block_size)
         for k in range(case.num_kv_heads):
             if (b, k) in case.empty:
                 continue
@@ -136,7 +143,7 @@ def _selection(rng, case: DecodeCase, *, num_slots=None, beyond=True):
     return jnp.asarray(index), jnp.asarray(count)
 
 
-def _oracle(q, k, v, lengths, index, count, sm_scale, starts=None):
+def _oracle(q, k, v, lengths, index, count, sm_scale, starts=None, block_size=BLOCK):
     """float64 NumPy: out [B, T, N, H], lse [B, N, T] straight from the semantics, one query at a time."""
     q, k, v = (np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64) for x in (q, k, v))
     index, count = np.asarray(index), np.asarray(count)
@@ -147,7 +154,8 @@ def _oracle(q, k, v, lengths, index, count, sm_scale, starts=None):
     for b in range(batch):
         for n in range(num_q_heads):
             blocks = index[b, n // group, : count[b, n // group]]
-            keys = np.concatenate([np.arange(j * BLOCK, (j + 1) * BLOCK) for j in blocks] or [np.zeros(0, int)])
+            spans = [np.arange(j * block_size, (j + 1) * block_size) for j in blocks]
+            keys = np.concatenate(spans or [np.zeros(0, int)])
             for t in range(num_queries):
                 position = lengths[b] - num_queries + t
                 attended = starts[b] + keys[keys <= position]  # cache slots of the attended positions
@@ -194,15 +202,17 @@ def test_matches_oracle(request, implementation, case):
     q, k, v = _qkv(request, case, harness.DTYPES[implementation], starts)
     lengths = jnp.asarray(case.lengths, jnp.int32)
     index, count = _selection(rng, case)
-    out, lse = _run(implementation, q, k, v, lengths, index, count, starts=starts)
-    expected_out, expected_lse = _oracle(q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5, starts)
+    out, lse = _run(implementation, q, k, v, lengths, index, count, starts=starts, block_size=case.block_size)
+    expected_out, expected_lse = _oracle(
+        q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5, starts, case.block_size
+    )
     assert out.dtype == q.dtype and out.shape == q.shape
     tolerance = harness.TOLERANCES[q.dtype]
     harness.assert_close(out, expected_out, tolerance, "out")
     harness.assert_lse_close(lse, expected_lse, tolerance)
 
 
-@pytest.mark.parametrize(("implementation", "case"), _cases(CASES[3:5], GPU_CASES[:1]))
+@pytest.mark.parametrize(("implementation", "case"), _cases((*CASES[3:5], *CASES[-2:]), (GPU_CASES[0], GPU_CASES[-1])))
 def test_all_blocks_equals_dense_decode(request, implementation, case):
     """Sparsity 0 (every block selected, shuffled) is dense decode attention over the valid cache."""
     rng = _rng(request)
@@ -210,7 +220,9 @@ def test_all_blocks_equals_dense_decode(request, implementation, case):
     q, k, v = _qkv(request, case, harness.DTYPES[implementation], starts)
     lengths = jnp.asarray(case.lengths, jnp.int32)
     index, count = _selection(rng, dataclasses.replace(case, density=1.0, empty=()))
-    out = block_sparse_decode(q, k, v, lengths, index, count, starts=starts, implementation=implementation)
+    out = block_sparse_decode(
+        q, k, v, lengths, index, count, starts=starts, block_size=case.block_size, implementation=implementation
+    )
     expected = _dense_decode(q, k, v, lengths, case.head_dim**-0.5, starts)
     valid = np.asarray(lengths)[:, None] - case.num_queries + np.arange(case.num_queries) >= 0  # [B, T]
     expected = np.where(valid[..., None, None], np.asarray(expected), 0.0)  # no key at all: 0
@@ -230,7 +242,7 @@ def test_nothing_selected_gives_zeros(request, implementation):
     assert np.isneginf(np.asarray(lse)).all()
 
 
-@pytest.mark.parametrize(("implementation", "case"), _cases(CASES[:4], GPU_CASES[:1]))
+@pytest.mark.parametrize(("implementation", "case"), _cases((*CASES[:4], CASES[-2]), GPU_CASES[:1]))
 def test_left_padded_equals_right_aligned(request, implementation, case):
     """The same tokens at slots starts[b] + p (left-padded) and at slots p (starts=None) give the same result."""
     rng = _rng(request)
@@ -241,8 +253,9 @@ def test_left_padded_equals_right_aligned(request, implementation, case):
     lengths = jnp.asarray(case.lengths, jnp.int32)
     index, count = _selection(rng, case)
     shift = jax.vmap(lambda row, start: jnp.roll(row, start, axis=0))  # slot p → slot starts[b] + p
-    left = _run(implementation, q, shift(k, starts), shift(v, starts), lengths, index, count, starts=starts)
-    right = _run(implementation, q, k, v, lengths, index, count)
+    sizes = dict(block_size=case.block_size)
+    left = _run(implementation, q, shift(k, starts), shift(v, starts), lengths, index, count, starts=starts, **sizes)
+    right = _run(implementation, q, k, v, lengths, index, count, **sizes)
     same = dict(rtol=1e-5, atol=1e-6)  # the same keys in another slot order (XLA's sums), or bit-identical blocks
     for left_array, right_array in zip(left, right, strict=True):
         left_array, right_array = (np.asarray(x.astype(jnp.float32)) for x in (left_array, right_array))
@@ -325,29 +338,34 @@ def test_implementation_choice():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_queries,num_kv_heads", [(2, 1), (1, 2)], ids=["T2-packed", "T1-direct"])
-def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads):
+@pytest.mark.parametrize(
+    "num_queries,num_kv_heads,block_size",
+    [(2, 1, 64), (1, 2, 64), (1, 2, 32)],
+    ids=["T2-packed", "T1-direct", "T1-block32"],
+)
+def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads, block_size):
     """The Mosaic GPU kernel's pipeline, split-K and masking in jax's GPU interpreter (CPU): 2 splits, head_dim 128
     (two halves), rows starting at slots 0 and 5; T = 2 (query rows packed by the wrapper) and T = 1 (each group's
-    heads copied from q by the kernel, the second group's from head 4 on). The interpreter does not model the TMA's
-    zero fill past the cache's end, so no selected window runs past it here (the gpu-marked cases cover that)."""
+    heads copied from q by the kernel, the second group's from head 4 on), 64- and 32-key blocks. The interpreter
+    does not model the TMA's zero fill past the cache's end, so no selected window runs past it here (the
+    gpu-marked cases cover that)."""
     if dispatch.hopper_available():
         pytest.skip("the compiled kernel runs on this machine (the gpu-marked cases)")
     interpret = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     case = DecodeCase(
         name="interpret", num_queries=num_queries, num_q_heads=4 * num_kv_heads, num_kv_heads=num_kv_heads,
-        head_dim=128, cache_len=320, lengths=(200, 2), density=0.6,
+        head_dim=128, cache_len=320, lengths=(200, 2), density=0.6, block_size=block_size,
     )  # fmt: skip
     starts = jnp.asarray([0, 5], jnp.int32)
     q, k, v = _qkv(request, case, jnp.bfloat16, starts)
     lengths = jnp.asarray(case.lengths, jnp.int32)
     index, count = _selection(_rng(request), case, beyond=False)  # windows end by slot 5 + 255 < 320
     out, lse = kernel_sm90.block_sparse_decode_sm90(
-        q, k, v, lengths, index, count, starts=starts, block_size=BLOCK, sm_scale=case.head_dim**-0.5,
+        q, k, v, lengths, index, count, starts=starts, block_size=block_size, sm_scale=case.head_dim**-0.5,
         config=kernel_sm90.Config(num_splits=2, num_stages=2), interpret=interpret.InterpretGPUParams(),
     )  # fmt: skip
     expected_out, expected_lse = _oracle(
-        q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5, np.asarray(starts)
+        q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5, np.asarray(starts), block_size
     )
     harness.assert_close(out, expected_out, 1e-2, "out")
     harness.assert_lse_close(lse, expected_lse, 1e-2)
