@@ -86,7 +86,7 @@ class DecodeConfig:
       k_pooling: `K<ops>`, the ops pooling k over each block, in the order max, min, avg
         (`seerattn_k_seq_pooling_type`).
       hidden_size: E, the gate's projection and rotary size (`seerattn_gate_hidden_size`).
-      block_size: key positions per block (`seerattn_gate_block_size`); the Mosaic decode kernel takes 64.
+      block_size: key positions per block (`seerattn_gate_block_size`); the Mosaic decode kernel takes 64 or 32.
       qk_norm: RMSNorm (eps 1e-6, weight [E]) of the projected q and k before RoPE (`seerattn_use_qk_norm`).
       use_rope: rotate the gate's q (at the token's position) and blocks (at their first position)
         (`seerattn_use_rope`).

@@ -167,12 +167,13 @@ def test_prefill_and_decode_combinations_under_jit(prefill, decode):
 
 
 @pytest.mark.gpu
-def test_mosaic_decode_kernel_in_the_model(monkeypatch):
-    """On Hopper (bf16, head_dim 128, 64-token blocks) sparse decode steps run the Mosaic decode kernel: with a
-    budget covering the context the teacher-forced log-probs equal dense decoding's, and with a small budget those
-    of the masked dense attention over the same blocks."""
+@pytest.mark.parametrize("block_size", [64, 32])
+def test_mosaic_decode_kernel_in_the_model(monkeypatch, block_size):
+    """On Hopper (bf16, head_dim 128, 64- or 32-token blocks) sparse decode steps run the Mosaic decode kernel: with
+    a budget covering the context the teacher-forced log-probs equal dense decoding's, and with a small budget
+    those of the masked dense attention over the same blocks."""
     base = hopper_base_model()
-    decode = DecodeConfig(hidden_size=128, block_size=64, qk_norm=True, token_budget=10**6)
+    decode = DecodeConfig(hidden_size=128, block_size=block_size, qk_norm=True, token_budget=10**6)
     structure = dict(gate=GateConfig(hidden_size=128), selection=DENSE_PREFILL)
     tokens, mask = padded_batch(300, padding=(0, 77))
     continuation = jnp.asarray(np.random.default_rng(0).integers(3, HOPPER_TINY.vocab_size, (2, 40)), jnp.int32)
@@ -180,7 +181,8 @@ def test_mosaic_decode_kernel_in_the_model(monkeypatch):
     kv = jax.ShapeDtypeStruct((2, 340, HOPPER_TINY.num_kv_heads, 128), jnp.bfloat16)
     index = jax.ShapeDtypeStruct((2, HOPPER_TINY.num_kv_heads, 6), jnp.int32)
     count, lengths = jax.ShapeDtypeStruct(index.shape[:2], jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
-    assert block_sparse_decode_implementation(q, kv, kv, lengths, index, count, starts=lengths) == "mosaic"
+    chosen = block_sparse_decode_implementation(q, kv, kv, lengths, index, count, starts=lengths, block_size=block_size)
+    assert chosen == "mosaic"
 
     def log_probs(decode_config):
         model = seer_from_base(base, SeerConfig(decode=decode_config, **structure), rngs=nnx.Rngs(1))
