@@ -273,14 +273,15 @@ def _decode_kernel(
             plgpu.barrier_wait(v_consumed_barriers.at[slot])
             fetch(v_copy, v_barriers, v_ref, slot, block_id)
 
-        # Drain: observe the last `num_stages` consumptions too, so that every phase of every barrier this
-        # warpgroup waits on is observed (jax's GPU interpreter checks it; on the GPU it only idles this warpgroup
-        # while the compute warpgroup finishes).
-        @pl.loop(jnp.maximum(num_steps, num_stages) - num_stages, num_steps)
-        def _drain(s):
-            slot = lax.rem(s, num_stages)
-            plgpu.barrier_wait(k_consumed_barriers.at[slot])
-            plgpu.barrier_wait(v_consumed_barriers.at[slot])
+        if interpret:
+            # Drain: observe the last `num_stages` consumptions too. jax's GPU interpreter checks that a thread
+            # observes every phase of a barrier it waits on; on the GPU the unobserved last phases are harmless (the
+            # CTA ends), so the compiled kernel skips this.
+            @pl.loop(jnp.maximum(num_steps, num_stages) - num_stages, num_steps)
+            def _drain(s):
+                slot = lax.rem(s, num_stages)
+                plgpu.barrier_wait(k_consumed_barriers.at[slot])
+                plgpu.barrier_wait(v_consumed_barriers.at[slot])
 
 
 def _ring(shape, dtype, *, interpret: bool):
