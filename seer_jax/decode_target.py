@@ -48,11 +48,15 @@ class DecodeFeatures:
       q: pre-RoPE queries [B, T, N, H] (the model's compute dtype); token t's gate query is rotated at t.
       k: the gate's pooled key blocks float32 [B, J, K, Ck] (`DecodeAttnGate.pool`; blocks past a row's end zero).
       lengths: int32 [B], the real tokens of each row.
+      quest: None, or (decode gates distilled on the hybrid, `DecodeConfig.quest_weight` > 0) each token's
+        group-max Quest bound f32 [B, K, T, J] (`decode_scores.quest_token_bounds`), which `training_logits` adds
+        times the weight, so that the gate learns what the bound misses.
     """
 
     q: jax.Array
     k: jax.Array
     lengths: jax.Array
+    quest: jax.Array | None = None
 
 
 def completed_blocks(length: int, num_blocks: int, block_size: int) -> jax.Array:
@@ -152,7 +156,8 @@ def training_logits(gate: DecodeAttnGate, features: DecodeFeatures) -> jax.Array
 
     Token t's gate query is rotated at t, block j's key at j · block_size (spec §1.5, training); logits of blocks
     that are not completed before t (j ≥ t // block_size) are MASKED_LOGIT, so a softmax over j spreads over the
-    completed earlier blocks only (all-masked rows t < block_size are uniform: the loss leaves them out).
+    completed earlier blocks only (all-masked rows t < block_size are uniform: the loss leaves them out). With
+    `features.quest` the logits are the hybrid's, gate + quest_weight × bound, as `decode_scores` ranks blocks.
     """
     batch, length = features.q.shape[:2]
     num_blocks = features.k.shape[1]
@@ -161,4 +166,6 @@ def training_logits(gate: DecodeAttnGate, features: DecodeFeatures) -> jax.Array
     q_gate = gate.query(features.q, positions)  # [B, T, K, E]
     k_gate = gate.keys(features.k, block_positions(batch, num_blocks, block_size))  # [B, J, K, E]
     logits = jax.vmap(gate.scores, in_axes=(1, None), out_axes=2)(q_gate, k_gate)  # [B, K, T, J]
+    if features.quest is not None:
+        logits = logits + gate.decode_config.quest_weight * features.quest
     return jnp.where(completed_blocks(length, num_blocks, block_size), logits, MASKED_LOGIT)

@@ -12,6 +12,7 @@ fine-tuning call.
     decode_gate_logits(model, features)            each layer's decode-gate logits on every token (differentiable)
 """
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -115,31 +116,40 @@ def gate_logits(model: SeerCausalLM, features: Sequence[GateFeatures]) -> tuple[
     )
 
 
+def _decode_names(quest: bool) -> tuple[str, ...]:
+    return ("decode_features", "decode_target", "decode_quest") if quest else ("decode_features", "decode_target")
+
+
+def _decode_inputs(collected) -> tuple[tuple[DecodeFeatures, ...], tuple[jax.Array, ...]]:
+    features = tuple(
+        dataclasses.replace(layer["decode_features"], quest=layer["decode_quest"]) if "decode_quest" in layer
+        else layer["decode_features"]
+        for layer in collected
+    )  # fmt: skip
+    return features, tuple(layer["decode_target"] for layer in collected)
+
+
 def decode_distillation_inputs(
-    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None = None
+    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None = None, *, quest: bool = False
 ) -> tuple[tuple[DecodeFeatures, ...], tuple[jax.Array, ...]]:
     """Per layer, the decode gate's `DecodeFeatures` and its per-token target f32 [B, K, T, J]
     (`seer_jax.decode_target`), row-aligned, from the model's own forward (give it a dense prefill selection, as
     `distillation_inputs`, to distil against the base model). Call it outside the differentiated function; the loss
-    needs only `decode_gate_logits(model, features)` and the targets."""
-    _, collected = _collect(model, tokens, attention_mask, ("decode_features", "decode_target"))
-    return tuple(layer["decode_features"] for layer in collected), tuple(layer["decode_target"] for layer in collected)
+    needs only `decode_gate_logits(model, features)` and the targets. `quest`: the features also carry each token's
+    Quest bound, so the gate distils on the hybrid scores (`DecodeFeatures.quest`)."""
+    _, collected = _collect(model, tokens, attention_mask, _decode_names(quest))
+    return _decode_inputs(collected)
 
 
 def joint_distillation_inputs(
-    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None = None
+    model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None = None, *, quest: bool = False
 ) -> tuple[
     tuple[tuple[GateFeatures, ...], tuple[jax.Array, ...]], tuple[tuple[DecodeFeatures, ...], tuple[jax.Array, ...]]
 ]:
     """(`distillation_inputs`, `decode_distillation_inputs`) from one forward: both gates distil together."""
-    names = ("gate_features", "target", "decode_features", "decode_target")
-    _, collected = _collect(model, tokens, attention_mask, names)
+    _, collected = _collect(model, tokens, attention_mask, ("gate_features", "target", *_decode_names(quest)))
     prefill = tuple(layer["gate_features"] for layer in collected), tuple(layer["target"] for layer in collected)
-    decode = (
-        tuple(layer["decode_features"] for layer in collected),
-        tuple(layer["decode_target"] for layer in collected),
-    )
-    return prefill, decode
+    return prefill, _decode_inputs(collected)
 
 
 def decode_gate_logits(model: SeerCausalLM, features: Sequence[DecodeFeatures]) -> tuple[jax.Array, ...]:

@@ -46,6 +46,9 @@ With a decode config, a layer also collects its decode gate's distillation input
 row-aligned coordinates whatever the prefill computes:
     "decode_features"  the decode gate's `DecodeFeatures` (pre-RoPE q, pooled k blocks, row lengths)
     "decode_target"    the per-token target f32 [B, K, T, J] (no gradient flows into it)
+    "decode_quest"     each token's group-max Quest bound f32 [B, K, T, J] (`decode_scores.quest_token_bounds`, over
+                       the row's block bounds in the compute dtype): `DecodeFeatures.quest`, for distilling the
+                       hybrid (gate + quest_weight × bound)
 On a decode step a layer collects `DECODE_COLLECTABLE`:
     "decode_blocks"  f32 [2]: the blocks attended and the blocks holding real tokens, summed over rows and heads
                      (the selection's: kv heads, or query heads for a per-query-head source such as quest)
@@ -69,7 +72,7 @@ from seer_jax.attention import dot_product_attention
 from seer_jax.block_scores import SOURCES, ScoreInputs
 from seer_jax.config import ModelConfig
 from seer_jax.decode_gate import DecodeAttnGate
-from seer_jax.decode_scores import DECODE_SOURCES, DecodeScoreInputs
+from seer_jax.decode_scores import DECODE_SOURCES, DecodeScoreInputs, quest_token_bounds
 from seer_jax.decode_selection import (
     available_blocks,
     decode_block_lists,
@@ -84,13 +87,13 @@ from seer_jax.head_parallel import (
     block_sparse_attention_per_device,
     block_sparse_decode_per_device,
 )
-from seer_jax.k_compression import KCompressionCache, append_token, compress_prompt
+from seer_jax.k_compression import KCompressionCache, append_token, block_key_bounds, compress_prompt
 from seer_jax.model import Attention, CausalLM
 from seer_jax.seer_config import SeerConfig
 from seer_jax.sparsity import BLOCK_SIZE, causal_block_mask, select_blocks
 from seer_jax.sparsity import block_density as mask_density
 
-DECODE_TRAINING_COLLECTABLE = ("decode_features", "decode_target")
+DECODE_TRAINING_COLLECTABLE = ("decode_features", "decode_target", "decode_quest")
 COLLECTABLE = (
     "gate_features",
     "gate_logits",
@@ -380,6 +383,10 @@ class SeerAttention(Attention):
                 k=self.decode_gate.pool(aligned_k, lengths=lengths),
                 lengths=lengths,
             )
+        if "decode_quest" in names:
+            q_rot_rows, k_rot_rows = jax.lax.stop_gradient((rows.align(q_rot), rows.align(k_rot)))
+            bounds = block_key_bounds(k_rot_rows, lengths, self.seer_config.decode.block_size)  # [B, K, J, 2, H]
+            values["decode_quest"] = quest_token_bounds(q_rot_rows, bounds)  # [B, K, T, J]
         if "decode_target" in names:
             detached = jax.lax.stop_gradient((rows.align(q_rot), rows.align(k_rot)))  # a target: no gradient
             values["decode_target"] = decode_target_per_device(

@@ -73,6 +73,9 @@ class DistillConfig:
         "decode" and "both" targets, None for "prefill".
       decode_slice_ratio: the decode loss counts rows t >= max(block_size, floor(L · ratio)) of each row of L real
         tokens (the official `seerattn_loss_slice_ratio`).
+      decode_quest_in_loss: distil the decode gates on the hybrid scores they will be ranked by, gate +
+        `decode.quest_weight` × Quest's bound (`DecodeFeatures.quest`), so that they learn what the bound misses;
+        needs a decode config with quest_weight > 0. False: the official loss on the gate's own logits.
       dtype: base weights and compute ("bfloat16" or "float32"); gates always train in float32.
       mesh: train on a device mesh (`seer_jax.sharding`: data, fsdp, tensor), or None: one device.
     """
@@ -90,6 +93,7 @@ class DistillConfig:
     target: str = "prefill"
     decode: DecodeConfig | None = None
     decode_slice_ratio: float = DECODE_SLICE_RATIO
+    decode_quest_in_loss: bool = False
 
     def __post_init__(self):
         if self.target not in DISTILLATION_TARGETS:
@@ -103,6 +107,8 @@ class DistillConfig:
             )
         if not 0.0 <= self.decode_slice_ratio < 1.0:
             raise ValueError(f"decode_slice_ratio: {self.decode_slice_ratio} must be in [0, 1)")
+        if self.decode_quest_in_loss and (self.decode is None or not self.decode.quest_weight > 0):
+            raise ValueError("decode_quest_in_loss: needs decode gates with a quest_weight > 0")
         if self.optimizer.warmup_steps >= self.loop.total_steps:
             raise ValueError(
                 f"warmup_steps: {self.optimizer.warmup_steps} must be in [0, steps={self.loop.total_steps})"
@@ -178,7 +184,12 @@ def distill(
     optimizer, schedule = build_optimizer(config.optimizer, config.loop.total_steps)
     result = fit(
         model,
-        loss_fn=distillation_loss(scale=config.loss_scale, target=config.target, slice_ratio=config.decode_slice_ratio),
+        loss_fn=distillation_loss(
+            scale=config.loss_scale,
+            target=config.target,
+            slice_ratio=config.decode_slice_ratio,
+            decode_quest=config.decode_quest_in_loss,
+        ),
         optimizer=optimizer,
         config=config.loop,
         make_loader=make_loader,

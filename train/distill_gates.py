@@ -136,7 +136,13 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DECODE_QUEST_WEIGHT,
         help="recorded in the adapter: the gate's decode scores plus this weight times Quest's bound on each block "
-        "(DecodeConfig.quest_weight; 0: the official gate alone; not a training setting) (default: %(default)s)",
+        "(DecodeConfig.quest_weight; 0: the official gate alone) (default: %(default)s)",
+    )
+    decode.add_argument(
+        "--decode-quest-in-loss",
+        action="store_true",
+        help="distil the decode gates on the hybrid scores (gate + --decode-quest-weight × Quest's bound), so they "
+        "learn what the bound misses; without it the gate trains alone and the weight only applies at run time",
     )
     decode.add_argument(
         "--decode-slice-ratio",
@@ -192,6 +198,7 @@ def distill_config_from_args(
         target=args.target,
         decode=None if args.target == "prefill" else decode_config_from_args(args, model),
         decode_slice_ratio=args.decode_slice_ratio,
+        decode_quest_in_loss=args.decode_quest_in_loss,
     )
 
 
@@ -459,6 +466,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--default-density must be in (0, 1], got {args.default_density}")
         if args.decode_allocation not in (None, "none") and args.target == "prefill":
             parser.error("--decode-allocation needs decode gates (--target decode or both)")
+        if args.decode_quest_in_loss and (args.target == "prefill" or not args.decode_quest_weight > 0):
+            parser.error(
+                "--decode-quest-in-loss needs decode gates (--target decode or both) and --decode-quest-weight > 0"
+            )
         args.model = resolve_model_path(args.model)
         args.tokenizer_dir = args.tokenizer_dir and resolve_model_path(args.tokenizer_dir, flag="--tokenizer-dir")
         config = distill_config_from_args(

@@ -123,13 +123,18 @@ def decode_gate_kl_loss(
     return scale * jnp.sum(per_layer), per_layer
 
 
-def distillation_loss(*, scale: float, target: str = "prefill", slice_ratio: float = DECODE_SLICE_RATIO) -> LossFn:
+def distillation_loss(
+    *, scale: float, target: str = "prefill", slice_ratio: float = DECODE_SLICE_RATIO, decode_quest: bool = False
+) -> LossFn:
     """The gate-distillation `LossFn` for `target` (one of `DISTILLATION_TARGETS`):
 
     * "prefill": `scale` × the prefill gates' KL (`gate_kl_loss`), metrics `kl/layer_<i>`;
     * "decode": `scale` × the decode gates' KL (`decode_gate_kl_loss` with `slice_ratio`), metrics
       `decode_kl/layer_<i>`;
     * "both": their sum from one forward, with both metric sets and `prefill_loss`, `decode_loss`.
+
+    `decode_quest`: the decode gates' logits are the hybrid's, gate + quest_weight × each token's Quest bound
+    (`DecodeFeatures.quest`), so the gates learn what the bound misses.
 
     The base forward sits under `stop_gradient`, so no base activation is kept for a backward pass: memory grows
     with sequence length like inference, and only the gates receive gradients. Give the model a dense prefill
@@ -161,8 +166,12 @@ def distillation_loss(*, scale: float, target: str = "prefill", slice_ratio: flo
         if target == "prefill":
             return prefill_part(model, jax.lax.stop_gradient(distillation_inputs(model, tokens)))
         if target == "decode":
-            return decode_part(model, jax.lax.stop_gradient(decode_distillation_inputs(model, tokens)))
-        prefill_inputs, decode_inputs = jax.lax.stop_gradient(joint_distillation_inputs(model, tokens))
+            return decode_part(
+                model, jax.lax.stop_gradient(decode_distillation_inputs(model, tokens, quest=decode_quest))
+            )
+        prefill_inputs, decode_inputs = jax.lax.stop_gradient(
+            joint_distillation_inputs(model, tokens, quest=decode_quest)
+        )
         prefill_loss, prefill_metrics = prefill_part(model, prefill_inputs)
         decode_loss, decode_metrics = decode_part(model, decode_inputs)
         metrics = {**prefill_metrics, **decode_metrics, "prefill_loss": prefill_loss, "decode_loss": decode_loss}

@@ -194,23 +194,29 @@ def _recorded_decode_gate_scores(model, tokens, mask, fed):
     return np.stack(recorded).reshape(fed.shape[1], TINY.num_layers, *recorded[0].shape)
 
 
-@pytest.mark.parametrize("rope_at_block_end", [False, True])
-def test_training_logits_equal_the_scores_of_teacher_forced_decode_steps(rope_at_block_end):
+@pytest.mark.parametrize(
+    "rope_at_block_end, quest_weight", [(False, 0.0), (True, 0.0), (False, 0.5)], ids=["gate", "rope_at_end", "hybrid"]
+)
+def test_training_logits_equal_the_scores_of_teacher_forced_decode_steps(rope_at_block_end, quest_weight):
     """The decode gate learns on the logits it will compute: for every decode step of a left-padded batch (rows of
     40, 27 and 32 prompt tokens, blocks of 16, 30 steps: prompt blocks, blocks completed while decoding, the steps
     right after a completion and the completing steps themselves), the scores a decode step computes over the
     compressed keys equal the training logits of that token over its completed earlier blocks (the ones selection
     ranks), from one training forward over the whole sequence. A budget covering the context keeps every layer's
     inputs the dense forward's. `rope_at_block_end` (the official inference) rotates blocks completed while decoding
-    at their last position, so there the two differ: the check that this comparison sees the compressed keys."""
-    model = decode_model(with_decode(rope_at_block_end=rope_at_block_end))
+    at their last position, so there the two differ: the check that this comparison sees the compressed keys. With
+    a quest weight the decode step ranks by the hybrid (gate + w × Quest's bound from the kept key bounds), and the
+    training forward collects each token's bound (`quest=True`): the hybrid logits match too."""
+    model = decode_model(with_decode(rope_at_block_end=rope_at_block_end, quest_weight=quest_weight))
     prompt, steps = 40, 30
     padding = (0, 13, 8)
     tokens, mask = padded_batch(prompt, padding)
     fed = jnp.asarray(random_tokens(7, len(padding), steps))
     decoded = _recorded_decode_gate_scores(model, tokens, mask, fed)
     whole_mask = jnp.concatenate([mask, jnp.ones(fed.shape, bool)], axis=1)
-    features, _ = nnx.jit(decode_distillation_inputs)(model, jnp.concatenate([tokens, fed], axis=1), whole_mask)
+    inputs = nnx.jit(decode_distillation_inputs, static_argnames="quest")
+    features, _ = inputs(model, jnp.concatenate([tokens, fed], axis=1), whole_mask, quest=quest_weight > 0)
+    assert all((layer.quest is not None) == (quest_weight > 0) for layer in features)
     training = [np.asarray(layer) for layer in nnx.jit(decode_gate_logits)(model, features)]  # [B, K, T, J] each
     mismatched = []
     for step in range(steps):

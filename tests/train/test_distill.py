@@ -241,6 +241,8 @@ def test_decode_config_errors_name_the_field(data, tmp_path):
         _config(data, tmp_path, steps=4, target="both", decode=DECODE, decode_slice_ratio=1.0)
     with pytest.raises(ValueError, match="seq_len"):
         _config(data, tmp_path, steps=4, seq_len=64, target="decode", decode=dataclasses.replace(DECODE, block_size=64))
+    with pytest.raises(ValueError, match="decode_quest_in_loss: needs decode gates with a quest_weight > 0"):
+        _config(data, tmp_path, steps=4, target="decode", decode=DECODE, decode_quest_in_loss=True)
 
 
 def test_budget_density_records_a_calibrated_budget(data, straight_run, tmp_path):

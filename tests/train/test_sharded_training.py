@@ -197,12 +197,12 @@ def test_decode_distillation_cli_runs_on_a_mesh(cli_inputs):
     root, common = cli_inputs
     out = root / "run_decode"
     flags = ["--target", "decode", "--decode-block-size", "32", "--mesh", "data=2,fsdp=2,tensor=2"]
-    flags += ["--decode-allocation", "recall", "--decode-quest-weight", "0.5"]
+    flags += ["--decode-allocation", "recall", "--decode-quest-weight", "0.5", "--decode-quest-in-loss"]
     distill_main([*common, "--batch-size", "4", "--steps", "2", "--out", str(out), *flags])
     lines = read_metrics(out)
     assert len(lines) == 2 and np.isfinite([line["loss"] for line in lines]).all() and "decode_kl/layer_1" in lines[0]
     run_config = json.loads((out / "distill.json").read_text())
-    assert run_config["target"] == "decode"
+    assert run_config["target"] == "decode" and run_config["decode_quest_in_loss"] is True  # trained on the hybrid
     assert run_config["decode"]["hidden_size"] == MODEL_CONFIG["head_dim"]  # the default E: the model's head_dim
     marker = json.loads((out / "adapter" / ADAPTER_FILE).read_text())
     assert marker["seer_config"]["decode"]["block_size"] == 32
