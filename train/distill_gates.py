@@ -142,7 +142,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode-quest-in-loss",
         action="store_true",
         help="distil the decode gates on the hybrid scores (gate + --decode-quest-weight × Quest's bound), so they "
-        "learn what the bound misses; without it the gate trains alone and the weight only applies at run time",
+        "learn what the bound misses; without it the gate trains alone and the weight only applies at run time "
+        "(on the testbed at small scale the hybrid was no better this way: BENCHMARKS.md)",
     )
     decode.add_argument(
         "--decode-slice-ratio",
