@@ -143,16 +143,9 @@ def quest_token_bounds(q_rot: jax.Array, key_bounds: jax.Array) -> jax.Array:
     [B, T, N, H] and row-aligned block bounds [B, K, J, 2, H] (`k_compression.block_key_bounds`) → f32 [B, K, T, J],
     the max over each kv head's query heads of `quest_bound` of token t against block j (the caller masks the blocks
     a token may not score). Parameter-free: a training input of decode gates distilled on the hybrid."""
-    batch, length, _, head_dim = q_rot.shape
-    num_kv_heads = key_bounds.shape[1]
-    grouped = q_rot.astype(key_bounds.dtype).reshape(batch, length, num_kv_heads, -1, head_dim)  # [B, T, K, G, H]
-    zero = jnp.zeros((), grouped.dtype)
-    signed = jnp.stack([jnp.maximum(grouped, zero), jnp.minimum(grouped, zero)], axis=4)  # [B, T, K, G, 2, H]
-    scores = jnp.einsum(
-        "btkgch,bkjch->bktgj", signed, key_bounds, precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32,
-    )  # fmt: skip
-    return jnp.max(scores, axis=3) * head_dim**-0.5  # [B, K, T, J]
+    bounds = jax.vmap(quest_bound, in_axes=(1, None), out_axes=2)(q_rot, key_bounds)  # [B, N, T, J]
+    batch, _, length, num_blocks = bounds.shape
+    return jnp.max(bounds.reshape(batch, key_bounds.shape[1], -1, length, num_blocks), axis=2)  # [B, K, T, J]
 
 
 def quest_decode_scores(q: jax.Array, k_cache: jax.Array, key_mask: jax.Array, *, block_size: int) -> jax.Array:

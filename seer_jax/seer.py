@@ -383,14 +383,14 @@ class SeerAttention(Attention):
                 k=self.decode_gate.pool(aligned_k, lengths=lengths),
                 lengths=lengths,
             )
+        block_size = self.seer_config.decode.block_size
+        q_rot_rows, k_rot_rows = jax.lax.stop_gradient((rows.align(q_rot), rows.align(k_rot)))  # inputs: no gradient
         if "decode_quest" in names:
-            q_rot_rows, k_rot_rows = jax.lax.stop_gradient((rows.align(q_rot), rows.align(k_rot)))
-            bounds = block_key_bounds(k_rot_rows, lengths, self.seer_config.decode.block_size)  # [B, K, J, 2, H]
+            bounds = block_key_bounds(k_rot_rows, lengths, block_size)  # [B, K, J, 2, H]
             values["decode_quest"] = quest_token_bounds(q_rot_rows, bounds)  # [B, K, T, J]
         if "decode_target" in names:
-            detached = jax.lax.stop_gradient((rows.align(q_rot), rows.align(k_rot)))  # a target: no gradient
             values["decode_target"] = decode_target_per_device(
-                *detached, block_size=self.seer_config.decode.block_size, lengths=rows.lengths
+                q_rot_rows, k_rot_rows, block_size=block_size, lengths=rows.lengths
             )
         return values
 
