@@ -1,15 +1,18 @@
 """End-to-end prefill (time to first token): dense cuDNN vs SeerAttention, `python -m benchmarks.prefill`.
 
     python -m benchmarks.prefill [--lengths 8192 32768 65536 131072] [--densities 0.5 0.3 0.1] [--layers 32]
+        [--quest-weights 0]
 
 Builds the Llama-3.1-8B architecture (its public config, embedded below: no download) with random bf16 weights and
 random float32 gates, and times a jit-compiled prefill of one sequence that returns the last position's logits:
 dense attention through cuDNN, and SeerAttention at each TopK density (gates, block selection, block index and
 the Mosaic block-sparse kernel all included). Reports time to first token (median of `--runs` after a warm-up),
 compile time, and the compiled program's device memory (arguments + outputs + temporaries, from XLA's memory
-analysis). `--layers N` keeps the first N decoder layers: every layer costs the same, so timings scale linearly
-with N and speedups do not depend on it, while compiles get shorter. Prints a table and writes JSON under
-`--output-dir` with the date, commit, jax version and device.
+analysis). With several `--quest-weights`, one SeerAttention case per density and weight w
+(`SeerConfig.quest_weight`: the gates' logits plus w × the quest source's scores, which adds the quest scores'
+pooling and matmul to each layer). `--layers N` keeps the first N decoder layers: every layer costs the same, so
+timings scale linearly with N and speedups do not depend on it, while compiles get shorter. Prints a table and
+writes JSON under `--output-dir` with the date, commit, jax version and device.
 """
 
 import argparse
@@ -63,6 +66,7 @@ LLAMA_31_8B = {
 class PrefillBenchConfig:
     lengths: tuple[int, ...] = (8192, 32768, 65536, 131072)
     densities: tuple[float, ...] = (0.5, 0.3, 0.1)
+    quest_weights: tuple[float, ...] = (0.0,)
     layers: int = 32
     runs: int = 5
     output_dir: Path = Path("benchmarks/results")
@@ -74,6 +78,8 @@ class PrefillBenchConfig:
             raise ValueError(f"lengths: {self.lengths} must be positive multiples of 64")
         if any(not 0.0 < d < 1.0 for d in self.densities):
             raise ValueError(f"densities: {self.densities} must be in (0, 1)")
+        if not self.quest_weights or any(not 0 <= w < float("inf") for w in self.quest_weights):
+            raise ValueError(f"quest_weights: {self.quest_weights} must be one or more finite weights >= 0")
         if not 1 <= self.layers <= LLAMA_31_8B["num_hidden_layers"]:
             raise ValueError(f"layers: {self.layers} must be in [1, 32]")
         if self.runs < 1:
@@ -170,11 +176,19 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.prefill", description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=defaults.lengths)
     parser.add_argument("--densities", type=float, nargs="+", default=defaults.densities)
+    parser.add_argument(
+        "--quest-weights",
+        type=float,
+        nargs="+",
+        default=defaults.quest_weights,
+        help="one SeerAttention case per weight: the gates' logits plus w × the quest scores (SeerConfig.quest_weight)",
+    )
     add_run_arguments(parser, defaults)
     args = parser.parse_args(argv)
     config = PrefillBenchConfig(
         lengths=tuple(args.lengths),
         densities=tuple(args.densities),
+        quest_weights=tuple(args.quest_weights),
         layers=args.layers,
         runs=args.runs,
         output_dir=args.output_dir,
@@ -185,30 +199,33 @@ def main(argv: list[str] | None = None) -> Path:
     dense = random_llama(config.layers, config.seed)
     model_config = dense.config
     rows = []
-    print(f"{'T':>7} {'case':>12} {'TTFT ms':>10} {'vs dense':>9} {'compile s':>10} {'device GiB':>11}", flush=True)
+    print(f"{'T':>7} {'case':>16} {'TTFT ms':>10} {'vs dense':>9} {'compile s':>10} {'device GiB':>11}", flush=True)
     for length in config.lengths:
         tokens = jax.random.randint(jax.random.key(length), (1, length), 0, model_config.vocab_size, jnp.int32)
-        cases = [("dense", None, dense)]
+        cases = [("dense", None, None, dense)]
         for density in config.densities:
-            seer_config = SeerConfig(gate=GateConfig(), selection=Selection(method="nz_ratio", nz_ratio=density))
-            # The dense model's weights (shared, not copied) plus random float32 gates.
-            seer = seer_from_base(dense, seer_config, rngs=nnx.Rngs(config.seed), gate_param_dtype=jnp.float32)
-            cases.append((f"seer {density}", density, seer))
+            for weight in config.quest_weights:
+                selection = Selection(method="nz_ratio", nz_ratio=density)
+                seer_config = SeerConfig(gate=GateConfig(), selection=selection, quest_weight=weight)
+                # The dense model's weights (shared, not copied) plus random float32 gates.
+                seer = seer_from_base(dense, seer_config, rngs=nnx.Rngs(config.seed), gate_param_dtype=jnp.float32)
+                cases.append((f"seer {density}" + (f" +{weight:g}q" if weight else ""), density, weight, seer))
         dense_ms = None
-        for name, density, model in cases:
+        for name, density, weight, model in cases:
             result = _time_prefill(model, tokens, config.runs)
             dense_ms = dense_ms or result["ttft_ms"]
             row = {
                 "seq_len": length,
                 "case": name,
                 "nz_ratio": density,
+                "quest_weight": weight,
                 **result,
                 "speedup": dense_ms / result["ttft_ms"],
             }
             rows.append(row)
             gib = "—" if result["device_bytes"] is None else f"{result['device_bytes'] / 2**30:.1f}"
             print(
-                f"{length:>7} {name:>12} {result['ttft_ms']:>10.1f} {row['speedup']:>8.2f}x "
+                f"{length:>7} {name:>16} {result['ttft_ms']:>10.1f} {row['speedup']:>8.2f}x "
                 f"{result['compile_s']:>10.1f} {gib:>11}",
                 flush=True,
             )
