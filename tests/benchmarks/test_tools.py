@@ -60,6 +60,27 @@ def test_generate_benchmark_times_dense_and_sparse_generation(tmp_path, monkeypa
         assert row["decode_tokens_per_s"] == pytest.approx(row["batch"] * 2 / decode_seconds)
 
 
+def test_prefill_benchmark_times_each_density_and_quest_weight(tmp_path, monkeypatch):
+    tiny = {**prefill.LLAMA_31_8B, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256}
+    tiny.update(num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    monkeypatch.setattr(prefill, "LLAMA_31_8B", tiny)
+    timed, time_prefill = [], prefill._time_prefill
+    monkeypatch.setattr(  # the models timed: their quest weight (None: dense)
+        prefill,
+        "_time_prefill",
+        lambda model, *args: timed.append(getattr(model, "seer_config", None)) or time_prefill(model, *args),
+    )
+    flags = ["--lengths", "256", "--densities", "0.5", "--quest-weights", "0", "0.25", "--layers", "1", "--runs", "1"]
+    record = json.loads(prefill.main([*flags, "--commit", "abc", "--output-dir", str(tmp_path)]).read_text())
+    rows = [(row["case"], row["nz_ratio"], row["quest_weight"]) for row in record["rows"]]
+    assert rows == [("dense", None, None), ("seer 0.5", 0.5, 0.0), ("seer 0.5 +0.25q", 0.5, 0.25)]
+    assert [None if config is None else config.quest_weight for config in timed] == [None, 0.0, 0.25]
+    assert all(row["ttft_ms"] > 0 and row["speedup"] > 0 for row in record["rows"])
+    assert record["config"]["quest_weights"] == [0.0, 0.25]
+    with pytest.raises(ValueError, match="quest_weights"):
+        prefill.PrefillBenchConfig(quest_weights=(-1.0,))
+
+
 def test_decode_step_kernels_subtract_the_first_token(monkeypatch):
     """A decode step's kernels: the whole generation's trace less the first token's, per step."""
     from pallas_kernels.bench_decode import DeviceProfile
