@@ -29,7 +29,10 @@ and kv head, the channel-wise max and min of the block's real rotated keys (the 
 the Quest bound the gate's scores add (`seer_jax.decode_scores.quest_bound`): filled at prefill from the prompt's
 rotated keys (the open block's too), extended at every decode step (a block's first token resets its slot). They
 equal what Quest recomputes from the KV cache. Max and min sit in one array, so a step updates one slot and scores
-every block with one matmul. They take 2 · K · H · itemsize / block_size bytes per token, read every step: 1/64
+every block with one matmul. The open block's bounds are also kept on their own (`open_bounds`, K · 2 · H values
+per row), so that a step writes its block's slot without reading the array: a scatter whose update read the array
+it wrote made XLA copy the whole array twice per layer and step (on the H200, 128k, batch 8: 17.5% of decode
+tokens/s). They take 2 · K · H · itemsize / block_size bytes per token, read every step: 1/64
 of the KV cache's bytes at block_size 64 (64 bytes per token per layer for K = 8, H = 128, bf16, against 4096).
 
 Fixed capacity and static shapes: `padded_to` grows the block slots with the KV cache; unused slots are zeros.
@@ -57,11 +60,14 @@ class KCompressionCache:
       key_bounds: [B, K, J, 2, H] the channel-wise max (index 0) and min (index 1) of each block's real rotated
         keys (completed blocks and the open one), zeros for blocks without tokens; None when the gate adds no Quest
         bound. Kv-head-major, so that the bound's matmul (batched over rows and kv heads) reads it in place.
+      open_bounds: [B, K, 2, H] key_bounds' slot of the block holding each row's last token, kept on its own: what
+        the next token extends, unless it starts a new block; zeros for a row without tokens; None with key_bounds.
     """
 
     blocks: jax.Array
     remainder: jax.Array
     key_bounds: jax.Array | None = None
+    open_bounds: jax.Array | None = None
 
     @property
     def block_size(self) -> int:
@@ -76,7 +82,7 @@ class KCompressionCache:
         key_bounds = self.key_bounds
         if key_bounds is not None:
             key_bounds = jnp.pad(key_bounds, [(0, 0), (0, 0), (0, extra), (0, 0), (0, 0)])  # [B, K, J', 2, H]
-        return KCompressionCache(blocks=blocks, remainder=self.remainder, key_bounds=key_bounds)
+        return dataclasses.replace(self, blocks=blocks, key_bounds=key_bounds)
 
 
 def block_key_bounds(k_rot: jax.Array, lengths: jax.Array, block_size: int) -> jax.Array:
@@ -123,13 +129,16 @@ def compress_prompt(
     source = complete[:, None] * block_size + slots[None, :]  # [B, block_size]
     remainder = jnp.take_along_axis(padded, source[:, :, None, None], axis=1)  # [B, block_size, K, H]
     is_open = (slots[None, :] < (lengths - complete * block_size)[:, None])[:, :, None, None]  # [B, block_size, 1, 1]
-    key_bounds = None
-    if gate.decode_config.keeps_key_bounds:
-        if k_rot is None:
-            raise ValueError("the decode config keeps key bounds (quest_weight > 0): pass the rotated keys k_rot")
-        key_bounds = block_key_bounds(k_rot, lengths, block_size)  # [B, K, J, 2, H]
     remainder = jnp.where(is_open, remainder, 0).astype(k.dtype)
-    return KCompressionCache(blocks=blocks, remainder=remainder, key_bounds=key_bounds)
+    if not gate.decode_config.keeps_key_bounds:
+        return KCompressionCache(blocks=blocks, remainder=remainder)
+    if k_rot is None:
+        raise ValueError("the decode config keeps key bounds (quest_weight > 0): pass the rotated keys k_rot")
+    key_bounds = block_key_bounds(k_rot, lengths, block_size)  # [B, K, J, 2, H]
+    last = (jnp.maximum(lengths, 1) - 1) // block_size  # [B] the block of each row's last token
+    open_bounds = jnp.take_along_axis(key_bounds, last[:, None, None, None, None], axis=2)[:, :, 0]  # [B, K, 2, H]
+    open_bounds = jnp.where((lengths > 0)[:, None, None, None], open_bounds, 0).astype(key_bounds.dtype)
+    return KCompressionCache(blocks=blocks, remainder=remainder, key_bounds=key_bounds, open_bounds=open_bounds)
 
 
 def append_token(
@@ -166,10 +175,13 @@ def append_token(
     if key_bounds is not None:
         if k_rot is None:
             raise ValueError("this cache keeps key bounds (quest_weight > 0): pass the token's rotated key k_rot")
-        # The token's block slot only (a scatter, as above): its first token starts the block's bounds afresh.
+        # The open block's bounds extended by the token (its first token starts them afresh), then written to the
+        # token's block slot only (a scatter, as above, whose update never reads key_bounds: module docstring).
         new = k_rot[:, 0].astype(key_bounds.dtype)  # [B, K, H]
-        old = key_bounds[rows, :, block]  # [B, K, 2, H]
+        old = cache.open_bounds  # [B, K, 2, H]
         extended = jnp.stack([jnp.maximum(old[:, :, 0], new), jnp.minimum(old[:, :, 1], new)], axis=2)
         fresh = jnp.stack([new, new], axis=2)  # [B, K, 2, H]
-        key_bounds = key_bounds.at[rows, :, block].set(jnp.where((slot == 0)[:, None, None, None], fresh, extended))
-    return KCompressionCache(blocks=blocks, remainder=remainder, key_bounds=key_bounds)
+        open_bounds = jnp.where((slot == 0)[:, None, None, None], fresh, extended)  # [B, K, 2, H]
+        key_bounds = key_bounds.at[rows, :, block].set(open_bounds)
+        return KCompressionCache(blocks=blocks, remainder=remainder, key_bounds=key_bounds, open_bounds=open_bounds)
+    return KCompressionCache(blocks=blocks, remainder=remainder)

@@ -77,7 +77,8 @@ def numpy_key_bounds(keys: np.ndarray, mask: np.ndarray, num_blocks: int) -> np.
 def test_key_bounds_after_decode_steps_are_those_of_the_kv_cache(budget):
     """With quest_weight > 0 each layer's block key bounds, kept through prefill and 30 decode steps (blocks
     completing at different steps in a left-padded row), equal the channel max / min of each row's own blocks of
-    its KV cache (an independent brute force), in every layer and for the open blocks too; with a budget covering
+    its KV cache (an independent brute force), in every layer and for the open blocks too (also kept on their own,
+    so that a step writes its slot without reading the array); with a budget covering
     the context they also equal the bounds a causal forward over the whole sequence computes."""
     model = decode_model(with_decode(token_budget=budget, quest_weight=0.5))
     tokens, mask = padded_batch(PROMPT)
@@ -87,6 +88,8 @@ def test_key_bounds_after_decode_steps_are_those_of_the_kv_cache(budget):
         assert state.key_bounds.shape == (2, TINY.num_kv_heads, 5, 2, TINY.head_dim)
         expected = numpy_key_bounds(np.asarray(cache.keys[layer]), np.asarray(cache.key_mask), 5)
         np.testing.assert_array_equal(np.asarray(state.key_bounds), expected)
+        last = (np.asarray(cache.key_mask).sum(axis=1) - 1) // DECODE_BLOCK  # the block of each row's last token
+        np.testing.assert_array_equal(np.asarray(state.open_bounds), expected[np.arange(2), :, last])
         if budget != DECODE_BLOCK:
             recomputed = full.decode_states[layer].key_bounds
             np.testing.assert_allclose(np.asarray(state.key_bounds), np.asarray(recomputed), atol=1e-5)
