@@ -10,11 +10,16 @@ Algorithm (SeerAttention-R's index-based decode kernels, on a warp-specialised T
     T > 1 the rows interleave tokens and heads, and the wrapper packs them, zero-padded (`pack_queries`).
   * Split-K over the selected blocks, balanced on the real count: split s of (b, k) takes list slots
     [s·c, min((s+1)·c, n)) with n = block_count[b, k] and c = ceil(n / num_splits), so a sparse row's work is
-    spread over all its CTAs, and no padding slot is ever read. Both warpgroups read the block ids of their slots
+    spread over all its CTAs, and no padding slot is ever read. With 32-key blocks c is even and a step takes two
+    list slots (below). Both warpgroups read the block ids of their slots
     straight from global memory (a scalar load each, issued ahead of the barrier wait that follows it).
   * A memory warpgroup streams those K/V blocks by TMA into a `num_stages`-deep ring; the compute warpgroup runs
     QKᵀ and PV on the tensor cores with an online softmax in the exp2 domain. Keys past a query's own position (the
     row's partial block, draft tokens) are masked with iota on every block, so the list may be in any order.
+  * 32-key blocks (the decode gate's other size) go two per step: list slots 2i and 2i + 1 of a split fill rows
+    0 … 31 and 32 … 63 of one 64-key ring slot, so QKᵀ and PV are the 64-key block's (a PV over 32 keys cannot
+    be issued: with the 128-byte swizzle, wgmma's contraction comes in groups of 64 bf16). A split's odd last
+    slot pairs with itself, its second copy masked.
   * Block j of row b (block size n, 64 or 32) is positions j·n … j·n + n − 1 = cache slots starts[b] + j·n …: a
     window at any slot, not a multiple of n (left-padded caches). The TMA copies it at that dynamic slot, which
     needs a shared-memory layout without the usual 8-row tiling (a tiled copy splits the slot into tile and row,
@@ -29,8 +34,8 @@ Algorithm (SeerAttention-R's index-based decode kernels, on a warp-specialised T
     finite −1e30, so fully masked blocks never make inf − inf.
 
 Layout limits: q [B, T, N, H] with T·G ≤ 64, caches [B, S, K, H] (any S), bf16 or fp16, H ∈ {64, 128},
-block_size 32 or 64 (the decode gate's sizes: a 32-key block is a [64 rows, 32 keys] score tile and a PV over 32
-keys, with a ring twice as deep). Anything else raises NotImplementedError (the dispatcher then runs the reference).
+block_size 32 or 64 (the decode gate's sizes; 32-key blocks two per 64-key step). Anything else raises
+NotImplementedError (the dispatcher then runs the reference).
 """
 
 import dataclasses
@@ -56,7 +61,7 @@ class Config:
     """Tuning knobs of the decode kernel."""
 
     num_splits: int  # CTAs per (row, kv head), each over ~1/num_splits of the selected blocks
-    num_stages: int = 4  # depth of the K/V shared-memory ring (64-key blocks in flight per CTA)
+    num_stages: int = 4  # depth of the K/V shared-memory ring (64-key steps in flight per CTA)
 
     def __post_init__(self):
         if self.num_splits < 1:
@@ -78,10 +83,10 @@ def default_config(*, batch: int, num_kv_heads: int, num_slots: int, head_dim: i
     splits 208 / 215 / 219 µs (two waves of half-length CTAs looked ~10% faster in wall-clock timing, which the
     device trace does not confirm). The ring holds 128 KiB of K/V in flight per SM (4 blocks at head_dim 128, 8 at
     64); a 5-deep ring at 128 gained nothing at B=1 (19.6 against 19.0 µs), a 6-deep one does not fit in shared
-    memory. 32-key blocks are half as large, so twice as many fit in the same bytes. BENCHMARKS.md, issue 18."""
+    memory. 32-key blocks go two per step, so a split takes at least 8 of them. BENCHMARKS.md, issue 18."""
     splits = max(1, num_sms() // (batch * num_kv_heads))
-    splits = min(splits, max(1, num_slots // 4))
-    return Config(num_splits=splits, num_stages=(4 if head_dim > 64 else 8) * (BLOCK // block_size))
+    splits = min(splits, max(1, num_slots // (4 * (BLOCK // block_size))))
+    return Config(num_splits=splits, num_stages=4 if head_dim > 64 else 8)
 
 
 def check_supported(q: jax.Array, k_cache: jax.Array, block_size: int) -> None:
@@ -114,8 +119,8 @@ def _decode_kernel(
     lse_ref,  # f32 [B, K, splits, R]: each split's logsumexp, log2 domain (−inf: nothing attended)
     # scratch
     q_smem,  # [H/64, 64, 64]: the query rows, by 64-column half of H (`_ring`: a copy view and a wgmma view)
-    k_ring,  # [stages, H/64, 64, 64]: K blocks by half of H (`_ring`: a copy view and a wgmma view)
-    v_ring,  # [stages, H/64, 64, 64]: V blocks, likewise
+    k_ring,  # [stages, H/64, 64, 64]: K of one step's 64 keys (one block or two) by half of H (`_ring`)
+    v_ring,  # [stages, H/64, 64, 64]: V, likewise
     out_smem,  # f32 [64, H]
     lse_smem,  # f32 [64]
     k_barriers,
@@ -130,16 +135,19 @@ def _decode_kernel(
     num_queries: int,
     group: int,
     direct_q: bool,
+    block_size: int,
     interpret: bool,
 ):
     batch = lax.axis_index("batch")
     kv_head = lax.axis_index("kv_heads")
     split = lax.axis_index("split")
     wg = lax.axis_index("wg")
+    per_step = BLOCK // block_size  # list slots per step: 1, or 2 with 32-key blocks
     count = count_ref[batch, kv_head]
-    per_split = lax.div(count + (num_splits - 1), num_splits)
+    per_split = lax.div(count + (num_splits * per_step - 1), num_splits * per_step) * per_step  # a multiple of it
     first = split * per_split
-    num_steps = jnp.clip(count - first, 0, per_split)
+    end = first + jnp.clip(count - first, 0, per_split)  # this split's list slots: [first, end)
+    num_steps = lax.div(end - first + (per_step - 1), per_step)
     q_copy, q_mma = (q_smem, q_smem) if interpret else q_smem
     num_halves = q_mma.shape[0]
     head_dim = num_halves * BLOCK
@@ -148,7 +156,7 @@ def _decode_kernel(
     scale_log2 = sm_scale * _LOG2E
     k_copy, k_mma = (k_ring, k_ring) if interpret else k_ring
     v_copy, v_mma = (v_ring, v_ring) if interpret else v_ring
-    keys = k_mma.shape[-2]  # positions per K/V block (block_size)
+    keys = k_mma.shape[-2]  # keys per step (64)
 
     # Register layouts are Mosaic GPU lowering hints, which jax's GPU interpreter (CPU) cannot lower.
     def full(shape, value, layout):
@@ -188,9 +196,11 @@ def _decode_kernel(
 
         return pl.run_scoped(scoped, plgpu.ACC((BLOCK, head_dim), jnp.float32))
 
-    def read_block_id(s):
-        """The block id of the split's step s, loaded from the list in global memory."""
-        return index_ref[batch, kv_head, first + s]
+    def read_block_ids(s):
+        """The block ids of the split's step s (per_step of them), loaded from the list in global memory; a split's
+        odd last slot is read twice (the second copy is masked)."""
+        slot = first + s * per_step
+        return [index_ref[batch, kv_head, jnp.minimum(slot + i, end - 1) if i else slot] for i in range(per_step)]
 
     @pl.when(wg == 0)
     def _compute_wg():
@@ -216,7 +226,11 @@ def _decode_kernel(
         def step(s, carry):
             acc, m_i, l_i = carry
             slot = lax.rem(s, num_stages)
-            key_offset = read_block_id(s) * keys  # position of the block's first key
+            block_ids = read_block_ids(s)
+            key_offset = block_ids[0] * block_size  # position of column 0's key
+            if per_step == 2:  # columns 32 … 63: the second block, or past every limit when the slot repeats
+                second = jnp.where(first + 2 * s + 1 < end, block_ids[1] * block_size - block_size, 1 << 30)
+                key_offset = key_offset + lax.div(cols, block_size) * (second - key_offset)  # [64, 64]
             plgpu.barrier_wait(k_barriers.at[slot])
 
             qk = scores(slot)  # [64 rows, keys]
@@ -249,29 +263,33 @@ def _decode_kernel(
         plgpu.set_max_registers(40, action="decrease")
         row_start = starts_ref[batch]
 
-        def fetch(ring, barrier, cache_ref, slot, block_id):
-            """Copies block `block_id` of (b, kv head) from `cache_ref` into ring slot `slot`, half by half."""
-            first_key = row_start + block_id * keys  # its first cache slot: dynamic, any alignment
-            for half in range(num_halves):
-                window = (batch, pl.ds(first_key, keys), kv_head, pl.ds(half * BLOCK, BLOCK))
-                plgpu.copy_gmem_to_smem(cache_ref.at[window], ring.at[slot, half], barrier.at[slot])
+        def fetch(ring, barrier, cache_ref, slot, block_ids):
+            """Copies the step's blocks of (b, kv head) from `cache_ref` into ring slot `slot`, half by half."""
+            for i, block_id in enumerate(block_ids):
+                first_key = row_start + block_id * block_size  # its first cache slot: dynamic, any alignment
+                for half in range(num_halves):
+                    window = (batch, pl.ds(first_key, block_size), kv_head, pl.ds(half * BLOCK, BLOCK))
+                    rows = (
+                        ring.at[slot, half] if per_step == 1 else ring.at[slot, half, pl.ds(i * block_size, block_size)]
+                    )
+                    plgpu.copy_gmem_to_smem(cache_ref.at[window], rows, barrier.at[slot])
 
         for s in range(num_stages):
 
             @pl.when(s < num_steps)
             def _prologue(s=s):
-                block_id = read_block_id(s)
-                fetch(k_copy, k_barriers, k_ref, s, block_id)
-                fetch(v_copy, v_barriers, v_ref, s, block_id)
+                block_ids = read_block_ids(s)
+                fetch(k_copy, k_barriers, k_ref, s, block_ids)
+                fetch(v_copy, v_barriers, v_ref, s, block_ids)
 
         @pl.loop(num_stages, jnp.maximum(num_steps, num_stages))
         def _refill(s):
             slot = lax.rem(s, num_stages)
-            block_id = read_block_id(s)  # loaded while the slot's previous block is still in use
+            block_ids = read_block_ids(s)  # loaded while the slot's previous blocks are still in use
             plgpu.barrier_wait(k_consumed_barriers.at[slot])
-            fetch(k_copy, k_barriers, k_ref, slot, block_id)
+            fetch(k_copy, k_barriers, k_ref, slot, block_ids)
             plgpu.barrier_wait(v_consumed_barriers.at[slot])
-            fetch(v_copy, v_barriers, v_ref, slot, block_id)
+            fetch(v_copy, v_barriers, v_ref, slot, block_ids)
 
         if interpret:
             # Drain: observe the last `num_stages` consumptions too. jax's GPU interpreter checks that a thread
@@ -339,13 +357,13 @@ def split_partials(
             _decode_kernel,
             q_ref, k_ref, v_ref, lengths_ref, starts_ref, index_ref, count_ref, out_ref, lse_ref,
             sm_scale=sm_scale, num_stages=stages, num_splits=splits, num_queries=num_queries, group=group,
-            direct_q=direct_q, interpret=interpret is not None,
+            direct_q=direct_q, block_size=block_size, interpret=interpret is not None,
         )  # fmt: skip
 
         def scoped(smem, barriers):
             kernel(*smem, *barriers)
 
-        ring_shape = (stages, halves, block_size, BLOCK)
+        ring_shape = (stages, halves, BLOCK, BLOCK)
         pl.run_scoped(
             scoped,
             (
@@ -356,8 +374,10 @@ def split_partials(
                 plgpu.SMEM((BLOCK,), jnp.float32),
             ),
             (
-                plgpu.Barrier(num_arrivals=halves, num_barriers=stages),  # one TMA per half of H
-                plgpu.Barrier(num_arrivals=halves, num_barriers=stages),
+                plgpu.Barrier(
+                    num_arrivals=halves * (BLOCK // block_size), num_barriers=stages
+                ),  # a TMA per block, half
+                plgpu.Barrier(num_arrivals=halves * (BLOCK // block_size), num_barriers=stages),
                 plgpu.Barrier(num_arrivals=halves, num_barriers=1),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages),
