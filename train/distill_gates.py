@@ -12,13 +12,14 @@ measures perplexity vs. block density (`train.perplexity`) into `OUT/eval`.
 The adapter's default prefill selection is the threshold that keeps `--default-density` (0.3) of the blocks on the
 first distillation windows, recorded with the density it reaches there (on the gate's logits plus `--quest-weight`
 × the quest scores, recorded too, when given); `--budget-density D` makes it a density
-budget at D instead, its per-layer shares calibrated on the same windows (`record_prefill_selection`). With decode
+budget at D instead, its per-layer shares calibrated on the same windows (`record_prefill_selection`), ranked by
+default by the gate's logits + 0.5 × the quest scores (`BUDGET_QUEST_WEIGHT`). With decode
 gates, `--decode-allocation recall|coverage` records in the adapter's decode config how a decode budget is shared
 among layers, calibrated on the same windows (`record_decode_allocation`; one dense forward per window after
 training); by default ("none") every layer gets the same budget, which measured best on the testbed (BENCHMARKS.md).
-`--decode-quest-weight 0.5` records decode gates whose scores add 0.5 × Quest's bound on each block
-(`DecodeConfig.quest_weight`): more accurate than the gate alone and than Quest on the testbed, slower per step
-(BENCHMARKS.md); the default, 0, is the official gate alone.
+Decode gates are recorded with scores that add `--decode-quest-weight` (0.5) × Quest's bound on each block
+(`DecodeConfig.quest_weight`): more accurate than the gate alone and than Quest on the testbed, a few percent slower
+per step (BENCHMARKS.md); `--decode-quest-weight 0` records the official gate alone.
 `--mesh data=2` (or `tensor=2`, `fsdp=2`, combinations) trains and evaluates on several devices
 (`seer_jax.sharding`); `--distributed` joins a multi-process job first (`train.flags`).
 
@@ -50,11 +51,12 @@ if TYPE_CHECKING:
 # Library values the flags show, written out so that `--help` imports no jax (a test checks they are the library's:
 # train.losses.DISTILLATION_TARGETS, DECODE_SLICE_RATIO; train.distill.DTYPES, GATE_OPTIMIZER; Q_HEAD_POOLINGS).
 TARGETS = ("prefill", "decode", "both")
-# The decode gates' recorded Quest weight (`DecodeConfig.quest_weight`) by default: 0, the gate alone. On the testbed
-# at L = 8192 (H200, 16 docs) gate + 0.5 × Quest beat the gate alone at every budget from 256 tokens to 25% (+10.3%
-# vs +12.4% PPL at 10%) and Quest at every one, but cost 19% of the decode tokens/s at 128k, batch 8 (2.59× dense
-# instead of 3.18×): opt-in until that overhead is gone (design §8, BENCHMARKS.md).
-DECODE_QUEST_WEIGHT = 0.0
+# The decode gates' recorded Quest weight (`DecodeConfig.quest_weight`) by default: 0.5 (ours; 0 is the official gate
+# alone). On the testbed at L = 8192 (H200, 16 docs) gate + 0.5 × Quest beat the gate alone at every budget from 256
+# tokens to 25% (+10.3% vs +12.4% PPL at 10%) and Quest at every one, which the gate alone does not; since the bounds
+# are updated in place it costs 2-6% of the decode tokens/s at 128k, batch 8 (3.11× dense against 3.18×; design §8,
+# BENCHMARKS.md).
+DECODE_QUEST_WEIGHT = 0.5
 DTYPE_CHOICES = ("bfloat16", "float32")
 Q_HEAD_POOLING_CHOICES = ("Qproj", "Qavgproj", "Qavg")
 RECIPE_LEARNING_RATE = 1e-3
@@ -66,6 +68,13 @@ BUDGET_CALIBRATION_WINDOWS = 4
 # The block density an adapter's default prefill selection keeps (a threshold calibrated on those windows): on the
 # testbeds the gates cost < 1% PPL there (BENCHMARKS.md), and a threshold adapts per row, where TopK does not.
 DEFAULT_DENSITY = 0.3
+# The prefill quest weight recorded with a --budget-density selection unless --quest-weight says otherwise: budgets
+# ranked by gate + 0.5 × quest scores, their allocation calibrated on them, cost less PPL on both models measured (demo
+# model at L = 2048: +37.9% / +7.8% / +2.4% against +70.6% / +8.9% / +2.7% at density 0.1 / 0.15 / 0.2; tiny testbed
+# at L = 8192 on the H200: +5.71% / +1.06% against +7.01% / +1.36% at 0.1 / 0.2) and no measurable prefill time
+# (128k, density 0.1: 543 against 551 ms). Threshold selections keep 0: there the weight only moved rows along the
+# gate's own curve (BENCHMARKS.md, issue 20).
+BUDGET_QUEST_WEIGHT = 0.5
 # `seer_jax.decode_config.DECODE_ALLOCATION_RULES`, and "none".
 DECODE_ALLOCATION_CHOICES = ("none", "recall", "coverage")
 
@@ -136,7 +145,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DECODE_QUEST_WEIGHT,
         help="recorded in the adapter: the gate's decode scores plus this weight times Quest's bound on each block "
-        "(DecodeConfig.quest_weight; 0: the official gate alone) (default: %(default)s)",
+        "(DecodeConfig.quest_weight; ours: 0 is the official gate alone) (default: %(default)s)",
     )
     decode.add_argument(
         "--decode-quest-in-loss",
@@ -308,6 +317,14 @@ def record_decode_allocation(config: DistillConfig, result: DistillResult, rule:
     )
 
 
+def prefill_quest_weight(args: argparse.Namespace) -> float:
+    """The prefill quest weight to record: --quest-weight, or by default `BUDGET_QUEST_WEIGHT` with --budget-density
+    and 0 with a threshold."""
+    if args.quest_weight is not None:
+        return args.quest_weight
+    return BUDGET_QUEST_WEIGHT if args.budget_density is not None else 0.0
+
+
 def record_default_selections(args: argparse.Namespace, config: DistillConfig, result: DistillResult) -> None:
     """The adapter's default selections as the flags ask: with prefill gates a calibrated threshold
     (`--default-density`) or density budget (`--budget-density`); with decode gates the decode allocation of
@@ -315,7 +332,7 @@ def record_default_selections(args: argparse.Namespace, config: DistillConfig, r
     if config.target != "decode":
         budget = args.budget_density is not None
         density = args.budget_density if budget else args.default_density
-        record_prefill_selection(config, result, density, budget=budget, quest_weight=args.quest_weight)
+        record_prefill_selection(config, result, density, budget=budget, quest_weight=prefill_quest_weight(args))
     rule = args.decode_allocation or "none"
     if rule != "none" and config.target != "prefill":
         record_decode_allocation(config, result, rule)
@@ -414,10 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quest-weight",
         type=float,
-        default=0.0,
         help="with prefill gates: record that their selection ranks blocks by the gate's logits plus this weight "
         "times the quest source's scores (SeerConfig.quest_weight), and calibrate the default selection on those "
-        "scores; 0: the gate alone (not a training setting)",
+        f"scores; 0: the gate alone (not a training setting) (default: {BUDGET_QUEST_WEIGHT} with --budget-density, "
+        "else 0)",
     )
     parser.add_argument(
         "--decode-allocation",
@@ -443,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_logging()
     try:
-        if not 0 <= args.quest_weight < float("inf"):
+        if args.quest_weight is not None and not 0 <= args.quest_weight < float("inf"):
             parser.error(f"--quest-weight must be a finite number >= 0, got {args.quest_weight}")
         if args.quest_weight and args.target == "decode":
             parser.error("--quest-weight weighs prefill gates' scores; for decode gates use --decode-quest-weight")
