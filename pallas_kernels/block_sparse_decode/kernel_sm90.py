@@ -16,6 +16,9 @@ Algorithm (SeerAttention-R's index-based decode kernels, on a warp-specialised T
   * A memory warpgroup streams those K/V blocks by TMA into a `num_stages`-deep ring; the compute warpgroup runs
     QKᵀ and PV on the tensor cores with an online softmax in the exp2 domain. Keys past a query's own position (the
     row's partial block, draft tokens) are masked with iota on every block, so the list may be in any order.
+    With `Config.compute_warpgroups` = 2 two compute warpgroups take alternate steps, each with its own online
+    softmax, and write their partials as two splits (tested in jax's GPU interpreter; not yet timed on the GPU, so
+    off by default).
   * 32-key blocks (the decode gate's other size) go two per step: list slots 2i and 2i + 1 of a split fill rows
     0 … 31 and 32 … 63 of one 64-key ring slot, so QKᵀ and PV are the 64-key block's (a PV over 32 keys cannot
     be issued: with the 128-byte swizzle, wgmma's contraction comes in groups of 64 bf16). A split's odd last
@@ -62,12 +65,17 @@ class Config:
 
     num_splits: int  # CTAs per (row, kv head), each over ~1/num_splits of the selected blocks
     num_stages: int = 4  # depth of the K/V shared-memory ring (64-key steps in flight per CTA)
+    # Compute warpgroups per CTA: with 2 they take alternate steps of the ring, each with its own online softmax, and
+    # write their partials as two splits (one's softmax overlaps the other's matmuls; `combine` merges them).
+    compute_warpgroups: int = 1
 
     def __post_init__(self):
         if self.num_splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.compute_warpgroups not in (1, 2):
+            raise ValueError(f"compute_warpgroups must be 1 or 2, got {self.compute_warpgroups}")
 
 
 def num_sms() -> int:
@@ -120,14 +128,15 @@ def _decode_kernel(
     index_ref,  # int32 [B, K, M]: block lists
     count_ref,  # int32 [B, K]
     # outputs
-    out_ref,  # f32 [B, K, splits, R, H]: each split's normalised partial output (R = T·G rounded up to 8)
-    lse_ref,  # f32 [B, K, splits, R]: each split's logsumexp, log2 domain (−inf: nothing attended)
+    out_ref,  # f32 [B, K, splits·W, R, H]: each split's (and compute warpgroup's) normalised partial output (R = T·G
+    # rounded up to 8)
+    lse_ref,  # f32 [B, K, splits·W, R]: their logsumexps, log2 domain (−inf: nothing attended)
     # scratch
     q_smem,  # [H/64, 64, 64]: the query rows, by 64-column half of H (`_ring`: a copy view and a wgmma view)
     k_ring,  # [stages, H/64, 64, 64]: K of one step's 64 keys (one block or two) by half of H (`_ring`)
     v_ring,  # [stages, H/64, 64, 64]: V, likewise
-    out_smem,  # f32 [64, H]
-    lse_smem,  # f32 [64]
+    out_smem,  # f32 [64, H] ([W, 64, H] with W = 2 compute warpgroups)
+    lse_smem,  # f32 [64] ([W, 64])
     k_barriers,
     v_barriers,
     q_barrier,
@@ -141,6 +150,7 @@ def _decode_kernel(
     group: int,
     direct_q: bool,
     block_size: int,
+    compute_warpgroups: int,
     interpret: bool,
 ):
     batch = lax.axis_index("batch")
@@ -207,9 +217,7 @@ def _decode_kernel(
         slot = first + s * per_step
         return [index_ref[batch, kv_head, jnp.minimum(slot + i, end - 1) if i else slot] for i in range(per_step)]
 
-    @pl.when(wg == 0)
-    def _compute_wg():
-        plgpu.set_max_registers(232, action="increase")
+    def copy_q():
         for half in range(num_halves):
             columns = pl.ds(half * BLOCK, BLOCK)
             if direct_q:  # the group's G heads, consecutive in q: the tile's rows 0 … G − 1
@@ -217,6 +225,16 @@ def _decode_kernel(
                 plgpu.copy_gmem_to_smem(q_ref.at[batch, 0, heads, columns], q_copy.at[half, pl.ds(0, group)], q_barrier)
             else:
                 plgpu.copy_gmem_to_smem(q_ref.at[batch, kv_head, :, columns], q_copy.at[half], q_barrier)
+
+    num_compute = compute_warpgroups
+
+    @pl.when(wg < num_compute)
+    def _compute_wg():
+        plgpu.set_max_registers(232, action="increase")
+        if num_compute == 1:
+            copy_q()
+        else:
+            pl.when(wg == 0)(copy_q)  # one copy; every compute warpgroup waits on it
         # Query row r = t·G + g sits at position lengths[b] − T + t and attends keys up to it.
         rows = iota(0)
         cols = iota(1)
@@ -228,8 +246,9 @@ def _decode_kernel(
         l_i = full((BLOCK,), 0, plgpu.Layout.WGMMA.reduce(1))
         acc = full((BLOCK, head_dim), 0, plgpu.Layout.WGMMA)
 
-        def step(s, carry):
+        def step(i, carry):
             acc, m_i, l_i = carry
+            s = i if num_compute == 1 else i * num_compute + wg  # compute warpgroup w takes steps w, w + W, …
             slot = lax.rem(s, num_stages)
             block_ids = read_block_ids(s)
             key_offset = block_ids[0] * block_size  # position of column 0's key
@@ -253,17 +272,21 @@ def _decode_kernel(
             plgpu.barrier_arrive(v_consumed_barriers.at[slot])
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l_i
 
-        acc, m_i, l_i = lax.fori_loop(0, num_steps, step, (acc, m_i, l_i))
+        my_steps = num_steps if num_compute == 1 else lax.div(num_steps - wg + (num_compute - 1), num_compute)
+        acc, m_i, l_i = lax.fori_loop(0, my_steps, step, (acc, m_i, l_i))
         empty = l_i == 0  # nothing attended by this row in this split: out 0, lse −inf (weight 0 in `combine`)
         acc /= lax.broadcast_in_dim(jnp.where(empty, 1.0, l_i), (BLOCK, head_dim), [0])
-        out_smem[...] = acc
-        lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
+        out_buf, lse_buf, part = out_smem, lse_smem, split
+        if num_compute > 1:  # each compute warpgroup's partial is a split of its own
+            out_buf, lse_buf, part = out_smem.at[wg], lse_smem.at[wg], split * num_compute + wg
+        out_buf[...] = acc
+        lse_buf[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, out_rows)], out_ref.at[batch, kv_head, split])
-        plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, out_rows)], lse_ref.at[batch, kv_head, split])
+        plgpu.copy_smem_to_gmem(out_buf.at[pl.ds(0, out_rows)], out_ref.at[batch, kv_head, part])
+        plgpu.copy_smem_to_gmem(lse_buf.at[pl.ds(0, out_rows)], lse_ref.at[batch, kv_head, part])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 1)
+    @pl.when(wg == num_compute)
     def _memory_wg():
         plgpu.set_max_registers(40, action="decrease")
         row_start = starts_ref[batch]
@@ -344,8 +367,8 @@ def split_partials(
     """Runs the kernel. q [B, T, N, H]; starts int32 [B]; index int32 [B, K, M] of `block_size`-key blocks;
     `interpret`: jax's GPU interpreter params.
 
-    Returns out f32 [B, K, splits, R, H] and lse f32 [B, K, splits, R] (log2 domain) per split, for query rows
-    r = t·G + g < T·G (rows up to R, T·G rounded up to 8, are padding).
+    Returns out f32 [B, K, P, R, H] and lse f32 [B, K, P, R] (log2 domain) per partial (P = splits × compute
+    warpgroups), for query rows r = t·G + g < T·G (rows up to R, T·G rounded up to 8, are padding).
     """
     batch, _, _, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -353,7 +376,8 @@ def split_partials(
     if not direct_q:
         q = pack_queries(q, num_kv_heads)  # [B, K, 64, H]
     out_rows = -(-(num_queries * group) // 8) * 8
-    stages, splits = config.num_stages, config.num_splits
+    stages, splits, compute_wgs = config.num_stages, config.num_splits, config.compute_warpgroups
+    per_wg = () if compute_wgs == 1 else (compute_wgs,)  # the output buffers: one per compute warpgroup
     halves = head_dim // BLOCK
     swizzle = plgpu.SwizzleTransform(128)
 
@@ -362,7 +386,7 @@ def split_partials(
             _decode_kernel,
             q_ref, k_ref, v_ref, lengths_ref, starts_ref, index_ref, count_ref, out_ref, lse_ref,
             sm_scale=sm_scale, num_stages=stages, num_splits=splits, num_queries=num_queries, group=group,
-            direct_q=direct_q, block_size=block_size, interpret=interpret is not None,
+            direct_q=direct_q, block_size=block_size, compute_warpgroups=compute_wgs, interpret=interpret is not None,
         )  # fmt: skip
 
         def scoped(smem, barriers):
@@ -375,13 +399,14 @@ def split_partials(
                 _ring((halves, BLOCK, BLOCK), q.dtype, interpret=interpret is not None),
                 _ring(ring_shape, q.dtype, interpret=interpret is not None),
                 _ring(ring_shape, q.dtype, interpret=interpret is not None),
-                plgpu.SMEM((BLOCK, head_dim), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)), swizzle)),
-                plgpu.SMEM((BLOCK,), jnp.float32),
+                plgpu.SMEM(
+                    (*per_wg, BLOCK, head_dim), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)), swizzle)
+                ),
+                plgpu.SMEM((*per_wg, BLOCK), jnp.float32),
             ),
             (
-                plgpu.Barrier(
-                    num_arrivals=halves * (BLOCK // block_size), num_barriers=stages
-                ),  # a TMA per block, half
+                # one TMA per block of a step and half of H
+                plgpu.Barrier(num_arrivals=halves * (BLOCK // block_size), num_barriers=stages),
                 plgpu.Barrier(num_arrivals=halves * (BLOCK // block_size), num_barriers=stages),
                 plgpu.Barrier(num_arrivals=halves, num_barriers=1),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages),
@@ -391,15 +416,15 @@ def split_partials(
         )
 
     out_type = (
-        jax.ShapeDtypeStruct((batch, num_kv_heads, splits, out_rows, head_dim), jnp.float32),
-        jax.ShapeDtypeStruct((batch, num_kv_heads, splits, out_rows), jnp.float32),
+        jax.ShapeDtypeStruct((batch, num_kv_heads, splits * compute_wgs, out_rows, head_dim), jnp.float32),
+        jax.ShapeDtypeStruct((batch, num_kv_heads, splits * compute_wgs, out_rows), jnp.float32),
     )
     return plgpu.kernel(
         body,
         out_type=out_type,
         grid=(batch, num_kv_heads, splits),
         grid_names=("batch", "kv_heads", "split"),
-        num_threads=2,
+        num_threads=compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=interpret,

@@ -339,14 +339,15 @@ def test_implementation_choice():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "num_queries,num_kv_heads,block_size",
-    [(2, 1, 64), (1, 2, 64), (1, 2, 32)],
-    ids=["T2-packed", "T1-direct", "T1-block32"],
+    "num_queries,num_kv_heads,block_size,compute_warpgroups",
+    [(2, 1, 64, 1), (1, 2, 64, 1), (1, 2, 32, 1), (1, 2, 64, 2)],
+    ids=["T2-packed", "T1-direct", "T1-block32", "T1-two-compute-wgs"],
 )
-def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads, block_size):
+def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads, block_size, compute_warpgroups):
     """The Mosaic GPU kernel's pipeline, split-K and masking in jax's GPU interpreter (CPU): 2 splits, head_dim 128
     (two halves), rows starting at slots 0 and 5; T = 2 (query rows packed by the wrapper) and T = 1 (each group's
-    heads copied from q by the kernel, the second group's from head 4 on), 64- and 32-key blocks. The interpreter
+    heads copied from q by the kernel, the second group's from head 4 on), 64- and 32-key blocks, and two compute
+    warpgroups taking alternate steps (one of them with none in some splits). The interpreter
     does not model the TMA's zero fill past the cache's end, so no selected window runs past it here (the
     gpu-marked cases cover that)."""
     if dispatch.hopper_available():
@@ -362,7 +363,8 @@ def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads, block_siz
     index, count = _selection(_rng(request), case, beyond=False)  # windows end by slot 5 + 255 < 320
     out, lse = kernel_sm90.block_sparse_decode_sm90(
         q, k, v, lengths, index, count, starts=starts, block_size=block_size, sm_scale=case.head_dim**-0.5,
-        config=kernel_sm90.Config(num_splits=2, num_stages=2), interpret=interpret.InterpretGPUParams(),
+        config=kernel_sm90.Config(num_splits=2, num_stages=2, compute_warpgroups=compute_warpgroups),
+        interpret=interpret.InterpretGPUParams(),
     )  # fmt: skip
     expected_out, expected_lse = _oracle(
         q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5, np.asarray(starts), block_size
