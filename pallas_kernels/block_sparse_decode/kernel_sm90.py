@@ -93,13 +93,16 @@ def default_config(*, batch: int, num_kv_heads: int, num_slots: int, head_dim: i
     64); a 5-deep ring at 128 gained nothing at B=1 (19.6 against 19.0 µs), a 6-deep one does not fit in shared
     memory. A split of at most 32 steps (B=1 and 128k at sparsity 0.9: 13) runs a 2-deep ring: 20.3 against 21.6
     µs, three interleaved runs each (3-deep 20.9), while at B=16 (205 steps) 2-deep was slower (213 against 208 µs);
-    why is not profiled. 32-key blocks go two per step, so a split takes at least 8 of them. BENCHMARKS.md, issue
-    18."""
+    why is not profiled. 32-key blocks go two per step, so a split takes at least 8 of them. Two compute
+    warpgroups: at B=16, 128k, sparsity 0 the kernel took 1.98 ms against 2.05–2.15 ms with one (0.96× cuDNN
+    against 0.88–0.92×, two interleaved runs each); at sparsity 0.9 and at B=1 they change nothing measurable
+    (9.10–9.15× against 9.12–9.14×; 6.29–6.30× against 6.24–6.36×). BENCHMARKS.md, issue 18."""
     per_step = BLOCK // block_size
     splits = max(1, num_sms() // (batch * num_kv_heads))
     splits = min(splits, max(1, num_slots // (4 * per_step)))
     steps = -(-num_slots // (splits * per_step))  # per split, when every list slot is used
-    return Config(num_splits=splits, num_stages=2 if steps <= 32 else 4 if head_dim > 64 else 8)
+    stages = 2 if steps <= 32 else 4 if head_dim > 64 else 8
+    return Config(num_splits=splits, num_stages=stages, compute_warpgroups=2)
 
 
 def check_supported(q: jax.Array, k_cache: jax.Array, block_size: int) -> None:

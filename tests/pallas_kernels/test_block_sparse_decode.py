@@ -373,6 +373,42 @@ def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads, block_siz
     harness.assert_lse_close(lse, expected_lse, 1e-2)
 
 
+CONFIGS = (
+    kernel_sm90.Config(num_splits=3, num_stages=4, compute_warpgroups=1),
+    kernel_sm90.Config(num_splits=1, num_stages=2, compute_warpgroups=2),
+    kernel_sm90.Config(num_splits=5, num_stages=3, compute_warpgroups=2),
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"S{c.num_splits}-ST{c.num_stages}-W{c.compute_warpgroups}")
+@pytest.mark.parametrize("case", (CASES[1], CASES[4], CASES[6], GPU_CASES[0], GPU_CASES[2]), ids=lambda c: c.name)
+def test_kernel_configs_on_gpu(request, case, config):
+    """The compiled kernel under configs other than its default (one and two compute warpgroups, 2- to 4-deep rings,
+    1 to 5 splits, so that some splits give a warpgroup no step) against the oracle, on poisoned memory."""
+    if not dispatch.hopper_available():
+        pytest.skip("needs a Hopper GPU")
+    rng = _rng(request)
+    starts = _starts(rng, case)
+    q, k, v = _qkv(request, case, jnp.bfloat16, starts)
+    lengths = jnp.asarray(case.lengths, jnp.int32)
+    index, count = _selection(rng, case)
+
+    def decode():
+        return kernel_sm90.block_sparse_decode_sm90(
+            q, k, v, lengths, index, count, starts=starts, block_size=case.block_size, sm_scale=case.head_dim**-0.5,
+            config=config,
+        )  # fmt: skip
+
+    harness.poison_device_memory(jax.eval_shape(decode))
+    out, lse = decode()
+    expected_out, expected_lse = _oracle(
+        q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5, starts, case.block_size
+    )
+    harness.assert_close(out, expected_out, harness.TOLERANCES[q.dtype], "out")
+    harness.assert_lse_close(lse, expected_lse, harness.TOLERANCES[q.dtype])
+
+
 def test_combine_merges_splits_by_logsumexp():
     """The split merge against the float64 logsumexp merge of the same partials: empty
     splits (lse −inf) weigh 0, a row with every split empty gives out 0 and lse −inf, never NaN."""
