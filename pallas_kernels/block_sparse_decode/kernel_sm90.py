@@ -76,6 +76,11 @@ class Config:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
         if self.compute_warpgroups not in (1, 2):
             raise ValueError(f"compute_warpgroups must be 1 or 2, got {self.compute_warpgroups}")
+        if self.compute_warpgroups == 2 and self.num_stages % 2:
+            # Step s goes to warpgroup s % 2 and ring slot s % num_stages: with an odd ring a slot's fills alternate
+            # between the warpgroups, each waits on every other phase of its barrier, and the kernel hangs (seen on
+            # the H200 with a 3-deep ring).
+            raise ValueError(f"two compute warpgroups need an even num_stages, got {self.num_stages}")
 
 
 def num_sms() -> int:

@@ -373,10 +373,24 @@ def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads, block_siz
     harness.assert_lse_close(lse, expected_lse, 1e-2)
 
 
+def test_config_rejects_what_the_kernel_cannot_run():
+    for bad, match in (
+        (dict(num_splits=0), "num_splits"),
+        (dict(num_splits=1, num_stages=0), "num_stages"),
+        (dict(num_splits=1, compute_warpgroups=3), "compute_warpgroups"),
+        (dict(num_splits=1, num_stages=3, compute_warpgroups=2), "even num_stages"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            kernel_sm90.Config(**bad)
+    for batch in (1, 16):  # the defaults are valid configs the GPU tests run
+        config = kernel_sm90.default_config(batch=batch, num_kv_heads=8, num_slots=2048, head_dim=128)
+        assert config.compute_warpgroups == 2 and config.num_stages % 2 == 0
+
+
 CONFIGS = (
     kernel_sm90.Config(num_splits=3, num_stages=4, compute_warpgroups=1),
     kernel_sm90.Config(num_splits=1, num_stages=2, compute_warpgroups=2),
-    kernel_sm90.Config(num_splits=5, num_stages=3, compute_warpgroups=2),
+    kernel_sm90.Config(num_splits=5, num_stages=4, compute_warpgroups=2),
 )
 
 
