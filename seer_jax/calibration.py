@@ -247,27 +247,3 @@ def budget_for_density(
         model, tokens, attention_mask, densities=densities, shares_from=shares_from, rule=rule
     )
     return Selection(method="budget", budget=density, allocation=allocation)
-
-
-@nnx.jit
-def _target_and_mask(model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
-    _, _, collected = model.forward(tokens, attention_mask=attention_mask, collect=("target", "block_mask"))
-    # Per layer f32 [B, N, I]: each query-block row's target mass in the blocks it computes (row-aligned, so the
-    # mask is read in the target's coordinates with left padding too: both are the row's own blocks).
-    return jnp.stack([jnp.sum(jnp.where(layer["block_mask"], layer["target"], 0.0), -1) for layer in collected])
-
-
-def selection_recall(model: SeerCausalLM, tokens: jax.Array, attention_mask: jax.Array | None = None) -> np.ndarray:
-    """f32 [L]: per layer, the mean over heads and real query-block rows of the share of the row's true attention
-    (the gates' target, the row-normalised max-pooled attention map) that `model`'s selection computes, in one
-    sparse forward on this batch: 1.0 in a dense layer. What a selection keeps of what it should, at the density it
-    runs at: two selections at one density rank by it without a perplexity evaluation.
-
-    tokens: int [B, T]; attention_mask: bool [B, T] left padding, or None.
-    """
-    covered = np.asarray(_target_and_mask(model, tokens, attention_mask))  # [L, B, N, I]
-    num_blocks = covered.shape[-1]
-    lengths = tokens.shape[1] if attention_mask is None else np.sum(np.asarray(attention_mask), axis=-1)[:, None]
-    real_rows = np.broadcast_to(np.arange(num_blocks)[None, :] * BLOCK_SIZE < lengths, (tokens.shape[0], num_blocks))
-    rows = np.broadcast_to(real_rows[None, :, None, :], covered.shape)  # [L, B, N, I]
-    return np.sum(np.where(rows, covered, 0.0), axis=(1, 2, 3)) / np.sum(rows, axis=(1, 2, 3))

@@ -1,8 +1,7 @@
 """`threshold_for_density`: the threshold it finds gives, in a real sparse forward, the density it reports, the
 densest one not above the target; an adapter records it with that density and attaches with it.
 `budget_for_density`: each layer's share is the numpy order statistic over all layers, the sparse forward reaches
-it, and it survives an adapter round trip; adapters from before budgets still load. `selection_recall`: the share
-of the true attention map a selection computes, against float64 NumPy over the dense forward's map."""
+it, and it survives an adapter round trip; adapters from before budgets still load."""
 
 import dataclasses
 import functools
@@ -14,7 +13,7 @@ import pytest
 from flax import nnx
 
 from seer_jax.adapters import MeasuredDensity, attach_gates, read_adapter, record_selection, save_adapter
-from seer_jax.calibration import budget_allocation, budget_for_density, selection_recall, threshold_for_density
+from seer_jax.calibration import budget_allocation, budget_for_density, threshold_for_density
 from seer_jax.forwards import block_density
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.hf_weights import CheckpointError
@@ -280,28 +279,3 @@ def test_adapters_written_before_budgets_still_load(tmp_path):
     path.write_text(json.dumps(marker | {"format": 99}))
     with pytest.raises(CheckpointError, match="adapter format 99"):
         read_adapter(tmp_path / "old")
-
-
-def test_selection_recall_is_the_target_mass_the_selection_computes():
-    """Only the last layer sparse (so its inputs, and its target, are the dense forward's): its recall is the float64
-    mean over heads and real query-block rows (4 of 7 in the left-padded row) of the dense forward's target summed
-    over the blocks the sparse forward computes; dense layers give 1; more density, more recall, up to 1."""
-    model = gated(LAST)
-    tokens, mask = batch()
-    _, _, dense = model.forward(tokens, attention_mask=mask, collect=("target",))
-    recalls = []
-    for density in (0.55, 0.75, 1.0):
-        sparse = seer_with_abstract_gates(
-            model,
-            dataclasses.replace(model.seer_config, selection=budget_for_density(model, tokens, mask, density=density)),
-        )
-        _, _, collected = sparse.forward(tokens, attention_mask=mask, collect=("block_mask",))
-        target = np.asarray(dense[LAST]["target"], np.float64)  # [B, N, I, J], row-aligned
-        covered = np.sum(np.where(np.asarray(collected[LAST]["block_mask"]), target, 0.0), axis=-1)  # [B, N, I]
-        real = np.arange(7)[None, :] < np.asarray([7, 4])[:, None]  # [B, I]
-        expected = covered.transpose(1, 0, 2)[:, real].mean()
-        recall = selection_recall(sparse, tokens, mask)
-        assert recall.shape == (TINY.num_layers,) and np.all(recall[:LAST] == 1.0)
-        assert recall[LAST] == pytest.approx(expected, abs=1e-5)
-        recalls.append(recall[LAST])
-    assert recalls[0] < recalls[1] < recalls[2] == pytest.approx(1.0, abs=1e-5)
