@@ -12,8 +12,7 @@ measures perplexity vs. block density (`train.perplexity`) into `OUT/eval`.
 The adapter's default prefill selection is the threshold that keeps `--default-density` (0.3) of the blocks on the
 first distillation windows, recorded with the density it reaches there (on the gate's logits plus `--quest-weight`
 × the quest scores, recorded too, when given); `--budget-density D` makes it a density
-budget at D instead, its per-layer shares calibrated on the same windows (`record_prefill_selection`), ranked by
-default by the gate's logits + 0.5 × the quest scores (`BUDGET_QUEST_WEIGHT`). With decode
+budget at D instead, its per-layer shares calibrated on the same windows (`record_prefill_selection`). With decode
 gates, `--decode-allocation recall|coverage` records in the adapter's decode config how a decode budget is shared
 among layers, calibrated on the same windows (`record_decode_allocation`; one dense forward per window after
 training); by default ("none") every layer gets the same budget, which measured best on the testbed (BENCHMARKS.md).
@@ -68,13 +67,6 @@ BUDGET_CALIBRATION_WINDOWS = 4
 # The block density an adapter's default prefill selection keeps (a threshold calibrated on those windows): on the
 # testbeds the gates cost < 1% PPL there (BENCHMARKS.md), and a threshold adapts per row, where TopK does not.
 DEFAULT_DENSITY = 0.3
-# The prefill quest weight recorded with a --budget-density selection unless --quest-weight says otherwise: budgets
-# ranked by gate + 0.5 × quest scores, their allocation calibrated on them, cost less PPL on both models measured (demo
-# model at L = 2048: +37.9% / +7.8% / +2.4% against +70.6% / +8.9% / +2.7% at density 0.1 / 0.15 / 0.2; tiny testbed
-# at L = 8192 on the H200: +5.71% / +1.06% against +7.01% / +1.36% at 0.1 / 0.2) and no measurable prefill time
-# (128k, density 0.1: 543 against 551 ms). Threshold selections keep 0: there the weight only moved rows along the
-# gate's own curve (BENCHMARKS.md, issue 20).
-BUDGET_QUEST_WEIGHT = 0.5
 # `seer_jax.decode_config.DECODE_ALLOCATION_RULES`, and "none".
 DECODE_ALLOCATION_CHOICES = ("none", "recall", "coverage")
 
@@ -317,14 +309,6 @@ def record_decode_allocation(config: DistillConfig, result: DistillResult, rule:
     )
 
 
-def prefill_quest_weight(args: argparse.Namespace) -> float:
-    """The prefill quest weight to record: --quest-weight, or by default `BUDGET_QUEST_WEIGHT` with --budget-density
-    and 0 with a threshold."""
-    if args.quest_weight is not None:
-        return args.quest_weight
-    return BUDGET_QUEST_WEIGHT if args.budget_density is not None else 0.0
-
-
 def record_default_selections(args: argparse.Namespace, config: DistillConfig, result: DistillResult) -> None:
     """The adapter's default selections as the flags ask: with prefill gates a calibrated threshold
     (`--default-density`) or density budget (`--budget-density`); with decode gates the decode allocation of
@@ -332,7 +316,7 @@ def record_default_selections(args: argparse.Namespace, config: DistillConfig, r
     if config.target != "decode":
         budget = args.budget_density is not None
         density = args.budget_density if budget else args.default_density
-        record_prefill_selection(config, result, density, budget=budget, quest_weight=prefill_quest_weight(args))
+        record_prefill_selection(config, result, density, budget=budget, quest_weight=args.quest_weight)
     rule = args.decode_allocation or "none"
     if rule != "none" and config.target != "prefill":
         record_decode_allocation(config, result, rule)
@@ -431,10 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quest-weight",
         type=float,
+        default=0.0,
         help="with prefill gates: record that their selection ranks blocks by the gate's logits plus this weight "
         "times the quest source's scores (SeerConfig.quest_weight), and calibrate the default selection on those "
-        f"scores; 0: the gate alone (not a training setting) (default: {BUDGET_QUEST_WEIGHT} with --budget-density, "
-        "else 0)",
+        "scores; 0: the gate alone, as the official code (not a training setting). 0.5 helped the tiny testbed's "
+        "budgets (+5.7%% against +7.0%% PPL at density 0.1) and ruined SmolLM2's (+69.9%% against +9.9%%): measure "
+        "it on your model (train.eval_ppl --quest-weights 0 0.5) (default: %(default)s)",
     )
     parser.add_argument(
         "--decode-allocation",
@@ -460,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_logging()
     try:
-        if args.quest_weight is not None and not 0 <= args.quest_weight < float("inf"):
+        if not 0 <= args.quest_weight < float("inf"):
             parser.error(f"--quest-weight must be a finite number >= 0, got {args.quest_weight}")
         if args.quest_weight and args.target == "decode":
             parser.error("--quest-weight weighs prefill gates' scores; for decode gates use --decode-quest-weight")

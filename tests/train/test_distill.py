@@ -27,8 +27,6 @@ from train.data import LoaderConfig, eval_windows
 from train.distill import ADAPTER_DIR, GATE_OPTIMIZER, DistillConfig, distill
 from train.distill_gates import (
     BUDGET_CALIBRATION_WINDOWS,
-    BUDGET_QUEST_WEIGHT,
-    prefill_quest_weight,
     record_default_selections,
     record_prefill_selection,
 )
@@ -249,18 +247,6 @@ def test_decode_config_errors_name_the_field(data, tmp_path):
         _config(data, tmp_path, steps=4, seq_len=64, target="decode", decode=dataclasses.replace(DECODE, block_size=64))
     with pytest.raises(ValueError, match="decode_quest_in_loss: needs decode gates with a quest_weight > 0"):
         _config(data, tmp_path, steps=4, target="decode", decode=DECODE, decode_quest_in_loss=True)
-
-
-def test_a_budget_is_ranked_with_half_the_quest_scores_by_default():
-    """--budget-density records gate + 0.5 × quest scores unless --quest-weight says otherwise (it measured better on
-    both testbeds); a threshold selection records the gate alone."""
-
-    def weight(**flags):
-        return prefill_quest_weight(argparse.Namespace(**{"budget_density": None, "quest_weight": None, **flags}))
-
-    assert weight(budget_density=0.1) == BUDGET_QUEST_WEIGHT == 0.5
-    assert weight() == 0.0
-    assert weight(budget_density=0.1, quest_weight=0.0) == 0.0 and weight(quest_weight=0.25) == 0.25
 
 
 def test_budget_density_records_a_calibrated_budget(data, straight_run, tmp_path):
