@@ -16,9 +16,10 @@ Algorithm (SeerAttention-R's index-based decode kernels, on a warp-specialised T
   * A memory warpgroup streams those K/V blocks by TMA into a `num_stages`-deep ring; the compute warpgroup runs
     QKᵀ and PV on the tensor cores with an online softmax in the exp2 domain. Keys past a query's own position (the
     row's partial block, draft tokens) are masked with iota on every block, so the list may be in any order.
-    With `Config.compute_warpgroups` = 2 two compute warpgroups take alternate steps, each with its own online
-    softmax, and write their partials as two splits (tested in jax's GPU interpreter; not yet timed on the GPU, so
-    off by default).
+    With `Config.compute_warpgroups` = 2 (the default) two compute warpgroups take alternate steps, each with its
+    own online softmax, and write their partials as two splits, so one's softmax overlaps the other's matmuls. Step
+    s uses ring slot s % num_stages, so the ring depth must be even: each warpgroup then always waits on the same
+    slots, and its barrier phases stay in step.
   * 32-key blocks (the decode gate's other size) go two per step: list slots 2i and 2i + 1 of a split fill rows
     0 … 31 and 32 … 63 of one 64-key ring slot, so QKᵀ and PV are the 64-key block's (a PV over 32 keys cannot
     be issued: with the 128-byte swizzle, wgmma's contraction comes in groups of 64 bf16). A split's odd last
