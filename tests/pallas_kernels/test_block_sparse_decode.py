@@ -195,14 +195,15 @@ def _run(implementation, q, k, v, lengths, index, count, **kwargs):
     return decode()
 
 
-@pytest.mark.parametrize(("implementation", "case"), _cases(CASES, GPU_CASES))
-def test_matches_oracle(request, implementation, case):
+def _check_against_oracle(request, case: DecodeCase, dtype, decode) -> None:
+    """`decode(q, k, v, lengths, index, count, starts)` → (out, lse) on the case's fresh random inputs against the
+    float64 oracle."""
     rng = _rng(request)
     starts = _starts(rng, case)
-    q, k, v = _qkv(request, case, harness.DTYPES[implementation], starts)
+    q, k, v = _qkv(request, case, dtype, starts)
     lengths = jnp.asarray(case.lengths, jnp.int32)
     index, count = _selection(rng, case)
-    out, lse = _run(implementation, q, k, v, lengths, index, count, starts=starts, block_size=case.block_size)
+    out, lse = decode(q, k, v, lengths, index, count, starts)
     expected_out, expected_lse = _oracle(
         q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5, starts, case.block_size
     )
@@ -210,6 +211,14 @@ def test_matches_oracle(request, implementation, case):
     tolerance = harness.TOLERANCES[q.dtype]
     harness.assert_close(out, expected_out, tolerance, "out")
     harness.assert_lse_close(lse, expected_lse, tolerance)
+
+
+@pytest.mark.parametrize(("implementation", "case"), _cases(CASES, GPU_CASES))
+def test_matches_oracle(request, implementation, case):
+    def decode(q, k, v, lengths, index, count, starts):
+        return _run(implementation, q, k, v, lengths, index, count, starts=starts, block_size=case.block_size)
+
+    _check_against_oracle(request, case, harness.DTYPES[implementation], decode)
 
 
 @pytest.mark.parametrize(("implementation", "case"), _cases((*CASES[3:5], *CASES[-2:]), (GPU_CASES[0], GPU_CASES[-1])))
@@ -402,25 +411,18 @@ def test_kernel_configs_on_gpu(request, case, config):
     1 to 5 splits, so that some splits give a warpgroup no step) against the oracle, on poisoned memory."""
     if not dispatch.hopper_available():
         pytest.skip("needs a Hopper GPU")
-    rng = _rng(request)
-    starts = _starts(rng, case)
-    q, k, v = _qkv(request, case, jnp.bfloat16, starts)
-    lengths = jnp.asarray(case.lengths, jnp.int32)
-    index, count = _selection(rng, case)
 
-    def decode():
-        return kernel_sm90.block_sparse_decode_sm90(
-            q, k, v, lengths, index, count, starts=starts, block_size=case.block_size, sm_scale=case.head_dim**-0.5,
-            config=config,
-        )  # fmt: skip
+    def decode(q, k, v, lengths, index, count, starts):
+        def kernel():
+            return kernel_sm90.block_sparse_decode_sm90(
+                q, k, v, lengths, index, count, starts=starts, block_size=case.block_size,
+                sm_scale=case.head_dim**-0.5, config=config,
+            )  # fmt: skip
 
-    harness.poison_device_memory(jax.eval_shape(decode))
-    out, lse = decode()
-    expected_out, expected_lse = _oracle(
-        q, k, v, np.asarray(lengths), index, count, case.head_dim**-0.5, starts, case.block_size
-    )
-    harness.assert_close(out, expected_out, harness.TOLERANCES[q.dtype], "out")
-    harness.assert_lse_close(lse, expected_lse, harness.TOLERANCES[q.dtype])
+        harness.poison_device_memory(jax.eval_shape(kernel))
+        return kernel()
+
+    _check_against_oracle(request, case, jnp.bfloat16, decode)
 
 
 def test_combine_merges_splits_by_logsumexp():
