@@ -67,7 +67,8 @@ class Config:
     num_splits: int  # CTAs per (row, kv head), each over ~1/num_splits of the selected blocks
     num_stages: int = 4  # depth of the K/V shared-memory ring (64-key steps in flight per CTA)
     # Compute warpgroups per CTA: with 2 they take alternate steps of the ring, each with its own online softmax, and
-    # write their partials as two splits (one's softmax overlaps the other's matmuls; `combine` merges them).
+    # write their partials as two splits (one's softmax overlaps the other's matmuls; `combine` merges them). The
+    # field's default is the one-warpgroup kernel; `default_config`, which the op uses, picks 2.
     compute_warpgroups: int = 1
 
     def __post_init__(self):
