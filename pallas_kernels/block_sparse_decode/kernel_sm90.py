@@ -23,7 +23,10 @@ Algorithm (SeerAttention-R's index-based decode kernels, on a warp-specialised T
   * 32-key blocks (the decode gate's other size) go two per step: list slots 2i and 2i + 1 of a split fill rows
     0 … 31 and 32 … 63 of one 64-key ring slot, so QKᵀ and PV are the 64-key block's (a PV over 32 keys cannot
     be issued: with the 128-byte swizzle, wgmma's contraction comes in groups of 64 bf16). A split's odd last
-    slot pairs with itself, its second copy masked.
+    slot pairs with itself, its second copy masked. At head_dim 64 a step may hold 128 keys
+    (`Config.keys_per_step`): two 64-key blocks or four 32-key ones, filled the same way, so a step moves 32 KB of
+    K and V as at head_dim 128 and a long split pays the per-step cost half as often; the slots past a split's
+    end repeat its last one, masked.
   * Block j of row b (block size n, 64 or 32) is positions j·n … j·n + n − 1 = cache slots starts[b] + j·n …: a
     window at any slot, not a multiple of n (left-padded caches). The TMA copies it at that dynamic slot, which
     needs a shared-memory layout without the usual 8-row tiling (a tiled copy splits the slot into tile and row,
@@ -70,6 +73,9 @@ class Config:
     # write their partials as two splits (one's softmax overlaps the other's matmuls; `combine` merges them). The
     # field's default is the one-warpgroup kernel; `default_config`, which the op uses, picks 2.
     compute_warpgroups: int = 1
+    # Keys per ring step: 64, or 128 at head_dim 64, where a 64-key step is only 8 KB of K (and 8 of V) and the
+    # per-step cost, not bandwidth, bounds a long split. A step of 128 keys holds two 64-key blocks (four 32-key ones).
+    keys_per_step: int = BLOCK
 
     def __post_init__(self):
         if self.num_splits < 1:
@@ -83,6 +89,8 @@ class Config:
             # between the warpgroups, each waits on every other phase of its barrier, and the kernel hangs (seen on
             # the H200 with a 3-deep ring).
             raise ValueError(f"two compute warpgroups need an even num_stages, got {self.num_stages}")
+        if self.keys_per_step not in (BLOCK, 2 * BLOCK):
+            raise ValueError(f"keys_per_step must be {BLOCK} or {2 * BLOCK}, got {self.keys_per_step}")
 
 
 def num_sms() -> int:
@@ -143,8 +151,8 @@ def _decode_kernel(
     lse_ref,  # f32 [B, K, splits·W, R]: their logsumexps, log2 domain (−inf: nothing attended)
     # scratch
     q_smem,  # [H/64, 64, 64]: the query rows, by 64-column half of H (`_ring`: a copy view and a wgmma view)
-    k_ring,  # [stages, H/64, 64, 64]: K of one step's 64 keys (one block or two) by half of H (`_ring`)
-    v_ring,  # [stages, H/64, 64, 64]: V, likewise
+    k_ring,  # [stages, H/64, keys, 64]: K of one step's 64 or 128 keys (1, 2 or 4 blocks) by half of H (`_ring`)
+    v_ring,  # [stages, H/64, keys, 64]: V, likewise
     out_smem,  # f32 [64, H] ([W, 64, H] with W = 2 compute warpgroups)
     lse_smem,  # f32 [64] ([W, 64])
     k_barriers,
@@ -167,7 +175,10 @@ def _decode_kernel(
     kv_head = lax.axis_index("kv_heads")
     split = lax.axis_index("split")
     wg = lax.axis_index("wg")
-    per_step = BLOCK // block_size  # list slots per step: 1, or 2 with 32-key blocks
+    k_copy, k_mma = (k_ring, k_ring) if interpret else k_ring
+    v_copy, v_mma = (v_ring, v_ring) if interpret else v_ring
+    keys = k_mma.shape[-2]  # keys per step (`Config.keys_per_step`)
+    per_step = keys // block_size  # list slots per step: 1, 2 or 4
     count = count_ref[batch, kv_head]
     per_split = lax.div(count + (num_splits * per_step - 1), num_splits * per_step) * per_step  # a multiple of it
     first = split * per_split
@@ -179,9 +190,6 @@ def _decode_kernel(
     dtype = q_mma.dtype
     out_rows = lse_ref.shape[-1]
     scale_log2 = sm_scale * _LOG2E
-    k_copy, k_mma = (k_ring, k_ring) if interpret else k_ring
-    v_copy, v_mma = (v_ring, v_ring) if interpret else v_ring
-    keys = k_mma.shape[-2]  # keys per step (64)
 
     # Register layouts are Mosaic GPU lowering hints, which jax's GPU interpreter (CPU) cannot lower.
     def full(shape, value, layout):
@@ -262,9 +270,15 @@ def _decode_kernel(
             slot = lax.rem(s, num_stages)
             block_ids = read_block_ids(s)
             key_offset = block_ids[0] * block_size  # position of column 0's key
-            if per_step == 2:  # columns 32 … 63: the second block, or past every limit when the slot repeats
-                second = jnp.where(first + 2 * s + 1 < end, block_ids[1] * block_size - block_size, 1 << 30)
-                key_offset = key_offset + lax.div(cols, block_size) * (second - key_offset)  # [64, 64]
+            if per_step > 1:  # column c: key c % n of the step's block c // n, or past every limit when a slot repeats
+                column_block = lax.div(cols, block_size)
+                offsets = [key_offset] + [
+                    jnp.where(first + per_step * s + i < end, block_ids[i] * block_size - i * block_size, 1 << 30)
+                    for i in range(1, per_step)
+                ]
+                for i in range(1, per_step):  # [64, keys]: offsets[i] from column i·n on
+                    from_here = jnp.minimum(jnp.maximum(column_block - (i - 1), 0), 1)  # 1 in columns ≥ i·n
+                    key_offset = key_offset + from_here * (offsets[i] - offsets[i - 1])
             plgpu.barrier_wait(k_barriers.at[slot])
 
             qk = scores(slot)  # [64 rows, keys]
@@ -387,6 +401,9 @@ def split_partials(
         q = pack_queries(q, num_kv_heads)  # [B, K, 64, H]
     out_rows = -(-(num_queries * group) // 8) * 8
     stages, splits, compute_wgs = config.num_stages, config.num_splits, config.compute_warpgroups
+    keys = config.keys_per_step
+    if keys * head_dim > BLOCK * 128:
+        raise NotImplementedError(f"keys_per_step {keys} needs head_dim 64 (shared memory), got {head_dim}")
     per_wg = () if compute_wgs == 1 else (compute_wgs,)  # the output buffers: one per compute warpgroup
     halves = head_dim // BLOCK
     swizzle = plgpu.SwizzleTransform(128)
@@ -402,7 +419,7 @@ def split_partials(
         def scoped(smem, barriers):
             kernel(*smem, *barriers)
 
-        ring_shape = (stages, halves, BLOCK, BLOCK)
+        ring_shape = (stages, halves, keys, BLOCK)
         pl.run_scoped(
             scoped,
             (
@@ -416,8 +433,8 @@ def split_partials(
             ),
             (
                 # one TMA per block of a step and half of H
-                plgpu.Barrier(num_arrivals=halves * (BLOCK // block_size), num_barriers=stages),
-                plgpu.Barrier(num_arrivals=halves * (BLOCK // block_size), num_barriers=stages),
+                plgpu.Barrier(num_arrivals=halves * (keys // block_size), num_barriers=stages),
+                plgpu.Barrier(num_arrivals=halves * (keys // block_size), num_barriers=stages),
                 plgpu.Barrier(num_arrivals=halves, num_barriers=1),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages),

@@ -348,15 +348,25 @@ def test_implementation_choice():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "num_queries,num_kv_heads,block_size,compute_warpgroups",
-    [(2, 1, 64, 1), (1, 2, 64, 1), (1, 2, 32, 1), (1, 2, 64, 2)],
-    ids=["T2-packed", "T1-direct", "T1-block32", "T1-two-compute-wgs"],
+    "num_queries,num_kv_heads,block_size,compute_warpgroups,head_dim,keys_per_step",
+    [
+        (2, 1, 64, 1, 128, 64),
+        (1, 2, 64, 1, 128, 64),
+        (1, 2, 32, 1, 128, 64),
+        (1, 2, 64, 2, 128, 64),
+        (1, 2, 64, 2, 64, 128),
+        (2, 1, 32, 1, 64, 128),
+    ],
+    ids=["T2-packed", "T1-direct", "T1-block32", "T1-two-compute-wgs", "h64-128-keys", "h64-128-keys-block32"],
 )
-def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads, block_size, compute_warpgroups):
-    """The Mosaic GPU kernel's pipeline, split-K and masking in jax's GPU interpreter (CPU): 2 splits, head_dim 128
-    (two halves), rows starting at slots 0 and 5; T = 2 (query rows packed by the wrapper) and T = 1 (each group's
-    heads copied from q by the kernel, the second group's from head 4 on), 64- and 32-key blocks, and two compute
-    warpgroups taking alternate steps (one of them with none in some splits). The interpreter
+def test_kernel_in_gpu_interpreter(
+    request, num_queries, num_kv_heads, block_size, compute_warpgroups, head_dim, keys_per_step
+):
+    """The Mosaic GPU kernel's pipeline, split-K and masking in jax's GPU interpreter (CPU): 2 splits, rows starting
+    at slots 0 and 5; T = 2 (query rows packed by the wrapper) and T = 1 (each group's heads copied from q by the
+    kernel, the second group's from head 4 on), 64- and 32-key blocks, two compute warpgroups taking alternate steps
+    (one of them with none in some splits), head_dim 128 (two halves) and 64 with 128-key steps (two or four blocks
+    per step, a split's last step partly repeated). The interpreter
     does not model the TMA's zero fill past the cache's end, so no selected window runs past it here (the
     gpu-marked cases cover that)."""
     if dispatch.hopper_available():
@@ -364,7 +374,7 @@ def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads, block_siz
     interpret = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     case = DecodeCase(
         name="interpret", num_queries=num_queries, num_q_heads=4 * num_kv_heads, num_kv_heads=num_kv_heads,
-        head_dim=128, cache_len=320, lengths=(200, 2), density=0.6, block_size=block_size,
+        head_dim=head_dim, cache_len=320, lengths=(200, 2), density=0.6, block_size=block_size,
     )  # fmt: skip
     starts = jnp.asarray([0, 5], jnp.int32)
     q, k, v = _qkv(request, case, jnp.bfloat16, starts)
@@ -372,7 +382,9 @@ def test_kernel_in_gpu_interpreter(request, num_queries, num_kv_heads, block_siz
     index, count = _selection(_rng(request), case, beyond=False)  # windows end by slot 5 + 255 < 320
     out, lse = kernel_sm90.block_sparse_decode_sm90(
         q, k, v, lengths, index, count, starts=starts, block_size=block_size, sm_scale=case.head_dim**-0.5,
-        config=kernel_sm90.Config(num_splits=2, num_stages=2, compute_warpgroups=compute_warpgroups),
+        config=kernel_sm90.Config(
+            num_splits=2, num_stages=2, compute_warpgroups=compute_warpgroups, keys_per_step=keys_per_step
+        ),
         interpret=interpret.InterpretGPUParams(),
     )  # fmt: skip
     expected_out, expected_lse = _oracle(
@@ -388,6 +400,7 @@ def test_config_rejects_what_the_kernel_cannot_run():
         (dict(num_splits=1, num_stages=0), "num_stages"),
         (dict(num_splits=1, compute_warpgroups=3), "compute_warpgroups"),
         (dict(num_splits=1, num_stages=3, compute_warpgroups=2), "even num_stages"),
+        (dict(num_splits=1, keys_per_step=96), "keys_per_step"),
     ):
         with pytest.raises(ValueError, match=match):
             kernel_sm90.Config(**bad)
@@ -401,14 +414,28 @@ CONFIGS = (
     kernel_sm90.Config(num_splits=1, num_stages=2, compute_warpgroups=2),
     kernel_sm90.Config(num_splits=5, num_stages=4, compute_warpgroups=2),
 )
+KEYS_128 = (  # 128-key steps (head_dim 64 only)
+    kernel_sm90.Config(num_splits=3, num_stages=4, compute_warpgroups=1, keys_per_step=128),
+    kernel_sm90.Config(num_splits=5, num_stages=2, compute_warpgroups=2, keys_per_step=128),
+)
+CONFIG_CASES = [
+    (case, config) for case in (CASES[1], CASES[4], CASES[6], GPU_CASES[0], GPU_CASES[2]) for config in CONFIGS
+] + [(case, config) for case in (CASES[0], CASES[2], CASES[6], CASES[9], GPU_CASES[1]) for config in KEYS_128]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"S{c.num_splits}-ST{c.num_stages}-W{c.compute_warpgroups}")
-@pytest.mark.parametrize("case", (CASES[1], CASES[4], CASES[6], GPU_CASES[0], GPU_CASES[2]), ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case,config",
+    CONFIG_CASES,
+    ids=[
+        f"{case.name}-S{c.num_splits}-ST{c.num_stages}-W{c.compute_warpgroups}-K{c.keys_per_step}"
+        for case, c in CONFIG_CASES
+    ],
+)
 def test_kernel_configs_on_gpu(request, case, config):
     """The compiled kernel under configs other than its default (one and two compute warpgroups, 2- to 4-deep rings,
-    1 to 5 splits, so that some splits give a warpgroup no step) against the oracle, on poisoned memory."""
+    1 to 5 splits, so that some splits give a warpgroup no step; 128-key steps at head_dim 64 with 64- and 32-key
+    blocks) against the oracle, on poisoned memory."""
     if not dispatch.hopper_available():
         pytest.skip("needs a Hopper GPU")
 
