@@ -100,24 +100,29 @@ def num_sms() -> int:
 
 def default_config(*, batch: int, num_kv_heads: int, num_slots: int, head_dim: int, block_size: int = BLOCK) -> Config:
     """One wave of CTAs, one per SM (the ring takes most of its shared memory): as many splits as fit in
-    sms // (B·K), but at least 4 list slots per split. 136 CTAs for 132 SMs leave 4 for a second wave (B=1, 128k,
-    sparsity 0 took 0.25 ms with 17 splits, 0.18 ms with 16). More splits do not pay: in device traces (B=1, 128k,
-    sparsity 0.9) 16 / 24 / 32 splits took 19.0 / 26.3 / 25.1 µs of kernel time, and at B=16 (128k, 0.9) 1 / 2 / 3
-    splits 208 / 215 / 219 µs (two waves of half-length CTAs looked ~10% faster in wall-clock timing, which the
-    device trace does not confirm). The ring holds 128 KiB of K/V in flight per SM (4 blocks at head_dim 128, 8 at
-    64); a 5-deep ring at 128 gained nothing at B=1 (19.6 against 19.0 µs), a 6-deep one does not fit in shared
-    memory. A split of at most 32 steps (B=1 and 128k at sparsity 0.9: 13) runs a 2-deep ring: 20.3 against 21.6
-    µs, three interleaved runs each (3-deep 20.9), while at B=16 (205 steps) 2-deep was slower (213 against 208 µs);
-    why is not profiled. 32-key blocks go two per step, so a split takes at least 8 of them. Two compute
-    warpgroups: at B=16, 128k, sparsity 0 the kernel took 1.98 ms against 2.05–2.15 ms with one (0.96× cuDNN
-    against 0.88–0.92×, two interleaved runs each); at sparsity 0.9 and at B=1 they change nothing measurable
-    (9.10–9.15× against 9.12–9.14×; 6.29–6.30× against 6.24–6.36×). BENCHMARKS.md, issue 18."""
-    per_step = BLOCK // block_size
+    sms // (B·K), but at least 256 keys (4 blocks of 64, 8 of 32) per split. 136 CTAs for 132 SMs leave 4 for a
+    second wave (B=1, 128k, sparsity 0 took 0.25 ms with 17 splits, 0.18 ms with 16). More splits do not pay: in
+    device traces (B=1, 128k, sparsity 0.9) 16 / 24 / 32 splits took 19.0 / 26.3 / 25.1 µs of kernel time, and at
+    B=16 (128k, 0.9) 1 / 2 / 3 splits 208 / 215 / 219 µs (two waves of half-length CTAs looked ~10% faster in
+    wall-clock timing, which the device trace does not confirm).
+
+    A step moves 32 KB of K and V: 64 keys at head_dim 128, 128 keys at 64 (`Config.keys_per_step`; at B=1 and
+    sparsity 0 0.87–0.89× cuDNN against 0.76× at 32k and 0.85× at 128k with 64-key steps in an 8-deep ring, at
+    B=16 1.00× against 0.95–0.98×, device time, two interleaved runs each). The ring holds 4 steps, 128 KiB in
+    flight per SM; a 5-deep ring at head_dim 128 gained nothing at B=1 (19.6 against 19.0 µs), a 6-deep one does
+    not fit in shared memory. A split of at most 32 steps (B=1 and 128k at sparsity 0.9: 13) runs a 2-deep ring:
+    20.3 against 21.6 µs, three interleaved runs each (3-deep 20.9), while at B=16 (205 steps) 2-deep was slower
+    (213 against 208 µs); why is not profiled. Two compute warpgroups: at B=16, 128k, sparsity 0 the kernel took
+    1.98 ms against 2.05–2.15 ms with one (0.96× cuDNN against 0.88–0.92×, two interleaved runs each); at sparsity
+    0.9 and at B=1 they change nothing measurable (9.10–9.15× against 9.12–9.14×; 6.29–6.30× against 6.24–6.36×).
+    BENCHMARKS.md, issue 18."""
+    keys = 2 * BLOCK if head_dim == BLOCK else BLOCK
+    per_step = keys // block_size
     splits = max(1, num_sms() // (batch * num_kv_heads))
-    splits = min(splits, max(1, num_slots // (4 * per_step)))
+    splits = min(splits, max(1, num_slots * block_size // (4 * BLOCK)))
     steps = -(-num_slots // (splits * per_step))  # per split, when every list slot is used
-    stages = 2 if steps <= 32 else 4 if head_dim > 64 else 8
-    return Config(num_splits=splits, num_stages=stages, compute_warpgroups=2)
+    stages = 2 if steps <= 32 else 4
+    return Config(num_splits=splits, num_stages=stages, compute_warpgroups=2, keys_per_step=keys)
 
 
 def check_supported(q: jax.Array, k_cache: jax.Array, block_size: int) -> None:

@@ -405,8 +405,10 @@ def test_config_rejects_what_the_kernel_cannot_run():
         with pytest.raises(ValueError, match=match):
             kernel_sm90.Config(**bad)
     for batch in (1, 16):  # the defaults are valid configs the GPU tests run
-        config = kernel_sm90.default_config(batch=batch, num_kv_heads=8, num_slots=2048, head_dim=128)
-        assert config.compute_warpgroups == 2 and config.num_stages % 2 == 0
+        for head_dim, keys in ((128, 64), (64, 128)):  # 128-key steps at head_dim 64 (KEYS_128 below)
+            config = kernel_sm90.default_config(batch=batch, num_kv_heads=8, num_slots=2048, head_dim=head_dim)
+            assert config.compute_warpgroups == 2 and config.num_stages in (2, 4)
+            assert config.keys_per_step == keys
 
 
 CONFIGS = (
