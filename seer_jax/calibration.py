@@ -15,6 +15,12 @@ slightly from those the sparse forward sees; the density returned is exact for l
 Measure the sparse model's density (`seer_jax.forwards.block_density`) to record it. `last_block_dense` is off,
 as in the perplexity protocol (docs/design.md §7).
 
+A density budget also has two switches that no model-free criterion has ranked right: the weight of the quest
+scores added to the gate's (`SeerConfig.quest_weight`) and whether every row keeps its sink block
+(`Selection.force_sink`). `choose_budget` calibrates one budget per combination and keeps the one whose sparse
+model predicts held-out windows best (lowest mean next-token NLL), since each switch helps one testbed and hurts
+the other (docs/design.md §3).
+
 A budget's allocation is an order statistic of the same kind read per layer (`budget_allocation`): at mean
 density d (over the sparse layers, the density evaluation rows report) the blocks kept by one global order over all
 layers, counted per layer, give each layer's share; the order fills every row to a common coverage of its
@@ -31,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from seer_jax.forwards import logits_and_density
 from seer_jax.seer import SeerCausalLM, seer_with_abstract_gates
 from seer_jax.sparsity import BLOCK_SIZE, BudgetAllocation, Selection, causal_block_mask, masked_softmax
 
@@ -247,3 +254,73 @@ def budget_for_density(
         model, tokens, attention_mask, densities=densities, shares_from=shares_from, rule=rule
     )
     return Selection(method="budget", budget=density, allocation=allocation)
+
+
+# The switches `choose_budget` tries by default. Both are model-dependent (H200, L = 8192 unless said): the tiny
+# testbed's budget at density 0.1 gains from w = 0.5 (+5.71% against +7.01% PPL) and loses with the sink forced
+# (+10.4% against +4.94%); SmolLM2's is ruined by w = 0.5 (+69.9% against +9.87%) and gains with the sink forced
+# (+29.1% against +41.3% at density 0.2, L = 2048, CPU gates). BENCHMARKS.md, issue 20.
+BUDGET_QUEST_WEIGHTS = (0.0, 0.5)
+BUDGET_FORCE_SINK = (False, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetCandidate:
+    """One density budget `choose_budget` measured: its scores' quest weight, its selection (the sink forced or not,
+    the shares calibrated with that weight), and on the scoring windows the sparse model's mean next-token NLL
+    (nats) and mean block density."""
+
+    quest_weight: float
+    selection: Selection
+    nll: float
+    density: float
+
+
+@nnx.jit
+def _sparse_nll(model: SeerCausalLM, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits, density = logits_and_density(model, tokens)  # [1, T, V], [L, N]
+    log_probabilities = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probabilities, tokens[:, 1:, None], axis=-1)
+    return jnp.mean(nll), jnp.mean(density)
+
+
+def choose_budget(
+    model: SeerCausalLM,
+    calibration_tokens: jax.Array,
+    scoring_tokens: jax.Array,
+    *,
+    density: float,
+    quest_weights: tuple[float, ...] = BUDGET_QUEST_WEIGHTS,
+    force_sink: tuple[bool, ...] = BUDGET_FORCE_SINK,
+) -> tuple[BudgetCandidate, tuple[BudgetCandidate, ...]]:
+    """The density budget at `density` whose switches give the lowest language-modelling loss, and every candidate.
+
+    For each quest weight w (`SeerConfig.quest_weight`) the shares are calibrated on `calibration_tokens`
+    (`budget_for_density` on the gate + w · quest scores); each is tried with the sink forced and not; each of those
+    sparse models scores `scoring_tokens` one window at a time (full windows, no padding). Both the NLL and the
+    density are means over the scoring windows.
+
+    Args:
+      model: a model with prefill gates (its selection and quest weight are ignored; its `start_layer` counts).
+      calibration_tokens: int [B, T] distillation-like windows the shares are calibrated on.
+      scoring_tokens: int [B', T'] held-out windows the candidates are ranked on.
+      density: the budget's mean density, in (0, 1].
+      quest_weights, force_sink: the switches to try (every combination, in this order).
+
+    Returns:
+      (the candidate of lowest NLL, ties to the earlier one; every candidate in the order tried).
+    """
+    _check_density(density)
+    if not quest_weights or not force_sink:
+        raise ValueError("choose_budget needs at least one quest weight and one force_sink value")
+    candidates = []
+    for weight in quest_weights:
+        scored = seer_with_abstract_gates(model, dataclasses.replace(model.seer_config, quest_weight=weight))
+        budget = budget_for_density(scored, calibration_tokens, density=density)
+        for sink in force_sink:
+            selection = dataclasses.replace(budget, force_sink=sink)
+            sparse = seer_with_abstract_gates(scored, dataclasses.replace(scored.seer_config, selection=selection))
+            measured = [_sparse_nll(sparse, window[None]) for window in scoring_tokens]
+            nll, reached = (float(np.mean([float(m[i]) for m in measured])) for i in (0, 1))
+            candidates.append(BudgetCandidate(quest_weight=weight, selection=selection, nll=nll, density=reached))
+    return min(candidates, key=lambda candidate: candidate.nll), tuple(candidates)

@@ -12,7 +12,8 @@ measures perplexity vs. block density (`train.perplexity`) into `OUT/eval`.
 The adapter's default prefill selection is the threshold that keeps `--default-density` (0.3) of the blocks on the
 first distillation windows, recorded with the density it reaches there (on the gate's logits plus `--quest-weight`
 × the quest scores, recorded too, when given); `--budget-density D` makes it a density
-budget at D instead, its per-layer shares calibrated on the same windows (`record_prefill_selection`). With decode
+budget at D instead, its per-layer shares calibrated on the same windows, its quest weight (0 or 0.5) and forced
+sink (or not) those of the lowest NLL on the next windows (`record_prefill_selection`). With decode
 gates, `--decode-allocation recall|coverage` records in the adapter's decode config how a decode budget is shared
 among layers, calibrated on the same windows (`record_decode_allocation`; one dense forward per window after
 training); by default ("none") every layer gets the same budget, which measured best on the testbed (BENCHMARKS.md).
@@ -34,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import math
 import shutil
 import signal
 from pathlib import Path
@@ -248,37 +251,89 @@ def run_distillation(config: DistillConfig) -> DistillResult:
 
 
 def record_prefill_selection(
-    config: DistillConfig, result: DistillResult, density: float, *, budget: bool, quest_weight: float = 0.0
+    config: DistillConfig, result: DistillResult, density: float, *, budget: bool, quest_weight: float | None = None
 ) -> None:
     """Calibrates the distilled prefill gates' default selection at mean block density `density` on the first
     `BUDGET_CALIBRATION_WINDOWS` windows of the distillation data and records it, with the density the sparse model
-    reaches there, in the adapter: a density budget (`seer_jax.calibration.budget_for_density`, per-layer shares)
-    with `budget`, else the threshold that reaches `density` (`seer_jax.calibration.threshold_for_density`); both
-    on the scores the gates rank by with `quest_weight` (`SeerConfig.quest_weight`), which is recorded too."""
+    reaches there, in the adapter.
+
+    With `budget`: a density budget chosen by `seer_jax.calibration.choose_budget` among the quest weights
+    `BUDGET_QUEST_WEIGHTS` (only `quest_weight` when given) × the sink forced or not, by the sparse model's NLL on
+    the next `BUDGET_CALIBRATION_WINDOWS` windows (on the calibration windows when the data has no more); every
+    candidate goes to `<out>/budget_candidates.json` and the log. Else the threshold that reaches `density`
+    (`seer_jax.calibration.threshold_for_density`) on the scores with `quest_weight` (0 when None). The quest weight
+    (`SeerConfig.quest_weight`) is recorded with the selection."""
     import jax.numpy as jnp
 
     from seer_jax.adapters import MeasuredDensity, record_selection
-    from seer_jax.calibration import budget_for_density, threshold_for_density
+    from seer_jax.calibration import BUDGET_QUEST_WEIGHTS, choose_budget, threshold_for_density
     from seer_jax.forwards import block_density
     from seer_jax.seer import seer_with_abstract_gates
     from train.data import eval_windows
     from train.token_corpus import load_corpus
 
     length = config.loader.seq_len
-    tokens = jnp.asarray(eval_windows(load_corpus(config.corpus), length=length, num_docs=BUDGET_CALIBRATION_WINDOWS))
-    seer_config = dataclasses.replace(result.model.seer_config, quest_weight=quest_weight)
-    model = seer_with_abstract_gates(result.model, seer_config)
+    windows = eval_windows(load_corpus(config.corpus), length=length, num_docs=2 * BUDGET_CALIBRATION_WINDOWS)
+    tokens = jnp.asarray(windows[:BUDGET_CALIBRATION_WINDOWS])
     if budget:
-        selection = budget_for_density(model, tokens, density=density)
+        scoring = jnp.asarray(windows[BUDGET_CALIBRATION_WINDOWS:] if len(windows) > len(tokens) else windows)
+        weights = BUDGET_QUEST_WEIGHTS if quest_weight is None else (quest_weight,)
+        chosen, candidates = choose_budget(result.model, tokens, scoring, density=density, quest_weights=weights)
+        selection, quest_weight = chosen.selection, chosen.quest_weight
+        _report_budget_candidates(config, candidates, chosen, scored_on=len(scoring), length=length)
     else:
-        selection, _ = threshold_for_density(model, tokens, density=density)
-    sparse = seer_with_abstract_gates(model, dataclasses.replace(seer_config, selection=selection))
-    reached = float(jnp.mean(block_density(sparse, tokens)))
+        quest_weight = quest_weight or 0.0
+        scored = seer_with_abstract_gates(
+            result.model, dataclasses.replace(result.model.seer_config, quest_weight=quest_weight)
+        )
+        selection, _ = threshold_for_density(scored, tokens, density=density)
+    model = seer_with_abstract_gates(
+        result.model, dataclasses.replace(result.model.seer_config, quest_weight=quest_weight, selection=selection)
+    )
+    reached = float(jnp.mean(block_density(model, tokens)))
     data = f"distillation data: the {len(tokens)} calibration windows of {length} tokens"
     measured = MeasuredDensity(density=reached, data=data)
     record_selection(result.adapter_dir, selection, prefill_density=measured, quest_weight=quest_weight)
-    what = f"a density budget at {density:g}" if budget else f"threshold {selection.threshold:.4g} (target {density:g})"
+    if budget:
+        sink = "sink forced" if selection.force_sink else "sink not forced"
+        what = f"a density budget at {density:g} (quest weight {quest_weight:g}, {sink})"
+    else:
+        what = f"threshold {selection.threshold:.4g} (target {density:g})"
     log.info("recorded %s as the default prefill selection (%.4f reached on %s)", what, reached, data)
+
+
+def _report_budget_candidates(config: DistillConfig, candidates, chosen, *, scored_on: int, length: int) -> None:
+    """Logs `choose_budget`'s candidates and writes them to `<out>/budget_candidates.json` (process 0)."""
+    from seer_jax.multihost import is_primary
+
+    if not is_primary():
+        return
+    rows = [
+        {
+            "quest_weight": candidate.quest_weight,
+            "force_sink": candidate.selection.force_sink,
+            "nll": candidate.nll,
+            "ppl": math.exp(candidate.nll),
+            "density": candidate.density,
+            "chosen": candidate is chosen,
+        }
+        for candidate in candidates
+    ]
+    for row in rows:
+        log.info(
+            "budget candidate: quest weight %g, sink %s: NLL %.5f (PPL %.4f) at density %.4f%s",
+            row["quest_weight"],
+            "forced" if row["force_sink"] else "not forced",
+            row["nll"],
+            row["ppl"],
+            row["density"],
+            "  <- chosen" if row["chosen"] else "",
+        )
+    report = {"budget": chosen.selection.budget, "scoring_windows": scored_on, "length": length, "candidates": rows}
+    path = config.loop.out_dir / "budget_candidates.json"
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(report, indent=2) + "\n")
+    temporary.replace(path)
 
 
 def record_decode_allocation(config: DistillConfig, result: DistillResult, rule: str) -> None:
@@ -402,8 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-density",
         type=float,
         help="record a density budget at this mean density as the adapter's default prefill selection, its "
-        f"per-layer shares calibrated on the first {BUDGET_CALIBRATION_WINDOWS} distillation windows (default: "
-        "the threshold of --default-density)",
+        f"per-layer shares calibrated on the first {BUDGET_CALIBRATION_WINDOWS} distillation windows; the quest weight "
+        "(0 or 0.5, or --quest-weight's) and whether every row keeps its sink block are chosen by the sparse model's "
+        f"NLL on the next {BUDGET_CALIBRATION_WINDOWS} windows (each helps one testbed and hurts the other; the "
+        "candidates go to OUT/budget_candidates.json) (default: the threshold of --default-density)",
     )
     parser.add_argument(
         "--default-density",
@@ -415,12 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quest-weight",
         type=float,
-        default=0.0,
         help="with prefill gates: record that their selection ranks blocks by the gate's logits plus this weight "
         "times the quest source's scores (SeerConfig.quest_weight), and calibrate the default selection on those "
         "scores; 0: the gate alone, as the official code (not a training setting). 0.5 helped the tiny testbed's "
-        "budgets (+5.7%% against +7.0%% PPL at density 0.1) and ruined SmolLM2's (+69.9%% against +9.9%%): measure "
-        "it on your model (train.eval_ppl --quest-weights 0 0.5) (default: %(default)s)",
+        "budgets (+5.7%% against +7.0%% PPL at density 0.1) and ruined SmolLM2's (+69.9%% against +9.9%%) "
+        "(default: 0 for a threshold; with --budget-density the better of 0 and 0.5 by NLL)",
     )
     parser.add_argument(
         "--decode-allocation",
@@ -446,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_logging()
     try:
-        if not 0 <= args.quest_weight < float("inf"):
+        if args.quest_weight is not None and not 0 <= args.quest_weight < float("inf"):
             parser.error(f"--quest-weight must be a finite number >= 0, got {args.quest_weight}")
         if args.quest_weight and args.target == "decode":
             parser.error("--quest-weight weighs prefill gates' scores; for decode gates use --decode-quest-weight")

@@ -1,7 +1,8 @@
 """`threshold_for_density`: the threshold it finds gives, in a real sparse forward, the density it reports, the
 densest one not above the target; an adapter records it with that density and attaches with it.
 `budget_for_density`: each layer's share is the numpy order statistic over all layers, the sparse forward reaches
-it, and it survives an adapter round trip; adapters from before budgets still load."""
+it, and it survives an adapter round trip; adapters from before budgets still load. `choose_budget`: every
+candidate's NLL and density are those of its own sparse forward, and the lowest NLL is chosen."""
 
 import dataclasses
 import functools
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 from seer_jax.adapters import MeasuredDensity, attach_gates, read_adapter, record_selection, save_adapter
-from seer_jax.calibration import budget_allocation, budget_for_density, threshold_for_density
+from seer_jax.calibration import budget_allocation, budget_for_density, choose_budget, threshold_for_density
 from seer_jax.forwards import block_density
 from seer_jax.gate import GateConfig, GateParam
 from seer_jax.hf_weights import CheckpointError
@@ -22,6 +23,7 @@ from seer_jax.seer import SeerCausalLM, seer_with_abstract_gates
 from seer_jax.seer_config import SeerConfig
 from seer_jax.sparsity import Selection
 from tests.seer_jax.tiny_models import TINY, random_module, random_tokens
+from train.losses import next_token_nll
 
 LENGTH = 6 * 64 + 20  # 7 query blocks
 LAST = TINY.num_layers - 1
@@ -279,3 +281,35 @@ def test_adapters_written_before_budgets_still_load(tmp_path):
     path.write_text(json.dumps(marker | {"format": 99}))
     with pytest.raises(CheckpointError, match="adapter format 99"):
         read_adapter(tmp_path / "old")
+
+
+def test_choose_budget_keeps_the_candidate_of_lowest_nll():
+    """Each candidate (quest weight 0 / 0.5 × sink not forced / forced) is the budget calibrated on the calibration
+    windows with its weight, its NLL and density those of its own sparse forward on the scoring windows (computed
+    here independently, on the batch at once); the chosen one has the lowest NLL, and the switches matter."""
+    model = gated(1)  # layer 0 dense, layer 1 sparse
+    # 16 blocks per row: enough candidates that the diagonal and the sink fit in the budget (shorter rows keep
+    # only their forced blocks, whatever the switches)
+    calibration = jnp.asarray(random_tokens(3, 2, 1024))
+    scoring = jnp.asarray(random_tokens(5, 2, 1024))
+    chosen, candidates = choose_budget(model, calibration, scoring, density=0.3)
+    assert [(c.quest_weight, c.selection.force_sink) for c in candidates] == [
+        (0.0, False), (0.0, True), (0.5, False), (0.5, True)
+    ]  # fmt: skip
+    for candidate in candidates:
+        weighted = gated(1, candidate.quest_weight)
+        budget = budget_for_density(weighted, calibration, density=0.3)
+        assert candidate.selection == dataclasses.replace(budget, force_sink=candidate.selection.force_sink)
+        sparse = seer_with_abstract_gates(
+            weighted, dataclasses.replace(weighted.seer_config, selection=candidate.selection)
+        )
+        logits, _ = sparse(scoring)
+        assert candidate.nll == pytest.approx(float(jnp.mean(next_token_nll(logits, scoring))), rel=1e-5)
+        assert candidate.density == pytest.approx(float(jnp.mean(block_density(sparse, scoring))), abs=1e-6)
+    assert chosen.nll == min(c.nll for c in candidates) and chosen in candidates
+    assert len({round(c.nll, 6) for c in candidates}) == 4  # each switch changes the sparse model
+    assert max(c.density for c in candidates) - min(c.density for c in candidates) < 1e-6  # the sink counts
+    with pytest.raises(ValueError, match="density"):
+        choose_budget(model, calibration, scoring, density=0)
+    with pytest.raises(ValueError, match="at least one"):
+        choose_budget(model, calibration, scoring, density=0.4, force_sink=())

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from seer_jax.adapters import ADAPTER_FILE, attach_gates, read_adapter
-from seer_jax.calibration import budget_for_density, threshold_for_density
+from seer_jax.calibration import choose_budget, threshold_for_density
 from seer_jax.decode_calibration import decode_allocation
 from seer_jax.decode_config import DecodeConfig
 from seer_jax.decode_gate import DECODE_GATE_PARAMS
@@ -250,20 +250,42 @@ def test_decode_config_errors_name_the_field(data, tmp_path):
 
 
 def test_budget_density_records_a_calibrated_budget(data, straight_run, tmp_path):
-    """--budget-density: the adapter's default selection becomes the budget calibrated on the first distillation
-    windows, recorded with the density the sparse model reaches there (within a block per layer and window)."""
+    """--budget-density: the adapter's default selection becomes the budget `choose_budget` picks (calibrated on the
+    first distillation windows, ranked by NLL on the next ones), recorded with its quest weight and the density the
+    sparse model reaches on the calibration windows; every candidate is in
+    OUT/budget_candidates.json, the chosen one marked. An explicit --quest-weight is the only weight tried."""
     model, result, _, _ = straight_run
-    adapter_dir = tmp_path / "adapter"
-    shutil.copytree(result.adapter_dir, adapter_dir)
     config = _config(data, tmp_path / "run", steps=8)
-    record_prefill_selection(config, dataclasses.replace(result, adapter_dir=adapter_dir), 0.4, budget=True)
-    adapter = read_adapter(adapter_dir)
-    windows = eval_windows(load_corpus(config.corpus), length=512, num_docs=BUDGET_CALIBRATION_WINDOWS)
-    assert adapter.seer_config.selection == budget_for_density(model, jnp.asarray(windows), density=0.4)
-    assert adapter.seer_config.selection.allocation.length == 512
-    one_block = 1 / (4 * 8 * 9 // 2)  # of a window's causal blocks in one layer
-    assert 0.4 - one_block < adapter.prefill_density.density <= 0.4 + 1e-6
-    assert f"{len(windows)} calibration windows of 512 tokens" in adapter.prefill_density.data
+    config.loop.out_dir.mkdir(parents=True)
+    windows = eval_windows(load_corpus(config.corpus), length=512, num_docs=2 * BUDGET_CALIBRATION_WINDOWS)
+    assert len(windows) == 2 * BUDGET_CALIBRATION_WINDOWS
+    calibration, scoring = (jnp.asarray(part) for part in np.split(windows, 2))
+    for quest_weight, weights in ((None, (0.0, 0.5)), (0.5, (0.5,))):
+        adapter_dir = tmp_path / f"adapter_{quest_weight}"
+        shutil.copytree(result.adapter_dir, adapter_dir)
+        run = dataclasses.replace(result, adapter_dir=adapter_dir)
+        record_prefill_selection(config, run, 0.4, budget=True, quest_weight=quest_weight)
+        chosen, candidates = choose_budget(model, calibration, scoring, density=0.4, quest_weights=weights)
+        adapter = read_adapter(adapter_dir)
+        assert adapter.seer_config.selection == chosen.selection
+        assert adapter.seer_config.quest_weight == chosen.quest_weight
+        assert adapter.seer_config.selection.allocation.length == 512
+        sparse = seer_with_abstract_gates(model, dataclasses.replace(adapter.seer_config, selection=chosen.selection))
+        reached = float(jnp.mean(block_density(sparse, calibration)))
+        assert adapter.prefill_density.density == pytest.approx(reached, abs=1e-6)
+        # within a block per layer and window of 0.4, or above where a forced sink does not fit in a short row's share
+        one_block = 1 / (4 * 8 * 9 // 2)  # of a window's causal blocks in one layer
+        assert 0.4 - one_block < reached <= 0.4 + (0.03 if chosen.selection.force_sink else 1e-6)
+        assert f"{BUDGET_CALIBRATION_WINDOWS} calibration windows of 512 tokens" in adapter.prefill_density.data
+        report = json.loads((config.loop.out_dir / "budget_candidates.json").read_text())
+        assert report["scoring_windows"] == BUDGET_CALIBRATION_WINDOWS and report["length"] == 512
+        rows = report["candidates"]
+        assert [(row["quest_weight"], row["force_sink"]) for row in rows] == [
+            (c.quest_weight, c.selection.force_sink) for c in candidates
+        ]
+        np.testing.assert_allclose([row["nll"] for row in rows], [c.nll for c in candidates], rtol=1e-6)
+        assert [row["chosen"] for row in rows] == [c is chosen for c in candidates]
+        assert sum(row["chosen"] for row in rows) == 1
     with pytest.raises(SystemExit):
         distill_gates_main(
             ["--model", "m", "--data", "d", "--out", "o", "--target", "decode", "--budget-density", "0.1"]
